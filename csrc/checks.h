@@ -1,0 +1,169 @@
+// Argument checks shared by the CPU and CUDA glue, one function per op, so that both devices
+// reject bad input with the same message. Order: device, dtype, rank, sizes (STYLE.md §4).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <limits>
+
+#include "common/dtype.h"
+
+namespace smoe::ops {
+
+// The torch-free storage type a kernel sees for an ATen scalar type.
+template <typename T>
+struct kernel_type {
+  using type = T;
+};
+template <>
+struct kernel_type<c10::Half> {
+  using type = smoe::half_t;
+};
+template <>
+struct kernel_type<c10::BFloat16> {
+  using type = smoe::bfloat16_t;
+};
+
+inline bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_float(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(is_float_type(t.scalar_type()), "smoe::", op, ": ", name,
+              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+inline const char* index_type_name(at::ScalarType t) {
+  return t == at::kInt ? "int32" : t == at::kLong ? "int64" : c10::toString(t);
+}
+
+inline void check_index(const char* op, const char* name, const at::Tensor& t,
+                        const at::Tensor& like, int64_t dim, at::ScalarType dtype = at::kInt) {
+  TORCH_CHECK(t.device() == like.device(), "smoe::", op, ": ", name, " must be on ",
+              like.device(), " like the other inputs, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, "smoe::", op, ": ", name, " must be a ", dim, "-D ",
+              index_type_name(dtype), " tensor, got ", index_type_name(t.scalar_type()));
+  TORCH_CHECK(t.dim() == dim, "smoe::", op, ": ", name, " must be a ", dim, "-D ",
+              index_type_name(dtype), " tensor, got ", t.dim(), "-D");
+}
+
+inline void check_topk_softmax(const at::Tensor& logits, int64_t k) {
+  check_float("topk_softmax", "logits", logits);
+  TORCH_CHECK(logits.dim() == 2, "smoe::topk_softmax: logits must be 2-D [T, E], got ",
+              logits.dim(), "-D");
+  const int64_t E = logits.size(1);
+  TORCH_CHECK(E >= 1, "smoe::topk_softmax: logits must have at least one expert (E >= 1), got E = 0");
+  TORCH_CHECK(k >= 1 && k <= E, "smoe::topk_softmax: k must be in [1, E] = [1, ", E, "], got ", k);
+}
+
+inline void check_topk_softmax_backward(const at::Tensor& grad_weight, const at::Tensor& logits,
+                                        const at::Tensor& expert) {
+  check_topk_softmax(logits, expert.dim() == 2 ? expert.size(1) : 1);
+  check_index("topk_softmax_backward", "expert", expert, logits, 2);
+  TORCH_CHECK(grad_weight.device() == logits.device() &&
+                  grad_weight.scalar_type() == logits.scalar_type() &&
+                  grad_weight.sizes() == expert.sizes(),
+              "smoe::topk_softmax_backward: grad_weight must match expert's shape ", expert.sizes(),
+              " and logits' dtype and device, got ", grad_weight.sizes(), " ",
+              grad_weight.scalar_type(), " on ", grad_weight.device());
+  TORCH_CHECK(expert.size(0) == logits.size(0),
+              "smoe::topk_softmax_backward: expert must have T = ", logits.size(0), " rows, got ",
+              expert.size(0));
+}
+
+inline void check_make_plan(const at::Tensor& expert, int64_t num_experts,
+                            const std::optional<int64_t>& capacity,
+                            const std::optional<at::Tensor>& priority) {
+  TORCH_CHECK(expert.scalar_type() == at::kInt, "smoe::make_plan: expert must be a 2-D int32 [T, k] tensor, got ",
+              index_type_name(expert.scalar_type()));
+  TORCH_CHECK(expert.dim() == 2, "smoe::make_plan: expert must be a 2-D int32 [T, k] tensor, got ",
+              expert.dim(), "-D");
+  TORCH_CHECK(num_experts >= 1, "smoe::make_plan: num_experts must be >= 1, got ", num_experts);
+  TORCH_CHECK(num_experts < std::numeric_limits<int32_t>::max(),
+              "smoe::make_plan: num_experts must fit in int32, got ", num_experts);
+  TORCH_CHECK(expert.numel() < std::numeric_limits<int32_t>::max(),
+              "smoe::make_plan: expert must have fewer than 2^31 - 1 slots (T*k), got ",
+              expert.numel());
+  TORCH_CHECK(!capacity.has_value() || *capacity >= 0,
+              "smoe::make_plan: capacity must be >= 0 (or None for no limit), got ",
+              capacity.value_or(0));
+  TORCH_CHECK(!priority.has_value(),
+              "smoe::make_plan: priority (Batch Prioritized Routing) is not implemented yet; pass "
+              "priority=None");
+}
+
+// Shared by permute, combine and their backwards: the plan tensors agree with x / y_sorted.
+inline void check_plan(const char* op, const at::Tensor& data, int64_t rows_expected,
+                       const char* rows_name, const at::Tensor* token, const at::Tensor* slot,
+                       const at::Tensor& row) {
+  if (token) check_index(op, "token", *token, data, 1);
+  if (slot) check_index(op, "slot", *slot, data, 1);
+  check_index(op, "row", row, data, 2);
+  const int64_t n_slots = row.numel();
+  if (token) {
+    TORCH_CHECK(token->size(0) == n_slots, "smoe::", op, ": token must have T*k = ", n_slots,
+                " entries (row.numel()), got ", token->size(0));
+  }
+  if (slot) {
+    TORCH_CHECK(slot->size(0) == n_slots, "smoe::", op, ": slot must have T*k = ", n_slots,
+                " entries (row.numel()), got ", slot->size(0));
+  }
+  TORCH_CHECK(rows_expected < 0 || data.size(0) == rows_expected, "smoe::", op, ": ", rows_name,
+              " must have ", rows_expected, " rows, got ", data.size(0));
+}
+
+inline void check_permute(const at::Tensor& x, const at::Tensor& token, const at::Tensor& row) {
+  check_float("permute", "x", x);
+  TORCH_CHECK(x.dim() == 2, "smoe::permute: x must be 2-D [T, d], got ", x.dim(), "-D");
+  check_plan("permute", x, row.dim() == 2 ? row.size(0) : -1, "x (T = row.size(0))", &token,
+             nullptr, row);
+}
+
+inline void check_permute_backward(const at::Tensor& grad_out, const at::Tensor& row) {
+  check_float("permute_backward", "grad_out", grad_out);
+  TORCH_CHECK(grad_out.dim() == 2, "smoe::permute_backward: grad_out must be 2-D [T*k, d], got ",
+              grad_out.dim(), "-D");
+  check_plan("permute_backward", grad_out, row.dim() == 2 ? row.numel() : -1,
+             "grad_out (T*k = row.numel())", nullptr, nullptr, row);
+}
+
+inline void check_combine(const char* op, const at::Tensor& y_sorted, const at::Tensor& weight,
+                          const at::Tensor& token, const at::Tensor& slot, const at::Tensor& row) {
+  check_float(op, "y_sorted", y_sorted);
+  TORCH_CHECK(y_sorted.dim() == 2, "smoe::", op, ": y_sorted must be 2-D [T*k, d], got ",
+              y_sorted.dim(), "-D");
+  TORCH_CHECK(weight.device() == y_sorted.device(), "smoe::", op, ": weight must be on ",
+              y_sorted.device(), " like y_sorted, got ", weight.device());
+  TORCH_CHECK(weight.scalar_type() == y_sorted.scalar_type(), "smoe::", op,
+              ": weight must have y_sorted's dtype ", y_sorted.scalar_type(), ", got ",
+              weight.scalar_type());
+  check_plan(op, y_sorted, row.dim() == 2 ? row.numel() : -1, "y_sorted (T*k = row.numel())",
+             &token, &slot, row);
+  TORCH_CHECK(weight.sizes() == row.sizes(), "smoe::", op, ": weight must have row's shape [T, k] = ",
+              row.sizes(), ", got ", weight.sizes());
+}
+
+inline void check_grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets) {
+  TORCH_CHECK(w.device() == x.device(), "smoe::grouped_mm: w must be on ", x.device(),
+              " like x, got ", w.device());
+  check_index("grouped_mm", "offsets", offsets, x, 1, at::kLong);
+  check_float("grouped_mm", "x", x);
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "smoe::grouped_mm: w must have x's dtype ",
+              x.scalar_type(), ", got ", w.scalar_type());
+  TORCH_CHECK(x.dim() == 2, "smoe::grouped_mm: x must be 2-D [M, d_in], got ", x.dim(), "-D");
+  TORCH_CHECK(w.dim() == 3, "smoe::grouped_mm: w must be 3-D [E, d_in, d_out], got ", w.dim(), "-D");
+  TORCH_CHECK(w.size(1) == x.size(1), "smoe::grouped_mm: w must be [E, d_in, d_out] with d_in = ",
+              x.size(1), " (x.size(1)), got w of shape ", w.sizes());
+  TORCH_CHECK(offsets.size(0) == w.size(0) + 1, "smoe::grouped_mm: offsets must have E + 1 = ",
+              w.size(0) + 1, " entries, got ", offsets.size(0));
+}
+
+// w is "transposed" when each w[e] is column-major, i.e. a transposed view of [E, d_out, d_in].
+inline bool is_transposed_weight(const at::Tensor& w) {
+  return w.stride(2) != 1 && w.stride(1) == 1;
+}
+
+}  // namespace smoe::ops

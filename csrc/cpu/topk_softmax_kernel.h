@@ -1,0 +1,103 @@
+// Torch-free CPU kernels of topk_softmax and its backward, over a [begin, end) range of rows.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/dtype.h"
+
+namespace smoe::cpu {
+
+// True when (va, a) comes before (vb, b) in top-k order: larger value first, lower index on ties.
+template <typename A>
+inline bool topk_before(A va, int64_t a, A vb, int64_t b) {
+  return va > vb || (va == vb && a < b);
+}
+
+// Forward. Row-major logits [T, E] (row stride ld); weight, expert [T, k] contiguous.
+// Returns the first row (>= begin) holding a NaN or +inf, or -1 when all rows are valid.
+template <typename T>
+int64_t topk_softmax_rows(const T* logits, int64_t ld, int64_t E, int64_t k, bool renormalize,
+                          int64_t begin, int64_t end, T* weight, int32_t* expert) {
+  using A = acc_t<T>;
+  for (int64_t t = begin; t < end; ++t) {
+    const T* l = logits + t * ld;
+    A m = -INFINITY;
+    for (int64_t e = 0; e < E; ++e) {
+      const A v = load(l[e]);
+      if (std::isnan(v) || v == INFINITY) return t;
+      if (v > m) m = v;
+    }
+    A total = 0;
+    for (int64_t e = 0; e < E; ++e) total += std::exp(load(l[e]) - m);
+    // k passes, each taking the best entry strictly after the previous pick in top-k order.
+    A prev_v = INFINITY;
+    int64_t prev_i = -1;
+    A selected = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      A best_v = -INFINITY;
+      int64_t best_i = -1;
+      for (int64_t e = 0; e < E; ++e) {
+        const A v = load(l[e]);
+        const bool after_prev = topk_before(prev_v, prev_i, v, e);
+        if (after_prev && (best_i < 0 || topk_before(v, e, best_v, best_i))) {
+          best_v = v;
+          best_i = e;
+        }
+      }
+      expert[t * k + j] = static_cast<int32_t>(best_i);
+      selected += std::exp(best_v - m);
+      prev_v = best_v;
+      prev_i = best_i;
+    }
+    const A denom = renormalize ? selected : total;
+    for (int64_t j = 0; j < k; ++j) {
+      weight[t * k + j] = from_acc<T>(std::exp(load(l[expert[t * k + j]]) - m) / denom);
+    }
+  }
+  return -1;
+}
+
+// Backward: grad_logits [T, E] contiguous from grad_weight [T, k], logits [T, E] (stride ld),
+// expert [T, k]. The softmax is recomputed in the accumulation type, not read from the saved
+// (possibly 16-bit) weights.
+//   renormalize:  w_j = softmax over the selected logits; d l[e_j] = w_j (g_j - sum_l g_l w_l)
+//   otherwise:    w_j = p[e_j] of the full softmax;     d l[i]   = p_i (G_i - sum_j g_j w_j)
+template <typename T>
+void topk_softmax_backward_rows(const T* grad_weight, const T* logits, int64_t ld,
+                                const int32_t* expert, int64_t E, int64_t k, bool renormalize,
+                                int64_t begin, int64_t end, T* grad_logits) {
+  using A = acc_t<T>;
+  for (int64_t t = begin; t < end; ++t) {
+    const T* l = logits + t * ld;
+    const T* g = grad_weight + t * k;
+    const int32_t* ex = expert + t * k;
+    T* out = grad_logits + t * E;
+    A m = -INFINITY;
+    for (int64_t e = 0; e < E; ++e) m = std::fmax(m, load(l[e]));
+    A denom = 0;
+    if (renormalize) {
+      for (int64_t j = 0; j < k; ++j) denom += std::exp(load(l[ex[j]]) - m);
+    } else {
+      for (int64_t e = 0; e < E; ++e) denom += std::exp(load(l[e]) - m);
+    }
+    A dot = 0;
+    for (int64_t j = 0; j < k; ++j) dot += load(g[j]) * (std::exp(load(l[ex[j]]) - m) / denom);
+    if (renormalize) {
+      for (int64_t e = 0; e < E; ++e) out[e] = from_acc<T>(A(0));
+      for (int64_t j = 0; j < k; ++j) {
+        const A w = std::exp(load(l[ex[j]]) - m) / denom;
+        out[ex[j]] = from_acc<T>(w * (load(g[j]) - dot));
+      }
+    } else {
+      for (int64_t e = 0; e < E; ++e) {
+        A ge = 0;
+        for (int64_t j = 0; j < k; ++j) ge += (ex[j] == e) ? load(g[j]) : A(0);
+        const A p = std::exp(load(l[e]) - m) / denom;
+        out[e] = from_acc<T>(p * (ge - dot));
+      }
+    }
+  }
+}
+
+}  // namespace smoe::cpu

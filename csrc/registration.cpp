@@ -1,0 +1,85 @@
+// The table of contents of smoe: every op schema, in data-flow order, in one TORCH_LIBRARY block.
+// Kernels live in cpu/<op>.cpp and cuda/<op>_launch.cpp; fakes and autograd in smoe/ops.py.
+// This file also creates the `_C` Python module, which carries build information only.
+#include <Python.h>
+
+#include <torch/library.h>
+
+#ifndef SMOE_TORCH_VERSION
+#define SMOE_TORCH_VERSION "unknown"
+#endif
+#ifndef SMOE_CUDA_ARCHS
+#define SMOE_CUDA_ARCHS ""
+#endif
+#ifndef SMOE_CUDA_VERSION
+#define SMOE_CUDA_VERSION ""
+#endif
+
+TORCH_LIBRARY(smoe, m) {
+  m.set_python_module("smoe.ops");
+
+  // ---- routers ----
+  // token-choice top-k: softmax over E experts (fp32 math), then the k largest, ties to the lower
+  // expert index; returns weight [T, k] (logits' dtype) and expert [T, k] int32.
+  m.def(
+      "topk_softmax(Tensor logits, int k, *, bool renormalize=True) -> (Tensor weight, Tensor "
+      "expert)");
+
+  // ---- dispatch ----
+  // stable counting sort of the T*k slots by expert, with optional capacity dropping (rank-major);
+  // returns offsets [E+1] int64, token [T*k] int32, slot [T*k] int32 (both -1 past offsets[E]),
+  // row [T, k] int32 (sorted position of each slot, -1 if dropped) and kept [T, k] bool.
+  m.def(
+      "make_plan(Tensor expert, int num_experts, *, int? capacity=None, Tensor? priority=None) -> "
+      "(Tensor offsets, Tensor token, Tensor slot, Tensor row, Tensor kept)");
+  // gather rows of x [T, d] into expert order: out[i] = x[token[i]] (0 where token[i] < 0);
+  // returns [T*k, d]. `row` is the plan's inverse map, used only by the backward.
+  m.def("permute(Tensor x, Tensor token, Tensor row) -> Tensor");
+  // weighted gather back to token order: y[t] = sum_j weight[t, j] * y_sorted[row[t, j]];
+  // returns [T, d]. `token` and `slot` are used only by the backward.
+  m.def("combine(Tensor y_sorted, Tensor weight, Tensor token, Tensor slot, Tensor row) -> Tensor");
+
+  // ---- experts ----
+  // one GEMM per expert group: out[r] = x[r] @ w[e] for offsets[e] <= r < offsets[e+1], zero rows
+  // past offsets[E]; w [E, d_in, d_out] may be a transposed view of [E, d_out, d_in] (no copy).
+  m.def("grouped_mm(Tensor x, Tensor w, Tensor offsets) -> Tensor");
+
+  // ---- backward ops ----
+  // d logits of topk_softmax, recomputing the softmax from the logits in fp32; [T, E].
+  m.def(
+      "topk_softmax_backward(Tensor grad_weight, Tensor logits, Tensor expert, bool renormalize) -> "
+      "Tensor");
+  // d x of permute: grad_x[t] = sum_j grad_out[row[t, j]]; [T, d].
+  m.def("permute_backward(Tensor grad_out, Tensor row) -> Tensor");
+  // d y_sorted [T*k, d] and d weight [T, k] of combine.
+  m.def(
+      "combine_backward(Tensor grad_out, Tensor y_sorted, Tensor weight, Tensor token, Tensor "
+      "slot, Tensor row) -> (Tensor grad_y_sorted, Tensor grad_weight)");
+  // d x [M, d_in] and d w (w's layout: contiguous, or transposed-contiguous when w is a transposed
+  // view) of grouped_mm; an output that is not asked for is returned as an empty [0] tensor.
+  m.def(
+      "grouped_mm_backward(Tensor grad_out, Tensor x, Tensor w, Tensor offsets, bool need_x, bool "
+      "need_w) -> (Tensor grad_x, Tensor grad_w)");
+}
+
+// ---- the _C module: build information only, no ops ----
+namespace {
+
+PyModuleDef smoe_c_module = {PyModuleDef_HEAD_INIT, "_C", "smoe build information", -1, nullptr};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* mod = PyModule_Create(&smoe_c_module);
+  if (mod == nullptr) return nullptr;
+#ifdef SMOE_WITH_CUDA
+  const bool with_cuda = true;
+#else
+  const bool with_cuda = false;
+#endif
+  PyModule_AddStringConstant(mod, "torch_version", SMOE_TORCH_VERSION);
+  PyModule_AddStringConstant(mod, "cuda_version", SMOE_CUDA_VERSION);
+  PyModule_AddStringConstant(mod, "cuda_archs", SMOE_CUDA_ARCHS);
+  PyModule_AddObject(mod, "with_cuda", PyBool_FromLong(with_cuda));
+  return mod;
+}

@@ -1,0 +1,142 @@
+"""Grouped expert MLPs over ``grouped_mm``: one GEMM per expert group, no loop over experts."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from smoe import ops
+
+ACTIVATIONS = ("gelu", "swiglu")
+
+
+class Experts(nn.Module):
+    """E feed-forward experts applied to rows grouped by expert.
+
+    Weights are stored as ``[E, out, in]`` (nn.Linear's and transformers' ``gate_up_proj`` /
+    ``down_proj`` layout) and handed to :func:`smoe.ops.grouped_mm` as transposed views, which it
+    uses without a copy.
+
+    Args:
+        num_experts: E.
+        d_model: input and output width.
+        d_ff: hidden width of each expert.
+        activation: ``"gelu"`` (``W_out gelu(W_in x)``) or ``"swiglu"``
+            (``W_out (silu(W_gate x) * W_up x)``, gate rows first in ``w_in``).
+        bias: add per-expert biases (needed to upcycle FFNs that have them, e.g. ViT MLPs).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        d_ff: int,
+        activation: str = "gelu",
+        *,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"Experts: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if min(num_experts, d_model, d_ff) < 1:
+            raise ValueError(
+                f"Experts: num_experts, d_model and d_ff must be >= 1, got "
+                f"{num_experts}, {d_model}, {d_ff}"
+            )
+        self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+        self.activation = activation
+        inner = 2 * d_ff if activation == "swiglu" else d_ff
+        kw = {"device": device, "dtype": dtype}
+        self.w_in = nn.Parameter(torch.empty(num_experts, inner, d_model, **kw))
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_model, d_ff, **kw))
+        self.b_in = nn.Parameter(torch.empty(num_experts, inner, **kw)) if bias else None
+        self.b_out = nn.Parameter(torch.empty(num_experts, d_model, **kw)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init, per expert."""
+        for w, b in ((self.w_in, self.b_in), (self.w_out, self.b_out)):
+            bound = 1.0 / math.sqrt(w.shape[-1])
+            nn.init.uniform_(w, -bound, bound)
+            if b is not None:
+                nn.init.uniform_(b, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
+            f"activation={self.activation!r}, bias={self.b_in is not None}"
+        )
+
+    def forward(self, x_sorted: Tensor, offsets: Tensor) -> Tensor:
+        """``x_sorted [M, d_model]`` grouped by ``offsets [E+1]`` -> ``[M, d_model]``."""
+        h = ops.grouped_mm(x_sorted, self.w_in.transpose(1, 2), offsets)
+        row_expert = self._row_expert(offsets, h.shape[0]) if self.b_in is not None else None
+        if self.b_in is not None:
+            h = h + self.b_in[row_expert]
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            a = F.silu(gate) * up
+        else:
+            a = F.gelu(h)
+        y = ops.grouped_mm(a, self.w_out.transpose(1, 2), offsets)
+        if self.b_out is not None:
+            y = y + self.b_out[row_expert]
+        return y
+
+    def _row_expert(self, offsets: Tensor, rows: int) -> Tensor:
+        # Expert of each sorted row (padding rows map to the last expert; combine ignores them).
+        r = torch.arange(rows, device=offsets.device)
+        return torch.searchsorted(offsets[1:], r, right=True).clamp_max(self.num_experts - 1)
+
+    @classmethod
+    def from_dense(cls, ffn: nn.Module, num_experts: int) -> Experts:
+        """Upcycle a dense FFN: every expert starts as a copy of ``ffn`` (sparse upcycling).
+
+        Understands modules with ``fc1``/``fc2`` (timm's Mlp, GELU), ``gate_proj``/``up_proj``/
+        ``down_proj`` (LLaMA / Mistral MLPs, SwiGLU), and ``nn.Sequential(Linear, GELU, Linear)``.
+        """
+        first, second, gate, activation = _dense_parts(ffn)
+        d_model, d_ff = first.in_features, first.out_features
+        bias = first.bias is not None
+        ref = first.weight
+        experts = cls(
+            num_experts, d_model, d_ff, activation, bias=bias, device=ref.device, dtype=ref.dtype
+        )
+        with torch.no_grad():
+            w_in = first.weight if gate is None else torch.cat([gate.weight, first.weight], dim=0)
+            experts.w_in.copy_(w_in.unsqueeze(0).expand_as(experts.w_in))
+            experts.w_out.copy_(second.weight.unsqueeze(0).expand_as(experts.w_out))
+            if bias:
+                b_in = first.bias if gate is None else torch.cat([gate.bias, first.bias])
+                experts.b_in.copy_(b_in.unsqueeze(0).expand_as(experts.b_in))
+                experts.b_out.copy_(second.bias.unsqueeze(0).expand_as(experts.b_out))
+        return experts
+
+
+def _dense_parts(ffn: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear | None, str]:
+    """(first linear, second linear, gate linear or None, activation) of a dense FFN."""
+    if all(hasattr(ffn, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        return ffn.up_proj, ffn.down_proj, ffn.gate_proj, "swiglu"
+    if hasattr(ffn, "fc1") and hasattr(ffn, "fc2"):
+        act = getattr(ffn, "act", nn.GELU())
+        if not isinstance(act, nn.GELU):
+            raise ValueError(f"Experts.from_dense: only GELU MLPs are supported, got {act}")
+        return ffn.fc1, ffn.fc2, None, "gelu"
+    if isinstance(ffn, nn.Sequential):
+        mods = [m for m in ffn if not isinstance(m, nn.Dropout)]
+        if (
+            len(mods) == 3
+            and isinstance(mods[0], nn.Linear)
+            and isinstance(mods[1], nn.GELU)
+            and isinstance(mods[2], nn.Linear)
+        ):
+            return mods[0], mods[2], None, "gelu"
+    raise ValueError(
+        "Experts.from_dense: ffn must have fc1/fc2 (GELU), gate_proj/up_proj/down_proj (SwiGLU), "
+        f"or be nn.Sequential(Linear, GELU, Linear); got {type(ffn).__name__}"
+    )

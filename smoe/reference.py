@@ -1,0 +1,157 @@
+"""Slow, readable pure-PyTorch versions of every op and layer: the test oracle, never a fallback.
+
+Library code never imports this module. Each function mirrors the public wrapper's signature,
+computes in float64 and is written for obviousness. Spec sections are cited per function.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from smoe.ops import Plan, TopK
+
+
+def topk_softmax(logits: Tensor, k: int, *, renormalize: bool = True) -> TopK:
+    """specs/classic_routers.md §2, §4, §6: softmax, top-k by logit (ties to the lower index)."""
+    x = logits.double()
+    probs = torch.softmax(x, dim=-1)
+    # A stable sort of -logits keeps the lower index first among equal logits.
+    expert = torch.sort(-x, dim=-1, stable=True).indices[:, :k]
+    if renormalize:
+        weight = torch.softmax(torch.gather(x, 1, expert), dim=-1)
+    else:
+        weight = torch.gather(probs, 1, expert)
+    return TopK(weight.to(logits.dtype), expert.to(torch.int32))
+
+
+def make_plan(
+    expert: Tensor, num_experts: int, *, capacity: int | None = None, priority: Tensor | None = None
+) -> Plan:
+    """DESIGN.md dispatch: stable sort by expert; capacity filled rank-major (GShard, V-MoE)."""
+    assert priority is None
+    T, k = expert.shape
+    ex = expert.tolist()
+    kept = [[e >= 0 for e in ex[t]] for t in range(T)]
+    if capacity is not None:
+        fill = [0] * num_experts
+        for j in range(k):  # every token's first choice, then every second choice, ...
+            for t in range(T):
+                e = ex[t][j]
+                kept[t][j] = e >= 0 and fill[e] < capacity
+                if kept[t][j]:
+                    fill[e] += 1
+    slots_of = [[] for _ in range(num_experts)]
+    for t in range(T):  # token order (then choice order) within each expert
+        for j in range(k):
+            if kept[t][j]:
+                slots_of[ex[t][j]].append(t * k + j)
+    order = [s for e in range(num_experts) for s in slots_of[e]]
+    offsets = [0]
+    for e in range(num_experts):
+        offsets.append(offsets[-1] + len(slots_of[e]))
+    pad = [-1] * (T * k - len(order))
+    row = [-1] * (T * k)
+    for i, s in enumerate(order):
+        row[s] = i
+    dev = expert.device
+    return Plan(
+        offsets=torch.tensor(offsets, dtype=torch.int64, device=dev),
+        token=torch.tensor([s // k for s in order] + pad, dtype=torch.int32, device=dev),
+        slot=torch.tensor(order + pad, dtype=torch.int32, device=dev),
+        row=torch.tensor(row, dtype=torch.int32, device=dev).reshape(T, k),
+        kept=torch.tensor(kept, dtype=torch.bool, device=dev).reshape(T, k),
+    )
+
+
+def permute(x: Tensor, plan: Plan) -> Tensor:
+    """Row i of the result is x[token[i]], zero for padding rows."""
+    out = torch.zeros(plan.token.shape[0], x.shape[1], dtype=torch.float64, device=x.device)
+    for i, t in enumerate(plan.token.tolist()):
+        if t >= 0:
+            out[i] = x[t].double()
+    return out.to(x.dtype)
+
+
+def combine(y_sorted: Tensor, weight: Tensor, plan: Plan) -> Tensor:
+    """y[t] = sum_j weight[t, j] * y_sorted[row[t, j]] over kept slots."""
+    T, k = plan.row.shape
+    out = torch.zeros(T, y_sorted.shape[1], dtype=torch.float64, device=y_sorted.device)
+    for t in range(T):
+        for j in range(k):
+            r = int(plan.row[t, j])
+            if r >= 0:
+                out[t] += weight[t, j].double() * y_sorted[r].double()
+    return out.to(y_sorted.dtype)
+
+
+def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    """out[r] = x[r] @ w[e] for rows of group e; rows past offsets[E] are zero."""
+    out = torch.zeros(x.shape[0], w.shape[2], dtype=torch.float64, device=x.device)
+    off = offsets.tolist()
+    for e in range(w.shape[0]):
+        out[off[e] : off[e + 1]] = x[off[e] : off[e + 1]].double() @ w[e].double()
+    return out.to(x.dtype)
+
+
+def switch_balance_loss(
+    logits: Tensor, expert: Tensor, num_experts: int, *, first_choice_only: bool = False
+) -> Tensor:
+    """specs/classic_routers.md §2: E * sum_e f_e * P_e, f counting all k choices / T (or first)."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    T = logits.shape[0]
+    chosen = expert[:, :1] if first_choice_only else expert
+    f = torch.zeros(num_experts, dtype=torch.float64, device=logits.device)
+    for e in chosen.flatten().tolist():
+        if e >= 0:
+            f[e] += 1.0 / T
+    return num_experts * (f * probs.mean(0)).sum()
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """specs/classic_routers.md §3: mean over tokens of logsumexp(logits)^2."""
+    return (torch.logsumexp(logits.double(), dim=-1) ** 2).mean()
+
+
+def expert_ffn(x: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> Tensor:
+    """One expert on rows x: weights in nn.Linear layout ([out, in])."""
+    h = x @ w_in.T
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        h = torch.nn.functional.silu(gate) * up
+    else:
+        h = torch.nn.functional.gelu(h)
+    return h @ w_out.T
+
+
+def moe_layer(
+    x: Tensor,
+    gate_weight: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    k: int,
+    *,
+    activation: str = "gelu",
+    renormalize: bool = True,
+    capacity: int | None = None,
+) -> Tensor:
+    """A token-choice MoE layer, one token and one expert at a time, in float64."""
+    xs = x.reshape(-1, x.shape[-1]).double()
+    logits = xs @ gate_weight.double().T
+    weight, expert = topk_softmax(logits, k, renormalize=renormalize)
+    plan = make_plan(expert, w_in.shape[0], capacity=capacity)
+    out = torch.zeros_like(xs)
+    for t in range(xs.shape[0]):
+        for j in range(k):
+            if plan.kept[t, j]:
+                e = int(expert[t, j])
+                y = expert_ffn(xs[t : t + 1], w_in[e].double(), w_out[e].double(), activation)
+                out[t] += weight[t, j] * y[0]
+    return out.reshape(x.shape)
+
+
+def capacity_for(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
+    """ceil(k * T * factor / E), at least 1 (specs/classic_routers.md §7)."""
+    return max(1, math.ceil(k * num_tokens * capacity_factor / num_experts))

@@ -1,0 +1,97 @@
+"""Token-choice top-k routing: Switch (k = 1), GShard/Mixtral top-k, Shazeer's noisy top-k."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from smoe import ops
+from smoe.losses import router_z_loss, switch_balance_loss
+from smoe.routing.base import Routing
+
+
+class TopKRouter(nn.Module):
+    """Linear gate + softmax + top-k, computed in float32 (also under autocast).
+
+    Spec: specs/classic_routers.md §1 (noisy top-k), §2 (Switch, balance loss), §3 (z-loss).
+
+    Args:
+        d_model: token width.
+        num_experts: E.
+        k: experts per token.
+        renormalize: k weights sum to 1 (Mixtral, noisy top-k) or stay raw probabilities (Switch).
+        noisy: Shazeer et al.'s noisy top-k: in training, select on
+            ``h + n * (softplus(x W_noise) + noise_epsilon)``, ``n ~ N(0, 1)`` from torch's RNG.
+        noise_epsilon: added to the softplus (fastmoe's 1e-2).
+        jitter: multiply the router input by U(1 - jitter, 1 + jitter) in training (0 = off).
+        balance_first_choice_only: balance loss convention (see :func:`switch_balance_loss`).
+        init_scale: router weights ~ truncated normal with std sqrt(init_scale / d_model) (0.1 in
+            Switch).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        k: int = 2,
+        *,
+        renormalize: bool = True,
+        noisy: bool = False,
+        noise_epsilon: float = 1e-2,
+        jitter: float = 0.0,
+        balance_first_choice_only: bool = False,
+        init_scale: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"TopKRouter: num_experts must be >= 1, got {num_experts}")
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"TopKRouter: k must be in [1, num_experts={num_experts}], got {k}")
+        if not 0.0 <= jitter < 1.0:
+            raise ValueError(f"TopKRouter: jitter must be in [0, 1), got {jitter}")
+        self.d_model, self.num_experts, self.k = d_model, num_experts, k
+        self.renormalize, self.noisy, self.noise_epsilon = renormalize, noisy, noise_epsilon
+        self.jitter, self.balance_first_choice_only = jitter, balance_first_choice_only
+        self.init_scale = init_scale
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        self.noise_weight = nn.Parameter(torch.empty(num_experts, d_model)) if noisy else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = math.sqrt(self.init_scale / self.d_model)
+        nn.init.trunc_normal_(self.weight, std=std, a=-2 * std, b=2 * std)
+        if self.noise_weight is not None:
+            nn.init.zeros_(self.noise_weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}, "
+            f"renormalize={self.renormalize}, noisy={self.noisy}, jitter={self.jitter}"
+        )
+
+    def forward(self, x: Tensor) -> Routing:
+        """Route ``x [T, d_model]``; returns :class:`Routing` with float32 weights."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            h = x.float()
+            if self.training and self.jitter > 0:
+                h = h * torch.empty_like(h).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            logits = F.linear(h, self.weight.float())
+            selection = logits
+            if self.noisy and self.training:
+                assert self.noise_weight is not None
+                std = F.softplus(F.linear(h, self.noise_weight.float())) + self.noise_epsilon
+                selection = logits + torch.randn_like(logits) * std
+            weight, expert = ops.topk_softmax(selection, self.k, renormalize=self.renormalize)
+            aux = {
+                "balance": switch_balance_loss(
+                    logits,
+                    expert,
+                    self.num_experts,
+                    first_choice_only=self.balance_first_choice_only,
+                ),
+                "z": router_z_loss(logits),
+            }
+        return Routing(expert=expert, weight=weight, logits=logits, aux=aux)

@@ -1,0 +1,46 @@
+"""Shared test helpers: tolerances, dtypes, the checks every op goes through."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# Absolute/relative tolerances against the float64 reference, per dtype.
+TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+
+
+def assert_close(actual, expected, dtype=None):
+    dtype = dtype or actual.dtype
+    torch.testing.assert_close(actual.double(), expected.double(), **TOL[dtype])
+
+
+def assert_low_precision_close(actual, ref64, ref_low):
+    """STYLE.md §8: in fp16/bf16 the error against float64 is at most 3x that of the reference
+    computed in the same low precision (plus one ulp-scale floor)."""
+    err = (actual.double() - ref64.double()).abs().max().item() if actual.numel() else 0.0
+    base = (ref_low.double() - ref64.double()).abs().max().item() if actual.numel() else 0.0
+    floor = TOL[actual.dtype]["atol"]
+    assert err <= 3 * base + floor, f"error {err} vs reference-in-{actual.dtype} error {base}"
+
+
+def noncontig(t: torch.Tensor) -> torch.Tensor:
+    """Same values, every row strided: a column-interleaved copy viewed back."""
+    wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    out = wide[..., ::2]
+    assert not out.is_contiguous() or t.shape[-1] <= 1
+    return out
+
+
+def spaced_logits(T: int, E: int, dtype=torch.float64, device="cpu") -> torch.Tensor:
+    """Logits whose sorted gaps are >= 0.3, so a small perturbation never flips the top-k."""
+    rows = [torch.randperm(E).double() * 0.3 + 0.01 * torch.rand(E) for _ in range(T)]
+    out = torch.stack(rows) if T else torch.empty(0, E, dtype=torch.float64)
+    return out.to(dtype=dtype, device=device)
