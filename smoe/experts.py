@@ -42,7 +42,9 @@ class Experts(nn.Module):
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"Experts: activation must be one of {ACTIVATIONS}, got {activation!r}")
+            raise ValueError(
+                f"Experts: activation must be one of {ACTIVATIONS}, got {activation!r}"
+            )
         if min(num_experts, d_model, d_ff) < 1:
             raise ValueError(
                 f"Experts: num_experts, d_model and d_ff must be >= 1, got "
@@ -78,11 +80,7 @@ class Experts(nn.Module):
         row_expert = self._row_expert(offsets, h.shape[0]) if self.b_in is not None else None
         if self.b_in is not None:
             h = h + self.b_in[row_expert]
-        if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            a = F.silu(gate) * up
-        else:
-            a = F.gelu(h)
+        a = ops.swiglu(h) if self.activation == "swiglu" else F.gelu(h)
         y = ops.grouped_mm(a, self.w_out.transpose(1, 2), offsets)
         if self.b_out is not None:
             y = y + self.b_out[row_expert]

@@ -1,0 +1,34 @@
+// Torch-free scalar math that the compiler can vectorise (no branches, no libm calls).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace smoe {
+
+// exp(x) for float with max relative error < 1e-7 on [-87, 88] (Cephes' expf polynomial, with
+// branch-free clamping and round-to-nearest by the 1.5 * 2^23 trick so that -O3 vectorises it;
+// needs -fno-trapping-math, which setup.py sets as torch does). Saturates outside that range.
+inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float fx = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  x = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * x + 1.3981999507e-3f;
+  p = p * x + 8.3334519073e-3f;
+  p = p * x + 4.1665795894e-2f;
+  p = p * x + 1.6666665459e-1f;
+  p = p * x + 5.0000001201e-1f;
+  p = p * x * x + x + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+}  // namespace smoe
