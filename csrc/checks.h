@@ -27,6 +27,9 @@ struct kernel_type<c10::BFloat16> {
   using type = smoe::bfloat16_t;
 };
 
+// Rows dense in their last dim (kernels take a row stride): a no-op for most inputs.
+inline at::Tensor rows_dense(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
 inline bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
@@ -42,8 +45,8 @@ inline const char* index_type_name(at::ScalarType t) {
 
 inline void check_index(const char* op, const char* name, const at::Tensor& t,
                         const at::Tensor& like, int64_t dim, at::ScalarType dtype = at::kInt) {
-  TORCH_CHECK(t.device() == like.device(), "smoe::", op, ": ", name, " must be on ",
-              like.device(), " like the other inputs, got ", t.device());
+  TORCH_CHECK(t.device() == like.device(), "smoe::", op, ": ", name, " must be on ", like.device(),
+              " like the other inputs, got ", t.device());
   TORCH_CHECK(t.scalar_type() == dtype, "smoe::", op, ": ", name, " must be a ", dim, "-D ",
               index_type_name(dtype), " tensor, got ", index_type_name(t.scalar_type()));
   TORCH_CHECK(t.dim() == dim, "smoe::", op, ": ", name, " must be a ", dim, "-D ",
@@ -55,7 +58,8 @@ inline void check_topk_softmax(const at::Tensor& logits, int64_t k) {
   TORCH_CHECK(logits.dim() == 2, "smoe::topk_softmax: logits must be 2-D [T, E], got ",
               logits.dim(), "-D");
   const int64_t E = logits.size(1);
-  TORCH_CHECK(E >= 1, "smoe::topk_softmax: logits must have at least one expert (E >= 1), got E = 0");
+  TORCH_CHECK(E >= 1,
+              "smoe::topk_softmax: logits must have at least one expert (E >= 1), got E = 0");
   TORCH_CHECK(k >= 1 && k <= E, "smoe::topk_softmax: k must be in [1, E] = [1, ", E, "], got ", k);
 }
 
@@ -77,7 +81,8 @@ inline void check_topk_softmax_backward(const at::Tensor& grad_weight, const at:
 inline void check_make_plan(const at::Tensor& expert, int64_t num_experts,
                             const std::optional<int64_t>& capacity,
                             const std::optional<at::Tensor>& priority) {
-  TORCH_CHECK(expert.scalar_type() == at::kInt, "smoe::make_plan: expert must be a 2-D int32 [T, k] tensor, got ",
+  TORCH_CHECK(expert.scalar_type() == at::kInt,
+              "smoe::make_plan: expert must be a 2-D int32 [T, k] tensor, got ",
               index_type_name(expert.scalar_type()));
   TORCH_CHECK(expert.dim() == 2, "smoe::make_plan: expert must be a 2-D int32 [T, k] tensor, got ",
               expert.dim(), "-D");
@@ -142,8 +147,8 @@ inline void check_combine(const char* op, const at::Tensor& y_sorted, const at::
               weight.scalar_type());
   check_plan(op, y_sorted, row.dim() == 2 ? row.numel() : -1, "y_sorted (T*k = row.numel())",
              &token, &slot, row);
-  TORCH_CHECK(weight.sizes() == row.sizes(), "smoe::", op, ": weight must have row's shape [T, k] = ",
-              row.sizes(), ", got ", weight.sizes());
+  TORCH_CHECK(weight.sizes() == row.sizes(), "smoe::", op,
+              ": weight must have row's shape [T, k] = ", row.sizes(), ", got ", weight.sizes());
 }
 
 inline void check_grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets) {
@@ -154,11 +159,30 @@ inline void check_grouped_mm(const at::Tensor& x, const at::Tensor& w, const at:
   TORCH_CHECK(w.scalar_type() == x.scalar_type(), "smoe::grouped_mm: w must have x's dtype ",
               x.scalar_type(), ", got ", w.scalar_type());
   TORCH_CHECK(x.dim() == 2, "smoe::grouped_mm: x must be 2-D [M, d_in], got ", x.dim(), "-D");
-  TORCH_CHECK(w.dim() == 3, "smoe::grouped_mm: w must be 3-D [E, d_in, d_out], got ", w.dim(), "-D");
-  TORCH_CHECK(w.size(1) == x.size(1), "smoe::grouped_mm: w must be [E, d_in, d_out] with d_in = ",
-              x.size(1), " (x.size(1)), got w of shape ", w.sizes());
-  TORCH_CHECK(offsets.size(0) == w.size(0) + 1, "smoe::grouped_mm: offsets must have E + 1 = ",
-              w.size(0) + 1, " entries, got ", offsets.size(0));
+  TORCH_CHECK(w.dim() == 3, "smoe::grouped_mm: w must be 3-D [E, d_in, d_out], got ", w.dim(),
+              "-D");
+  TORCH_CHECK(w.size(1) == x.size(1),
+              "smoe::grouped_mm: w must be [E, d_in, d_out] with d_in = ", x.size(1),
+              " (x.size(1)), got w of shape ", w.sizes());
+  TORCH_CHECK(offsets.size(0) == w.size(0) + 1,
+              "smoe::grouped_mm: offsets must have E + 1 = ", w.size(0) + 1, " entries, got ",
+              offsets.size(0));
+}
+
+inline void check_swiglu(const char* op, const at::Tensor& h) {
+  check_float(op, "h", h);
+  TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0, "smoe::", op,
+              ": h must be 2-D [M, 2*f] (gate columns, then up columns), got shape ", h.sizes());
+}
+
+inline void check_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& h) {
+  check_swiglu("swiglu_backward", h);
+  TORCH_CHECK(grad_out.device() == h.device() && grad_out.scalar_type() == h.scalar_type() &&
+                  grad_out.dim() == 2 && grad_out.size(0) == h.size(0) &&
+                  grad_out.size(1) == h.size(1) / 2,
+              "smoe::swiglu_backward: grad_out must be [M, f] = [", h.size(0), ", ", h.size(1) / 2,
+              "] with h's dtype and device, got ", grad_out.sizes(), " ", grad_out.scalar_type(),
+              " on ", grad_out.device());
 }
 
 // w is "transposed" when each w[e] is column-major, i.e. a transposed view of [E, d_out, d_in].

@@ -2,7 +2,6 @@
 // Kernels live in cpu/<op>.cpp and cuda/<op>_launch.cpp; fakes and autograd in smoe/ops.py.
 // This file also creates the `_C` Python module, which carries build information only.
 #include <Python.h>
-
 #include <torch/library.h>
 
 #ifndef SMOE_TORCH_VERSION
@@ -43,11 +42,15 @@ TORCH_LIBRARY(smoe, m) {
   // one GEMM per expert group: out[r] = x[r] @ w[e] for offsets[e] <= r < offsets[e+1], zero rows
   // past offsets[E]; w [E, d_in, d_out] may be a transposed view of [E, d_out, d_in] (no copy).
   m.def("grouped_mm(Tensor x, Tensor w, Tensor offsets) -> Tensor");
+  // SwiGLU on a fused gate/up projection h [M, 2f] (gate columns first, transformers' gate_up_proj
+  // layout): silu(gate) * up in one pass; returns [M, f].
+  m.def("swiglu(Tensor h) -> Tensor");
 
   // ---- backward ops ----
   // d logits of topk_softmax, recomputing the softmax from the logits in fp32; [T, E].
   m.def(
-      "topk_softmax_backward(Tensor grad_weight, Tensor logits, Tensor expert, bool renormalize) -> "
+      "topk_softmax_backward(Tensor grad_weight, Tensor logits, Tensor expert, bool renormalize) "
+      "-> "
       "Tensor");
   // d x of permute: grad_x[t] = sum_j grad_out[row[t, j]]; [T, d].
   m.def("permute_backward(Tensor grad_out, Tensor row) -> Tensor");
@@ -55,6 +58,8 @@ TORCH_LIBRARY(smoe, m) {
   m.def(
       "combine_backward(Tensor grad_out, Tensor y_sorted, Tensor weight, Tensor token, Tensor "
       "slot, Tensor row) -> (Tensor grad_y_sorted, Tensor grad_weight)");
+  // d h [M, 2f] of swiglu, in one pass.
+  m.def("swiglu_backward(Tensor grad_out, Tensor h) -> Tensor");
   // d x [M, d_in] and d w (w's layout: contiguous, or transposed-contiguous when w is a transposed
   // view) of grouped_mm; an output that is not asked for is returned as an empty [0] tensor.
   m.def(
