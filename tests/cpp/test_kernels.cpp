@@ -1,0 +1,110 @@
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "cpu/make_plan_kernel.h"
+#include "cpu/permute_kernel.h"
+#include "cpu/topk_softmax_kernel.h"
+
+namespace {
+
+using smoe::cpu::make_plan;
+
+TEST(TopkSoftmax, PicksLargestWithLowerIndexOnTies) {
+  const std::vector<float> logits = {0.f, 1.f, 1.f, 0.f, 1.f};
+  std::vector<float> w(3);
+  std::vector<int32_t> e(3);
+  EXPECT_EQ(smoe::cpu::topk_softmax_rows(logits.data(), 5, 5, 3, true, 0, 1, w.data(), e.data()),
+            -1);
+  EXPECT_EQ(e, (std::vector<int32_t>{1, 2, 4}));
+  for (float v : w) EXPECT_NEAR(v, 1.0f / 3, 1e-6);
+}
+
+TEST(TopkSoftmax, RawProbabilitiesWithoutRenormalize) {
+  const std::vector<double> logits = {std::log(1.0), std::log(3.0), std::log(6.0)};
+  std::vector<double> w(2);
+  std::vector<int32_t> e(2);
+  smoe::cpu::topk_softmax_rows(logits.data(), 3, 3, 2, false, 0, 1, w.data(), e.data());
+  EXPECT_EQ(e, (std::vector<int32_t>{2, 1}));
+  EXPECT_NEAR(w[0], 0.6, 1e-12);
+  EXPECT_NEAR(w[1], 0.3, 1e-12);
+}
+
+TEST(TopkSoftmax, ReportsTheFirstNanRow) {
+  const std::vector<float> logits = {0.f, 1.f, 2.f, NAN, 5.f, 6.f};
+  std::vector<float> w(2);
+  std::vector<int32_t> e(2);
+  EXPECT_EQ(smoe::cpu::topk_softmax_rows(logits.data(), 2, 2, 1, true, 0, 3, w.data(), e.data()),
+            1);
+}
+
+TEST(TopkSoftmax, BackwardOfRenormalizedWeights) {
+  // Two selected of three: d l[e_j] = w_j (g_j - <g, w>), unselected get 0.
+  const std::vector<double> logits = {0.0, 1.0, -1.0};
+  const std::vector<int32_t> e = {1, 0};
+  const std::vector<double> g = {1.0, 0.0};
+  std::vector<double> out(3);
+  smoe::cpu::topk_softmax_backward_rows(g.data(), logits.data(), 3, e.data(), 3, 2, true, 0, 1,
+                                        out.data());
+  const double w1 = std::exp(1.0) / (std::exp(1.0) + 1.0), w0 = 1.0 - w1;
+  EXPECT_NEAR(out[1], w1 * (1.0 - w1), 1e-12);
+  EXPECT_NEAR(out[0], -w0 * w1, 1e-12);
+  EXPECT_EQ(out[2], 0.0);
+}
+
+struct PlanOut {
+  std::vector<int64_t> offsets;
+  std::vector<int32_t> token, slot, row;
+  std::vector<char> kept;
+};
+
+PlanOut run_plan(const std::vector<int32_t>& expert, int64_t T, int64_t k, int64_t E, int64_t cap) {
+  PlanOut p{std::vector<int64_t>(E + 1), std::vector<int32_t>(T * k), std::vector<int32_t>(T * k),
+            std::vector<int32_t>(T * k), std::vector<char>(T * k)};
+  std::vector<int64_t> fill(E);
+  bool* kept = reinterpret_cast<bool*>(p.kept.data());
+  make_plan(expert.data(), T, k, E, cap, p.offsets.data(), p.token.data(), p.slot.data(),
+            p.row.data(), kept, fill.data());
+  return p;
+}
+
+TEST(MakePlan, StableSortByExpert) {
+  const std::vector<int32_t> expert = {1, 0, 2, 0, 0, 1};  // T = 3, k = 2
+  PlanOut p = run_plan(expert, 3, 2, 3, -1);
+  EXPECT_EQ(p.offsets, (std::vector<int64_t>{0, 3, 5, 6}));
+  EXPECT_EQ(p.token, (std::vector<int32_t>{0, 1, 2, 0, 2, 1}));
+  EXPECT_EQ(p.slot, (std::vector<int32_t>{1, 3, 4, 0, 5, 2}));
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(p.row[p.slot[i]], i);
+}
+
+TEST(MakePlan, CapacityIsRankMajorAndUnassignedIsSkipped) {
+  const std::vector<int32_t> expert = {1, 0, 2, 0, 0, -1};  // token 2's first choice beats seconds
+  PlanOut p = run_plan(expert, 3, 2, 3, 2);
+  EXPECT_EQ(p.offsets, (std::vector<int64_t>{0, 2, 3, 4}));
+  EXPECT_EQ(p.kept, (std::vector<char>{1, 1, 1, 0, 1, 0}));
+  EXPECT_EQ(p.token, (std::vector<int32_t>{0, 2, 0, 1, -1, -1}));
+  EXPECT_EQ(p.row[3], -1);
+  EXPECT_EQ(p.row[5], -1);
+}
+
+TEST(MakePlan, FindsInvalidExperts) {
+  const std::vector<int32_t> expert = {0, -1, 3, -2};
+  EXPECT_EQ(smoe::cpu::find_invalid_expert(expert.data(), 4, 4), 3);
+  EXPECT_EQ(smoe::cpu::find_invalid_expert(expert.data(), 3, 4), -1);
+}
+
+TEST(Permute, GatherAndWeightedCombine) {
+  const std::vector<float> x = {1, 2, 3, 4, 5, 6};  // T = 3, d = 2
+  const std::vector<int32_t> token = {2, 0, -1};
+  std::vector<float> xs(6);
+  smoe::cpu::gather_rows(x.data(), 2, token.data(), 2, 0, 3, xs.data());
+  EXPECT_EQ(xs, (std::vector<float>{5, 6, 1, 2, 0, 0}));
+  const std::vector<int32_t> row = {1, -1, 0};  // k = 1
+  const std::vector<float> w = {0.5f, 9.f, 2.f};
+  std::vector<float> y(6);
+  smoe::cpu::combine_rows(xs.data(), 2, row.data(), w.data(), 1, 2, 0, 3, y.data());
+  EXPECT_EQ(y, (std::vector<float>{0.5f, 1.f, 0, 0, 10, 12}));
+}
+
+}  // namespace
