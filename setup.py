@@ -87,7 +87,9 @@ defines = [
     f'-DSMOE_CUDA_ARCHS="{archs}"',
     "-DCUB_WRAPPED_NAMESPACE=smoe_cub",
 ]
-cxx_flags = ["-O3", *defines] + (["-g"] if debug else [])
+# -fno-math-errno -fno-trapping-math: as torch itself builds; lets -O3 vectorise branch-free math
+# (csrc/common/math.h). NaN and inf semantics are unchanged (unlike -ffast-math).
+cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", *defines] + (["-g"] if debug else [])
 include_dirs = [os.path.join(ROOT, "csrc")]
 if with_cuda:
     cxx_flags.append("-DSMOE_WITH_CUDA")

@@ -2,11 +2,11 @@
 
 __version__ = "0.1.0"
 
-from smoe.experts import Experts
 from smoe._info import info
+from smoe.experts import Experts
 from smoe.layer import MoEAux, MoELayer
 from smoe.losses import router_z_loss, switch_balance_loss
-from smoe.ops import Plan, TopK, combine, grouped_mm, make_plan, permute, topk_softmax
+from smoe.ops import Plan, TopK, combine, grouped_mm, make_plan, permute, swiglu, topk_softmax
 from smoe.routing import Routing, TopKRouter
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "make_plan",
     "permute",
     "router_z_loss",
+    "swiglu",
     "switch_balance_loss",
     "topk_softmax",
 ]

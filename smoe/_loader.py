@@ -40,21 +40,24 @@ _stub_lib = None
 
 
 def _register_cuda_stubs() -> None:
-    """In a CPU-only build, CUDA inputs get a message that says how to rebuild, not a dispatch error."""
+    """CPU-only build: CUDA inputs get a message saying how to rebuild, not a dispatch error."""
     global _stub_lib
     _stub_lib = torch.library.Library("smoe", "IMPL")
 
-    def make(name: str):
-        def stub(*args, **kwargs):
-            raise RuntimeError(
-                f"smoe::{name}: smoe was built without CUDA (SMOE_CUDA=0 or no nvcc); rebuild with "
-                f"a CUDA build of torch and nvcc on PATH: {REBUILD}"
-            )
-
-        return stub
-
     for name in registered_ops():
-        _stub_lib.impl(name, make(name), "CUDA")
+        _stub_lib.impl(name, cuda_stub(name), "CUDA")
+
+
+def cuda_stub(name: str):
+    """The CUDA kernel of ``smoe::name`` in a CPU-only build: an error saying how to rebuild."""
+
+    def stub(*args, **kwargs):
+        raise RuntimeError(
+            f"smoe::{name}: smoe was built without CUDA (SMOE_CUDA=0 or no nvcc); rebuild with "
+            f"a CUDA build of torch and nvcc on PATH: {REBUILD}"
+        )
+
+    return stub
 
 
 def registered_ops() -> list[str]:

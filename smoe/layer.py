@@ -67,10 +67,14 @@ class MoELayer(nn.Module):
     ) -> None:
         super().__init__()
         if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"MoELayer: capacity_factor must be > 0 or None, got {capacity_factor}")
+            raise ValueError(
+                f"MoELayer: capacity_factor must be > 0 or None, got {capacity_factor}"
+            )
         self.d_model, self.num_experts, self.capacity_factor = d_model, num_experts, capacity_factor
-        self.router = router if router is not None else TopKRouter(
-            d_model, num_experts, k, renormalize=renormalize
+        self.router = (
+            router
+            if router is not None
+            else TopKRouter(d_model, num_experts, k, renormalize=renormalize)
         )
         self.experts = Experts(num_experts, d_model, d_ff, activation, bias=bias)
 
@@ -82,9 +86,7 @@ class MoELayer(nn.Module):
         self.experts.reset_parameters()
 
     @classmethod
-    def from_dense(
-        cls, ffn: nn.Module, num_experts: int, k: int = 2, **kwargs
-    ) -> MoELayer:
+    def from_dense(cls, ffn: nn.Module, num_experts: int, k: int = 2, **kwargs) -> MoELayer:
         """Upcycle a dense FFN into an MoE layer whose experts all start as copies of it."""
         experts = Experts.from_dense(ffn, num_experts)
         layer = cls(
@@ -101,13 +103,17 @@ class MoELayer(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
         if x.shape[-1] != self.d_model:
-            raise ValueError(f"MoELayer: x must end in d_model={self.d_model}, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"MoELayer: x must end in d_model={self.d_model}, got shape {tuple(x.shape)}"
+            )
         flat = x.reshape(-1, self.d_model)
         routing = self.router(flat)
         k = routing.expert.shape[1]
         capacity = None
         if self.capacity_factor is not None:
-            capacity = max(1, math.ceil(k * flat.shape[0] * self.capacity_factor / self.num_experts))
+            capacity = max(
+                1, math.ceil(k * flat.shape[0] * self.capacity_factor / self.num_experts)
+            )
         plan = ops.make_plan(routing.expert, self.num_experts, capacity=capacity)
         x_sorted = ops.permute(flat, plan)
         y_sorted = self.experts(x_sorted, plan.offsets)

@@ -96,6 +96,12 @@ def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
+def swiglu(h: Tensor) -> Tensor:
+    """silu(gate) * up on a fused [M, 2f] projection, gate columns first."""
+    gate, up = h.double().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(h.dtype)
+
+
 def switch_balance_loss(
     logits: Tensor, expert: Tensor, num_experts: int, *, first_choice_only: bool = False
 ) -> Tensor:

@@ -66,7 +66,9 @@ inline half_t to_half(float f) {
   return half_t{static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign))};
 }
 
-inline float to_float(bfloat16_t b) { return detail::fp32_from_bits(static_cast<uint32_t>(b.bits) << 16); }
+inline float to_float(bfloat16_t b) {
+  return detail::fp32_from_bits(static_cast<uint32_t>(b.bits) << 16);
+}
 
 inline bfloat16_t to_bfloat16(float f) {
   if (std::isnan(f)) return bfloat16_t{0x7FC0};

@@ -2,8 +2,8 @@
 // torch's thread pool when there are enough blocks, so that many small experts keep every core
 // busy; few large experts instead run one after another on multi-threaded BLAS.
 #include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
 #include <ATen/ops/mm.h>
@@ -24,8 +24,9 @@ void check_offsets_cpu(const at::Tensor& offsets, int64_t M) {
   const int64_t E = offsets.size(0) - 1;
   TORCH_CHECK(off[0] == 0, "smoe::grouped_mm: offsets[0] must be 0, got ", off[0]);
   for (int64_t e = 0; e < E; ++e) {
-    TORCH_CHECK(off[e + 1] >= off[e], "smoe::grouped_mm: offsets must be non-decreasing, got offsets[",
-                e + 1, "] = ", off[e + 1], " < offsets[", e, "] = ", off[e]);
+    TORCH_CHECK(off[e + 1] >= off[e],
+                "smoe::grouped_mm: offsets must be non-decreasing, got offsets[", e + 1,
+                "] = ", off[e + 1], " < offsets[", e, "] = ", off[e]);
   }
   TORCH_CHECK(off[E] <= M, "smoe::grouped_mm: offsets[E] (rows in use) must be <= x.size(0) = ", M,
               ", got ", off[E]);
@@ -86,7 +87,7 @@ at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w, const at::T
 at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& offsets) {
   check_grouped_mm(x_in, w, offsets);
   check_offsets_cpu(offsets, x_in.size(0));
-  return grouped_mm_impl(x_in.stride(1) == 1 ? x_in : x_in.contiguous(), w, offsets);
+  return grouped_mm_impl(rows_dense(x_in), w, offsets);
 }
 
 // grad_w[e] = x[g]^T @ grad[g], written in w's layout (transposed when w is a transposed view, so
@@ -96,11 +97,13 @@ at::Tensor grouped_mm_weight_grad(const at::Tensor& grad, const at::Tensor& x, c
                                   const at::Tensor& offsets) {
   const int64_t E = w.size(0), d_in = w.size(1), d_out = w.size(2);
   const bool transposed = is_transposed_weight(w);
-  at::Tensor gw = transposed ? at::empty_strided({E, d_in, d_out}, {d_in * d_out, 1, d_in}, w.options())
-                             : at::empty({E, d_in, d_out}, w.options());
+  at::Tensor gw = transposed
+                      ? at::empty_strided({E, d_in, d_out}, {d_in * d_out, 1, d_in}, w.options())
+                      : at::empty({E, d_in, d_out}, w.options());
   const int64_t* off = offsets.const_data_ptr<int64_t>();
   const int64_t threads = at::get_num_threads();
-  const int64_t n_col = std::max<int64_t>(1, std::min<int64_t>((2 * threads + E - 1) / E, d_out / 64));
+  const int64_t n_col =
+      std::max<int64_t>(1, std::min<int64_t>((2 * threads + E - 1) / E, d_out / 64));
   const int64_t col = (d_out + n_col - 1) / std::max<int64_t>(n_col, 1);
   for_each_block(E * n_col, [&](int64_t i) {
     const int64_t e = i / n_col, c0 = (i % n_col) * col;
@@ -112,7 +115,8 @@ at::Tensor grouped_mm_weight_grad(const at::Tensor& grad, const at::Tensor& x, c
       o.zero_();
       return;
     }
-    const at::Tensor xs = x.narrow(0, off[e], rows), gs = grad.narrow(0, off[e], rows).narrow(1, c0, nc);
+    const at::Tensor xs = x.narrow(0, off[e], rows),
+                     gs = grad.narrow(0, off[e], rows).narrow(1, c0, nc);
     if (transposed) {
       at::Tensor ot = o.t();  // [nc, d_in], row-major in gw's storage
       at::mm_out(ot, gs.t(), xs);
@@ -123,19 +127,23 @@ at::Tensor grouped_mm_weight_grad(const at::Tensor& grad, const at::Tensor& x, c
   return gw;
 }
 
-std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                                           const at::Tensor& w, const at::Tensor& offsets,
-                                                           bool need_x, bool need_w) {
+std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& grad_in,
+                                                           const at::Tensor& x_in,
+                                                           const at::Tensor& w,
+                                                           const at::Tensor& offsets, bool need_x,
+                                                           bool need_w) {
   check_grouped_mm(x_in, w, offsets);
   check_offsets_cpu(offsets, x_in.size(0));
   TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type() && grad_in.dim() == 2 &&
                   grad_in.size(0) == x_in.size(0) && grad_in.size(1) == w.size(2),
-              "smoe::grouped_mm_backward: grad_out must be [M, d_out] = [", x_in.size(0), ", ", w.size(2),
-              "] with x's dtype, got ", grad_in.sizes(), " ", grad_in.scalar_type());
-  const at::Tensor grad = grad_in.stride(1) == 1 ? grad_in : grad_in.contiguous();
-  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
-  at::Tensor gx = need_x ? grouped_mm_impl(grad, w.transpose(1, 2), offsets) : at::empty({0}, x.options());
-  at::Tensor gw = need_w ? grouped_mm_weight_grad(grad, x, w, offsets) : at::empty({0}, w.options());
+              "smoe::grouped_mm_backward: grad_out must be [M, d_out] = [", x_in.size(0), ", ",
+              w.size(2), "] with x's dtype, got ", grad_in.sizes(), " ", grad_in.scalar_type());
+  const at::Tensor grad = rows_dense(grad_in);
+  const at::Tensor x = rows_dense(x_in);
+  at::Tensor gx =
+      need_x ? grouped_mm_impl(grad, w.transpose(1, 2), offsets) : at::empty({0}, x.options());
+  at::Tensor gw =
+      need_w ? grouped_mm_weight_grad(grad, x, w, offsets) : at::empty({0}, w.options());
   return {gx, gw};
 }
 

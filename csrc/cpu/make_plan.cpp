@@ -22,8 +22,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan
   const int32_t* ex = expert.const_data_ptr<int32_t>();
   const int64_t bad = cpu::find_invalid_expert(ex, T * k, E);
   TORCH_CHECK(bad < 0, "smoe::make_plan: expert values must be in [0, num_experts) = [0, ", E,
-              ") or -1 (no assignment), got ", bad < 0 ? 0 : ex[bad], " at [", bad / std::max<int64_t>(k, 1),
-              ", ", bad % std::max<int64_t>(k, 1), "]");
+              ") or -1 (no assignment), got ", bad < 0 ? 0 : ex[bad], " at [",
+              bad / std::max<int64_t>(k, 1), ", ", bad % std::max<int64_t>(k, 1), "]");
   auto idx = expert.options();
   at::Tensor offsets = at::empty({E + 1}, idx.dtype(at::kLong));
   at::Tensor token = at::empty({T * k}, idx);

@@ -16,9 +16,6 @@ namespace {
 
 int64_t grain(int64_t d) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, d)); }
 
-// Rows must be dense in their last dim; a row stride is passed to the kernels.
-at::Tensor rows_dense(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
-
 #define SMOE_DISPATCH(dtype, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
 
@@ -59,16 +56,18 @@ at::Tensor permute_backward_cpu(const at::Tensor& grad_in, const at::Tensor& row
     auto* o = kmut<scalar_t>(out);
     const int32_t* r = row.const_data_ptr<int32_t>();
     at::parallel_for(0, T, grain(d * k), [&](int64_t b, int64_t e) {
-      cpu::combine_rows<typename kernel_type<scalar_t>::type>(src, grad.stride(0), r, nullptr, k, d, b, e, o);
+      cpu::combine_rows<typename kernel_type<scalar_t>::type>(src, grad.stride(0), r, nullptr, k, d,
+                                                              b, e, o);
     });
   });
   return out;
 }
 
-at::Tensor combine_cpu(const at::Tensor& ys_in, const at::Tensor& weight_in, const at::Tensor& token,
-                       const at::Tensor& slot, const at::Tensor& row_in) {
+at::Tensor combine_cpu(const at::Tensor& ys_in, const at::Tensor& weight_in,
+                       const at::Tensor& token, const at::Tensor& slot, const at::Tensor& row_in) {
   check_combine("combine", ys_in, weight_in, token, slot, row_in);
-  const at::Tensor ys = rows_dense(ys_in), weight = weight_in.contiguous(), row = row_in.contiguous();
+  const at::Tensor ys = rows_dense(ys_in), weight = weight_in.contiguous(),
+                   row = row_in.contiguous();
   const int64_t T = row.size(0), k = row.size(1), d = ys.size(1);
   at::Tensor out = at::empty({T, d}, ys.options());
   if (T == 0 || d == 0) return out;
@@ -84,17 +83,20 @@ at::Tensor combine_cpu(const at::Tensor& ys_in, const at::Tensor& weight_in, con
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(const at::Tensor& grad_in, const at::Tensor& ys_in,
-                                                        const at::Tensor& weight_in, const at::Tensor& token_in,
-                                                        const at::Tensor& slot_in, const at::Tensor& row_in) {
+std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& ys_in, const at::Tensor& weight_in,
+    const at::Tensor& token_in, const at::Tensor& slot_in, const at::Tensor& row_in) {
   check_combine("combine_backward", ys_in, weight_in, token_in, slot_in, row_in);
   check_float("combine_backward", "grad_out", grad_in);
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == row_in.size(0) && grad_in.size(1) == ys_in.size(1) &&
-                  grad_in.scalar_type() == ys_in.scalar_type(),
-              "smoe::combine_backward: grad_out must be [T, d] = [", row_in.size(0), ", ", ys_in.size(1),
-              "] with y_sorted's dtype, got ", grad_in.sizes(), " ", grad_in.scalar_type());
-  const at::Tensor grad = rows_dense(grad_in), ys = rows_dense(ys_in), weight = weight_in.contiguous();
-  const at::Tensor token = token_in.contiguous(), slot = slot_in.contiguous(), row = row_in.contiguous();
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == row_in.size(0) &&
+                  grad_in.size(1) == ys_in.size(1) && grad_in.scalar_type() == ys_in.scalar_type(),
+              "smoe::combine_backward: grad_out must be [T, d] = [", row_in.size(0), ", ",
+              ys_in.size(1), "] with y_sorted's dtype, got ", grad_in.sizes(), " ",
+              grad_in.scalar_type());
+  const at::Tensor grad = rows_dense(grad_in), ys = rows_dense(ys_in),
+                   weight = weight_in.contiguous();
+  const at::Tensor token = token_in.contiguous(), slot = slot_in.contiguous(),
+                   row = row_in.contiguous();
   const int64_t T = row.size(0), k = row.size(1), d = ys.size(1), M = ys.size(0);
   at::Tensor grad_ys = at::empty({M, d}, ys.options());
   at::Tensor grad_w = at::empty({T, k}, ys.options());

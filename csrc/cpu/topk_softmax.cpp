@@ -15,28 +15,33 @@
 namespace smoe::ops {
 namespace {
 
-int64_t grain_rows(int64_t per_row_work) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_row_work)); }
+int64_t grain_rows(int64_t per_row_work) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_row_work));
+}
 
 std::tuple<at::Tensor, at::Tensor> topk_softmax_cpu(const at::Tensor& logits_in, int64_t k,
                                                     bool renormalize) {
   check_topk_softmax(logits_in, k);
-  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  const at::Tensor logits = rows_dense(logits_in);
   const int64_t T = logits.size(0), E = logits.size(1);
   at::Tensor weight = at::empty({T, k}, logits.options());
   at::Tensor expert = at::empty({T, k}, logits.options().dtype(at::kInt));
   if (T == 0) return {weight, expert};
   std::atomic<int64_t> bad_row{-1};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_softmax", [&] {
-    using T_ = typename kernel_type<scalar_t>::type;
-    const auto* l = reinterpret_cast<const T_*>(logits.const_data_ptr<scalar_t>());
-    auto* w = reinterpret_cast<T_*>(weight.mutable_data_ptr<scalar_t>());
-    auto* ex = expert.mutable_data_ptr<int32_t>();
-    at::parallel_for(0, T, grain_rows(E * k), [&](int64_t b, int64_t e) {
-      const int64_t bad = cpu::topk_softmax_rows<T_>(l, logits.stride(0), E, k, renormalize, b, e, w, ex);
-      if (bad >= 0) bad_row.store(bad);
-    });
-  });
-  TORCH_CHECK(bad_row.load() < 0, "smoe::topk_softmax: logits must be finite or -inf, got NaN or +inf in row ",
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_softmax", [&] {
+        using T_ = typename kernel_type<scalar_t>::type;
+        const auto* l = reinterpret_cast<const T_*>(logits.const_data_ptr<scalar_t>());
+        auto* w = reinterpret_cast<T_*>(weight.mutable_data_ptr<scalar_t>());
+        auto* ex = expert.mutable_data_ptr<int32_t>();
+        at::parallel_for(0, T, grain_rows(E * k), [&](int64_t b, int64_t e) {
+          const int64_t bad =
+              cpu::topk_softmax_rows<T_>(l, logits.stride(0), E, k, renormalize, b, e, w, ex);
+          if (bad >= 0) bad_row.store(bad);
+        });
+      });
+  TORCH_CHECK(bad_row.load() < 0,
+              "smoe::topk_softmax: logits must be finite or -inf, got NaN or +inf in row ",
               bad_row.load());
   return {weight, expert};
 }
@@ -44,22 +49,24 @@ std::tuple<at::Tensor, at::Tensor> topk_softmax_cpu(const at::Tensor& logits_in,
 at::Tensor topk_softmax_backward_cpu(const at::Tensor& grad_weight_in, const at::Tensor& logits_in,
                                      const at::Tensor& expert_in, bool renormalize) {
   check_topk_softmax_backward(grad_weight_in, logits_in, expert_in);
-  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  const at::Tensor logits = rows_dense(logits_in);
   const at::Tensor grad_weight = grad_weight_in.contiguous();
   const at::Tensor expert = expert_in.contiguous();
   const int64_t T = logits.size(0), E = logits.size(1), k = expert.size(1);
   at::Tensor grad_logits = at::empty({T, E}, logits.options());
   if (T == 0) return grad_logits;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_softmax_backward", [&] {
-    using T_ = typename kernel_type<scalar_t>::type;
-    const auto* g = reinterpret_cast<const T_*>(grad_weight.const_data_ptr<scalar_t>());
-    const auto* l = reinterpret_cast<const T_*>(logits.const_data_ptr<scalar_t>());
-    auto* out = reinterpret_cast<T_*>(grad_logits.mutable_data_ptr<scalar_t>());
-    const int32_t* ex = expert.const_data_ptr<int32_t>();
-    at::parallel_for(0, T, grain_rows(E * k), [&](int64_t b, int64_t e) {
-      cpu::topk_softmax_backward_rows<T_>(g, l, logits.stride(0), ex, E, k, renormalize, b, e, out);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_softmax_backward", [&] {
+        using T_ = typename kernel_type<scalar_t>::type;
+        const auto* g = reinterpret_cast<const T_*>(grad_weight.const_data_ptr<scalar_t>());
+        const auto* l = reinterpret_cast<const T_*>(logits.const_data_ptr<scalar_t>());
+        auto* out = reinterpret_cast<T_*>(grad_logits.mutable_data_ptr<scalar_t>());
+        const int32_t* ex = expert.const_data_ptr<int32_t>();
+        at::parallel_for(0, T, grain_rows(E * k), [&](int64_t b, int64_t e) {
+          cpu::topk_softmax_backward_rows<T_>(g, l, logits.stride(0), ex, E, k, renormalize, b, e,
+                                              out);
+        });
+      });
   return grad_logits;
 }
 

@@ -13,7 +13,9 @@ from tests.helpers import (
 
 
 def offsets_from(counts, dev="cpu"):
-    return torch.tensor([0] + list(torch.tensor(counts).cumsum(0).tolist()), dtype=torch.int64, device=dev)
+    return torch.tensor(
+        [0] + list(torch.tensor(counts).cumsum(0).tolist()), dtype=torch.int64, device=dev
+    )
 
 
 # (group sizes, padding rows, d_in, d_out)
@@ -31,8 +33,10 @@ CASES = [
 def make(counts, pad, d_in, d_out, dtype=torch.float64, transposed=False):
     M = sum(counts) + pad
     x = torch.randn(M, d_in, dtype=dtype)
-    w = torch.randn(len(counts), d_out, d_in, dtype=dtype).transpose(1, 2) if transposed else (
-        torch.randn(len(counts), d_in, d_out, dtype=dtype)
+    w = (
+        torch.randn(len(counts), d_out, d_in, dtype=dtype).transpose(1, 2)
+        if transposed
+        else (torch.randn(len(counts), d_in, d_out, dtype=dtype))
     )
     return x, w, offsets_from(counts)
 
@@ -165,8 +169,12 @@ def test_grouped_mm_cuda_matches_cpu(counts, pad, d_in, d_out, dtype, transposed
     else:
         assert_low_precision_close(got.cpu(), want, ref.grouped_mm(x, w, off))
     g = torch.randn(x.shape[0], d_out, dtype=dtype)
-    gx_c, gw_c = torch.ops.smoe.grouped_mm_backward(g.double(), x.double(), w.double(), off, True, True)
-    gx_g, gw_g = torch.ops.smoe.grouped_mm_backward(g.cuda(), x.cuda(), w.cuda(), off.cuda(), True, True)
+    gx_c, gw_c = torch.ops.smoe.grouped_mm_backward(
+        g.double(), x.double(), w.double(), off, True, True
+    )
+    gx_g, gw_g = torch.ops.smoe.grouped_mm_backward(
+        g.cuda(), x.cuda(), w.cuda(), off.cuda(), True, True
+    )
     scale = max(1.0, x.shape[0] ** 0.5)
     torch.testing.assert_close(gx_g.cpu().double(), gx_c, atol=0.05 * scale, rtol=0.05)
     torch.testing.assert_close(gw_g.cpu().double(), gw_c, atol=0.05 * scale, rtol=0.05)

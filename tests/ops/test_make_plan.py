@@ -100,7 +100,9 @@ def test_make_plan_opcheck(T, k, E, capacity):
 
 def test_make_plan_compiles_without_graph_breaks():
     ex = random_experts(16, 2, 4)
-    fn = torch.compile(lambda e: ops.make_plan(e, 4, capacity=5), fullgraph=True, backend="aot_eager")
+    fn = torch.compile(
+        lambda e: ops.make_plan(e, 4, capacity=5), fullgraph=True, backend="aot_eager"
+    )
     assert all(torch.equal(x, y) for x, y in zip(fn(ex), ops.make_plan(ex, 4, capacity=5)))
 
 
@@ -114,7 +116,9 @@ def test_make_plan_is_deterministic():
 def test_make_plan_rejects_out_of_range_experts(value):
     ex = random_experts(5, 2, 4)
     ex[3, 1] = value
-    with pytest.raises(RuntimeError, match=r"expert values must be in \[0, num_experts\).*\[3, 1\]"):
+    with pytest.raises(
+        RuntimeError, match=r"expert values must be in \[0, num_experts\).*\[3, 1\]"
+    ):
         ops.make_plan(ex, 4)
 
 

@@ -150,9 +150,14 @@ def test_permute_combine_cuda_matches_cpu(T, k, E, d, capacity, dtype):
     plan, x, y_sorted, weight = setup(T, k, E, d, capacity, dtype)
     gplan = ops.Plan(*(t.cuda() for t in plan))
     assert torch.equal(ops.permute(x.cuda(), gplan).cpu(), ops.permute(x, plan))
-    assert_close(ops.combine(y_sorted.cuda(), weight.cuda(), gplan).cpu(), ops.combine(y_sorted, weight, plan))
+    assert_close(
+        ops.combine(y_sorted.cuda(), weight.cuda(), gplan).cpu(),
+        ops.combine(y_sorted, weight, plan),
+    )
     g = torch.randn(T, d, dtype=dtype)
-    gys_c, gw_c = torch.ops.smoe.combine_backward(g, y_sorted, weight, plan.token, plan.slot, plan.row)
+    gys_c, gw_c = torch.ops.smoe.combine_backward(
+        g, y_sorted, weight, plan.token, plan.slot, plan.row
+    )
     gys_g, gw_g = torch.ops.smoe.combine_backward(
         g.cuda(), y_sorted.cuda(), weight.cuda(), gplan.token, gplan.slot, gplan.row
     )

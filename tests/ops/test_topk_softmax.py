@@ -167,7 +167,9 @@ def test_topk_softmax_cuda_matches_cpu(T, E, k, dtype, renormalize):
     assert_close(gpu.weight.cpu(), cpu.weight)
     lg = logits.cuda().requires_grad_()
     g = torch.randn(T, k, dtype=dtype)
-    (gg,) = torch.autograd.grad(ops.topk_softmax(lg, k, renormalize=renormalize).weight, lg, g.cuda())
+    (gg,) = torch.autograd.grad(
+        ops.topk_softmax(lg, k, renormalize=renormalize).weight, lg, g.cuda()
+    )
     lc = logits.clone().requires_grad_()
     (gc,) = torch.autograd.grad(ops.topk_softmax(lc, k, renormalize=renormalize).weight, lc, g)
     assert_close(gg.cpu(), gc)

@@ -1,0 +1,265 @@
+"""MoELayer against what a user would otherwise run, and against this machine's limit.
+
+    python benchmarks/bench_layer.py [--quick] [--dtype fp32 bf16] [--json out.json]
+
+Peers, with the same weights, in one process: transformers' own ``MixtralSparseMoeBlock`` with
+``experts_implementation`` "eager" and "grouped_mm"; the limit: dense ``torch.mm`` GEMMs with the
+same FLOPs as the layer's expert GEMMs, same dtype. Reports tokens/s, efficiency = dense time /
+layer time, the ratio to each peer, and the time share of route / plan / permute / experts /
+combine (each stage timed alone, forward or forward+backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.utils.benchmark import Timer
+
+import smoe
+from smoe import MoELayer, ops
+
+SHAPES = {
+    "mixtral-like": dict(T=4096, d=512, d_ff=1792, E=8, k=2),
+    "fine-grained": dict(T=4096, d=256, d_ff=128, E=64, k=8),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TARGETS = {"mixtral-like": 0.90, "fine-grained": 0.80}
+OVERHEAD_TARGET = 0.10
+
+
+def timeit(fn, min_run_time: float) -> tuple[float, float]:
+    """Median seconds per call and the interquartile range, after one warm-up call."""
+    fn()
+    m = Timer(
+        stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+    ).blocked_autorange(min_run_time=min_run_time)
+    return m.median, m.iqr
+
+
+def make_layers(shape: dict, dtype: torch.dtype):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    ours = MoELayer(shape["d"], shape["d_ff"], shape["E"], shape["k"], activation="swiglu").to(
+        dtype
+    )
+    peers = {}
+    for impl in ("eager", "grouped_mm"):
+        cfg = MixtralConfig(
+            hidden_size=shape["d"],
+            intermediate_size=shape["d_ff"],
+            num_local_experts=shape["E"],
+            num_experts_per_tok=shape["k"],
+            experts_implementation=impl,
+            hidden_act="silu",
+        )
+        block = MixtralSparseMoeBlock(cfg).to(dtype)
+        with torch.no_grad():  # the same weights everywhere; both store experts as [E, out, in]
+            block.gate.weight.copy_(ours.router.weight)
+            block.experts.gate_up_proj.copy_(ours.experts.w_in)
+            block.experts.down_proj.copy_(ours.experts.w_out)
+        peers[f"transformers-{impl}"] = block
+    return ours, peers
+
+
+def dense_equivalent(shape: dict, dtype: torch.dtype, backward: bool):
+    """The expert GEMMs of the layer as plain dense torch.mm calls (N = T*k rows)."""
+    N, d, f = shape["T"] * shape["k"], shape["d"], shape["d_ff"]
+    x, w1 = torch.randn(N, d, dtype=dtype), torch.randn(d, 2 * f, dtype=dtype)
+    a, w2 = torch.randn(N, f, dtype=dtype), torch.randn(f, d, dtype=dtype)
+    gy, gh = torch.randn(N, d, dtype=dtype), torch.randn(N, 2 * f, dtype=dtype)
+
+    def fwd():
+        torch.mm(x, w1)
+        torch.mm(a, w2)
+
+    def fwd_bwd():
+        fwd()
+        torch.mm(gy, w2.t()), torch.mm(a.t(), gy)  # down projection: dA, dW2
+        torch.mm(gh, w1.t()), torch.mm(x.t(), gh)  # up projection: dX, dW1
+
+    return fwd_bwd if backward else fwd
+
+
+def run_layer(layer, x, backward: bool):
+    def fwd():
+        with torch.no_grad():
+            out = layer(x)
+        return out
+
+    def fwd_bwd():
+        out = layer(x)
+        y = out[0] if isinstance(out, tuple) else out
+        y.backward(torch.ones_like(y))
+
+    return fwd_bwd if backward else fwd
+
+
+def stage_times(layer: MoELayer, x: torch.Tensor, backward: bool, min_run_time: float) -> dict:
+    """Each stage of our layer timed alone (with its backward when asked)."""
+    flat = x.detach().reshape(-1, x.shape[-1]).requires_grad_(backward)
+    r = layer.router(flat)
+    plan = ops.make_plan(r.expert, layer.num_experts)
+    xs = ops.permute(flat, plan).detach().requires_grad_(backward)
+    ys = layer.experts(xs, plan.offsets).detach().requires_grad_(backward)
+    w = r.weight.detach().to(ys.dtype).requires_grad_(backward)
+    grad = torch.no_grad if not backward else torch.enable_grad
+
+    def stage(f):
+        def go():
+            with grad():
+                out = f()
+                if backward:
+                    out.backward(torch.ones_like(out))
+
+        return timeit(go, min_run_time)[0]
+
+    return {
+        "route": stage(lambda: layer.router(flat).weight),
+        "plan": timeit(lambda: ops.make_plan(r.expert, layer.num_experts), min_run_time)[0],
+        "permute": stage(lambda: ops.permute(flat, plan)),
+        "experts": stage(lambda: layer.experts(xs, plan.offsets)),
+        "combine": stage(lambda: ops.combine(ys, w, plan)),
+    }
+
+
+@dataclass
+class Row:
+    shape: str
+    dtype: str
+    mode: str
+    smoe_s: float
+    smoe_iqr_s: float
+    dense_s: float
+    peers_s: dict
+    tokens_per_s: float
+    efficiency: float
+    target: float
+    met: bool
+    overhead_share: float
+    shares: dict
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        commit = "?"
+    import transformers
+
+    return dict(
+        cpu=cpu,
+        cores=os.cpu_count(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        smoe=smoe.__version__,
+        transformers=transformers.__version__,
+        commit=commit,
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="small shapes, short timing (CI-sized)")
+    p.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--shape", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--min-run-time", type=float, default=None)
+    p.add_argument("--json", default="benchmarks/out/bench_layer.json")
+    args = p.parse_args()
+    min_run_time = args.min_run_time or (0.05 if args.quick else 2.0)
+    torch.manual_seed(0)
+    rows = []
+    for shape_name in args.shape:
+        shape = dict(SHAPES[shape_name])
+        if args.quick:
+            shape["T"] = 256
+        for dname in args.dtype:
+            dtype = DTYPES[dname]
+            ours, peers = make_layers(shape, dtype)
+            x = torch.randn(1, shape["T"], shape["d"], dtype=dtype)
+            for backward in (False, True):
+                mode = "fwd+bwd" if backward else "fwd"
+                xin = x.clone().requires_grad_(backward)
+                t, iqr = timeit(run_layer(ours, xin, backward), min_run_time)
+                peer_t = {
+                    n: timeit(run_layer(m, xin, backward), min_run_time)[0]
+                    for n, m in peers.items()
+                }
+                dense = timeit(dense_equivalent(shape, dtype, backward), min_run_time)[0]
+                shares = stage_times(ours, x, backward, min_run_time)
+                total = sum(shares.values())
+                shares = {k: v / total for k, v in shares.items()}
+                eff = dense / t
+                rows.append(
+                    Row(
+                        shape_name,
+                        dname,
+                        mode,
+                        t,
+                        iqr,
+                        dense,
+                        peer_t,
+                        shape["T"] / t,
+                        eff,
+                        TARGETS[shape_name],
+                        eff >= TARGETS[shape_name],
+                        1.0 - shares["experts"],
+                        shares,
+                    )
+                )
+                print_row(rows[-1], header=len(rows) == 1)
+    info = machine()
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(
+            {"machine": info, "quick": args.quick, "rows": [asdict(r) for r in rows]}, f, indent=1
+        )
+    print(f"\nmachine: {info}\njson: {args.json}")
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "missed"
+
+
+def print_row(r: Row, header: bool) -> None:
+    if header:
+        print(
+            "| shape | dtype | mode | smoe ms | tokens/s | efficiency (target) | vs eager "
+            "| vs grouped_mm "
+            "| route/plan/permute/experts/combine % | overhead ≤10% |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|")
+    shares = "/".join(
+        f"{100 * r.shares[k]:.1f}" for k in ("route", "plan", "permute", "experts", "combine")
+    )
+    vs = {n: r.peers_s[n] / r.smoe_s for n in r.peers_s}
+    print(
+        f"| {r.shape} | {r.dtype} | {r.mode} | {1e3 * r.smoe_s:.1f} ± {1e3 * r.smoe_iqr_s:.1f} | "
+        f"{r.tokens_per_s:,.0f} | {r.efficiency:.2f} ({r.target:.2f} {met(r.met)}) | "
+        f"{vs['transformers-eager']:.2f}x | {vs['transformers-grouped_mm']:.2f}x | {shares} | "
+        f"{100 * r.overhead_share:.1f}% {met(r.overhead_share <= OVERHEAD_TARGET)} |",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

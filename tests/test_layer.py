@@ -1,0 +1,180 @@
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from smoe import Experts, MoELayer
+from smoe import reference as ref
+
+
+def reference_output(layer: MoELayer, x: torch.Tensor, capacity=None):
+    return ref.moe_layer(
+        x,
+        layer.router.weight,
+        layer.experts.w_in,
+        layer.experts.w_out,
+        layer.router.k,
+        activation=layer.experts.activation,
+        renormalize=layer.router.renormalize,
+        capacity=capacity,
+    )
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize(
+    "T,E,k", [(0, 4, 2), (1, 1, 1), (9, 4, 2), (9, 4, 4), (33, 16, 3)], ids=lambda v: str(v)
+)
+def test_layer_matches_reference(T, E, k, activation):
+    layer = MoELayer(12, 20, E, k, activation=activation).double()
+    x = torch.randn(T, 12, dtype=torch.float64)
+    y, aux = layer(x)
+    torch.testing.assert_close(y, reference_output(layer, x))
+    assert aux.tokens_per_expert.sum() == T * k
+
+
+def test_layer_with_capacity_matches_reference_and_drops():
+    layer = MoELayer(8, 16, 4, 2, capacity_factor=0.5).double()
+    x = torch.randn(40, 8, dtype=torch.float64)
+    y, aux = layer(x)
+    cap = ref.capacity_for(40, 2, 4, 0.5)
+    torch.testing.assert_close(y, reference_output(layer, x, capacity=cap))
+    assert (aux.tokens_per_expert <= cap).all() and aux.dropped_fraction > 0
+
+
+def test_layer_keeps_leading_dims_and_noncontiguous_input():
+    layer = MoELayer(8, 16, 4, 2)
+    x = torch.randn(3, 5, 16)[..., ::2]
+    y, _ = layer(x)
+    assert y.shape == (3, 5, 8)
+    torch.testing.assert_close(y, layer(x.contiguous())[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layer_runs_in_half_precision(dtype):
+    layer = MoELayer(16, 32, 4, 2)
+    x = torch.randn(20, 16)
+    y32, _ = layer(x)
+    y, _ = layer.to(dtype)(x.to(dtype))
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), y32, atol=5e-2, rtol=5e-2)
+
+
+def test_layer_gradients_match_reference():
+    layer = MoELayer(6, 10, 3, 2, activation="swiglu").double()
+    x = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    params = [x, layer.router.weight, layer.experts.w_in, layer.experts.w_out]
+    g = torch.randn(11, 6, dtype=torch.float64)
+    got = torch.autograd.grad(layer(x)[0], params, g)
+    want = torch.autograd.grad(reference_output(layer, x), params, g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+class TimmMlp(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LlamaMlp(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False)
+        self.down_proj = nn.Linear(h, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@pytest.mark.parametrize(
+    "dense",
+    [TimmMlp(8, 24), LlamaMlp(8, 24), nn.Sequential(nn.Linear(8, 24), nn.GELU(), nn.Linear(24, 8))],
+    ids=["timm", "llama", "sequential"],
+)
+def test_from_dense_upcycling_reproduces_the_dense_ffn(dense):
+    layer = MoELayer.from_dense(dense, num_experts=4, k=2)
+    x = torch.randn(2, 7, 8)
+    # renormalised weights sum to 1 and every expert is the dense FFN: output == dense output
+    torch.testing.assert_close(layer(x)[0], dense(x), atol=1e-5, rtol=1e-5)
+
+
+def test_from_dense_rejects_unknown_ffn():
+    with pytest.raises(ValueError, match="Experts.from_dense"):
+        Experts.from_dense(nn.Linear(4, 4), 2)
+
+
+def test_layer_state_dict_round_trip():
+    a = MoELayer(8, 16, 4, 2, activation="swiglu", bias=True)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = MoELayer(8, 16, 4, 2, activation="swiglu", bias=True)
+    b.load_state_dict(torch.load(buf))
+    assert sorted(a.state_dict()) == [
+        "experts.b_in",
+        "experts.b_out",
+        "experts.w_in",
+        "experts.w_out",
+        "router.weight",
+    ]
+    x = torch.randn(10, 8)
+    assert torch.equal(a(x)[0], b(x)[0])
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_layer_compiles_fullgraph_forward_and_backward(dynamic):
+    layer = MoELayer(16, 32, 4, 2, activation="swiglu", capacity_factor=1.5)
+    x = torch.randn(2, 24, 16, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    (y1, a1), (y2, a2) = layer(x), compiled(x)
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(a1.balance_loss, a2.balance_loss)
+    g1 = torch.autograd.grad((y1.square().sum() + a1.loss()), [x, *layer.parameters()])
+    g2 = torch.autograd.grad((y2.square().sum() + a2.loss()), [x, *layer.parameters()])
+    for u, v in zip(g1, g2):
+        torch.testing.assert_close(u, v)
+
+
+@pytest.mark.slow
+def test_layer_compiles_with_inductor():
+    layer = MoELayer(16, 32, 4, 2)
+    x = torch.randn(40, 16, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x)[0], layer(x)[0], atol=1e-5, rtol=1e-5)
+    (g,) = torch.autograd.grad(compiled(x)[0].sum(), x)
+    torch.testing.assert_close(
+        g, torch.autograd.grad(layer(x)[0].sum(), x)[0], atol=1e-5, rtol=1e-5
+    )
+
+
+def test_layer_is_deterministic():
+    layer = MoELayer(32, 64, 8, 2)
+    x = torch.randn(300, 32)
+    runs = []
+    for _ in range(2):
+        y, _ = layer(x)
+        runs.append(torch.autograd.grad(y.sin().sum(), list(layer.parameters())))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_layer_rejects_bad_input():
+    layer = MoELayer(8, 16, 4, 2)
+    with pytest.raises(ValueError, match="d_model=8"):
+        layer(torch.randn(3, 9))
+    with pytest.raises(ValueError, match="capacity_factor"):
+        MoELayer(8, 16, 4, 2, capacity_factor=0)
+    with pytest.raises(ValueError, match="activation"):
+        MoELayer(8, 16, 4, 2, activation="relu")
+
+
+def test_layer_training_on_quickdraw_lowers_the_loss():
+    from smoe.examples.quickdraw_moe import train
+
+    results = train(epochs=2, num_experts=4, k=2, limit=4096, progress=False)
+    assert results[-1].train_loss < results[0].train_loss
+    assert results[-1].test_accuracy > 0.5  # 9 classes: chance is 0.11
+    assert all(share > 0 for share in results[-1].load)
