@@ -89,7 +89,11 @@ defines = [
 ]
 # -fno-math-errno -fno-trapping-math: as torch itself builds; lets -O3 vectorise branch-free math
 # (csrc/common/math.h). NaN and inf semantics are unchanged (unlike -ffast-math).
-cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", *defines] + (["-g"] if debug else [])
+# -fopenmp: at::parallel_for is inlined from ATen's headers and runs serially unless _OPENMP is
+# defined in *our* translation units; libgomp.so.1 then resolves to the one torch already loaded.
+cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", *defines]
+cxx_flags += ["-g"] if debug else []
+link_flags = ["-fopenmp"]
 include_dirs = [os.path.join(ROOT, "csrc")]
 if with_cuda:
     cxx_flags.append("-DSMOE_WITH_CUDA")
@@ -107,11 +111,16 @@ if with_cuda:
         sources=cpu_sources + cuda_glue + cu_sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
         py_limited_api=False,
     )
 else:
     ext = CppExtension(
-        "smoe._C", sources=cpu_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+        "smoe._C",
+        sources=cpu_sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
     )
 
 # Build facts for smoe.info and the import-time version check (a plain file, no import of _C).

@@ -70,11 +70,13 @@ inline float to_float(bfloat16_t b) {
   return detail::fp32_from_bits(static_cast<uint32_t>(b.bits) << 16);
 }
 
+// Branch-free (NaN by a select, not an early return) so that loops storing bf16 vectorise.
 inline bfloat16_t to_bfloat16(float f) {
-  if (std::isnan(f)) return bfloat16_t{0x7FC0};
   const uint32_t u = detail::fp32_to_bits(f);
   const uint32_t rounding_bias = 0x7FFFu + ((u >> 16) & 1u);
-  return bfloat16_t{static_cast<uint16_t>((u + rounding_bias) >> 16)};
+  const uint32_t rounded = (u + rounding_bias) >> 16;
+  const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  return bfloat16_t{static_cast<uint16_t>(nan ? 0x7FC0u : rounded)};
 }
 
 inline float to_float(float f) { return f; }
