@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -25,10 +24,12 @@ def switch_balance_loss(
     """
     T = logits.shape[0]
     probs = torch.softmax(logits.float(), dim=-1)
-    chosen = expert[:, :1] if first_choice_only else expert
-    valid = (chosen >= 0).unsqueeze(-1)
-    counts = (F.one_hot(chosen.clamp_min(0).long(), num_experts) * valid).sum(dim=(0, 1))
-    f = counts.float() / max(T, 1)
+    chosen = (expert[:, :1] if first_choice_only else expert).reshape(-1)
+    # Counts by scatter-add of ones (exact in fp32 below 2^24 per expert); -1 entries add 0.
+    # A one_hot would materialise [T, k, E] int64.
+    valid = (chosen >= 0).float()
+    counts = probs.new_zeros(num_experts).scatter_add_(0, chosen.clamp_min(0).long(), valid)
+    f = counts / max(T, 1)
     p = probs.sum(dim=0) / max(T, 1)
     return num_experts * (f * p).sum()
 

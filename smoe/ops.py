@@ -59,7 +59,9 @@ def topk_softmax(logits: Tensor, k: int, *, renormalize: bool = True) -> TopK:
 
     Note:
         Softmax math is in fp32 for 16-bit inputs. Ties go to the lower expert index on CPU and
-        CUDA alike. Deterministic; no host sync (CUDA checks NaN with an async assert).
+        CUDA alike. Deterministic; no host sync. On CUDA the NaN check is an asynchronous device
+        assert: it surfaces as "device-side assert triggered" at a later sync and leaves the CUDA
+        context unusable (the CPU raises a RuntimeError naming the row).
     """
     if not isinstance(k, int) or isinstance(k, bool):
         raise TypeError(f"topk_softmax: k must be an int, got {type(k).__name__}")
@@ -165,7 +167,8 @@ def make_plan(
 
     Note:
         Output shapes depend only on input shapes (worst case T*k rows): no host sync. The
-        result is deterministic.
+        result is deterministic. On CUDA, out-of-range expert values are caught by an
+        asynchronous device assert (fatal to the CUDA context), not a catchable RuntimeError.
     """
     if num_experts < 1:
         raise ValueError(f"make_plan: num_experts must be >= 1, got {num_experts}")
@@ -319,7 +322,8 @@ def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
 
     Note:
         CPU: one BLAS GEMM per (expert, row block) over torch's thread pool. CUDA: a grouped
-        tiled GEMM whose offsets stay on the device (no host sync). Deterministic.
+        tiled GEMM whose offsets stay on the device (no host sync); invalid offsets trip an
+        asynchronous device assert (fatal to the CUDA context). Deterministic.
     """
     return torch.ops.smoe.grouped_mm.default(x, w, offsets)
 

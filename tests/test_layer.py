@@ -178,3 +178,49 @@ def test_layer_training_on_quickdraw_lowers_the_loss():
     assert results[-1].train_loss < results[0].train_loss
     assert results[-1].test_accuracy > 0.5  # 9 classes: chance is 0.11
     assert all(share > 0 for share in results[-1].load)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_layer_cuda_matches_cpu_forward_and_backward(activation):
+    layer = MoELayer(32, 64, 8, 2, activation=activation, capacity_factor=1.25)
+    x = torch.randn(3, 50, 32, requires_grad=True)
+    y, aux = layer(x)
+    grads = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
+    gpu = layer.cuda()
+    xg = x.detach().cuda().requires_grad_()
+    yg, auxg = gpu(xg)
+    grads_g = torch.autograd.grad(yg.square().sum(), [xg, *gpu.parameters()])
+    torch.testing.assert_close(yg.cpu(), y, atol=1e-4, rtol=1e-4)
+    assert torch.equal(auxg.tokens_per_expert.cpu(), aux.tokens_per_expert)
+    for a, b in zip(grads_g, grads):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.cuda
+def test_layer_cuda_graph_capture_and_replay():
+    layer = MoELayer(32, 64, 8, 2, activation="swiglu").cuda().eval()
+    static_x = torch.randn(128, 32, device="cuda")
+    with torch.no_grad():
+        for _ in range(2):  # warm up on a side stream, as torch.cuda.graphs requires
+            layer(static_x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y, _ = layer(static_x)
+        new_x = torch.randn(128, 32, device="cuda")
+        static_x.copy_(new_x)
+        graph.replay()
+        torch.testing.assert_close(static_y, layer(new_x)[0])
+
+
+@pytest.mark.cuda
+def test_layer_cuda_forward_has_no_host_sync():
+    layer = MoELayer(32, 64, 8, 2, capacity_factor=1.0).cuda()
+    x = torch.randn(256, 32, device="cuda")
+    layer(x)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, aux = layer(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert y.shape == x.shape
