@@ -10,7 +10,11 @@ namespace smoe {
 // exp(x) for float with max relative error < 1e-7 on [-87, 88] (Cephes' expf polynomial, with
 // branch-free clamping and round-to-nearest by the 1.5 * 2^23 trick so that -O3 vectorises it;
 // needs -fno-trapping-math, which setup.py sets as torch does). Saturates outside that range.
-inline float exp_approx(float x) {
+#if defined(__GNUC__)
+__attribute__((always_inline))
+#endif
+inline float
+exp_approx(float x) {
   x = x < -87.0f ? -87.0f : x;
   x = x > 88.0f ? 88.0f : x;
   const float fx = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;

@@ -14,6 +14,55 @@ inline bool topk_before(A va, int64_t a, A vb, int64_t b) {
   return va > vb || (va == vb && a < b);
 }
 
+// Largest k for the single-pass selection (a sorted buffer on the stack).
+constexpr int64_t kTopkStack = 32;
+
+// One pass over the row keeping the k best in a sorted buffer: O(E) when most entries fall
+// below the current k-th. Equal values keep index order because e only grows.
+template <typename T>
+void select_topk_insertion(const T* l, int64_t E, int64_t k, int32_t* out) {
+  using A = acc_t<T>;
+  A best_v[kTopkStack];
+  int64_t best_i[kTopkStack];
+  int64_t n = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const A v = load(l[e]);
+    if (n == k && !topk_before(v, e, best_v[k - 1], best_i[k - 1])) continue;
+    int64_t pos = n < k ? n++ : k - 1;
+    while (pos > 0 && topk_before(v, e, best_v[pos - 1], best_i[pos - 1])) {
+      best_v[pos] = best_v[pos - 1];
+      best_i[pos] = best_i[pos - 1];
+      --pos;
+    }
+    best_v[pos] = v;
+    best_i[pos] = e;
+  }
+  for (int64_t j = 0; j < k; ++j) out[j] = static_cast<int32_t>(best_i[j]);
+}
+
+// k passes, each taking the best entry strictly after the previous pick in top-k order
+// (O(k E), no buffer: for large k).
+template <typename T>
+void select_topk_passes(const T* l, int64_t E, int64_t k, int32_t* out) {
+  using A = acc_t<T>;
+  A prev_v = INFINITY;
+  int64_t prev_i = -1;
+  for (int64_t j = 0; j < k; ++j) {
+    A best_v = -INFINITY;
+    int64_t best_i = -1;
+    for (int64_t e = 0; e < E; ++e) {
+      const A v = load(l[e]);
+      if (topk_before(prev_v, prev_i, v, e) && (best_i < 0 || topk_before(v, e, best_v, best_i))) {
+        best_v = v;
+        best_i = e;
+      }
+    }
+    out[j] = static_cast<int32_t>(best_i);
+    prev_v = best_v;
+    prev_i = best_i;
+  }
+}
+
 // Forward. Row-major logits [T, E] (row stride ld); weight, expert [T, k] contiguous.
 // Returns the first row (>= begin) holding a NaN or +inf, or -1 when all rows are valid.
 template <typename T>
@@ -30,26 +79,13 @@ int64_t topk_softmax_rows(const T* logits, int64_t ld, int64_t E, int64_t k, boo
     }
     A total = 0;
     for (int64_t e = 0; e < E; ++e) total += std::exp(load(l[e]) - m);
-    // k passes, each taking the best entry strictly after the previous pick in top-k order.
-    A prev_v = INFINITY;
-    int64_t prev_i = -1;
     A selected = 0;
-    for (int64_t j = 0; j < k; ++j) {
-      A best_v = -INFINITY;
-      int64_t best_i = -1;
-      for (int64_t e = 0; e < E; ++e) {
-        const A v = load(l[e]);
-        const bool after_prev = topk_before(prev_v, prev_i, v, e);
-        if (after_prev && (best_i < 0 || topk_before(v, e, best_v, best_i))) {
-          best_v = v;
-          best_i = e;
-        }
-      }
-      expert[t * k + j] = static_cast<int32_t>(best_i);
-      selected += std::exp(best_v - m);
-      prev_v = best_v;
-      prev_i = best_i;
+    if (k <= kTopkStack) {
+      select_topk_insertion(l, E, k, expert + t * k);
+    } else {
+      select_topk_passes(l, E, k, expert + t * k);
     }
+    for (int64_t j = 0; j < k; ++j) selected += std::exp(load(l[expert[t * k + j]]) - m);
     const A denom = renormalize ? selected : total;
     for (int64_t j = 0; j < k; ++j) {
       weight[t * k + j] = from_acc<T>(std::exp(load(l[expert[t * k + j]]) - m) / denom);

@@ -21,6 +21,7 @@ SHAPES = [
     pytest.param(64, 16, 1, id="T64-E16-k1"),
     pytest.param(33, 16, 5, id="T33-E16-k5"),
     pytest.param(5, 64, 8, id="T5-E64-k8"),
+    pytest.param(6, 40, 33, id="T6-E40-k33-multipass"),  # k above the single-pass buffer
 ]
 
 
@@ -53,10 +54,16 @@ def test_topk_softmax_noncontiguous(renormalize):
         assert torch.equal(got.expert, want.expert) and torch.equal(got.weight, want.weight)
 
 
-def test_topk_softmax_ties_go_to_lower_index():
-    logits = torch.tensor([[0.0, 1.0, 1.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
-    _, expert = ops.topk_softmax(logits, 3)
-    assert expert.tolist() == [[1, 2, 4], [0, 1, 2]]
+@pytest.mark.parametrize("k", [3, 34])  # single-pass and multi-pass selection
+def test_topk_softmax_ties_go_to_lower_index(k):
+    logits = torch.zeros(2, 40)
+    logits[0, [1, 2, 4]] = 1.0
+    _, expert = ops.topk_softmax(logits, k)
+    assert (
+        expert[0, :3].tolist() == [1, 2, 4]
+        and expert[0, 3:].tolist() == [e for e in range(40) if e not in (1, 2, 4)][: k - 3]
+    )
+    assert expert[1].tolist() == list(range(k))
 
 
 def test_topk_softmax_renormalize_equals_softmax_over_selected_logits():
