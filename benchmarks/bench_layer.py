@@ -1,12 +1,17 @@
 """MoELayer against what a user would otherwise run, and against this machine's limit.
 
-    python benchmarks/bench_layer.py [--quick] [--dtype fp32 bf16] [--json out.json]
+    python benchmarks/bench_layer.py [--quick] [--dtype fp32 bf16] [--malloc tuned] [--json F]
 
 Peers, with the same weights, in one process: transformers' own ``MixtralSparseMoeBlock`` with
 ``experts_implementation`` "eager" and "grouped_mm"; the limit: dense ``torch.mm`` GEMMs with the
 same FLOPs as the layer's expert GEMMs, same dtype. Reports tokens/s, efficiency = dense time /
 layer time, the ratio to each peer, and the time share of route / plan / permute / experts /
 combine (each stage timed alone, forward or forward+backward).
+
+``--malloc tuned`` re-runs the process with glibc's mmap threshold raised, so that tensors over
+32 MB are recycled from the heap instead of being mmap'ed and page-faulted afresh on every call
+(the allocator tuning PyTorch's CPU performance guide recommends, via jemalloc/tcmalloc there).
+Every contender runs in the same process, so both settings compare like with like.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,6 +37,7 @@ SHAPES = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGETS = {"mixtral-like": 0.90, "fine-grained": 0.80}
 OVERHEAD_TARGET = 0.10
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(16 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
 
 
 def timeit(fn, min_run_time: float) -> tuple[float, float]:
@@ -184,7 +191,10 @@ def main() -> None:
     p.add_argument("--shape", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--min-run-time", type=float, default=None)
     p.add_argument("--json", default="benchmarks/out/bench_layer.json")
+    p.add_argument("--malloc", choices=["default", "tuned"], default="default")
     args = p.parse_args()
+    if args.malloc == "tuned" and any(os.environ.get(k) != v for k, v in TUNED_MALLOC.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **TUNED_MALLOC})
     min_run_time = args.min_run_time or (0.05 if args.quick else 2.0)
     torch.manual_seed(0)
     rows = []
@@ -230,10 +240,10 @@ def main() -> None:
     info = machine()
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump(
-            {"machine": info, "quick": args.quick, "rows": [asdict(r) for r in rows]}, f, indent=1
-        )
-    print(f"\nmachine: {info}\njson: {args.json}")
+        env = TUNED_MALLOC if args.malloc == "tuned" else {}
+        meta = {"machine": info, "quick": args.quick, "malloc": args.malloc, "env": env}
+        json.dump({**meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    print(f"\nmachine: {info}\nmalloc: {args.malloc} {env}\njson: {args.json}")
 
 
 def met(ok: bool) -> str:
