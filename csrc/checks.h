@@ -151,6 +151,21 @@ inline void check_combine(const char* op, const at::Tensor& y_sorted, const at::
               ": weight must have row's shape [T, k] = ", row.sizes(), ", got ", weight.sizes());
 }
 
+inline void check_combine_backward(const at::Tensor& grad_out, const at::Tensor& y_sorted,
+                                   const at::Tensor& weight, const at::Tensor& token,
+                                   const at::Tensor& slot, const at::Tensor& row) {
+  check_combine("combine_backward", y_sorted, weight, token, slot, row);
+  check_float("combine_backward", "grad_out", grad_out);
+  TORCH_CHECK(grad_out.device() == y_sorted.device(),
+              "smoe::combine_backward: grad_out must be on ", y_sorted.device(),
+              " like y_sorted, got ", grad_out.device());
+  TORCH_CHECK(
+      grad_out.dim() == 2 && grad_out.size(0) == row.size(0) &&
+          grad_out.size(1) == y_sorted.size(1) && grad_out.scalar_type() == y_sorted.scalar_type(),
+      "smoe::combine_backward: grad_out must be [T, d] = [", row.size(0), ", ", y_sorted.size(1),
+      "] with y_sorted's dtype, got ", grad_out.sizes(), " ", grad_out.scalar_type());
+}
+
 inline void check_grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets) {
   TORCH_CHECK(w.device() == x.device(), "smoe::grouped_mm: w must be on ", x.device(),
               " like x, got ", w.device());
@@ -183,6 +198,17 @@ inline void check_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& 
               "smoe::swiglu_backward: grad_out must be [M, f] = [", h.size(0), ", ", h.size(1) / 2,
               "] with h's dtype and device, got ", grad_out.sizes(), " ", grad_out.scalar_type(),
               " on ", grad_out.device());
+}
+
+inline void check_grouped_mm_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                      const at::Tensor& w, const at::Tensor& offsets) {
+  check_grouped_mm(x, w, offsets);
+  TORCH_CHECK(grad_out.device() == x.device(), "smoe::grouped_mm_backward: grad_out must be on ",
+              x.device(), " like x, got ", grad_out.device());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() && grad_out.dim() == 2 &&
+                  grad_out.size(0) == x.size(0) && grad_out.size(1) == w.size(2),
+              "smoe::grouped_mm_backward: grad_out must be [M, d_out] = [", x.size(0), ", ",
+              w.size(2), "] with x's dtype, got ", grad_out.sizes(), " ", grad_out.scalar_type());
 }
 
 // w is "transposed" when each w[e] is column-major, i.e. a transposed view of [E, d_out, d_in].

@@ -132,12 +132,8 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
                                                            const at::Tensor& w,
                                                            const at::Tensor& offsets, bool need_x,
                                                            bool need_w) {
-  check_grouped_mm(x_in, w, offsets);
+  check_grouped_mm_backward(grad_in, x_in, w, offsets);
   check_offsets_cpu(offsets, x_in.size(0));
-  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type() && grad_in.dim() == 2 &&
-                  grad_in.size(0) == x_in.size(0) && grad_in.size(1) == w.size(2),
-              "smoe::grouped_mm_backward: grad_out must be [M, d_out] = [", x_in.size(0), ", ",
-              w.size(2), "] with x's dtype, got ", grad_in.sizes(), " ", grad_in.scalar_type());
   const at::Tensor grad = rows_dense(grad_in);
   const at::Tensor x = rows_dense(x_in);
   at::Tensor gx =

@@ -21,6 +21,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "cuda/dtype.cuh"
 #include "cuda/grouped_mm.h"
 
 namespace smoe::cuda {
@@ -39,25 +40,6 @@ constexpr int kLoads = kBM * kBK / kThreads;  // elements each thread loads per 
 
 constexpr int64_t kMaxGridX = INT_MAX;
 constexpr int64_t kMaxGridYZ = 65535;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // Padded by one column so that the transposed tile stores hit distinct banks.
 struct Tiles {

@@ -86,13 +86,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& gr
                                                             const at::Tensor& w,
                                                             const at::Tensor& offsets_in,
                                                             bool need_x, bool need_w) {
-  check_grouped_mm(x_in, w, offsets_in);
-  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type() && grad_in.dim() == 2 &&
-                  grad_in.size(0) == x_in.size(0) && grad_in.size(1) == w.size(2),
-              "smoe::grouped_mm_backward: grad_out must be [M, d_out] = [", x_in.size(0), ", ",
-              w.size(2), "] with x's dtype, got ", grad_in.sizes(), " ", grad_in.scalar_type());
-  TORCH_CHECK(grad_in.device() == x_in.device(), "smoe::grouped_mm_backward: grad_out must be on ",
-              x_in.device(), " like x, got ", grad_in.device());
+  check_grouped_mm_backward(grad_in, x_in, w, offsets_in);
   check_not_double("grouped_mm_backward", x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor offsets = offsets_in.contiguous();

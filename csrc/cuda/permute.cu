@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cuda/dtype.cuh"
 #include "cuda/permute.h"
 
 namespace smoe::cuda {
@@ -22,25 +23,6 @@ constexpr int kWarp = 32;
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65536;
 constexpr unsigned kFullMask = 0xffffffffu;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 struct RowLaunch {
   dim3 block;

@@ -72,15 +72,7 @@ at::Tensor combine_cuda(const at::Tensor& ys_in, const at::Tensor& weight_in,
 std::tuple<at::Tensor, at::Tensor> combine_backward_cuda(
     const at::Tensor& grad_in, const at::Tensor& ys_in, const at::Tensor& weight_in,
     const at::Tensor& token_in, const at::Tensor& slot_in, const at::Tensor& row_in) {
-  check_combine("combine_backward", ys_in, weight_in, token_in, slot_in, row_in);
-  check_float("combine_backward", "grad_out", grad_in);
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == row_in.size(0) &&
-                  grad_in.size(1) == ys_in.size(1) && grad_in.scalar_type() == ys_in.scalar_type(),
-              "smoe::combine_backward: grad_out must be [T, d] = [", row_in.size(0), ", ",
-              ys_in.size(1), "] with y_sorted's dtype, got ", grad_in.sizes(), " ",
-              grad_in.scalar_type());
-  TORCH_CHECK(grad_in.device() == ys_in.device(), "smoe::combine_backward: grad_out must be on ",
-              ys_in.device(), " like y_sorted, got ", grad_in.device());
+  check_combine_backward(grad_in, ys_in, weight_in, token_in, slot_in, row_in);
   check_not_double("combine_backward", ys_in);
   const c10::cuda::CUDAGuard guard(ys_in.device());
   const at::Tensor grad = rows_dense(grad_in), ys = rows_dense(ys_in);

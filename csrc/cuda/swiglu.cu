@@ -2,29 +2,11 @@
 // float. Deterministic (no reductions).
 #include <algorithm>
 
+#include "cuda/dtype.cuh"
 #include "cuda/swiglu.h"
 
 namespace smoe::cuda {
 namespace {
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + __expf(-x)); }
 
@@ -35,8 +17,8 @@ __global__ void swiglu_kernel(const T* __restrict__ h, int64_t ld, int64_t M, in
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / f, c = i % f;
-    const float g = to_f(h[r * ld + c]), u = to_f(h[r * ld + f + c]);
-    out[i] = from_f<T>(g * sigmoid(g) * u);
+    const float g = to_float(h[r * ld + c]), u = to_float(h[r * ld + f + c]);
+    out[i] = from_float<T>(g * sigmoid(g) * u);
   }
 }
 
@@ -48,11 +30,11 @@ __global__ void swiglu_backward_kernel(const T* __restrict__ grad, int64_t ld_gr
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / f, c = i % f;
-    const float g = to_f(h[r * ld + c]), u = to_f(h[r * ld + f + c]);
-    const float d = to_f(grad[r * ld_grad + c]);
+    const float g = to_float(h[r * ld + c]), u = to_float(h[r * ld + f + c]);
+    const float d = to_float(grad[r * ld_grad + c]);
     const float s = sigmoid(g);
-    dh[r * 2 * f + c] = from_f<T>(d * u * s * (1.0f + g * (1.0f - s)));
-    dh[r * 2 * f + f + c] = from_f<T>(d * g * s);
+    dh[r * 2 * f + c] = from_float<T>(d * u * s * (1.0f + g * (1.0f - s)));
+    dh[r * 2 * f + f + c] = from_float<T>(d * g * s);
   }
 }
 

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cuda/dtype.cuh"
 #include "cuda/topk_softmax.h"
 
 namespace smoe::cuda {
@@ -19,25 +20,6 @@ constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / kWarp;
 constexpr int64_t kMaxBlocks = 65536;
 constexpr unsigned kFullMask = 0xffffffffu;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // True when (va, a) comes before (vb, b) in top-k order: larger value first, lower index on ties.
 __device__ __forceinline__ bool topk_before(float va, int64_t a, float vb, int64_t b) {

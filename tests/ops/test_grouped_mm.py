@@ -178,3 +178,9 @@ def test_grouped_mm_cuda_matches_cpu(counts, pad, d_in, d_out, dtype, transposed
     scale = max(1.0, x.shape[0] ** 0.5)
     torch.testing.assert_close(gx_g.cpu().double(), gx_c, atol=0.05 * scale, rtol=0.05)
     torch.testing.assert_close(gw_g.cpu().double(), gw_c, atol=0.05 * scale, rtol=0.05)
+
+
+def test_grouped_mm_backward_rejects_bad_grad():
+    x, w, off = make([3, 4], 0, 4, 2)
+    with pytest.raises(RuntimeError, match=r"grad_out must be \[M, d_out\] = \[7, 2\]"):
+        torch.ops.smoe.grouped_mm_backward(torch.randn(7, 3, dtype=x.dtype), x, w, off, True, True)

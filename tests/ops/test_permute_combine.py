@@ -165,3 +165,11 @@ def test_permute_combine_cuda_matches_cpu(T, k, E, d, capacity, dtype):
     assert_close(gw_g.cpu(), gw_c)
     gx_c = torch.ops.smoe.permute_backward(y_sorted, plan.row)
     assert_close(torch.ops.smoe.permute_backward(y_sorted.cuda(), gplan.row).cpu(), gx_c)
+
+
+def test_combine_backward_rejects_bad_grad():
+    plan, x, y_sorted, weight = setup(6, 2, 3, 4, None)
+    with pytest.raises(RuntimeError, match=r"grad_out must be \[T, d\] = \[6, 4\]"):
+        torch.ops.smoe.combine_backward(
+            torch.randn(5, 4, dtype=x.dtype), y_sorted, weight, plan.token, plan.slot, plan.row
+        )
