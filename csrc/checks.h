@@ -95,9 +95,17 @@ inline void check_make_plan(const at::Tensor& expert, int64_t num_experts,
   TORCH_CHECK(!capacity.has_value() || *capacity >= 0,
               "smoe::make_plan: capacity must be >= 0 (or None for no limit), got ",
               capacity.value_or(0));
-  TORCH_CHECK(!priority.has_value(),
-              "smoe::make_plan: priority (Batch Prioritized Routing) is not implemented yet; pass "
-              "priority=None");
+  if (priority.has_value()) {
+    const at::Tensor& p = *priority;
+    TORCH_CHECK(p.device() == expert.device(), "smoe::make_plan: priority must be on ",
+                expert.device(), " like expert, got ", p.device());
+    check_float("make_plan", "priority", p);
+    const bool per_token = p.dim() == 1 && p.size(0) == expert.size(0);
+    const bool per_rank = p.dim() == 2 && p.sizes() == expert.sizes();
+    TORCH_CHECK(per_token || per_rank, "smoe::make_plan: priority must be [T] = [", expert.size(0),
+                "] (one score per token) or [T, k] = ", expert.sizes(),
+                " (one per choice rank), got ", p.sizes());
+  }
 }
 
 // Shared by permute, combine and their backwards: the plan tensors agree with x / y_sorted.

@@ -154,16 +154,20 @@ def make_plan(
         expert: ``[T, k]`` int32 expert of each slot; -1 means "no assignment" (skipped).
         num_experts: E >= 1.
         capacity: max slots per expert, or None for no limit. Experts accept slots rank-major
-            (all first choices in token order, then all second choices, ...) until full, as in
-            GShard, fairseq, Tutel and V-MoE.
-        priority: reserved for V-MoE's Batch Prioritized Routing; must be None for now.
+            (all first choices, then all second choices, ...) until full, as in GShard, fairseq,
+            Tutel and V-MoE; within a rank, tokens in token order unless ``priority`` is given.
+        priority: V-MoE's Batch Prioritized Routing (specs/vmoe.md §3): ``[T]`` one score per
+            token (used for every rank; V-MoE's default is the token's largest routing weight)
+            or ``[T, k]`` one per choice rank. Within a rank, tokens are then taken by priority,
+            highest first, ties to the lower token index. Only matters with a capacity.
 
     Returns:
         Plan: kept slots listed in token order within each expert (see :class:`Plan`).
 
     Raises:
-        ValueError: num_experts < 1, negative capacity, priority given.
-        RuntimeError (from the op): wrong dtype/rank, expert values outside [-1, E).
+        ValueError: num_experts < 1, negative capacity.
+        RuntimeError (from the op): wrong dtype/rank, expert values outside [-1, E), priority of
+            the wrong shape or with NaN.
 
     Note:
         Output shapes depend only on input shapes (worst case T*k rows): no host sync. The
@@ -174,11 +178,9 @@ def make_plan(
         raise ValueError(f"make_plan: num_experts must be >= 1, got {num_experts}")
     if capacity is not None and capacity < 0:
         raise ValueError(f"make_plan: capacity must be >= 0 (or None for no limit), got {capacity}")
-    if priority is not None:
-        raise ValueError(
-            "make_plan: priority (Batch Prioritized Routing) is not implemented yet; pass None"
-        )
-    return Plan(*torch.ops.smoe.make_plan.default(expert, num_experts, capacity=capacity))
+    return Plan(
+        *torch.ops.smoe.make_plan.default(expert, num_experts, capacity=capacity, priority=priority)
+    )
 
 
 @torch.library.register_fake("smoe::make_plan")
@@ -189,7 +191,10 @@ def _make_plan_fake(expert, num_experts, *, capacity=None, priority=None):
     torch._check(
         capacity is None or capacity >= 0, lambda: "smoe::make_plan: capacity must be >= 0"
     )
-    torch._check(priority is None, lambda: "smoe::make_plan: priority is not implemented yet")
+    torch._check(
+        priority is None or priority.shape[0] == expert.shape[0],
+        lambda: "smoe::make_plan: priority must be [T] or [T, k]",
+    )
     T, k = expert.shape
     return (
         expert.new_empty((num_experts + 1,), dtype=torch.int64),

@@ -30,15 +30,23 @@ def topk_softmax(logits: Tensor, k: int, *, renormalize: bool = True) -> TopK:
 def make_plan(
     expert: Tensor, num_experts: int, *, capacity: int | None = None, priority: Tensor | None = None
 ) -> Plan:
-    """DESIGN.md dispatch: stable sort by expert; capacity filled rank-major (GShard, V-MoE)."""
-    assert priority is None
+    """DESIGN.md dispatch: stable sort by expert; capacity filled rank-major (GShard, V-MoE);
+    with ``priority``, tokens within a rank by priority, highest first (specs/vmoe.md §3 BPR)."""
     T, k = expert.shape
     ex = expert.tolist()
     kept = [[e >= 0 for e in ex[t]] for t in range(T)]
+
+    def rank_order(j: int) -> list[int]:
+        if priority is None:
+            return list(range(T))
+        p = priority.double().tolist()
+        score = [p[t] if priority.dim() == 1 else p[t][j] for t in range(T)]
+        return sorted(range(T), key=lambda t: (-score[t], t))
+
     if capacity is not None:
         fill = [0] * num_experts
         for j in range(k):  # every token's first choice, then every second choice, ...
-            for t in range(T):
+            for t in rank_order(j):
                 e = ex[t][j]
                 kept[t][j] = e >= 0 and fill[e] < capacity
                 if kept[t][j]:

@@ -31,9 +31,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan
   at::Tensor row = at::empty({T, k}, idx);
   at::Tensor kept = at::empty({T, k}, idx.dtype(at::kBool));
   std::vector<int64_t> fill(E);
-  cpu::make_plan(ex, T, k, E, capacity.value_or(-1), offsets.mutable_data_ptr<int64_t>(),
-                 token.mutable_data_ptr<int32_t>(), slot.mutable_data_ptr<int32_t>(),
-                 row.mutable_data_ptr<int32_t>(), kept.mutable_data_ptr<bool>(), fill.data());
+  at::Tensor order;  // BPR: each rank's token order by priority (only matters with a capacity)
+  if (priority.has_value() && capacity.has_value() && T > 0) {
+    const at::Tensor prio = priority->to(at::kFloat).contiguous();
+    const int64_t ranks = prio.dim() == 1 ? 1 : k;
+    order = at::empty({ranks, T}, idx);
+    const int64_t nan_at = cpu::priority_order(prio.const_data_ptr<float>(), T, ranks,
+                                               order.mutable_data_ptr<int32_t>());
+    TORCH_CHECK(nan_at < 0,
+                "smoe::make_plan: priority must not contain NaN, got NaN at flat index ", nan_at);
+  }
+  const int32_t* ord = order.defined() ? order.const_data_ptr<int32_t>() : nullptr;
+  const int64_t ord_ranks = order.defined() ? order.size(0) : 0;
+  cpu::make_plan(ex, T, k, E, capacity.value_or(-1), ord, ord_ranks,
+                 offsets.mutable_data_ptr<int64_t>(), token.mutable_data_ptr<int32_t>(),
+                 slot.mutable_data_ptr<int32_t>(), row.mutable_data_ptr<int32_t>(),
+                 kept.mutable_data_ptr<bool>(), fill.data());
   return {offsets, token, slot, row, kept};
 }
 

@@ -113,15 +113,19 @@ cudaError_t plan_layout(int64_t n, int64_t E, bool has_capacity, Layout* layout)
   return cudaSuccess;
 }
 
-// Sort input: entry q is slot s = q (slot order) or, rank-major, q = j * T + t with s = t * k + j.
+// Sort input: entry q is slot s = q (slot order) or, rank-major, q = j * T + p with s = t * k + j,
+// t = p (token order) or order[(order_ranks == 1 ? 0 : j) * T + p] (Batch Prioritized Routing).
 // Keys: the expert, with -1 and invalid values mapped to E (sorted last, never kept).
 __global__ void __launch_bounds__(kThreads)
     build_keys_kernel(const int32_t* __restrict__ expert, int64_t T, int64_t k, int64_t E,
-                      bool rank_major, uint32_t* __restrict__ keys, int32_t* __restrict__ vals,
+                      bool rank_major, const int32_t* __restrict__ order, int64_t order_ranks,
+                      uint32_t* __restrict__ keys, int32_t* __restrict__ vals,
                       int32_t* __restrict__ invalid) {
   const int64_t n = T * k;
   for (int64_t q = global_thread(); q < n; q += threads_in_grid()) {
-    const int64_t s = rank_major ? (q % T) * k + q / T : q;
+    const int64_t j = q / T, p = q % T;
+    const int64_t t = order ? order[(order_ranks == 1 ? 0 : j) * T + p] : p;
+    const int64_t s = rank_major ? t * k + j : q;
     const int32_t e = expert[s];
     const bool bad = e < -1 || e >= E;
     if (bad) *invalid = 1;  // every writer stores the same value
@@ -222,7 +226,80 @@ cudaError_t run_capacity(const Layout& l, char* ws, int64_t n, int64_t k, int64_
   return cudaGetLastError();
 }
 
+// Priority sort keys: rank in the high 32 bits, then the priority mapped to an unsigned key
+// whose ascending order is descending priority; the stable sort keeps lower tokens first on ties.
+__global__ void __launch_bounds__(kThreads)
+    priority_keys_kernel(const float* __restrict__ priority, int64_t T, int64_t ranks,
+                         uint64_t* __restrict__ keys, int32_t* __restrict__ vals,
+                         int32_t* __restrict__ invalid) {
+  for (int64_t q = global_thread(); q < T * ranks; q += threads_in_grid()) {
+    const int64_t r = q / T, t = q % T;
+    const float p = priority[t * ranks + r];
+    if (p != p) *invalid = 1;
+    const uint32_t u = __float_as_uint(p);
+    const uint32_t ascending = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // order-preserving
+    keys[q] = (static_cast<uint64_t>(r) << 32) | static_cast<uint64_t>(~ascending);
+    vals[q] = static_cast<int32_t>(t);
+  }
+}
+
+struct OrderLayout {
+  size_t cub_bytes = 0, keys_a = 0, keys_b = 0, vals_a = 0, total = 0;
+  int end_bit = 0;
+};
+
+cudaError_t order_layout(int64_t T, int64_t ranks, OrderLayout* layout) {
+  OrderLayout l;
+  const int items = static_cast<int>(T * ranks);
+  l.end_bit = 32 + std::max(1, bit_width(static_cast<uint64_t>(ranks - 1)));
+  cudaError_t err = CUB_NS_QUALIFIER::DeviceRadixSort::SortPairs(
+      nullptr, l.cub_bytes, static_cast<const uint64_t*>(nullptr), static_cast<uint64_t*>(nullptr),
+      static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), items, 0, l.end_bit);
+  if (err != cudaSuccess) return err;
+  const size_t n_bytes = static_cast<size_t>(T * ranks);
+  size_t at = align_up(l.cub_bytes);
+  l.keys_a = at;
+  at = align_up(at + n_bytes * sizeof(uint64_t));
+  l.keys_b = at;
+  at = align_up(at + n_bytes * sizeof(uint64_t));
+  l.vals_a = at;
+  at = align_up(at + n_bytes * sizeof(int32_t));
+  l.total = at;
+  *layout = l;
+  return cudaSuccess;
+}
+
 }  // namespace
+
+cudaError_t priority_order_workspace_bytes(int64_t T, int64_t ranks, size_t* bytes) {
+  OrderLayout l;
+  const cudaError_t err = order_layout(T, ranks, &l);
+  if (err != cudaSuccess) return err;
+  *bytes = l.total;
+  return cudaSuccess;
+}
+
+cudaError_t priority_order(const float* priority, int64_t T, int64_t ranks, int32_t* order,
+                           int32_t* invalid, void* workspace, size_t workspace_bytes,
+                           cudaStream_t stream) {
+  if (T <= 0 || ranks <= 0) return cudaErrorInvalidValue;  // the glue skips empty inputs
+  OrderLayout l;
+  cudaError_t err = order_layout(T, ranks, &l);
+  if (err != cudaSuccess) return err;
+  if (workspace_bytes < l.total) return cudaErrorInvalidValue;
+  char* ws = static_cast<char*>(workspace);
+  auto* keys_in = reinterpret_cast<uint64_t*>(ws + l.keys_a);
+  auto* keys_out = reinterpret_cast<uint64_t*>(ws + l.keys_b);
+  auto* vals_in = reinterpret_cast<int32_t*>(ws + l.vals_a);
+  const int64_t n = T * ranks;
+  priority_keys_kernel<<<static_cast<unsigned>(blocks_for(n)), kThreads, 0, stream>>>(
+      priority, T, ranks, keys_in, vals_in, invalid);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  size_t cub_bytes = l.cub_bytes;
+  return CUB_NS_QUALIFIER::DeviceRadixSort::SortPairs(
+      ws, cub_bytes, keys_in, keys_out, vals_in, order, static_cast<int>(n), 0, l.end_bit, stream);
+}
 
 cudaError_t make_plan_workspace_bytes(int64_t T, int64_t k, int64_t E, bool has_capacity,
                                       size_t* bytes) {
@@ -234,9 +311,9 @@ cudaError_t make_plan_workspace_bytes(int64_t T, int64_t k, int64_t E, bool has_
 }
 
 cudaError_t make_plan(const int32_t* expert, int64_t T, int64_t k, int64_t E, int64_t capacity,
-                      int64_t* offsets, int32_t* token, int32_t* slot, int32_t* row, bool* kept,
-                      int32_t* invalid, void* workspace, size_t workspace_bytes,
-                      cudaStream_t stream) {
+                      const int32_t* order, int64_t order_ranks, int64_t* offsets, int32_t* token,
+                      int32_t* slot, int32_t* row, bool* kept, int32_t* invalid, void* workspace,
+                      size_t workspace_bytes, cudaStream_t stream) {
   const int64_t n = T * k;
   if (n <= 0 || E <= 0) return cudaErrorInvalidValue;  // the glue handles the empty plan
   const bool has_capacity = capacity >= 0;
@@ -251,8 +328,9 @@ cudaError_t make_plan(const int32_t* expert, int64_t T, int64_t k, int64_t E, in
   auto* vals_out = reinterpret_cast<int32_t*>(ws + l.vals_b);
   const unsigned blocks = static_cast<unsigned>(blocks_for(n));
 
-  build_keys_kernel<<<blocks, kThreads, 0, stream>>>(expert, T, k, E, has_capacity, keys_in,
-                                                     vals_in, invalid);
+  build_keys_kernel<<<blocks, kThreads, 0, stream>>>(expert, T, k, E, has_capacity,
+                                                     has_capacity ? order : nullptr, order_ranks,
+                                                     keys_in, vals_in, invalid);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   size_t cub_bytes = l.cub_bytes;

@@ -59,13 +59,14 @@ struct PlanOut {
   std::vector<char> kept;
 };
 
-PlanOut run_plan(const std::vector<int32_t>& expert, int64_t T, int64_t k, int64_t E, int64_t cap) {
+PlanOut run_plan(const std::vector<int32_t>& expert, int64_t T, int64_t k, int64_t E, int64_t cap,
+                 const int32_t* order = nullptr, int64_t order_ranks = 0) {
   PlanOut p{std::vector<int64_t>(E + 1), std::vector<int32_t>(T * k), std::vector<int32_t>(T * k),
             std::vector<int32_t>(T * k), std::vector<char>(T * k)};
   std::vector<int64_t> fill(E);
   bool* kept = reinterpret_cast<bool*>(p.kept.data());
-  make_plan(expert.data(), T, k, E, cap, p.offsets.data(), p.token.data(), p.slot.data(),
-            p.row.data(), kept, fill.data());
+  make_plan(expert.data(), T, k, E, cap, order, order_ranks, p.offsets.data(), p.token.data(),
+            p.slot.data(), p.row.data(), kept, fill.data());
   return p;
 }
 
@@ -86,6 +87,24 @@ TEST(MakePlan, CapacityIsRankMajorAndUnassignedIsSkipped) {
   EXPECT_EQ(p.token, (std::vector<int32_t>{0, 2, 0, 1, -1, -1}));
   EXPECT_EQ(p.row[3], -1);
   EXPECT_EQ(p.row[5], -1);
+}
+
+TEST(MakePlan, BatchPrioritizedRoutingKeepsHighPriorityFirst) {
+  // Four tokens all pick expert 0 first; capacity 2; priorities favour tokens 3 and 1.
+  const std::vector<int32_t> expert = {0, 0, 0, 0};  // T = 4, k = 1
+  const std::vector<float> priority = {0.1f, 0.7f, 0.7f, 0.9f};
+  std::vector<int32_t> order(4);
+  EXPECT_EQ(smoe::cpu::priority_order(priority.data(), 4, 1, order.data()), -1);
+  EXPECT_EQ(order, (std::vector<int32_t>{3, 1, 2, 0}));  // tie 1 vs 2: lower index first
+  PlanOut p = run_plan(expert, 4, 1, 1, 2, order.data(), 1);
+  EXPECT_EQ(p.kept, (std::vector<char>{0, 1, 0, 1}));
+  EXPECT_EQ(p.token, (std::vector<int32_t>{1, 3, -1, -1}));  // token order within the expert
+}
+
+TEST(MakePlan, PriorityOrderReportsNan) {
+  const std::vector<float> priority = {0.1f, NAN};
+  std::vector<int32_t> order(2);
+  EXPECT_EQ(smoe::cpu::priority_order(priority.data(), 2, 1, order.data()), 1);
 }
 
 TEST(MakePlan, FindsInvalidExperts) {

@@ -139,14 +139,6 @@ def test_make_plan_rejects_bad_expert_tensor():
         ops.make_plan(torch.zeros(4, 2, dtype=torch.int32), 0)
 
 
-def test_make_plan_rejects_priority_until_bpr_lands():
-    ex = random_experts(5, 2, 4)
-    with pytest.raises(ValueError, match="priority"):
-        ops.make_plan(ex, 4, capacity=2, priority=torch.rand(5))
-    with pytest.raises(RuntimeError, match="priority"):
-        torch.ops.smoe.make_plan(ex, 4, capacity=2, priority=torch.rand(5))
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("T,k,E,capacity,unassigned", CASES)
 def test_make_plan_cuda_matches_cpu(T, k, E, capacity, unassigned):
@@ -167,3 +159,101 @@ def test_make_plan_cuda_is_sync_free_and_deterministic():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ---- Batch Prioritized Routing (specs/vmoe.md §3, §10) ----
+BPR_CASES = [
+    pytest.param(40, 1, 4, 6, "token", id="k1"),
+    pytest.param(40, 2, 4, 12, "token", id="k2"),
+    pytest.param(30, 4, 4, 20, "token", id="kE"),
+    pytest.param(30, 2, 4, 9, "rank", id="per-rank-priority"),
+    pytest.param(24, 2, 3, 0, "token", id="cap0"),
+    pytest.param(16, 2, 8, 1, "token", id="empty-and-full-experts"),
+]
+
+
+def priorities(T, k, kind, ties):
+    shape = (T,) if kind == "token" else (T, k)
+    if ties:  # few distinct values: many ties, broken by the lower token index
+        return torch.randint(0, 3, shape).float()
+    return torch.rand(shape)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("T,k,E,capacity,kind", BPR_CASES)
+def test_make_plan_bpr_matches_reference(T, k, E, capacity, kind, ties):
+    ex = random_experts(T, k, E, unassigned=0.1)
+    prio = priorities(T, k, kind, ties)
+    got = ops.make_plan(ex, E, capacity=capacity, priority=prio)
+    want = ref.make_plan(ex, E, capacity=capacity, priority=prio)
+    for name in got._fields:
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+def test_make_plan_bpr_keeps_highest_priority_within_each_expert_and_rank():
+    T, k, E, cap = 60, 2, 4, 10
+    ex = random_experts(T, k, E)
+    prio = torch.rand(T)
+    p = ops.make_plan(ex, E, capacity=cap, priority=prio)
+    for e in range(E):
+        first = (ex[:, 0] == e).nonzero().flatten()  # rank 0 fills first, by priority
+        kept_first = first[p.kept[first, 0]]
+        dropped_first = first[~p.kept[first, 0]]
+        if len(dropped_first):
+            assert prio[kept_first].min() >= prio[dropped_first].max()
+        # rank-major: no second choice kept where a first choice for e was dropped
+        if len(dropped_first):
+            assert not p.kept[:, 1][ex[:, 1] == e].any()
+
+
+def test_make_plan_bpr_with_ample_capacity_equals_vanilla():
+    ex = random_experts(50, 2, 4)
+    a = ops.make_plan(ex, 4, capacity=100, priority=torch.rand(50))
+    b = ops.make_plan(ex, 4, capacity=100)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_make_plan_bpr_ignores_priority_without_capacity():
+    ex = random_experts(20, 2, 4)
+    a, b = ops.make_plan(ex, 4, priority=torch.rand(20)), ops.make_plan(ex, 4)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_make_plan_bpr_accepts_half_precision_and_noncontiguous_priority():
+    ex = random_experts(30, 2, 4)
+    prio = torch.rand(30, 4)[:, 1]
+    a = ops.make_plan(ex, 4, capacity=8, priority=prio.half())
+    b = ref.make_plan(ex, 4, capacity=8, priority=prio.half())
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_make_plan_bpr_opcheck():
+    ex = random_experts(12, 2, 3)
+    for prio in (torch.rand(12), torch.rand(12, 2)):
+        torch.library.opcheck(
+            torch.ops.smoe.make_plan.default, (ex, 3), {"capacity": 4, "priority": prio}
+        )
+
+
+def test_make_plan_rejects_bad_priority():
+    ex = random_experts(5, 2, 4)
+    with pytest.raises(RuntimeError, match=r"priority must be \[T\] = \[5\]"):
+        ops.make_plan(ex, 4, capacity=2, priority=torch.rand(6))
+    with pytest.raises(RuntimeError, match="priority must be float"):
+        ops.make_plan(ex, 4, capacity=2, priority=torch.ones(5, dtype=torch.int64))
+    nan = torch.rand(5)
+    nan[3] = float("nan")
+    with pytest.raises(RuntimeError, match="priority must not contain NaN"):
+        ops.make_plan(ex, 4, capacity=2, priority=nan)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("T,k,E,capacity,kind", BPR_CASES)
+def test_make_plan_bpr_cuda_matches_cpu(T, k, E, capacity, kind, ties):
+    ex = random_experts(T, k, E, unassigned=0.1)
+    prio = priorities(T, k, kind, ties)
+    cpu = ops.make_plan(ex, E, capacity=capacity, priority=prio)
+    gpu = ops.make_plan(ex.cuda(), E, capacity=capacity, priority=prio.cuda())
+    for name in cpu._fields:
+        assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
