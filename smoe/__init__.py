@@ -6,6 +6,7 @@ from smoe._info import info
 from smoe.experts import Experts
 from smoe.layer import MoEAux, MoELayer
 from smoe.losses import router_z_loss, switch_balance_loss
+from smoe.models import SMoEVAE
 from smoe.ops import Plan, TopK, combine, grouped_mm, make_plan, permute, swiglu, topk_softmax
 from smoe.routing import Routing, TopKRouter
 
@@ -15,6 +16,7 @@ __all__ = [
     "MoELayer",
     "Plan",
     "Routing",
+    "SMoEVAE",
     "TopK",
     "TopKRouter",
     "combine",
