@@ -1,0 +1,346 @@
+"""Helpers shared by the benchmark suite: timing with spread, peak memory, load patterns.
+
+Candidates to move next to bench_layer.py's helpers later: :func:`measure` (timeit with a
+minimum number of samples), :func:`dense_limit` (bench_layer's ``dense_equivalent`` for any
+activation and row count), :func:`peak_bytes`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+import timeit
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from smoe import ops
+from smoe.losses import router_z_loss, switch_balance_loss
+from smoe.routing import Routing, TopKRouter
+
+LOADS = ("balanced", "natural", "skewed", "degenerate")
+FORCE = 100.0  # logit bias that forces a choice; |clean logits| stay far below it
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and memory
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Stat:
+    """Seconds per call: median and interquartile range over ``n`` samples."""
+
+    median: float
+    iqr: float
+    n: int
+
+
+def measure(
+    fn: Callable[[], object],
+    *,
+    min_run_time: float,
+    min_samples: int = 5,
+    max_samples: int = 200,
+    block_s: float = 2e-3,
+    slow_s: float = float("inf"),
+) -> Stat:
+    """Median and IQR of ``fn``'s time per call after one warm-up call.
+
+    Each sample is a block of calls lasting about ``block_s`` (one call for anything slower),
+    timed as ``torch.utils.benchmark.Timer`` does (``timeit`` with the garbage collector off and
+    a clock that synchronises CUDA), without Timer's extra warm-up calls before every sample.
+    Sampling stops once ``min_run_time`` has passed and ``min_samples`` were taken (3 when the
+    warm-up call took longer than ``slow_s``: the spread of a slow call is already small next to
+    its median, and the suite has a time budget).
+    """
+    timer = timeit.Timer(stmt=fn, timer=_clock)
+    first = timer.timeit(1)  # warm-up, and a first estimate
+    number = max(1, int(block_s / max(first, 1e-9)))
+    if first > slow_s:
+        min_samples = min(min_samples, 3)
+    times: list[float] = []
+    total = 0.0
+    while len(times) < max_samples and (total < min_run_time or len(times) < min_samples):
+        t = timer.timeit(number)
+        times.append(t / number)
+        total += t
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return Stat(statistics.median(times), q[2] - q[0], len(times))
+
+
+def _clock() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes held by torch's CPU allocator during one call, above what was live before.
+
+    From the allocation and free events of ``torch.profiler`` (``profile_memory=True``),
+    accumulated in time order. Counts tensors only (not the Python heap, not code); allocations
+    made by OpenMP worker threads are not reported by the profiler (kernels here allocate their
+    outputs before going parallel).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]"
+    )
+    return max(itertools.accumulate((n for _, n in events), initial=0))
+
+
+def profile_top(fn: Callable[[], object], rows: int = 8) -> list[dict]:
+    """The ops taking most self CPU time over one call (after a warm-up call):
+    ``[{op, calls, ms, share}]``, then the total of all ops as ``"(all ops)"``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    avg = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in avg)
+    avg.sort(key=lambda e: -e.self_cpu_time_total)
+    top = [
+        {
+            "op": e.key,
+            "calls": e.count,
+            "ms": e.self_cpu_time_total / 1e3,
+            "share": e.self_cpu_time_total / total,
+        }
+        for e in avg[:rows]
+    ]
+    return top + [{"op": "(all ops)", "calls": sum(e.count for e in avg), "ms": total / 1e3,
+                   "share": 1.0}]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The physical limit
+# ---------------------------------------------------------------------------------------------
+def dense_limit(
+    rows: int, d: int, inner: int, d_ff: int, dtype: torch.dtype, backward: bool, device="cpu"
+) -> Callable[[], None]:
+    """The expert GEMMs of a layer as plain dense ``torch.mm`` calls over ``rows`` rows.
+
+    ``inner`` is the first GEMM's width (2·d_ff for SwiGLU, d_ff for GELU). Forward: 2 GEMMs;
+    forward+backward: 6 (dX and dW of each).
+    """
+    kw = {"dtype": dtype, "device": device}
+    x, w1 = torch.randn(rows, d, **kw), torch.randn(d, inner, **kw)
+    a, w2 = torch.randn(rows, d_ff, **kw), torch.randn(d_ff, d, **kw)
+    gy, gh = torch.randn(rows, d, **kw), torch.randn(rows, inner, **kw)
+
+    def fwd() -> None:
+        torch.mm(x, w1)
+        torch.mm(a, w2)
+
+    def fwd_bwd() -> None:
+        fwd()
+        torch.mm(gy, w2.t()), torch.mm(a.t(), gy)
+        torch.mm(gh, w1.t()), torch.mm(x.t(), gh)
+
+    return fwd_bwd if backward else fwd
+
+
+def expert_flops(rows: int, d: int, inner: int, d_ff: int, backward: bool) -> float:
+    """FLOPs of the expert GEMMs over ``rows`` rows (x3 with backward)."""
+    return 2.0 * rows * (d * inner + d_ff * d) * (3 if backward else 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Load patterns
+# ---------------------------------------------------------------------------------------------
+def pattern_experts(load: str, T: int, E: int, k: int, generator: torch.Generator) -> Tensor:
+    """The forced assignment ``[T, k]`` int64 of a load pattern (``natural`` has none).
+
+    - balanced: exactly T·k/E slots per expert (token t takes experts (k·π(t) + j) mod E);
+    - skewed: expert 0 is one of the k choices of half the tokens, every other choice uniform
+      among the remaining experts (with k = 2, E = 8: expert 0 gets 1/4 of all slots, 2x its fair
+      share; at E = 64, k = 8: 4x);
+    - degenerate: every token picks experts 0..k-1 (all tokens on the same k experts; with
+      k = 1 literally one expert).
+    """
+    if load == "balanced":
+        perm = torch.randperm(T, generator=generator)
+        return (perm[:, None] * k + torch.arange(k)) % E
+    if load == "degenerate":
+        return torch.arange(k).expand(T, k).clone()
+    if load == "skewed":
+        scores = torch.rand(T, E, generator=generator)
+        hot = torch.zeros(T, dtype=torch.bool)
+        hot[torch.randperm(T, generator=generator)[: T // 2]] = True
+        scores[:, 0] = torch.where(hot, 2.0, -1.0)  # in the top-k of hot tokens, never of others
+        return scores.topk(k, dim=1).indices
+    raise ValueError(f"unknown forced load pattern {load!r}")
+
+
+def pattern_bias(load: str, T: int, E: int, k: int, seed: int = 0) -> Tensor | None:
+    """``[T, E]`` float32 logit bias forcing ``load``'s assignment (None for ``natural``).
+
+    The chosen experts get +FORCE, so the selection is the pattern's while the renormalised
+    top-k weights stay the softmax of the clean logits (an equal shift cancels).
+    """
+    if load == "natural":
+        return None
+    g = torch.Generator().manual_seed(seed)
+    idx = pattern_experts(load, T, E, k, g)
+    return torch.zeros(T, E).scatter_(1, idx, FORCE)
+
+
+class PatternRouter(nn.Module):
+    """TopKRouter's computation (float32 linear gate, ``topk_softmax``, balance and z losses)
+    with a fixed ``[T, E]`` bias on the selection logits that forces a load pattern.
+
+    Composes the wrapped :class:`TopKRouter` (its ``weight`` is the gate), so it costs what the
+    real router costs plus one ``[T, E]`` add. ``bias=None`` is exactly TopKRouter (eval mode).
+    """
+
+    def __init__(self, router: TopKRouter, bias: Tensor | None) -> None:
+        super().__init__()
+        self.router = router
+        self.register_buffer("bias", bias)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.router.weight
+
+    def reset_parameters(self) -> None:
+        self.router.reset_parameters()
+
+    def forward(self, x: Tensor) -> Routing:
+        r = self.router
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), r.weight.float())
+            selection = logits if self.bias is None else logits + self.bias
+            weight, expert = ops.topk_softmax(selection, r.k, renormalize=r.renormalize)
+            aux = {
+                "balance": switch_balance_loss(logits, expert, r.num_experts),
+                "z": router_z_loss(logits),
+            }
+        return Routing(expert=expert, weight=weight, logits=logits, aux=aux)
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine, and the allocator setting
+# ---------------------------------------------------------------------------------------------
+def machine(device: str = "cpu") -> dict:
+    """CPU model, cores, threads, ISA, versions, commit; GPU name and driver on CUDA.
+
+    A superset of bench_layer.machine() that also works without transformers installed.
+    """
+    import os
+    import platform
+    import subprocess
+
+    import smoe
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = "?"
+    try:
+        import transformers
+
+        tf_version = transformers.__version__
+    except ImportError:
+        tf_version = None
+    info = dict(
+        cpu=cpu,
+        cores=os.cpu_count(),
+        threads=torch.get_num_threads(),
+        isa=torch.backends.cpu.get_cpu_capability(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        smoe=smoe.__version__,
+        transformers=tf_version,
+        commit=commit,
+        device=device,
+    )
+    if device.startswith("cuda") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1))
+        info.update(cuda=torch.version.cuda)
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
+            info["driver"] = out.splitlines()[0] if out else "?"
+        except (OSError, subprocess.SubprocessError):
+            info["driver"] = "?"
+    return info
+
+
+def maybe_reexec_tuned_malloc(malloc: str, env: dict[str, str]) -> None:
+    """bench_layer's ``--malloc tuned``: re-run this process with glibc's mmap threshold raised."""
+    import os
+    import sys
+
+    if malloc == "tuned" and any(os.environ.get(k) != v for k, v in env.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage times of the smoe layer
+# ---------------------------------------------------------------------------------------------
+STAGES = ("route", "plan", "permute", "experts", "combine")
+
+
+def stage_times(
+    layer: nn.Module, x: Tensor, backward: bool, *, clock: Callable[..., Stat]
+) -> dict[str, float]:
+    """Median seconds of each stage of ``layer`` (an ``MoELayer``) run alone, with its backward
+    when asked: bench_layer.stage_times, plus the layer's capacity in ``make_plan``.
+
+    ``clock(fn) -> Stat`` times one function (e.g. :func:`measure` with fixed settings).
+    """
+    import math
+
+    flat = x.detach().reshape(-1, x.shape[-1]).requires_grad_(backward)
+    r = layer.router(flat)
+    E, k = layer.num_experts, r.expert.shape[1]
+    capacity = None
+    if layer.capacity_factor is not None:
+        capacity = max(1, math.ceil(k * flat.shape[0] * layer.capacity_factor / E))
+    plan = ops.make_plan(r.expert, E, capacity=capacity)
+    xs = ops.permute(flat, plan).detach().requires_grad_(backward)
+    ys = layer.experts(xs, plan.offsets).detach().requires_grad_(backward)
+    w = r.weight.detach().to(ys.dtype).requires_grad_(backward)
+    grad = torch.enable_grad if backward else torch.no_grad
+
+    def stage(f: Callable[[], Tensor]) -> float:
+        def go() -> None:
+            with grad():
+                out = f()
+                if backward:
+                    out.backward(torch.ones_like(out))
+
+        return clock(go).median
+
+    def plan_only() -> Tensor:
+        return ops.make_plan(r.expert, E, capacity=capacity).offsets
+
+    return {
+        "route": stage(lambda: layer.router(flat).weight),
+        "plan": clock(plan_only).median,
+        "permute": stage(lambda: ops.permute(flat, plan)),
+        "experts": stage(lambda: layer.experts(xs, plan.offsets)),
+        "combine": stage(lambda: ops.combine(ys, w, plan)),
+    }
