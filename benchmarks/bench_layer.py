@@ -19,15 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
-import sys
 from dataclasses import asdict, dataclass
 
 import torch
+from common import machine, maybe_reexec_tuned_malloc  # benchmarks/common.py
 from torch.utils.benchmark import Timer
 
-import smoe
 from smoe import MoELayer, ops
 
 SHAPES = {
@@ -153,35 +150,6 @@ class Row:
     shares: dict
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in open("/proc/cpuinfo")
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        commit = "?"
-    import transformers
-
-    return dict(
-        cpu=cpu,
-        cores=os.cpu_count(),
-        threads=torch.get_num_threads(),
-        torch=torch.__version__,
-        smoe=smoe.__version__,
-        transformers=transformers.__version__,
-        commit=commit,
-    )
-
-
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -193,8 +161,7 @@ def main() -> None:
     p.add_argument("--json", default="benchmarks/out/bench_layer.json")
     p.add_argument("--malloc", choices=["default", "tuned"], default="default")
     args = p.parse_args()
-    if args.malloc == "tuned" and any(os.environ.get(k) != v for k, v in TUNED_MALLOC.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **TUNED_MALLOC})
+    maybe_reexec_tuned_malloc(args.malloc, TUNED_MALLOC)
     min_run_time = args.min_run_time or (0.05 if args.quick else 2.0)
     torch.manual_seed(0)
     rows = []
