@@ -8,6 +8,7 @@
 #include <c10/util/Half.h>
 
 #include <limits>
+#include <optional>
 
 #include "common/dtype.h"
 
@@ -108,21 +109,50 @@ inline void check_make_plan(const at::Tensor& expert, int64_t num_experts,
   }
 }
 
-// Shared by permute, combine and their backwards: the plan tensors agree with x / y_sorted.
+inline void check_expert_choice(const at::Tensor& logits, int64_t capacity,
+                                const std::optional<int64_t>& group_size) {
+  check_float("expert_choice", "logits", logits);
+  TORCH_CHECK(logits.dim() == 2, "smoe::expert_choice: logits must be 2-D [T, E], got ",
+              logits.dim(), "-D");
+  TORCH_CHECK(logits.size(1) >= 1,
+              "smoe::expert_choice: logits must have at least one expert (E >= 1), got E = 0");
+  TORCH_CHECK(capacity >= 0, "smoe::expert_choice: capacity must be >= 0, got ", capacity);
+  TORCH_CHECK(!group_size.has_value() || *group_size >= 1,
+              "smoe::expert_choice: group_size must be >= 1 (or None for one group), got ",
+              group_size.value_or(0));
+  TORCH_CHECK(logits.numel() < std::numeric_limits<int32_t>::max(),
+              "smoe::expert_choice: logits must have fewer than 2^31 - 1 entries (T*E), got ",
+              logits.numel());
+}
+
+inline void check_expert_choice_backward(const at::Tensor& grad_weight, const at::Tensor& logits,
+                                         const at::Tensor& row) {
+  check_expert_choice(logits, 0, std::nullopt);
+  check_index("expert_choice_backward", "row", row, logits, 2);
+  TORCH_CHECK(row.sizes() == logits.sizes(),
+              "smoe::expert_choice_backward: row must have logits' shape [T, E] = ", logits.sizes(),
+              ", got ", row.sizes());
+  TORCH_CHECK(grad_weight.device() == logits.device() &&
+                  grad_weight.scalar_type() == logits.scalar_type() &&
+                  grad_weight.sizes() == logits.sizes(),
+              "smoe::expert_choice_backward: grad_weight must match logits' shape ", logits.sizes(),
+              ", dtype and device, got ", grad_weight.sizes(), " ", grad_weight.scalar_type(),
+              " on ", grad_weight.device());
+}
+
+// Shared by permute, combine and their backwards: the plan tensors agree with x / y_sorted. A plan
+// has M sorted rows (M = T*k from make_plan, E*C from expert_choice): token and slot have M
+// entries, row is [T, k].
 inline void check_plan(const char* op, const at::Tensor& data, int64_t rows_expected,
                        const char* rows_name, const at::Tensor* token, const at::Tensor* slot,
                        const at::Tensor& row) {
   if (token) check_index(op, "token", *token, data, 1);
   if (slot) check_index(op, "slot", *slot, data, 1);
   check_index(op, "row", row, data, 2);
-  const int64_t n_slots = row.numel();
-  if (token) {
-    TORCH_CHECK(token->size(0) == n_slots, "smoe::", op, ": token must have T*k = ", n_slots,
-                " entries (row.numel()), got ", token->size(0));
-  }
-  if (slot) {
-    TORCH_CHECK(slot->size(0) == n_slots, "smoe::", op, ": slot must have T*k = ", n_slots,
-                " entries (row.numel()), got ", slot->size(0));
+  if (token && slot) {
+    TORCH_CHECK(slot->size(0) == token->size(0), "smoe::", op,
+                ": slot must have as many entries as token (M = ", token->size(0), "), got ",
+                slot->size(0));
   }
   TORCH_CHECK(rows_expected < 0 || data.size(0) == rows_expected, "smoe::", op, ": ", rows_name,
               " must have ", rows_expected, " rows, got ", data.size(0));
@@ -137,23 +167,22 @@ inline void check_permute(const at::Tensor& x, const at::Tensor& token, const at
 
 inline void check_permute_backward(const at::Tensor& grad_out, const at::Tensor& row) {
   check_float("permute_backward", "grad_out", grad_out);
-  TORCH_CHECK(grad_out.dim() == 2, "smoe::permute_backward: grad_out must be 2-D [T*k, d], got ",
+  TORCH_CHECK(grad_out.dim() == 2, "smoe::permute_backward: grad_out must be 2-D [M, d], got ",
               grad_out.dim(), "-D");
-  check_plan("permute_backward", grad_out, row.dim() == 2 ? row.numel() : -1,
-             "grad_out (T*k = row.numel())", nullptr, nullptr, row);
+  check_plan("permute_backward", grad_out, -1, "grad_out", nullptr, nullptr, row);
 }
 
 inline void check_combine(const char* op, const at::Tensor& y_sorted, const at::Tensor& weight,
                           const at::Tensor& token, const at::Tensor& slot, const at::Tensor& row) {
   check_float(op, "y_sorted", y_sorted);
-  TORCH_CHECK(y_sorted.dim() == 2, "smoe::", op, ": y_sorted must be 2-D [T*k, d], got ",
+  TORCH_CHECK(y_sorted.dim() == 2, "smoe::", op, ": y_sorted must be 2-D [M, d], got ",
               y_sorted.dim(), "-D");
   TORCH_CHECK(weight.device() == y_sorted.device(), "smoe::", op, ": weight must be on ",
               y_sorted.device(), " like y_sorted, got ", weight.device());
   TORCH_CHECK(weight.scalar_type() == y_sorted.scalar_type(), "smoe::", op,
               ": weight must have y_sorted's dtype ", y_sorted.scalar_type(), ", got ",
               weight.scalar_type());
-  check_plan(op, y_sorted, row.dim() == 2 ? row.numel() : -1, "y_sorted (T*k = row.numel())",
+  check_plan(op, y_sorted, token.dim() == 1 ? token.size(0) : -1, "y_sorted (M = token.size(0))",
              &token, &slot, row);
   TORCH_CHECK(weight.sizes() == row.sizes(), "smoe::", op,
               ": weight must have row's shape [T, k] = ", row.sizes(), ", got ", weight.sizes());

@@ -24,6 +24,16 @@ TORCH_LIBRARY(smoe, m) {
       "topk_softmax(Tensor logits, int k, *, bool renormalize=True) -> (Tensor weight, Tensor "
       "expert)");
 
+  // expert choice (Zhou et al. 2022): softmax over E experts per token (fp32 math), then in every
+  // group of group_size consecutive tokens (None: one group; the last may be shorter) each expert
+  // takes its `capacity` most probable tokens (clamped to the group size; ties to the lower token
+  // index), listed in token order. A plan of M = E * C_tot rows (C_tot = sum over groups of the
+  // clamped capacity): weight [T, E] (the probability where chosen, else 0), offsets [E+1] int64,
+  // token [M] int32, slot [M] int32 (t * E + e), row [T, E] int32 (-1 where not chosen).
+  m.def(
+      "expert_choice(Tensor logits, int capacity, *, int? group_size=None) -> (Tensor weight, "
+      "Tensor offsets, Tensor token, Tensor slot, Tensor row)");
+
   // ---- dispatch ----
   // stable counting sort of the T*k slots by expert, with optional capacity dropping (rank-major);
   // returns offsets [E+1] int64, token [T*k] int32, slot [T*k] int32 (both -1 past offsets[E]),
@@ -32,7 +42,7 @@ TORCH_LIBRARY(smoe, m) {
       "make_plan(Tensor expert, int num_experts, *, int? capacity=None, Tensor? priority=None) -> "
       "(Tensor offsets, Tensor token, Tensor slot, Tensor row, Tensor kept)");
   // gather rows of x [T, d] into expert order: out[i] = x[token[i]] (0 where token[i] < 0);
-  // returns [T*k, d]. `row` is the plan's inverse map, used only by the backward.
+  // returns [M, d] (M = token.size(0)). `row` is the plan's inverse map, used only by the backward.
   m.def("permute(Tensor x, Tensor token, Tensor row) -> Tensor");
   // weighted gather back to token order: y[t] = sum_j weight[t, j] * y_sorted[row[t, j]];
   // returns [T, d]. `token` and `slot` are used only by the backward.
@@ -52,9 +62,11 @@ TORCH_LIBRARY(smoe, m) {
       "topk_softmax_backward(Tensor grad_weight, Tensor logits, Tensor expert, bool renormalize) "
       "-> "
       "Tensor");
+  // d logits of expert_choice, recomputing the softmax from the logits in fp32; [T, E].
+  m.def("expert_choice_backward(Tensor grad_weight, Tensor logits, Tensor row) -> Tensor");
   // d x of permute: grad_x[t] = sum_j grad_out[row[t, j]]; [T, d].
   m.def("permute_backward(Tensor grad_out, Tensor row) -> Tensor");
-  // d y_sorted [T*k, d] and d weight [T, k] of combine.
+  // d y_sorted [M, d] and d weight [T, k] of combine.
   m.def(
       "combine_backward(Tensor grad_out, Tensor y_sorted, Tensor weight, Tensor token, Tensor "
       "slot, Tensor row) -> (Tensor grad_y_sorted, Tensor grad_weight)");

@@ -5,12 +5,39 @@ __version__ = "0.1.0"
 from smoe._info import info
 from smoe.experts import Experts
 from smoe.layer import MoEAux, MoELayer
-from smoe.losses import router_z_loss, switch_balance_loss
+from smoe.losses import (
+    DEFAULT_LOSS_WEIGHTS,
+    importance_loss,
+    load_loss,
+    router_z_loss,
+    switch_balance_loss,
+)
 from smoe.models import SMoEVAE
-from smoe.ops import Plan, TopK, combine, grouped_mm, make_plan, permute, swiglu, topk_softmax
-from smoe.routing import Routing, TopKRouter
+from smoe.ops import (
+    ExpertChoice,
+    Plan,
+    TopK,
+    combine,
+    expert_choice,
+    grouped_mm,
+    make_plan,
+    permute,
+    swiglu,
+    topk_softmax,
+)
+from smoe.routing import (
+    ExpertChoiceRouter,
+    Routing,
+    TopKRouter,
+    VMoERouter,
+    expert_choice_capacity,
+    vmoe_capacity,
+)
 
 __all__ = [
+    "DEFAULT_LOSS_WEIGHTS",
+    "ExpertChoice",
+    "ExpertChoiceRouter",
     "Experts",
     "MoEAux",
     "MoELayer",
@@ -19,13 +46,19 @@ __all__ = [
     "SMoEVAE",
     "TopK",
     "TopKRouter",
+    "VMoERouter",
     "combine",
+    "expert_choice",
+    "expert_choice_capacity",
     "grouped_mm",
+    "importance_loss",
     "info",
+    "load_loss",
     "make_plan",
     "permute",
     "router_z_loss",
     "swiglu",
     "switch_balance_loss",
     "topk_softmax",
+    "vmoe_capacity",
 ]

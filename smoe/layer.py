@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import NamedTuple
 
 from torch import Tensor, nn
 
 from smoe import ops
 from smoe.experts import Experts
+from smoe.losses import DEFAULT_LOSS_WEIGHTS
 from smoe.routing.topk import TopKRouter
 
 
@@ -16,20 +18,30 @@ class MoEAux(NamedTuple):
     """Side results of a :class:`MoELayer` forward (all tensors, traceable).
 
     Fields:
-        balance_loss: unweighted Switch load-balancing loss (float32 scalar).
-        z_loss: unweighted router z-loss (float32 scalar).
+        losses: the router's unweighted auxiliary losses by name (float32 scalars), e.g.
+            ``"balance"`` and ``"z"`` (top-k), ``"importance"`` and ``"load"`` (V-MoE).
         tokens_per_expert: ``[E]`` int64 kept assignments per expert (after capacity).
         dropped_fraction: fraction of the router's assignments dropped by the capacity.
     """
 
-    balance_loss: Tensor
-    z_loss: Tensor
+    losses: dict[str, Tensor]
     tokens_per_expert: Tensor
     dropped_fraction: Tensor
 
-    def loss(self, balance_coef: float = 1e-2, z_coef: float = 1e-3) -> Tensor:
-        """The weighted auxiliary loss to add to the task loss (ST-MoE's coefficients)."""
-        return balance_coef * self.balance_loss + z_coef * self.z_loss
+    def loss(self, weights: Mapping[str, float] | None = None) -> Tensor:
+        """The weighted auxiliary loss to add to the task loss.
+
+        Args:
+            weights: coefficient per loss name; names not given take
+                :data:`smoe.losses.DEFAULT_LOSS_WEIGHTS` (ST-MoE's and V-MoE's values).
+        """
+        coef = {**DEFAULT_LOSS_WEIGHTS, **(weights or {})}
+        total = self.dropped_fraction.new_zeros(())
+        for name, value in self.losses.items():
+            if name not in coef:
+                raise KeyError(f"MoEAux.loss: no weight for the auxiliary loss {name!r}")
+            total = total + coef[name] * value
+        return total
 
 
 class MoELayer(nn.Module):
@@ -42,9 +54,11 @@ class MoELayer(nn.Module):
         k: experts per token (ignored when ``router`` is given: the router decides).
         activation: ``"gelu"`` or ``"swiglu"``.
         router: any module mapping ``[T, d_model]`` to a :class:`smoe.Routing`; default
-            :class:`TopKRouter` with ``renormalize``.
+            :class:`TopKRouter` with ``renormalize``. A router that returns its own plan
+            (:class:`VMoERouter`, :class:`ExpertChoiceRouter`) decides the capacity itself.
         capacity_factor: if set, each expert takes at most ``ceil(k * T * factor / E)`` slots
-            (rank-major dropping); dropped slots contribute 0 (the residual passes).
+            (rank-major dropping); dropped slots contribute 0 (the residual passes). Not allowed
+            with a router that builds its own plan.
         bias: per-expert biases.
         renormalize: for the default router.
 
@@ -114,12 +128,19 @@ class MoELayer(nn.Module):
             capacity = max(
                 1, math.ceil(k * flat.shape[0] * self.capacity_factor / self.num_experts)
             )
-        plan = ops.make_plan(routing.expert, self.num_experts, capacity=capacity)
+        plan = routing.plan
+        if plan is None:
+            plan = ops.make_plan(routing.expert, self.num_experts, capacity=capacity)
+        elif capacity is not None:
+            raise ValueError(
+                "MoELayer: capacity_factor must be None when the router builds its own plan "
+                f"({type(self.router).__name__}: set the capacity on the router)"
+            )
         x_sorted = ops.permute(flat, plan)
         y_sorted = self.experts(x_sorted, plan.offsets)
         y = ops.combine(y_sorted, routing.weight.to(y_sorted.dtype), plan)
         load = plan.tokens_per_expert()
         assigned = (routing.expert >= 0).sum()
         dropped = 1.0 - load.sum().float() / assigned.clamp_min(1).float()
-        aux = MoEAux(routing.aux["balance"], routing.aux["z"], load, dropped)
+        aux = MoEAux(routing.aux, load, dropped)
         return y.reshape(x.shape), aux

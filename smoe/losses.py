@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -38,3 +40,92 @@ def router_z_loss(logits: Tensor) -> Tensor:
     """ST-MoE router z-loss ``mean_t logsumexp(h_t)^2`` in float32 (specs/classic_routers.md §3)."""
     lse = torch.logsumexp(logits.float(), dim=-1)
     return (lse * lse).sum() / max(logits.shape[0], 1)
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    # float32 math for half inputs (specs/vmoe.md §9); float64 stays float64 (gradcheck)
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _cv_squared(v: Tensor) -> Tensor:
+    """(std / mean)^2 along the last dim, population std, with a tiny floor on the mean."""
+    mean = v.mean(dim=-1)
+    var = (v - mean.unsqueeze(-1)).square().mean(dim=-1)
+    return var / mean.square().clamp_min(1e-20)
+
+
+def _group_sums(t: Tensor, group_size: int | None) -> Tensor:
+    """[T, E] -> [G, E] sums over consecutive groups of group_size tokens (None: one group).
+
+    The last group may be shorter (zero rows pad it); the losses below only use these sums
+    through a coefficient of variation, which does not depend on the group's size.
+    """
+    T, E = t.shape
+    S = T if group_size is None else group_size
+    if S < 1:
+        raise ValueError(f"V-MoE losses: group_size must be >= 1 or None, got {group_size}")
+    G = -(-T // S)
+    return torch.nn.functional.pad(t, (0, 0, 0, G * S - T)).reshape(G, S, E).sum(dim=1)
+
+
+def importance_loss(logits: Tensor, *, group_size: int | None = None) -> Tensor:
+    """V-MoE importance loss (specs/vmoe.md §4): per group, the squared coefficient of variation
+    (population std) of ``Imp_e = sum_s softmax(l_s)_e`` over experts, averaged over groups.
+
+    Args:
+        logits: ``[T, E]`` clean (noise-free) router logits.
+        group_size: tokens per routing group (None: all T tokens form one group; the last
+            group may be shorter).
+
+    Returns:
+        A float32 scalar (float64 for float64 logits): 0 for perfectly uniform importance,
+        E - 1 with all mass on one expert. Weight 0.005 in V-MoE's configs.
+    """
+    if logits.shape[0] == 0:
+        return logits.new_zeros((), dtype=torch.float32)
+    p = torch.softmax(_at_least_fp32(logits), dim=-1)
+    return _cv_squared(_group_sums(p, group_size)).mean()
+
+
+def load_loss(
+    logits: Tensor, noisy_logits: Tensor, k: int, noise_std: float, *, group_size: int | None = None
+) -> Tensor:
+    """V-MoE load loss (specs/vmoe.md §4), per group then averaged over groups.
+
+    ``P[s, e] = 1 - Phi((threshold_s - l[s, e]) / sigma)`` with ``threshold_s`` the k-th largest
+    *noisy* logit of token s (no exclusion of e itself, as in vmoe's code), ``Load_e = mean_s P``,
+    loss = squared coefficient of variation of Load over experts.
+
+    Args:
+        logits: ``[T, E]`` clean router logits l.
+        noisy_logits: ``[T, E]`` the logits with the training noise added (l + eps).
+        k: experts per token.
+        noise_std: sigma, the std of the noise that was added (V-MoE: 1/E); must be > 0.
+        group_size: as in :func:`importance_loss`.
+
+    Returns:
+        A float32 scalar (float64 for float64 logits; weight 0.005 in V-MoE's configs). The
+        gradient flows into both the clean logits and, through the threshold's gather, the
+        noisy ones (as in vmoe).
+    """
+    if noise_std <= 0:
+        raise ValueError(f"load_loss: noise_std must be > 0, got {noise_std}")
+    if logits.shape[0] == 0:
+        return logits.new_zeros((), dtype=torch.float32)
+    if not 1 <= k <= logits.shape[1]:
+        raise ValueError(f"load_loss: k must be in [1, E] = [1, {logits.shape[1]}], got {k}")
+    clean = _at_least_fp32(logits)
+    threshold = torch.topk(_at_least_fp32(noisy_logits), k, dim=-1).values[:, k - 1 : k]
+    z = (threshold - clean) / noise_std
+    p = 0.5 * torch.erfc(z / math.sqrt(2.0))  # 1 - Phi(z), accurate in the tails
+    return _cv_squared(_group_sums(p, group_size)).mean()
+
+
+#: Default coefficient of every auxiliary loss a router may report, by its name in
+#: ``Routing.aux``: Switch/ST-MoE's balance 1e-2 and z 1e-3, V-MoE's importance and load 5e-3.
+DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
+    "balance": 1e-2,
+    "z": 1e-3,
+    "importance": 5e-3,
+    "load": 5e-3,
+}

@@ -16,9 +16,11 @@ from smoe import _loader
 _loader.load_library()
 
 __all__ = [
+    "ExpertChoice",
     "Plan",
     "TopK",
     "combine",
+    "expert_choice",
     "grouped_mm",
     "make_plan",
     "permute",
@@ -114,12 +116,15 @@ torch.library.register_autograd(
 # make_plan
 # ---------------------------------------------------------------------------------------------
 class Plan(NamedTuple):
-    """Routing plan: the T*k token slots grouped by expert, CSR style.
+    """Routing plan: the token slots grouped by expert, CSR style.
+
+    A plan has M sorted rows: ``M = T*k`` from :func:`make_plan` (worst case; rows past
+    ``offsets[E]`` are padding), ``M = E*C`` from :func:`expert_choice` (no padding).
 
     Fields (N = ``offsets[E]`` kept assignments, a device value; rows past N are padding):
         offsets: ``[E+1]`` int64, expert e owns sorted rows ``offsets[e]:offsets[e+1]``.
-        token: ``[T*k]`` int32, the token of each sorted row (-1 for padding).
-        slot: ``[T*k]`` int32, the flat slot ``t*k + j`` of each sorted row (-1 for padding).
+        token: ``[M]`` int32, the token of each sorted row (-1 for padding).
+        slot: ``[M]`` int32, the flat slot ``t*k + j`` of each sorted row (-1 for padding).
         row: ``[T, k]`` int32, the sorted row of each slot (-1 if dropped or unassigned).
         kept: ``[T, k]`` bool, whether the slot got a place.
     """
@@ -145,6 +150,7 @@ def make_plan(
     *,
     capacity: int | None = None,
     priority: Tensor | None = None,
+    group_size: int | None = None,
 ) -> Plan:
     """Stable counting sort of the T*k slots by expert, with optional capacity dropping.
 
@@ -160,12 +166,17 @@ def make_plan(
             token (used for every rank; V-MoE's default is the token's largest routing weight)
             or ``[T, k]`` one per choice rank. Within a rank, tokens are then taken by priority,
             highest first, ties to the lower token index. Only matters with a capacity.
+        group_size: V-MoE's per-group routing (specs/vmoe.md §2): the capacity (and the
+            priority order) apply separately to each group of ``group_size`` consecutive tokens,
+            the last group possibly shorter. The plan is the same as without groups when nothing
+            is dropped. Done by one make_plan over E*G (expert, group) buckets, ordered
+            expert-major, so each expert's rows stay in token order.
 
     Returns:
         Plan: kept slots listed in token order within each expert (see :class:`Plan`).
 
     Raises:
-        ValueError: num_experts < 1, negative capacity.
+        ValueError: num_experts < 1, negative capacity, group_size < 1.
         RuntimeError (from the op): wrong dtype/rank, expert values outside [-1, E), priority of
             the wrong shape or with NaN.
 
@@ -178,9 +189,35 @@ def make_plan(
         raise ValueError(f"make_plan: num_experts must be >= 1, got {num_experts}")
     if capacity is not None and capacity < 0:
         raise ValueError(f"make_plan: capacity must be >= 0 (or None for no limit), got {capacity}")
+    if group_size is not None:
+        if group_size < 1:
+            raise ValueError(f"make_plan: group_size must be >= 1 or None, got {group_size}")
+        grouped = expert.dim() == 2 and expert.dtype == torch.int32  # else the op raises
+        if capacity is not None and grouped and expert.shape[0] > group_size:
+            return _make_grouped_plan(expert, num_experts, capacity, priority, group_size)
     return Plan(
         *torch.ops.smoe.make_plan.default(expert, num_experts, capacity=capacity, priority=priority)
     )
+
+
+def _make_grouped_plan(
+    expert: Tensor, E: int, capacity: int, priority: Tensor | None, group_size: int
+) -> Plan:
+    # Bucket (e, g) = e * G + g: expert-major, then group; groups are consecutive token ranges,
+    # so each expert's rows stay in token order and its offsets are every G-th bucket offset.
+    T = expert.shape[0]
+    G = -(-T // group_size)
+    group = torch.arange(T, device=expert.device, dtype=torch.int32).div_(
+        group_size, rounding_mode="floor"
+    )
+    # Out-of-range experts become -2, which the op rejects (expert * G could wrap into range).
+    valid = (expert >= 0) & (expert < E)
+    invalid = torch.where(expert == -1, -1, -2).to(torch.int32)
+    bucket = torch.where(valid, expert * G + group.unsqueeze(1), invalid)
+    offsets, token, slot, row, kept = torch.ops.smoe.make_plan.default(
+        bucket, E * G, capacity=capacity, priority=priority
+    )
+    return Plan(offsets[::G].contiguous(), token, slot, row, kept)
 
 
 @torch.library.register_fake("smoe::make_plan")
@@ -206,6 +243,115 @@ def _make_plan_fake(expert, num_experts, *, capacity=None, priority=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# expert_choice
+# ---------------------------------------------------------------------------------------------
+class ExpertChoice(NamedTuple):
+    """Expert-choice routing: ``weight [T, E]`` combine weights and the :class:`Plan`."""
+
+    weight: Tensor
+    plan: Plan
+
+
+def _expert_choice_total(T, capacity: int, group_size: int | None):
+    # Plan rows per expert: T // S full groups take min(C, S), a short last one min(C, T % S).
+    if group_size is None:
+        return torch.sym_min(capacity, T)
+    return (T // group_size) * min(capacity, group_size) + torch.sym_min(capacity, T % group_size)
+
+
+def expert_choice(logits: Tensor, capacity: int, *, group_size: int | None = None) -> ExpertChoice:
+    """Expert-choice routing (Zhou et al. 2022): every expert picks its top-``capacity`` tokens.
+
+    Spec: specs/classic_routers.md §5. ``p = softmax(logits)`` over experts per token (fp32
+    math); in every group of ``group_size`` consecutive tokens, expert e takes the ``capacity``
+    tokens with the largest ``p[:, e]`` (ties to the lower token index), listed in token order.
+    A token may get 0..E experts. Not causal: a token's experts depend on the other tokens of its
+    group, so do not use it in autoregressive decoding without care.
+
+    Args:
+        logits: ``[T, E]`` float router logits.
+        capacity: tokens per expert per group (see
+            :func:`smoe.routing.expert_choice.expert_choice_capacity`), clamped to
+            the group's size.
+        group_size: tokens per routing group; None = all T tokens form one group. The last group
+            may be shorter.
+
+    Returns:
+        ExpertChoice: ``weight [T, E]`` (logits' dtype: the probability where chosen, else 0;
+        differentiable) and a :class:`Plan` with ``M = E * C_tot`` rows and no padding
+        (``offsets[e] = e * C_tot``), whose ``row`` and ``kept`` are ``[T, E]`` and ``slot`` is
+        ``t * E + e``, so :func:`permute`, :func:`grouped_mm` and :func:`combine` with
+        ``weight`` work unchanged.
+
+    Raises:
+        ValueError: negative capacity, group_size < 1. RuntimeError (from the op): bad dtype or
+            rank, NaN/+inf logits (an asynchronous device assert on CUDA).
+
+    Note:
+        Deterministic, no host sync; every expert gets exactly ``min(capacity, group size)``
+        tokens per group.
+    """
+    if capacity < 0:
+        raise ValueError(f"expert_choice: capacity must be >= 0, got {capacity}")
+    if group_size is not None and group_size < 1:
+        raise ValueError(f"expert_choice: group_size must be >= 1 or None, got {group_size}")
+    weight, offsets, token, slot, row = torch.ops.smoe.expert_choice.default(
+        logits, capacity, group_size=group_size
+    )
+    return ExpertChoice(weight, Plan(offsets, token, slot, row, row >= 0))
+
+
+@torch.library.register_fake("smoe::expert_choice")
+def _expert_choice_fake(logits: Tensor, capacity: int, *, group_size: int | None = None):
+    torch._check(logits.dim() == 2, lambda: "smoe::expert_choice: logits must be 2-D [T, E]")
+    torch._check(logits.dtype in _FLOATS, lambda: "smoe::expert_choice: logits must be floating")
+    torch._check(capacity >= 0, lambda: "smoe::expert_choice: capacity must be >= 0")
+    T, E = logits.shape
+    M = E * _expert_choice_total(T, capacity, group_size)
+    return (
+        logits.new_empty((T, E)),
+        logits.new_empty((E + 1,), dtype=torch.int64),
+        logits.new_empty((M,), dtype=torch.int32),
+        logits.new_empty((M,), dtype=torch.int32),
+        logits.new_empty((T, E), dtype=torch.int32),
+    )
+
+
+def _setup_context_expert_choice(ctx, inputs, keyword_only_inputs, output) -> None:
+    logits, _capacity = inputs
+    _weight, offsets, token, slot, row = output
+    ctx.mark_non_differentiable(offsets, token, slot, row)
+    ctx.save_for_backward(logits, row)
+
+
+def _backward_expert_choice(ctx, grad_weight: Tensor, *_grad_plan):
+    logits, row = ctx.saved_tensors
+    grad = torch.ops.smoe.expert_choice_backward.default(grad_weight.contiguous(), logits, row)
+    return grad, None
+
+
+@torch.library.register_fake("smoe::expert_choice_backward")
+def _expert_choice_backward_fake(grad_weight: Tensor, logits: Tensor, row: Tensor) -> Tensor:
+    return logits.new_empty(logits.shape)
+
+
+torch.library.register_autograd(
+    "smoe::expert_choice", _backward_expert_choice, setup_context=_setup_context_expert_choice
+)
+
+
+def _no_double_backward_expert_choice(ctx, grad):
+    raise RuntimeError("smoe::expert_choice: double backward is not supported")
+
+
+torch.library.register_autograd(
+    "smoe::expert_choice_backward",
+    _no_double_backward_expert_choice,
+    setup_context=lambda ctx, inputs, output: None,
+)
+
+
+# ---------------------------------------------------------------------------------------------
 # permute
 # ---------------------------------------------------------------------------------------------
 def permute(x: Tensor, plan: Plan) -> Tensor:
@@ -216,7 +362,8 @@ def permute(x: Tensor, plan: Plan) -> Tensor:
         plan: from :func:`make_plan` over the same T tokens.
 
     Returns:
-        ``[T*k, d]``: row i is ``x[plan.token[i]]``; padding rows (past ``offsets[E]``) are 0.
+        ``[M, d]`` (M = ``plan.token.shape[0]``): row i is ``x[plan.token[i]]``; padding rows
+        (past ``offsets[E]``) are 0.
 
     Note:
         A pure gather, forward and backward (the backward gathers through ``plan.row``): no
@@ -229,9 +376,6 @@ def permute(x: Tensor, plan: Plan) -> Tensor:
 def _permute_fake(x: Tensor, token: Tensor, row: Tensor) -> Tensor:
     torch._check(x.dim() == 2, lambda: "smoe::permute: x must be 2-D [T, d]")
     torch._check(token.dim() == 1 and row.dim() == 2, lambda: "smoe::permute: bad plan tensors")
-    torch._check(
-        token.shape[0] == row.numel(), lambda: "smoe::permute: token must have T*k entries"
-    )
     torch._check(x.shape[0] == row.shape[0], lambda: "smoe::permute: x must have T rows")
     return x.new_empty((token.shape[0], x.shape[1]))
 
@@ -263,7 +407,7 @@ def combine(y_sorted: Tensor, weight: Tensor, plan: Plan) -> Tensor:
     """Weighted gather of expert outputs back to token order.
 
     Args:
-        y_sorted: ``[T*k, d]`` expert outputs in plan order.
+        y_sorted: ``[M, d]`` expert outputs in plan order.
         weight: ``[T, k]`` routing weights, y_sorted's dtype.
         plan: the plan y_sorted was produced with.
 
@@ -280,10 +424,12 @@ def combine(y_sorted: Tensor, weight: Tensor, plan: Plan) -> Tensor:
 
 @torch.library.register_fake("smoe::combine")
 def _combine_fake(y_sorted, weight, token, slot, row) -> Tensor:
-    torch._check(y_sorted.dim() == 2, lambda: "smoe::combine: y_sorted must be 2-D [T*k, d]")
+    torch._check(y_sorted.dim() == 2, lambda: "smoe::combine: y_sorted must be 2-D [M, d]")
     torch._check(weight.shape == row.shape, lambda: "smoe::combine: weight must be [T, k]")
     torch._check(weight.dtype == y_sorted.dtype, lambda: "smoe::combine: weight dtype mismatch")
-    torch._check(y_sorted.shape[0] == row.numel(), lambda: "smoe::combine: y_sorted needs T*k rows")
+    torch._check(
+        y_sorted.shape[0] == token.shape[0], lambda: "smoe::combine: y_sorted needs M rows"
+    )
     return y_sorted.new_empty((row.shape[0], y_sorted.shape[1]))
 
 

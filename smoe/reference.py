@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from smoe.ops import Plan, TopK
+from smoe.ops import ExpertChoice, Plan, TopK
 
 
 def topk_softmax(logits: Tensor, k: int, *, renormalize: bool = True) -> TopK:
@@ -28,11 +28,18 @@ def topk_softmax(logits: Tensor, k: int, *, renormalize: bool = True) -> TopK:
 
 
 def make_plan(
-    expert: Tensor, num_experts: int, *, capacity: int | None = None, priority: Tensor | None = None
+    expert: Tensor,
+    num_experts: int,
+    *,
+    capacity: int | None = None,
+    priority: Tensor | None = None,
+    group_size: int | None = None,
 ) -> Plan:
     """DESIGN.md dispatch: stable sort by expert; capacity filled rank-major (GShard, V-MoE);
-    with ``priority``, tokens within a rank by priority, highest first (specs/vmoe.md §3 BPR)."""
+    with ``priority``, tokens within a rank by priority, highest first (specs/vmoe.md §3 BPR);
+    with ``group_size``, each expert's capacity counts per group of consecutive tokens (§2)."""
     T, k = expert.shape
+    S = T if group_size is None else group_size
     ex = expert.tolist()
     kept = [[e >= 0 for e in ex[t]] for t in range(T)]
 
@@ -44,13 +51,14 @@ def make_plan(
         return sorted(range(T), key=lambda t: (-score[t], t))
 
     if capacity is not None:
-        fill = [0] * num_experts
+        fill = {}  # (expert, group) -> slots taken
         for j in range(k):  # every token's first choice, then every second choice, ...
             for t in rank_order(j):
                 e = ex[t][j]
-                kept[t][j] = e >= 0 and fill[e] < capacity
+                taken = fill.get((e, t // S), 0)
+                kept[t][j] = e >= 0 and taken < capacity
                 if kept[t][j]:
-                    fill[e] += 1
+                    fill[(e, t // S)] = taken + 1
     slots_of = [[] for _ in range(num_experts)]
     for t in range(T):  # token order (then choice order) within each expert
         for j in range(k):
@@ -72,6 +80,38 @@ def make_plan(
         row=torch.tensor(row, dtype=torch.int32, device=dev).reshape(T, k),
         kept=torch.tensor(kept, dtype=torch.bool, device=dev).reshape(T, k),
     )
+
+
+def expert_choice(logits: Tensor, capacity: int, *, group_size: int | None = None) -> ExpertChoice:
+    """specs/classic_routers.md §5: p = softmax(logits); in each group of consecutive tokens,
+    expert e takes the min(capacity, group size) tokens of largest p[:, e] (ties to the lower
+    token index), listed in token order; plan rows of expert e are contiguous."""
+    T, E = logits.shape
+    p = torch.softmax(logits.double(), dim=-1)
+    S = max(T, 1) if group_size is None else group_size
+    score = p.tolist()
+    chosen = [[] for _ in range(E)]
+    for e in range(E):
+        for g0 in range(0, T, S):
+            tokens = range(g0, min(g0 + S, T))
+            best = sorted(tokens, key=lambda t: (-score[t][e], t))[: min(capacity, S)]
+            chosen[e] += sorted(best)
+    order = [(t, e) for e in range(E) for t in chosen[e]]
+    row = torch.full((T, E), -1, dtype=torch.int32)
+    weight = torch.zeros(T, E, dtype=torch.float64)
+    for i, (t, e) in enumerate(order):
+        row[t, e] = i
+        weight[t, e] = p[t, e]
+    per_expert = len(chosen[0]) if E else 0
+    dev = logits.device
+    plan = Plan(
+        offsets=torch.arange(E + 1, dtype=torch.int64, device=dev) * per_expert,
+        token=torch.tensor([t for t, _ in order], dtype=torch.int32, device=dev),
+        slot=torch.tensor([t * E + e for t, e in order], dtype=torch.int32, device=dev),
+        row=row.to(dev),
+        kept=(row >= 0).to(dev),
+    )
+    return ExpertChoice(weight.to(dtype=logits.dtype, device=dev), plan)
 
 
 def permute(x: Tensor, plan: Plan) -> Tensor:
@@ -169,3 +209,56 @@ def moe_layer(
 def capacity_for(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
     """ceil(k * T * factor / E), at least 1 (specs/classic_routers.md §7)."""
     return max(1, math.ceil(k * num_tokens * capacity_factor / num_experts))
+
+
+def importance_loss(logits: Tensor, *, group_size: int | None = None) -> Tensor:
+    """specs/vmoe.md §4: per group, CV^2 (population std) of sum_s softmax(l_s); mean of groups."""
+    p = torch.softmax(logits.double(), dim=-1)
+    return _mean_cv_squared_per_group(p, group_size)
+
+
+def load_loss(
+    logits: Tensor, noisy_logits: Tensor, k: int, noise_std: float, *, group_size: int | None = None
+) -> Tensor:
+    """specs/vmoe.md §4: P[s, e] = 1 - Phi((kth largest noisy logit of s - l[s, e]) / sigma)."""
+    normal = torch.distributions.Normal(0.0, 1.0)
+    T, E = logits.shape
+    P = torch.zeros(T, E, dtype=torch.float64)
+    for s in range(T):
+        threshold = sorted(noisy_logits[s].double().tolist(), reverse=True)[k - 1]
+        for e in range(E):
+            z = (threshold - float(logits[s, e])) / noise_std
+            P[s, e] = 1.0 - float(normal.cdf(torch.tensor(z, dtype=torch.float64)))
+    return _mean_cv_squared_per_group(P, group_size)
+
+
+def _mean_cv_squared_per_group(v: Tensor, group_size: int | None) -> Tensor:
+    T = v.shape[0]
+    S = T if group_size is None else group_size
+    cvs = []
+    for g0 in range(0, T, S):
+        total = v[g0 : g0 + S].sum(0)
+        mean = total.mean()
+        var = ((total - mean) ** 2).mean()
+        cvs.append(var / mean**2)
+    return torch.stack(cvs).mean()
+
+
+def vmoe_capacity(group_size: int, num_experts: int, k: int, capacity_factor: float) -> int:
+    """specs/vmoe.md §3 (vmoe's compute_capacity): ceil(k S C / E), up to a multiple of 4."""
+    cap = math.ceil(k * group_size * capacity_factor / num_experts)
+    return cap + (-cap) % 4
+
+
+def routed_moe(x: Tensor, expert: Tensor, weight: Tensor, kept: Tensor, experts_fn) -> Tensor:
+    """y[t] = sum over kept (t, j) of weight[t, j] * Expert_{expert[t, j]}(x[t]), one at a time.
+
+    ``experts_fn(e, rows)`` applies expert e to rows [n, d]."""
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(expert.shape[1]):
+            if kept[t, j]:
+                out[t] += (
+                    float(weight[t, j]) * experts_fn(int(expert[t, j]), x[t : t + 1].double())[0]
+                )
+    return out

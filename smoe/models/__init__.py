@@ -1,5 +1,32 @@
-"""Models built on smoe's ops: SMoE-VAE (specs/smoe_vae_quickdraw.md)."""
+"""Models built on smoe's ops: SMoE-VAE (specs/smoe_vae_quickdraw.md) and V-MoE on timm's ViT
+(specs/vmoe.md; timm is imported only when a ViT is built)."""
 
 from smoe.models.vae import SMoEVAE, VAELoss, VAEOutput
+from smoe.models.vit import (
+    MoEMlp,
+    moe_aux_loss,
+    moe_auxes,
+    moe_block_indices,
+    moe_blocks,
+    quickdraw_vit,
+    set_batch_priority,
+    set_capacity_factor,
+    tokens_per_image,
+    vmoe_vit,
+)
 
-__all__ = ["SMoEVAE", "VAELoss", "VAEOutput"]
+__all__ = [
+    "MoEMlp",
+    "SMoEVAE",
+    "VAELoss",
+    "VAEOutput",
+    "moe_aux_loss",
+    "moe_auxes",
+    "moe_block_indices",
+    "moe_blocks",
+    "quickdraw_vit",
+    "set_batch_priority",
+    "set_capacity_factor",
+    "tokens_per_image",
+    "vmoe_vit",
+]

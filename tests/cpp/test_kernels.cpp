@@ -1,8 +1,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdint>
+#include <utility>
 #include <vector>
 
+#include "cpu/expert_choice_kernel.h"
 #include "cpu/make_plan_kernel.h"
 #include "cpu/permute_kernel.h"
 #include "cpu/topk_softmax_kernel.h"
@@ -124,6 +127,86 @@ TEST(Permute, GatherAndWeightedCombine) {
   std::vector<float> y(6);
   smoe::cpu::combine_rows(xs.data(), 2, row.data(), w.data(), 1, 2, 0, 3, y.data());
   EXPECT_EQ(y, (std::vector<float>{0.5f, 1.f, 0, 0, 10, 12}));
+}
+
+struct ExpertChoiceOut {
+  std::vector<int32_t> token, slot, row;
+  std::vector<double> weight;
+};
+
+// The three forward passes over all rows / segments, or with the segments split in two halves
+// (as two threads would run them).
+ExpertChoiceOut run_expert_choice(const std::vector<double>& logits, int64_t T, int64_t E,
+                                  int64_t S, int64_t C, bool split = false) {
+  const smoe::ExpertChoiceShape shape{T, E, S, C};
+  const int64_t M = E * shape.total(), segments = E * shape.groups();
+  std::vector<double> probs(T * E);
+  std::vector<int32_t> scratch(E * T);
+  ExpertChoiceOut o{std::vector<int32_t>(M, -1), std::vector<int32_t>(M, -1),
+                    std::vector<int32_t>(T * E, -1), std::vector<double>(T * E)};
+  EXPECT_EQ(smoe::cpu::expert_choice_probs(logits.data(), E, E, 0, T, probs.data()), -1);
+  const int64_t mid = split ? segments / 2 : segments;
+  for (auto [b, e] : {std::pair<int64_t, int64_t>{0, mid}, {mid, segments}}) {
+    smoe::cpu::expert_choice_select(probs.data(), shape, b, e, scratch.data(), o.token.data(),
+                                    o.slot.data(), o.row.data());
+  }
+  smoe::cpu::expert_choice_weights(probs.data(), o.row.data(), E, 0, T, o.weight.data());
+  return o;
+}
+
+// T = 5, E = 2, groups {0, 1, 2} and {3, 4}. p[:, 0] = {.5, a, .5, 1 - a, .5} with
+// a = e / (1 + e), p[:, 1] = 1 - p[:, 0]: tokens 0 and 2 tie for both experts in group 0.
+const std::vector<double> kEcLogits = {0, 0, 1, 0, 0, 0, 0, 1, 0, 0};
+const double kEcA = std::exp(1.0) / (1.0 + std::exp(1.0));
+
+TEST(ExpertChoice, TopCPerGroupWithTiesToLowerTokenInTokenOrder) {
+  // Capacity 2: expert 0 takes {1, 0 (tie with 2)} then the whole short group {3, 4};
+  // expert 1 takes {0, 2} (token 1 is lowest) then {3, 4}. C_tot = 2 + 2.
+  for (bool split : {false, true}) {
+    const ExpertChoiceOut o = run_expert_choice(kEcLogits, 5, 2, 3, 2, split);
+    EXPECT_EQ(o.token, (std::vector<int32_t>{0, 1, 3, 4, 0, 2, 3, 4}));
+    EXPECT_EQ(o.slot, (std::vector<int32_t>{0, 2, 6, 8, 1, 5, 7, 9}));
+    EXPECT_EQ(o.row, (std::vector<int32_t>{0, 4, 1, -1, -1, 5, 2, 6, 3, 7}));
+    const std::vector<double> w = {0.5, 0.5, kEcA, 0, 0, 0.5, 1 - kEcA, kEcA, 0.5, 0.5};
+    for (size_t i = 0; i < w.size(); ++i) EXPECT_NEAR(o.weight[i], w[i], 1e-12) << i;
+  }
+}
+
+TEST(ExpertChoice, CapacityOneSelectsInsideTheShortLastGroup) {
+  // Capacity 1: expert 0 takes token 1, then 4 (p .5 > 1 - a); expert 1 takes token 0 (tie with
+  // 2), then 3 (p a > .5). C_tot = 1 + 1.
+  const ExpertChoiceOut o = run_expert_choice(kEcLogits, 5, 2, 3, 1);
+  EXPECT_EQ(o.token, (std::vector<int32_t>{1, 4, 0, 3}));
+  EXPECT_EQ(o.slot, (std::vector<int32_t>{2, 8, 1, 7}));
+  EXPECT_EQ(o.row, (std::vector<int32_t>{-1, 2, 0, -1, -1, -1, -1, 3, 1, -1}));
+  EXPECT_EQ(o.weight[4], 0.0);  // token 2 routed nowhere
+  EXPECT_EQ(o.weight[5], 0.0);
+}
+
+TEST(ExpertChoice, ProbsReportTheFirstNanOrInfRow) {
+  std::vector<float> logits = {0.f, 1.f, -INFINITY, 0.f, 2.f, NAN, INFINITY, 0.f};
+  std::vector<float> probs(8);
+  EXPECT_EQ(smoe::cpu::expert_choice_probs(logits.data(), 2, 2, 0, 4, probs.data()), 2);
+  EXPECT_EQ(smoe::cpu::expert_choice_probs(logits.data(), 2, 2, 3, 4, probs.data()), 3);
+  EXPECT_EQ(smoe::cpu::expert_choice_probs(logits.data(), 2, 2, 0, 2, probs.data()), -1);
+  EXPECT_EQ(probs[2], 0.f);  // -inf is a mask: p = 0
+  EXPECT_EQ(probs[3], 1.f);
+}
+
+TEST(ExpertChoice, BackwardIsSoftmaxGradientOfTheKeptEntries) {
+  // d l_i = p_i (m_i g_i - sum_j m_j g_j p_j); expert 1 dropped (row -1).
+  const std::vector<double> logits = {0.0, 1.0, -1.0};
+  const std::vector<double> g = {1.0, 5.0, 2.0};
+  const std::vector<int32_t> row = {0, -1, 7};
+  std::vector<double> out(3);
+  smoe::cpu::expert_choice_backward_rows(g.data(), logits.data(), 3, row.data(), 3, 0, 1,
+                                         out.data());
+  const double z = 1.0 + std::exp(1.0) + std::exp(-1.0);
+  const double p[3] = {1.0 / z, std::exp(1.0) / z, std::exp(-1.0) / z};
+  const double dot = 1.0 * p[0] + 2.0 * p[2];
+  EXPECT_NEAR(out[0], p[0] * (1.0 - dot), 1e-12);
+  EXPECT_NEAR(out[1], p[1] * (0.0 - dot), 1e-12);
+  EXPECT_NEAR(out[2], p[2] * (2.0 - dot), 1e-12);
 }
 
 }  // namespace

@@ -125,8 +125,8 @@ def test_permute_rejects_bad_plan_tensors():
         torch.ops.smoe.permute(x, plan.token, plan.row.flatten())
     with pytest.raises(RuntimeError, match=r"x \(T = row.size\(0\)\) must have 6 rows, got 5"):
         torch.ops.smoe.permute(x[:5], plan.token, plan.row)
-    with pytest.raises(RuntimeError, match="token must have T\\*k = 12"):
-        torch.ops.smoe.permute(x, plan.token[:10], plan.row)
+    # token's length M is free (expert choice's plans have E * C rows, not T * k)
+    assert torch.ops.smoe.permute(x, plan.token[:10], plan.row).shape == (10, x.shape[1])
     with pytest.raises(RuntimeError, match="x must be float"):
         torch.ops.smoe.permute(x.long(), plan.token, plan.row)
 
@@ -137,8 +137,10 @@ def test_combine_rejects_bad_inputs():
         ops.combine(y_sorted, weight.float(), plan)
     with pytest.raises(RuntimeError, match="weight must have row's shape"):
         ops.combine(y_sorted, weight[:, :1].contiguous(), plan)
-    with pytest.raises(RuntimeError, match=r"y_sorted \(T\*k = row.numel\(\)\) must have 12 rows"):
+    with pytest.raises(RuntimeError, match=r"y_sorted \(M = token.size\(0\)\) must have 12 rows"):
         ops.combine(y_sorted[:11], weight, plan)
+    with pytest.raises(RuntimeError, match="slot must have as many entries as token"):
+        torch.ops.smoe.combine(y_sorted, weight, plan.token, plan.slot[:11], plan.row)
     with pytest.raises(RuntimeError, match="slot must be a 1-D int32"):
         torch.ops.smoe.combine(y_sorted, weight, plan.token, plan.slot.long(), plan.row)
 

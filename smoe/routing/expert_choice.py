@@ -1,0 +1,112 @@
+"""Expert-choice routing (Zhou et al. 2022): every expert picks its top-C tokens.
+
+Spec: specs/classic_routers.md §5. Perfect load balance by construction, no auxiliary loss; a
+token may be processed by 0..E experts. Not causal: whether a token is chosen depends on the
+other tokens of its group, so it should not be used in autoregressive decoder blocks (the
+choice at training time cannot be reproduced one token at a time at inference).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from smoe import ops
+from smoe.routing.base import Routing
+
+
+def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
+    """Tokens per expert per group: ``min(S, ceil(S * c / E))`` (specs/classic_routers.md §5).
+
+    Args:
+        num_tokens: S, the tokens of one routing group.
+        num_experts: E.
+        capacity_factor: c, the average number of experts per token (2 in the paper).
+
+    Raises:
+        ValueError: ``capacity_factor <= 0`` or ``num_experts < 1``.
+    """
+    if num_experts < 1:
+        raise ValueError(f"expert_choice_capacity: num_experts must be >= 1, got {num_experts}")
+    if not capacity_factor > 0:
+        raise ValueError(
+            f"expert_choice_capacity: capacity_factor must be > 0, got {capacity_factor}"
+        )
+    return min(num_tokens, math.ceil(num_tokens * capacity_factor / num_experts))
+
+
+class ExpertChoiceRouter(nn.Module):
+    """Linear gate + softmax over experts (float32), then each expert takes its top-C tokens.
+
+    Spec: specs/classic_routers.md §5. The combine weight of a chosen (token, expert) pair is the
+    token's softmax probability for that expert. Tokens are routed in consecutive groups of
+    ``group_size`` (None: all tokens of a call form one group); in each group every expert takes
+    exactly :func:`expert_choice_capacity` tokens (the last, shorter group: as many as the full
+    group's capacity allows, at most its size).
+
+    Args:
+        d_model: token width.
+        num_experts: E.
+        capacity_factor: c, average experts per token (paper default 2); c = E makes every
+            expert take every token (a dense soft MoE).
+        group_size: tokens per routing group, or None.
+        init_scale: router weights ~ truncated normal with std sqrt(init_scale / d_model).
+
+    ``forward(x [T, d_model])`` returns a :class:`Routing` whose ``expert`` and ``weight`` are
+    ``[T, E]`` (column e: expert e if it chose the token, else -1 / weight 0) and whose ``plan``
+    is the op's. ``aux`` is empty: expert choice needs no balancing loss. Not causal (see the
+    module docstring). No host sync.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        *,
+        capacity_factor: float = 2.0,
+        group_size: int | None = None,
+        init_scale: float = 0.1,
+    ) -> None:
+        super().__init__()
+        expert_choice_capacity(1, num_experts, capacity_factor)  # validates both
+        if group_size is not None and group_size < 1:
+            raise ValueError(
+                f"ExpertChoiceRouter: group_size must be >= 1 or None, got {group_size}"
+            )
+        self.d_model, self.num_experts = d_model, num_experts
+        self.capacity_factor, self.group_size, self.init_scale = (
+            capacity_factor,
+            group_size,
+            init_scale,
+        )
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = math.sqrt(self.init_scale / self.d_model)
+        nn.init.trunc_normal_(self.weight, std=std, a=-2 * std, b=2 * std)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, num_experts={self.num_experts}, "
+            f"capacity_factor={self.capacity_factor}, group_size={self.group_size}"
+        )
+
+    def capacity(self, num_tokens: int) -> int:
+        """Tokens each expert takes from a full group of a call with ``num_tokens`` tokens."""
+        S = num_tokens if self.group_size is None else min(self.group_size, num_tokens)
+        return expert_choice_capacity(S, self.num_experts, self.capacity_factor)
+
+    def forward(self, x: Tensor) -> Routing:
+        """Route ``x [T, d_model]``; returns :class:`Routing` with its plan (float32 weights)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+            weight, plan = ops.expert_choice(
+                logits, self.capacity(x.shape[0]), group_size=self.group_size
+            )
+            columns = torch.arange(self.num_experts, device=x.device, dtype=torch.int32)
+            expert = torch.where(plan.kept, columns, -1).to(torch.int32)
+        return Routing(expert=expert, weight=weight, logits=logits, aux={}, plan=plan)
