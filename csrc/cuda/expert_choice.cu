@@ -19,44 +19,12 @@
 
 #include "cuda/dtype.cuh"
 #include "cuda/expert_choice.h"
+#include "cuda/grid.cuh"
 
 namespace smoe::cuda {
 namespace {
 
-constexpr int kWarp = 32;
-constexpr int kThreads = 256;
-constexpr int kWarpsPerBlock = kThreads / kWarp;
-constexpr int64_t kMaxBlocks = 65536;
-constexpr unsigned kFullMask = 0xffffffffu;
-constexpr size_t kAlign = 256;
-
-size_t align_up(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
-int64_t blocks_for(int64_t n) {
-  return std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks);
-}
-int64_t blocks_for_rows(int64_t rows) {
-  return std::min<int64_t>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxBlocks);
-}
-
-__device__ __forceinline__ int64_t global_thread() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-}
-__device__ __forceinline__ int64_t threads_in_grid() {
-  return static_cast<int64_t>(gridDim.x) * blockDim.x;
-}
-__device__ __forceinline__ int64_t global_warp() { return global_thread() / kWarp; }
-__device__ __forceinline__ int64_t warps_in_grid() { return threads_in_grid() / kWarp; }
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
-  return v;
-}
+using namespace grid;  // NOLINT: launch helpers of this file's kernels
 
 __device__ __forceinline__ uint64_t make_key(float p, int64_t t) {
   return (static_cast<uint64_t>(__float_as_uint(p)) << 32) |

@@ -21,25 +21,13 @@
 #include <cstdint>
 #include <cub/device/device_radix_sort.cuh>
 
+#include "cuda/grid.cuh"
 #include "cuda/make_plan.h"
 
 namespace smoe::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65536;
-constexpr size_t kAlign = 256;
-
-int64_t blocks_for(int64_t n) {
-  return std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks);
-}
-
-__device__ __forceinline__ int64_t global_thread() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-}
-__device__ __forceinline__ int64_t threads_in_grid() {
-  return static_cast<int64_t>(gridDim.x) * blockDim.x;
-}
+using namespace grid;  // NOLINT: launch helpers of this file's kernels
 
 // Number of bits needed to represent v (0 for v == 0).
 int bit_width(uint64_t v) {
@@ -50,8 +38,6 @@ int bit_width(uint64_t v) {
   }
   return bits;
 }
-
-size_t align_up(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
 
 // Byte offsets into the workspace. Computed identically by make_plan_workspace_bytes and
 // make_plan, so the two always agree.

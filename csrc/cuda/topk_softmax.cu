@@ -10,43 +10,17 @@
 #include <cstdint>
 
 #include "cuda/dtype.cuh"
+#include "cuda/grid.cuh"
 #include "cuda/topk_softmax.h"
 
 namespace smoe::cuda {
 namespace {
 
-constexpr int kWarp = 32;
-constexpr int kThreads = 256;
-constexpr int kWarpsPerBlock = kThreads / kWarp;
-constexpr int64_t kMaxBlocks = 65536;
-constexpr unsigned kFullMask = 0xffffffffu;
+using namespace grid;  // NOLINT: launch helpers of this file's kernels
 
 // True when (va, a) comes before (vb, b) in top-k order: larger value first, lower index on ties.
 __device__ __forceinline__ bool topk_before(float va, int64_t a, float vb, int64_t b) {
   return va > vb || (va == vb && a < b);
-}
-
-// Butterfly reductions: every lane ends with the same value (float + and max are commutative).
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
-  return v;
-}
-
-__device__ __forceinline__ int64_t global_warp() {
-  return (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
-}
-__device__ __forceinline__ int64_t warps_in_grid() {
-  return static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
-}
-
-int64_t blocks_for_rows(int64_t rows) {
-  return std::min<int64_t>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxBlocks);
 }
 
 template <typename T>
