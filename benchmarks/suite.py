@@ -23,8 +23,9 @@ Sections (``--section``):
 - ``vae``: the SMoE-VAE decoder experts (smoe.models.SMoEVAE, E = 5 conv decoders): top-1
   dispatch through make_plan / permute / combine vs all decoders batched (the training path)
   vs a per-expert mask loop, and one decoder over every row as the limit.
-- ``routers``: every router in smoe.routing (TopKRouter plain and noisy), and the topk_softmax
-  op against softmax + topk in torch.
+- ``routers``: every router in smoe.routing (TopKRouter plain and noisy, VMoERouter in training
+  and with BPR at C = 0.5, ExpertChoiceRouter at c = k), the topk_softmax op against softmax +
+  topk in torch, and the expert_choice op against softmax + top-C over tokens in torch.
 - ``ops``: make_plan / permute / combine alone against their torch equivalents.
 - ``scaling``: layer time as tokens grow (1k to 64k) and as experts grow (8 to 256) at fixed
   FLOPs per token, plotted.
@@ -90,7 +91,7 @@ from common import measure as _measure  # noqa: E402
 import smoe  # noqa: E402
 import smoe.routing  # noqa: E402
 from smoe import MoELayer, ops  # noqa: E402
-from smoe.routing import TopKRouter  # noqa: E402
+from smoe.routing import ExpertChoiceRouter, TopKRouter, VMoERouter  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
@@ -399,6 +400,15 @@ def router_variants(d: int, E: int, k: int) -> dict[str, nn.Module]:
             "topk": lambda: TopKRouter(d, E, k).eval(),
             "topk-noisy (train)": lambda: TopKRouter(d, E, k, noisy=True).train(),
         },
+        "VMoERouter": {  # V-MoE: groups of 400 tokens, C = 1.05, noise + losses in training
+            "vmoe (train)": lambda: VMoERouter(d, E, k, group_size=400).train(),
+            "vmoe-bpr (eval, C=0.5)": lambda: VMoERouter(
+                d, E, k, group_size=400, eval_capacity_factor=0.5, batch_priority=True
+            ).eval(),
+        },
+        "ExpertChoiceRouter": {  # c = k: the expert compute of top-k without drops
+            "expert-choice (c=k)": lambda: ExpertChoiceRouter(d, E, capacity_factor=float(k)),
+        },
     }
     out: dict[str, nn.Module] = {}
     for cname in smoe.routing.__all__:
@@ -428,7 +438,7 @@ def bench_routers(shapes: list[tuple], dtypes: list[str], clock: Clock) -> list[
 
                 def route(x: Tensor, router: nn.Module = router) -> Tensor:
                     r = router(x)
-                    return r.weight.sum() + r.aux["balance"] + r.aux["z"]
+                    return r.weight.sum() + sum(r.aux.values())
 
                 contenders[vname] = route
 
@@ -450,6 +460,15 @@ def bench_routers(shapes: list[tuple], dtypes: list[str], clock: Clock) -> list[
                 z = logits.logsumexp(dim=-1).square().mean()
                 return w.sum() + balance + z
 
+            def torch_expert_choice(lg: Tensor, c: int = min(T, -(-T * k // E))) -> Tensor:
+                """Expert choice in torch: softmax, then top-C over tokens per expert."""
+                probs = lg.softmax(dim=-1)
+                w, _ = probs.t().topk(c, dim=-1)
+                return w
+
+            def ec_op(lg: Tensor, c: int = min(T, -(-T * k // E))) -> Tensor:
+                return ops.expert_choice(lg, c).weight
+
             for mode in MODES:
                 backward = mode == "fwd+bwd"
                 xin = x.clone().requires_grad_(backward)
@@ -460,6 +479,10 @@ def bench_routers(shapes: list[tuple], dtypes: list[str], clock: Clock) -> list[
                 )
                 res["topk_softmax op"] = clock(run_layer(op, lin, backward))
                 res["softmax+topk (torch)"] = clock(run_layer(ref, lin, backward))
+                res["expert_choice op (c=k)"] = clock(run_layer(ec_op, lin, backward))
+                res["softmax+topk over tokens (torch)"] = clock(
+                    run_layer(torch_expert_choice, lin, backward)
+                )
                 for n, s in res.items():
                     rows.append(
                         dict(

@@ -32,3 +32,41 @@ def test_bench_layer_quick_runs_and_reports(tmp_path):
         assert set(row["peers_s"]) == {"transformers-eager", "transformers-grouped_mm"}
         assert math.isclose(sum(row["shares"].values()), 1.0, rel_tol=1e-6)
     assert "| mixtral-like | fp32 | fwd+bwd |" in proc.stdout
+
+
+def test_vmoe_capacity_quick_runs_and_reports(tmp_path):
+    pytest.importorskip("timm")
+    out, png = tmp_path / "vmoe.json", tmp_path / "vmoe.png"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "vmoe_capacity.py"),
+        "--quick",
+        "--no-progress",
+        "--capacities",
+        "0.1",
+        "1.0",
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["group_tokens"] == 400 and png.stat().st_size > 10_000
+    rows = data["rows"]
+    assert [(r["C"], r["bpr"]) for r in rows] == [
+        (0.1, False),
+        (0.1, True),
+        (1.0, False),
+        (1.0, True),
+    ]
+    # vmoe's capacity: ceil(2 * 400 * C / 8) padded to a multiple of 4 -> 12 (C = 0.1), 100
+    assert [r["capacity"] for r in rows] == [12, 12, 100, 100]
+    assert rows[0]["effective"] == pytest.approx(8 * 12 / (2 * 400))
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0
+        # the experts keep at most what the capacity allows of the routed slots
+        assert 0.0 < r["kept"] <= min(1.0, r["effective"]) + 1e-9
+    assert set(data["summary"]) == {"dense", "vmoe_train_C", "vmoe_no_capacity", "expert_choice"}
+    assert "| 0.1 | 12 | 0.120 |" in proc.stdout
