@@ -259,6 +259,6 @@ def routed_moe(x: Tensor, expert: Tensor, weight: Tensor, kept: Tensor, experts_
         for j in range(expert.shape[1]):
             if kept[t, j]:
                 out[t] += (
-                    float(weight[t, j]) * experts_fn(int(expert[t, j]), x[t : t + 1].double())[0]
+                    weight[t, j].double() * experts_fn(int(expert[t, j]), x[t : t + 1].double())[0]
                 )
     return out
