@@ -285,7 +285,8 @@ def expert_choice(logits: Tensor, capacity: int, *, group_size: int | None = Non
 
     Raises:
         ValueError: negative capacity, group_size < 1. RuntimeError (from the op): bad dtype or
-            rank, NaN/+inf logits (an asynchronous device assert on CUDA).
+            rank, NaN/+inf logits or a row of only -inf (an asynchronous device assert on
+            CUDA).
 
     Note:
         Deterministic, no host sync; every expert gets exactly ``min(capacity, group size)``
