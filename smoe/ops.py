@@ -341,17 +341,6 @@ torch.library.register_autograd(
 )
 
 
-def _no_double_backward_expert_choice(ctx, grad):
-    raise RuntimeError("smoe::expert_choice: double backward is not supported")
-
-
-torch.library.register_autograd(
-    "smoe::expert_choice_backward",
-    _no_double_backward_expert_choice,
-    setup_context=lambda ctx, inputs, output: None,
-)
-
-
 # ---------------------------------------------------------------------------------------------
 # permute
 # ---------------------------------------------------------------------------------------------
@@ -573,3 +562,22 @@ torch.library.register_autograd(
 @torch.library.register_fake("smoe::swiglu_backward")
 def _swiglu_backward_fake(grad_out: Tensor, h: Tensor) -> Tensor:
     return h.new_empty(h.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# double backward
+# ---------------------------------------------------------------------------------------------
+# The *_backward ops have no derivative of their own. Registering one that raises turns autograd's
+# confusing "appears to not have been used in the graph" (or a silent None with allow_unused=True)
+# into a clear error (STYLE.md §8).
+def _refuse_double_backward(op: str) -> None:
+    def backward(ctx, *grads):
+        raise RuntimeError(f"smoe::{op}: double backward is not supported")
+
+    torch.library.register_autograd(
+        f"smoe::{op}_backward", backward, setup_context=lambda ctx, inputs, output: None
+    )
+
+
+for _op in ("topk_softmax", "expert_choice", "permute", "combine", "swiglu", "grouped_mm"):
+    _refuse_double_backward(_op)

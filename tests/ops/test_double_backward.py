@@ -1,0 +1,58 @@
+"""Every op's backward is itself not differentiable: a second derivative raises a clear error
+naming the op (STYLE.md §8), never autograd's "not used in the graph" or a silent None."""
+
+import pytest
+import torch
+
+from smoe import ops
+from tests.ops.test_make_plan import random_experts
+
+
+def _plan():
+    return ops.make_plan(random_experts(6, 2, 3), 3)
+
+
+def topk_softmax():
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    return x, ops.topk_softmax(x, 2).weight
+
+
+def expert_choice():
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    return x, ops.expert_choice(x, 3).weight
+
+
+def permute():
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    return x, ops.permute(x, _plan())
+
+
+def combine():
+    plan = _plan()
+    y_sorted = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    return y_sorted, ops.combine(y_sorted, torch.rand(6, 2, dtype=torch.float64), plan)
+
+
+def swiglu():
+    h = torch.randn(7, 8, dtype=torch.float64, requires_grad=True)
+    return h, ops.swiglu(h)
+
+
+def grouped_mm():
+    x = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, 5, dtype=torch.float64)
+    return x, ops.grouped_mm(x, w, torch.tensor([0, 2, 6, 9]))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [topk_softmax, expert_choice, permute, combine, swiglu, grouped_mm],
+    ids=lambda f: f.__name__,
+)
+@pytest.mark.parametrize("allow_unused", [False, True])
+def test_double_backward_errors_clearly(make, allow_unused):
+    x, y = make()
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    assert g.requires_grad  # the first derivative depends on x through the op's backward
+    with pytest.raises(RuntimeError, match=rf"smoe::{make.__name__}: double backward is not"):
+        torch.autograd.grad(g.square().sum(), x, allow_unused=allow_unused)
