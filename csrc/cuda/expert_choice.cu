@@ -58,20 +58,14 @@ cudaError_t choice_layout(int64_t T, int64_t E, int64_t S, Layout* layout) {
   if (err != cudaSuccess) return err;
   l.cub_bytes = std::max(sort_bytes, scan_bytes);
   const size_t nb = static_cast<size_t>(n), sb = static_cast<size_t>(segs);
-  size_t at = align_up(l.cub_bytes);
-  l.keys_in = at;
-  at = align_up(at + nb * sizeof(uint64_t));
-  l.keys_out = at;
-  at = align_up(at + nb * sizeof(uint64_t));
-  l.seg_begin = at;
-  at = align_up(at + sb * sizeof(int32_t));
-  l.seg_end = at;
-  at = align_up(at + sb * sizeof(int32_t));
-  l.flag = at;
-  at = align_up(at + nb * sizeof(int32_t));
-  l.pos = at;
-  at = align_up(at + nb * sizeof(int32_t));
-  l.total = at;
+  Carver c{align_up(l.cub_bytes)};
+  l.keys_in = c.take(nb * sizeof(uint64_t));
+  l.keys_out = c.take(nb * sizeof(uint64_t));
+  l.seg_begin = c.take(sb * sizeof(int32_t));
+  l.seg_end = c.take(sb * sizeof(int32_t));
+  l.flag = c.take(nb * sizeof(int32_t));
+  l.pos = c.take(nb * sizeof(int32_t));
+  l.total = c.at;
   *layout = l;
   return cudaSuccess;
 }

@@ -18,6 +18,17 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr size_t kAlign = 256;
 
 inline size_t align_up(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
+
+// Carves aligned buffers out of one workspace: take(bytes) returns the next buffer's byte offset;
+// `at` is then the workspace size so far. Start it past the CUB temp storage.
+struct Carver {
+  size_t at;
+  size_t take(size_t bytes) {
+    const size_t offset = at;
+    at = align_up(at + bytes);
+    return offset;
+  }
+};
 // Blocks for a grid-stride loop over n items, one per thread.
 inline int64_t blocks_for(int64_t n) {
   return std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks);

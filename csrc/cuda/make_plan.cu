@@ -79,22 +79,16 @@ cudaError_t plan_layout(int64_t n, int64_t E, bool has_capacity, Layout* layout)
     l.cub_bytes = std::max(l.cub_bytes, bytes2);
   }
   const size_t n_bytes = static_cast<size_t>(n);
-  size_t at = align_up(l.cub_bytes);
-  l.keys_a = at;
-  at = align_up(at + n_bytes * sizeof(uint32_t));
-  l.keys_b = at;
-  at = align_up(at + n_bytes * sizeof(uint32_t));
-  l.vals_a = at;
-  at = align_up(at + n_bytes * sizeof(int32_t));
-  l.vals_b = at;
-  at = align_up(at + n_bytes * sizeof(int32_t));
+  Carver c{align_up(l.cub_bytes)};
+  l.keys_a = c.take(n_bytes * sizeof(uint32_t));
+  l.keys_b = c.take(n_bytes * sizeof(uint32_t));
+  l.vals_a = c.take(n_bytes * sizeof(int32_t));
+  l.vals_b = c.take(n_bytes * sizeof(int32_t));
   if (has_capacity) {
-    l.keys2_a = at;
-    at = align_up(at + n_bytes * key2_size);
-    l.keys2_b = at;
-    at = align_up(at + n_bytes * key2_size);
+    l.keys2_a = c.take(n_bytes * key2_size);
+    l.keys2_b = c.take(n_bytes * key2_size);
   }
-  l.total = at;
+  l.total = c.at;
   *layout = l;
   return cudaSuccess;
 }
@@ -243,14 +237,11 @@ cudaError_t order_layout(int64_t T, int64_t ranks, OrderLayout* layout) {
       static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), items, 0, l.end_bit);
   if (err != cudaSuccess) return err;
   const size_t n_bytes = static_cast<size_t>(T * ranks);
-  size_t at = align_up(l.cub_bytes);
-  l.keys_a = at;
-  at = align_up(at + n_bytes * sizeof(uint64_t));
-  l.keys_b = at;
-  at = align_up(at + n_bytes * sizeof(uint64_t));
-  l.vals_a = at;
-  at = align_up(at + n_bytes * sizeof(int32_t));
-  l.total = at;
+  Carver c{align_up(l.cub_bytes)};
+  l.keys_a = c.take(n_bytes * sizeof(uint64_t));
+  l.keys_b = c.take(n_bytes * sizeof(uint64_t));
+  l.vals_a = c.take(n_bytes * sizeof(int32_t));
+  l.total = c.at;
   *layout = l;
   return cudaSuccess;
 }
