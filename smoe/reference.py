@@ -169,15 +169,52 @@ def router_z_loss(logits: Tensor) -> Tensor:
     return (torch.logsumexp(logits.double(), dim=-1) ** 2).mean()
 
 
-def expert_ffn(x: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> Tensor:
-    """One expert on rows x: weights in nn.Linear layout ([out, in])."""
+def expert_ffn(
+    x: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    activation: str,
+    b_in: Tensor | None = None,
+    b_out: Tensor | None = None,
+) -> Tensor:
+    """One expert on rows x: weights in nn.Linear layout ([out, in]), optional biases."""
     h = x @ w_in.T
+    if b_in is not None:
+        h = h + b_in
     if activation == "swiglu":
         gate, up = h.chunk(2, dim=-1)
         h = torch.nn.functional.silu(gate) * up
     else:
         h = torch.nn.functional.gelu(h)
-    return h @ w_out.T
+    y = h @ w_out.T
+    return y if b_out is None else y + b_out
+
+
+def routed_moe(
+    x: Tensor,
+    expert: Tensor,
+    weight: Tensor,
+    kept: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    *,
+    activation: str = "gelu",
+    b_in: Tensor | None = None,
+    b_out: Tensor | None = None,
+) -> Tensor:
+    """y[t] = sum over kept (t, j) of weight[t, j] * Expert_{expert[t, j]}(x[t]), one token and
+    one expert at a time, in float64; expert weights ``[E, out, in]``, biases ``[E, out]``."""
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64, device=x.device)
+    for t in range(x.shape[0]):
+        for j in range(expert.shape[1]):
+            if kept[t, j]:
+                e = int(expert[t, j])
+                bias = [None if b is None else b[e].double() for b in (b_in, b_out)]
+                y = expert_ffn(
+                    x[t : t + 1].double(), w_in[e].double(), w_out[e].double(), activation, *bias
+                )
+                out[t] += weight[t, j].double() * y[0]
+    return out
 
 
 def moe_layer(
@@ -196,13 +233,7 @@ def moe_layer(
     logits = xs @ gate_weight.double().T
     weight, expert = topk_softmax(logits, k, renormalize=renormalize)
     plan = make_plan(expert, w_in.shape[0], capacity=capacity)
-    out = torch.zeros_like(xs)
-    for t in range(xs.shape[0]):
-        for j in range(k):
-            if plan.kept[t, j]:
-                e = int(expert[t, j])
-                y = expert_ffn(xs[t : t + 1], w_in[e].double(), w_out[e].double(), activation)
-                out[t] += weight[t, j] * y[0]
+    out = routed_moe(xs, expert, weight, plan.kept, w_in, w_out, activation=activation)
     return out.reshape(x.shape)
 
 
@@ -248,17 +279,3 @@ def vmoe_capacity(group_size: int, num_experts: int, k: int, capacity_factor: fl
     """specs/vmoe.md §3 (vmoe's compute_capacity): ceil(k S C / E), up to a multiple of 4."""
     cap = math.ceil(k * group_size * capacity_factor / num_experts)
     return cap + (-cap) % 4
-
-
-def routed_moe(x: Tensor, expert: Tensor, weight: Tensor, kept: Tensor, experts_fn) -> Tensor:
-    """y[t] = sum over kept (t, j) of weight[t, j] * Expert_{expert[t, j]}(x[t]), one at a time.
-
-    ``experts_fn(e, rows)`` applies expert e to rows [n, d]."""
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
-    for t in range(x.shape[0]):
-        for j in range(expert.shape[1]):
-            if kept[t, j]:
-                out[t] += (
-                    weight[t, j].double() * experts_fn(int(expert[t, j]), x[t : t + 1].double())[0]
-                )
-    return out

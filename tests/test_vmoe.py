@@ -301,12 +301,16 @@ def vmoe_layer(E=4, k=2, **router_kwargs):
 
 def reference_output(layer, x, routing):
     ex = layer.experts
-
-    def expert_fn(e, rows):
-        h = torch.nn.functional.gelu(rows @ ex.w_in[e].T + ex.b_in[e])
-        return h @ ex.w_out[e].T + ex.b_out[e]
-
-    return ref.routed_moe(x, routing.expert, routing.weight, routing.plan.kept, expert_fn)
+    return ref.routed_moe(
+        x,
+        routing.expert,
+        routing.weight,
+        routing.plan.kept,
+        ex.w_in,
+        ex.w_out,
+        b_in=ex.b_in,
+        b_out=ex.b_out,
+    )
 
 
 @pytest.mark.parametrize("bpr", [False, True])
