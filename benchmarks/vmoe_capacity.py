@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import machine  # benchmarks/common.py
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -134,16 +133,6 @@ def build(kind: str, args: argparse.Namespace, num_classes: int) -> nn.Module:
     if kind == "vmoe":
         return vmoe_vit(vit, router="vmoe", capacity_factor=1.05, **common)
     return vmoe_vit(vit, router="expert_choice", **common)  # c = k: equal expert compute
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def plot(rows: list[dict], summary: dict, path: Path) -> None:
@@ -291,12 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
     elapsed = time.perf_counter() - start
     print(f"\nplot: {args.plot}; {elapsed:.0f} s in all, {torch.get_num_threads()} threads")
     result = {
-        "machine": {
-            "platform": platform.platform(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
-        "commit": commit(),
+        "machine": machine(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "group_tokens": S,
         "rows": rows,
