@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from smoe.data.quickdraw import load_subset
-from smoe.models.vit import (
+from smoe.models import (
     moe_aux_loss,
     moe_auxes,
     moe_blocks,

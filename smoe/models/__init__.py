@@ -2,17 +2,13 @@
 (specs/vmoe.md; timm is imported only when a ViT is built)."""
 
 from smoe.models.vae import SMoEVAE, VAELoss, VAEOutput
-from smoe.models.vit import (
-    MoEMlp,
+from smoe.models.vit import MoEMlp, moe_block_indices, quickdraw_vit, tokens_per_image, vmoe_vit
+from smoe.models.vit_control import (
     moe_aux_loss,
     moe_auxes,
-    moe_block_indices,
     moe_blocks,
-    quickdraw_vit,
     set_batch_priority,
     set_capacity_factor,
-    tokens_per_image,
-    vmoe_vit,
 )
 
 __all__ = [
