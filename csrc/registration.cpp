@@ -1,5 +1,6 @@
 // The table of contents of smoe: every op schema, in data-flow order, in one TORCH_LIBRARY block.
-// Kernels live in cpu/<op>.cpp and cuda/<op>_launch.cpp; fakes and autograd in smoe/ops.py.
+// Kernels live in cpu/<op>.cpp and cuda/<op>_launch.cpp; fakes and autograd in smoe/ops/<family>.py,
+// named by the set_python_module call above each family's schemas (torch checks it).
 // This file also creates the `_C` Python module, which carries build information only.
 #include <Python.h>
 #include <torch/library.h>
@@ -15,9 +16,8 @@
 #endif
 
 TORCH_LIBRARY(smoe, m) {
-  m.set_python_module("smoe.ops");
-
   // ---- routers ----
+  m.set_python_module("smoe.ops.routing");
   // token-choice top-k: softmax over E experts (fp32 math), then the k largest, ties to the lower
   // expert index; returns weight [T, k] (logits' dtype) and expert [T, k] int32.
   m.def(
@@ -35,6 +35,7 @@ TORCH_LIBRARY(smoe, m) {
       "Tensor offsets, Tensor token, Tensor slot, Tensor row)");
 
   // ---- dispatch ----
+  m.set_python_module("smoe.ops.dispatch");
   // stable counting sort of the T*k slots by expert, with optional capacity dropping (rank-major);
   // returns offsets [E+1] int64, token [T*k] int32, slot [T*k] int32 (both -1 past offsets[E]),
   // row [T, k] int32 (sorted position of each slot, -1 if dropped) and kept [T, k] bool.
@@ -49,6 +50,7 @@ TORCH_LIBRARY(smoe, m) {
   m.def("combine(Tensor y_sorted, Tensor weight, Tensor token, Tensor slot, Tensor row) -> Tensor");
 
   // ---- experts ----
+  m.set_python_module("smoe.ops.experts");
   // one GEMM per expert group: out[r] = x[r] @ w[e] for offsets[e] <= r < offsets[e+1], zero rows
   // past offsets[E]; w [E, d_in, d_out] may be a transposed view of [E, d_out, d_in] (no copy).
   m.def("grouped_mm(Tensor x, Tensor w, Tensor offsets) -> Tensor");
@@ -56,7 +58,8 @@ TORCH_LIBRARY(smoe, m) {
   // layout): silu(gate) * up in one pass; returns [M, f].
   m.def("swiglu(Tensor h) -> Tensor");
 
-  // ---- backward ops ----
+  // ---- backward ops ---- (their fakes sit beside their forward's)
+  m.set_python_module("smoe.ops.routing");
   // d logits of topk_softmax, recomputing the softmax from the logits in fp32; [T, E].
   m.def(
       "topk_softmax_backward(Tensor grad_weight, Tensor logits, Tensor expert, bool renormalize) "
@@ -64,12 +67,14 @@ TORCH_LIBRARY(smoe, m) {
       "Tensor");
   // d logits of expert_choice, recomputing the softmax from the logits in fp32; [T, E].
   m.def("expert_choice_backward(Tensor grad_weight, Tensor logits, Tensor row) -> Tensor");
+  m.set_python_module("smoe.ops.dispatch");
   // d x of permute: grad_x[t] = sum_j grad_out[row[t, j]]; [T, d].
   m.def("permute_backward(Tensor grad_out, Tensor row) -> Tensor");
   // d y_sorted [M, d] and d weight [T, k] of combine.
   m.def(
       "combine_backward(Tensor grad_out, Tensor y_sorted, Tensor weight, Tensor token, Tensor "
       "slot, Tensor row) -> (Tensor grad_y_sorted, Tensor grad_weight)");
+  m.set_python_module("smoe.ops.experts");
   // d h [M, 2f] of swiglu, in one pass.
   m.def("swiglu_backward(Tensor grad_out, Tensor h) -> Tensor");
   // d x [M, d_in] and d w (w's layout: contiguous, or transposed-contiguous when w is a transposed

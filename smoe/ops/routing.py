@@ -1,0 +1,199 @@
+"""Routing ops: token-choice top-k softmax and expert choice.
+
+One section per op, in schema order (csrc/registration.cpp): wrapper, fake, autograd.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from smoe.ops._common import FLOATS, refuse_double_backward
+from smoe.ops.dispatch import Plan
+
+__all__ = ["ExpertChoice", "TopK", "expert_choice", "topk_softmax"]
+
+
+# ---------------------------------------------------------------------------------------------
+# topk_softmax
+# ---------------------------------------------------------------------------------------------
+class TopK(NamedTuple):
+    """Selected experts per token: ``weight [T, k]`` (logits' dtype), ``expert [T, k]`` int32."""
+
+    weight: Tensor
+    expert: Tensor
+
+
+def topk_softmax(logits: Tensor, k: int, *, renormalize: bool = True) -> TopK:
+    """Softmax over the experts, then the k largest (token-choice routing).
+
+    Spec: specs/classic_routers.md §2, §4 and §6.
+
+    Args:
+        logits: ``[T, E]`` float router logits.
+        k: experts per token, ``1 <= k <= E``.
+        renormalize: if True the k weights sum to 1 (Mixtral; equal, value and gradient, to a
+            softmax over the top-k logits); if False they are the raw softmax probabilities
+            (Switch, V-MoE).
+
+    Returns:
+        TopK: ``weight [T, k]`` in logits' dtype, ``expert [T, k]`` int32, best first.
+
+    Raises:
+        ValueError: k out of range. RuntimeError (from the op): bad dtype or rank, NaN/+inf logits.
+
+    Note:
+        Softmax math is in fp32 for 16-bit inputs. Ties go to the lower expert index on CPU and
+        CUDA alike. Deterministic; no host sync. On CUDA the NaN check is an asynchronous device
+        assert: it surfaces as "device-side assert triggered" at a later sync and leaves the CUDA
+        context unusable (the CPU raises a RuntimeError naming the row).
+    """
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"topk_softmax: k must be an int, got {type(k).__name__}")
+    if logits.dim() == 2 and not 1 <= k <= logits.shape[1]:
+        raise ValueError(f"topk_softmax: k must be in [1, E] = [1, {logits.shape[1]}], got {k}")
+    weight, expert = torch.ops.smoe.topk_softmax.default(logits, k, renormalize=renormalize)
+    return TopK(weight, expert)
+
+
+@torch.library.register_fake("smoe::topk_softmax")
+def _topk_softmax_fake(
+    logits: Tensor, k: int, *, renormalize: bool = True
+) -> tuple[Tensor, Tensor]:
+    torch._check(logits.dim() == 2, lambda: "smoe::topk_softmax: logits must be 2-D [T, E]")
+    torch._check(logits.dtype in FLOATS, lambda: "smoe::topk_softmax: logits must be floating")
+    torch._check(1 <= k <= logits.shape[1], lambda: "smoe::topk_softmax: k must be in [1, E]")
+    T = logits.shape[0]
+    return logits.new_empty((T, k)), logits.new_empty((T, k), dtype=torch.int32)
+
+
+def _setup_context_topk_softmax(ctx, inputs, keyword_only_inputs, output) -> None:
+    logits, _k = inputs
+    _weight, expert = output
+    ctx.mark_non_differentiable(expert)
+    ctx.renormalize = keyword_only_inputs.get("renormalize", True)
+    ctx.save_for_backward(logits, expert)
+
+
+def _backward_topk_softmax(ctx, grad_weight: Tensor, _grad_expert: Tensor | None):
+    logits, expert = ctx.saved_tensors
+    grad = torch.ops.smoe.topk_softmax_backward.default(
+        grad_weight.contiguous(), logits, expert, ctx.renormalize
+    )
+    return grad, None
+
+
+@torch.library.register_fake("smoe::topk_softmax_backward")
+def _topk_softmax_backward_fake(
+    grad_weight: Tensor, logits: Tensor, expert: Tensor, renormalize: bool
+) -> Tensor:
+    return logits.new_empty(logits.shape)
+
+
+torch.library.register_autograd(
+    "smoe::topk_softmax", _backward_topk_softmax, setup_context=_setup_context_topk_softmax
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# expert_choice
+# ---------------------------------------------------------------------------------------------
+class ExpertChoice(NamedTuple):
+    """Expert-choice routing: ``weight [T, E]`` combine weights and the :class:`Plan`."""
+
+    weight: Tensor
+    plan: Plan
+
+
+def _expert_choice_total(T, capacity: int, group_size: int | None):
+    # Plan rows per expert: T // S full groups take min(C, S), a short last one min(C, T % S).
+    if group_size is None:
+        return torch.sym_min(capacity, T)
+    return (T // group_size) * min(capacity, group_size) + torch.sym_min(capacity, T % group_size)
+
+
+def expert_choice(logits: Tensor, capacity: int, *, group_size: int | None = None) -> ExpertChoice:
+    """Expert-choice routing (Zhou et al. 2022): every expert picks its top-``capacity`` tokens.
+
+    Spec: specs/classic_routers.md §5. ``p = softmax(logits)`` over experts per token (fp32
+    math); in every group of ``group_size`` consecutive tokens, expert e takes the ``capacity``
+    tokens with the largest ``p[:, e]`` (ties to the lower token index), listed in token order.
+    A token may get 0..E experts. Not causal: a token's experts depend on the other tokens of its
+    group, so do not use it in autoregressive decoding without care.
+
+    Args:
+        logits: ``[T, E]`` float router logits.
+        capacity: tokens per expert per group (see
+            :func:`smoe.routing.expert_choice.expert_choice_capacity`), clamped to
+            the group's size.
+        group_size: tokens per routing group; None = all T tokens form one group. The last group
+            may be shorter.
+
+    Returns:
+        ExpertChoice: ``weight [T, E]`` (logits' dtype: the probability where chosen, else 0;
+        differentiable) and a :class:`Plan` with ``M = E * C_tot`` rows and no padding
+        (``offsets[e] = e * C_tot``), whose ``row`` and ``kept`` are ``[T, E]`` and ``slot`` is
+        ``t * E + e``, so :func:`permute`, :func:`grouped_mm` and :func:`combine` with
+        ``weight`` work unchanged.
+
+    Raises:
+        ValueError: negative capacity, group_size < 1. RuntimeError (from the op): bad dtype or
+            rank, NaN/+inf logits or a row of only -inf (an asynchronous device assert on
+            CUDA).
+
+    Note:
+        Deterministic, no host sync; every expert gets exactly ``min(capacity, group size)``
+        tokens per group.
+    """
+    if capacity < 0:
+        raise ValueError(f"expert_choice: capacity must be >= 0, got {capacity}")
+    if group_size is not None and group_size < 1:
+        raise ValueError(f"expert_choice: group_size must be >= 1 or None, got {group_size}")
+    weight, offsets, token, slot, row = torch.ops.smoe.expert_choice.default(
+        logits, capacity, group_size=group_size
+    )
+    return ExpertChoice(weight, Plan(offsets, token, slot, row, row >= 0))
+
+
+@torch.library.register_fake("smoe::expert_choice")
+def _expert_choice_fake(logits: Tensor, capacity: int, *, group_size: int | None = None):
+    torch._check(logits.dim() == 2, lambda: "smoe::expert_choice: logits must be 2-D [T, E]")
+    torch._check(logits.dtype in FLOATS, lambda: "smoe::expert_choice: logits must be floating")
+    torch._check(capacity >= 0, lambda: "smoe::expert_choice: capacity must be >= 0")
+    T, E = logits.shape
+    M = E * _expert_choice_total(T, capacity, group_size)
+    return (
+        logits.new_empty((T, E)),
+        logits.new_empty((E + 1,), dtype=torch.int64),
+        logits.new_empty((M,), dtype=torch.int32),
+        logits.new_empty((M,), dtype=torch.int32),
+        logits.new_empty((T, E), dtype=torch.int32),
+    )
+
+
+def _setup_context_expert_choice(ctx, inputs, keyword_only_inputs, output) -> None:
+    logits, _capacity = inputs
+    _weight, offsets, token, slot, row = output
+    ctx.mark_non_differentiable(offsets, token, slot, row)
+    ctx.save_for_backward(logits, row)
+
+
+def _backward_expert_choice(ctx, grad_weight: Tensor, *_grad_plan):
+    logits, row = ctx.saved_tensors
+    grad = torch.ops.smoe.expert_choice_backward.default(grad_weight.contiguous(), logits, row)
+    return grad, None
+
+
+@torch.library.register_fake("smoe::expert_choice_backward")
+def _expert_choice_backward_fake(grad_weight: Tensor, logits: Tensor, row: Tensor) -> Tensor:
+    return logits.new_empty(logits.shape)
+
+
+torch.library.register_autograd(
+    "smoe::expert_choice", _backward_expert_choice, setup_context=_setup_context_expert_choice
+)
+
+
+refuse_double_backward("topk_softmax", "expert_choice")
