@@ -22,10 +22,15 @@ import os
 from dataclasses import asdict, dataclass
 
 import torch
-from common import machine, maybe_reexec_tuned_malloc  # benchmarks/common.py
-from torch.utils.benchmark import Timer
+from common import (  # benchmarks/common.py
+    dense_limit,
+    machine,
+    maybe_reexec_tuned_malloc,
+    measure,
+    stage_times,
+)
 
-from smoe import MoELayer, ops
+from smoe import MoELayer
 
 SHAPES = {
     "mixtral-like": dict(T=4096, d=512, d_ff=1792, E=8, k=2),
@@ -35,15 +40,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGETS = {"mixtral-like": 0.90, "fine-grained": 0.80}
 OVERHEAD_TARGET = 0.10
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(16 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
-
-
-def timeit(fn, min_run_time: float) -> tuple[float, float]:
-    """Median seconds per call and the interquartile range, after one warm-up call."""
-    fn()
-    m = Timer(
-        stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
-    ).blocked_autorange(min_run_time=min_run_time)
-    return m.median, m.iqr
 
 
 def make_layers(shape: dict, dtype: torch.dtype):
@@ -72,25 +68,6 @@ def make_layers(shape: dict, dtype: torch.dtype):
     return ours, peers
 
 
-def dense_equivalent(shape: dict, dtype: torch.dtype, backward: bool):
-    """The expert GEMMs of the layer as plain dense torch.mm calls (N = T*k rows)."""
-    N, d, f = shape["T"] * shape["k"], shape["d"], shape["d_ff"]
-    x, w1 = torch.randn(N, d, dtype=dtype), torch.randn(d, 2 * f, dtype=dtype)
-    a, w2 = torch.randn(N, f, dtype=dtype), torch.randn(f, d, dtype=dtype)
-    gy, gh = torch.randn(N, d, dtype=dtype), torch.randn(N, 2 * f, dtype=dtype)
-
-    def fwd():
-        torch.mm(x, w1)
-        torch.mm(a, w2)
-
-    def fwd_bwd():
-        fwd()
-        torch.mm(gy, w2.t()), torch.mm(a.t(), gy)  # down projection: dA, dW2
-        torch.mm(gh, w1.t()), torch.mm(x.t(), gh)  # up projection: dX, dW1
-
-    return fwd_bwd if backward else fwd
-
-
 def run_layer(layer, x, backward: bool):
     def fwd():
         with torch.no_grad():
@@ -103,34 +80,6 @@ def run_layer(layer, x, backward: bool):
         y.backward(torch.ones_like(y))
 
     return fwd_bwd if backward else fwd
-
-
-def stage_times(layer: MoELayer, x: torch.Tensor, backward: bool, min_run_time: float) -> dict:
-    """Each stage of our layer timed alone (with its backward when asked)."""
-    flat = x.detach().reshape(-1, x.shape[-1]).requires_grad_(backward)
-    r = layer.router(flat)
-    plan = ops.make_plan(r.expert, layer.num_experts)
-    xs = ops.permute(flat, plan).detach().requires_grad_(backward)
-    ys = layer.experts(xs, plan.offsets).detach().requires_grad_(backward)
-    w = r.weight.detach().to(ys.dtype).requires_grad_(backward)
-    grad = torch.no_grad if not backward else torch.enable_grad
-
-    def stage(f):
-        def go():
-            with grad():
-                out = f()
-                if backward:
-                    out.backward(torch.ones_like(out))
-
-        return timeit(go, min_run_time)[0]
-
-    return {
-        "route": stage(lambda: layer.router(flat).weight),
-        "plan": timeit(lambda: ops.make_plan(r.expert, layer.num_experts), min_run_time)[0],
-        "permute": stage(lambda: ops.permute(flat, plan)),
-        "experts": stage(lambda: layer.experts(xs, plan.offsets)),
-        "combine": stage(lambda: ops.combine(ys, w, plan)),
-    }
 
 
 @dataclass
@@ -163,6 +112,11 @@ def main() -> None:
     args = p.parse_args()
     maybe_reexec_tuned_malloc(args.malloc, TUNED_MALLOC)
     min_run_time = args.min_run_time or (0.05 if args.quick else 2.0)
+
+    def clock(fn):  # blocks of >= min_run_time / 1000, as Timer.blocked_autorange sizes them
+        block_s = max(2e-3, min_run_time / 1000)
+        return measure(fn, min_run_time=min_run_time, block_s=block_s, max_samples=1000)
+
     torch.manual_seed(0)
     rows = []
     for shape_name in args.shape:
@@ -176,13 +130,12 @@ def main() -> None:
             for backward in (False, True):
                 mode = "fwd+bwd" if backward else "fwd"
                 xin = x.clone().requires_grad_(backward)
-                t, iqr = timeit(run_layer(ours, xin, backward), min_run_time)
-                peer_t = {
-                    n: timeit(run_layer(m, xin, backward), min_run_time)[0]
-                    for n, m in peers.items()
-                }
-                dense = timeit(dense_equivalent(shape, dtype, backward), min_run_time)[0]
-                shares = stage_times(ours, x, backward, min_run_time)
+                ours_t = clock(run_layer(ours, xin, backward))
+                t, iqr = ours_t.median, ours_t.iqr
+                peer_t = {n: clock(run_layer(m, xin, backward)).median for n, m in peers.items()}
+                N, d, f = shape["T"] * shape["k"], shape["d"], shape["d_ff"]
+                dense = clock(dense_limit(N, d, 2 * f, f, dtype, backward)).median
+                shares = stage_times(ours, x, backward, clock=clock)
                 total = sum(shares.values())
                 shares = {k: v / total for k, v in shares.items()}
                 eff = dense / t

@@ -1,18 +1,16 @@
-"""Helpers shared by the benchmark suite: timing with spread, peak memory, load patterns.
-
-Candidates to move next to bench_layer.py's helpers later: :func:`measure` (timeit with a
-minimum number of samples), :func:`dense_limit` (bench_layer's ``dense_equivalent`` for any
-activation and row count), :func:`peak_bytes`.
+"""Helpers shared by the benchmarks (suite*.py, bench_layer.py, bench_gpu.py): timing with
+spread, peak memory, the dense limit, load patterns, the machine, stage times of the layer.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import statistics
 import time
 import timeit
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +21,7 @@ from smoe.losses import router_z_loss, switch_balance_loss
 from smoe.routing import Routing, TopKRouter
 
 LOADS = ("balanced", "natural", "skewed", "degenerate")
+MODES = ("fwd", "fwd+bwd")
 FORCE = 100.0  # logit bias that forces a choice; |clean logits| stay far below it
 
 
@@ -69,6 +68,33 @@ def measure(
         total += t
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return Stat(statistics.median(times), q[2] - q[0], len(times))
+
+
+class Clock:
+    """Timing settings of this run (one place, so --quick changes them all)."""
+
+    def __init__(
+        self, min_run_time: float, min_samples: int, block_s: float, slow_s: float = float("inf")
+    ) -> None:
+        self.min_run_time, self.min_samples, self.block_s = min_run_time, min_samples, block_s
+        self.slow_s = slow_s
+
+    def __call__(self, fn: Callable[[], object], min_samples: int | None = None) -> Stat:
+        return measure(
+            fn,
+            min_run_time=self.min_run_time,
+            min_samples=min_samples or self.min_samples,
+            block_s=self.block_s,
+            slow_s=self.slow_s,
+        )
+
+
+def stat(s: Stat) -> dict:
+    return asdict(s)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
 
 
 def _clock() -> float:
@@ -233,7 +259,7 @@ class PatternRouter(nn.Module):
 def machine(device: str = "cpu") -> dict:
     """CPU model, cores, threads, ISA, versions, commit; GPU name and driver on CUDA.
 
-    A superset of bench_layer.machine() that also works without transformers installed.
+    Works without transformers installed (its version is then None).
     """
     import os
     import platform
@@ -289,7 +315,7 @@ def machine(device: str = "cpu") -> dict:
 
 
 def maybe_reexec_tuned_malloc(malloc: str, env: dict[str, str]) -> None:
-    """bench_layer's ``--malloc tuned``: re-run this process with glibc's mmap threshold raised."""
+    """``--malloc tuned``: re-run this process with glibc's mmap threshold raised."""
     import os
     import sys
 
@@ -307,7 +333,7 @@ def stage_times(
     layer: nn.Module, x: Tensor, backward: bool, *, clock: Callable[..., Stat]
 ) -> dict[str, float]:
     """Median seconds of each stage of ``layer`` (an ``MoELayer``) run alone, with its backward
-    when asked: bench_layer.stage_times, plus the layer's capacity in ``make_plan``.
+    when asked (the layer's capacity, if any, applies in ``make_plan``).
 
     ``clock(fn) -> Stat`` times one function (e.g. :func:`measure` with fixed settings).
     """
@@ -344,3 +370,20 @@ def stage_times(
         "experts": stage(lambda: layer.experts(xs, plan.offsets)),
         "combine": stage(lambda: ops.combine(ys, w, plan)),
     }
+
+
+def write_block(path: str | os.PathLike, block: str, begin: str, end: str) -> None:
+    """Replace the text between the markers ``begin`` and ``end`` in ``path`` (append the markers
+    and the block when absent): how each benchmark keeps its own section of RESULTS.md current."""
+    text = open(path).read() if os.path.exists(path) else ""
+    new = f"{begin}\n{block}{end}"
+    if begin in text and end in text and text.index(begin) < text.index(end):
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+        text = head + new + tail
+    else:
+        sep = "" if not text or text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
+        text = text + sep + new + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
