@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
 from smoe import ops
 from smoe.experts import Experts
 from smoe.losses import DEFAULT_LOSS_WEIGHTS
-from smoe.routing.topk import TopKRouter
+from smoe.routing.context import RoutingContext
+from smoe.routing.registry import build_router, router_info
 
 
 class MoEAux(NamedTuple):
@@ -44,6 +46,14 @@ class MoEAux(NamedTuple):
         return total
 
 
+def _takes_context(router: nn.Module) -> bool:
+    """Whether ``router.forward`` accepts a ``context`` argument (all registered routers do)."""
+    params = inspect.signature(router.forward).parameters
+    return "context" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+    )
+
+
 class MoELayer(nn.Module):
     """A sparse MoE feed-forward layer, a drop-in replacement for a dense FFN.
 
@@ -51,19 +61,26 @@ class MoELayer(nn.Module):
         d_model: token width.
         d_ff: hidden width of each expert.
         num_experts: E.
-        k: experts per token (ignored when ``router`` is given: the router decides).
+        k: experts per token, handed to a router built by name (a router module decides itself).
         activation: ``"gelu"`` or ``"swiglu"``.
-        router: any module mapping ``[T, d_model]`` to a :class:`smoe.Routing`; default
-            :class:`TopKRouter` with ``renormalize``. A router that returns its own plan
-            (:class:`VMoERouter`, :class:`ExpertChoiceRouter`) decides the capacity itself.
+        router: a registered router name (:func:`smoe.routing.available_routers`: ``"topk"``,
+            ``"switch"``, ``"noisy_topk"``, ``"vmoe"``, ``"expert_choice"``, ...) built with
+            :func:`smoe.routing.build_router`, or any module mapping ``(x [T, d_model],
+            context=None)`` (or just ``x``) to a :class:`smoe.Routing`. Default ``"topk"``. A
+            router that returns its own plan (V-MoE, expert choice) decides the capacity itself.
+        router_options: keyword options of a router built by name.
         capacity_factor: if set, each expert takes at most ``ceil(k * T * factor / E)`` slots
             (rank-major dropping); dropped slots contribute 0 (the residual passes). Not allowed
             with a router that builds its own plan.
         bias: per-expert biases.
-        renormalize: for the default router.
+        renormalize: for the default ``"topk"`` router (same as
+            ``router_options={"renormalize": ...}``).
+        layer_index: position in a stack of MoE layers, handed to the router in its context.
 
-    ``forward(x)`` takes ``[..., d_model]`` and returns ``(y, MoEAux)`` with y shaped like x.
-    No host-device sync in forward.
+    ``forward(x, context=None)`` takes ``[..., d_model]`` and an optional
+    :class:`smoe.RoutingContext`, fills in the context's ``batch_shape`` (``x.shape[:-1]``) and
+    ``layer_index`` where they are None, and returns ``(y, MoEAux)`` with y shaped like x. No
+    host-device sync in forward.
     """
 
     def __init__(
@@ -74,10 +91,12 @@ class MoELayer(nn.Module):
         k: int = 2,
         *,
         activation: str = "gelu",
-        router: nn.Module | None = None,
+        router: str | nn.Module | None = None,
+        router_options: Mapping[str, Any] | None = None,
         capacity_factor: float | None = None,
         bias: bool = False,
         renormalize: bool = True,
+        layer_index: int | None = None,
     ) -> None:
         super().__init__()
         if capacity_factor is not None and capacity_factor <= 0:
@@ -85,15 +104,43 @@ class MoELayer(nn.Module):
                 f"MoELayer: capacity_factor must be > 0 or None, got {capacity_factor}"
             )
         self.d_model, self.num_experts, self.capacity_factor = d_model, num_experts, capacity_factor
-        self.router = (
-            router
-            if router is not None
-            else TopKRouter(d_model, num_experts, k, renormalize=renormalize)
-        )
+        self.layer_index = layer_index
+        if router is None:
+            router = "topk"
+        if isinstance(router, str):
+            options = dict(router_options or {})
+            if router == "topk":
+                options.setdefault("renormalize", renormalize)
+            self.router = build_router(router, d_model, num_experts, k, **options)
+            self.router_name = router
+            self.router_causal = router_info(router).is_causal(options)
+        elif isinstance(router, nn.Module):
+            if router_options:
+                raise ValueError(
+                    "MoELayer: router_options only apply to a router given by name, got a "
+                    f"{type(router).__name__} module and router_options={dict(router_options)}"
+                )
+            self.router = router
+        else:
+            raise TypeError(
+                "MoELayer: router must be a registered name (str), an nn.Module or None, got "
+                f"{type(router).__name__}"
+            )
         self.experts = Experts(num_experts, d_model, d_ff, activation, bias=bias)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "router":
+            # Decided once per router, not per forward (inspect does not trace under compile).
+            # A router set by hand has no registry name (and so no declared causality).
+            takes = isinstance(value, nn.Module) and _takes_context(value)
+            super().__setattr__("_router_takes_context", takes)
+            super().__setattr__("router_name", None)
+            super().__setattr__("router_causal", None)
+
     def extra_repr(self) -> str:
-        return f"capacity_factor={self.capacity_factor}"
+        name = f"router_name={self.router_name!r}, " if self.router_name else ""
+        return f"{name}capacity_factor={self.capacity_factor}, layer_index={self.layer_index}"
 
     def reset_parameters(self) -> None:
         self.router.reset_parameters()
@@ -115,13 +162,37 @@ class MoELayer(nn.Module):
         layer.experts = experts
         return layer.to(experts.w_in.device)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
+    def _context(self, x: Tensor, context: RoutingContext | None) -> RoutingContext:
+        if context is None:
+            context = RoutingContext()
+        elif not isinstance(context, RoutingContext):
+            raise TypeError(
+                f"MoELayer: context must be a smoe.RoutingContext or None, got "
+                f"{type(context).__name__}"
+            )
+        if context.batch_shape is None:
+            context = context._replace(batch_shape=tuple(x.shape[:-1]))
+        if context.layer_index is None and self.layer_index is not None:
+            context = context._replace(layer_index=self.layer_index)
+        if context.causal and self.router_causal is False:
+            raise ValueError(
+                f"MoELayer: router {self.router_name!r} is not causal (a token's experts depend "
+                "on later tokens) and context.causal is True; use a token-choice router in a "
+                "decoder"
+            )
+        return context
+
+    def forward(self, x: Tensor, context: RoutingContext | None = None) -> tuple[Tensor, MoEAux]:
         if x.shape[-1] != self.d_model:
             raise ValueError(
                 f"MoELayer: x must end in d_model={self.d_model}, got shape {tuple(x.shape)}"
             )
         flat = x.reshape(-1, self.d_model)
-        routing = self.router(flat)
+        context = self._context(x, context)
+        if self._router_takes_context:
+            routing = self.router(flat, context=context)
+        else:
+            routing = self.router(flat)
         k = routing.expert.shape[1]
         capacity = None
         if self.capacity_factor is not None:

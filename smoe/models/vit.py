@@ -25,22 +25,18 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, nn
 
 from smoe.layer import MoEAux, MoELayer
-from smoe.routing.expert_choice import ExpertChoiceRouter
-from smoe.routing.vmoe import VMoERouter
+from smoe.routing.registry import available_routers, build_router, router_info
 
 if TYPE_CHECKING:
     from timm.models.vision_transformer import VisionTransformer
 
 __all__ = [
-    "ROUTERS",
     "MoEMlp",
     "moe_block_indices",
     "quickdraw_vit",
     "tokens_per_image",
     "vmoe_vit",
 ]
-
-ROUTERS = ("vmoe", "expert_choice")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,18 +219,21 @@ def vmoe_vit(
         vit: a timm ``VisionTransformer`` (fixed image size). Modified in place unless
             ``copy_model``.
         num_experts: E (V-MoE ImageNet configs: 8).
-        k: experts per token for ``router="vmoe"`` (V-MoE: 2). For ``"expert_choice"`` it only
-            sets the default capacity factor c = k (the same expert compute as top-k at C = 1).
+        k: experts per token (V-MoE: 2). For ``"expert_choice"`` it only sets the default
+            capacity factor c = k (the same expert compute as top-k at C = 1).
         every, last, blocks: placement; give at most one.
-        router: ``"vmoe"`` (:class:`smoe.VMoERouter`: noisy top-k, capacity, BPR; §3) or
-            ``"expert_choice"`` (``smoe.ExpertChoiceRouter``: each expert takes its top
-            ``ceil(S c / E)`` tokens per group).
+        router: a registered router name (:func:`smoe.routing.available_routers`): ``"vmoe"``
+            (:class:`smoe.VMoERouter`: noisy top-k, capacity, BPR; §3), ``"expert_choice"``
+            (``smoe.ExpertChoiceRouter``: each expert takes its top ``ceil(S c / E)`` tokens per
+            group), ``"topk"``, ``"switch"``, ... Routers with a ``group_size`` option get the
+            image groups.
         group_images: images per routing group (§2, §6: 8), or None.
         upcycle: experts start as copies of the dense MLP (:meth:`MoELayer.from_dense`); else
             fresh, independently initialised experts.
         copy_model: work on a deep copy and leave ``vit`` untouched.
-        **router_kwargs: passed to the router, e.g. ``capacity_factor=1.05``,
-            ``eval_capacity_factor``, ``noise_std``, ``batch_priority`` (§6 defaults otherwise).
+        **router_kwargs: the router's options (:func:`smoe.routing.build_router`), e.g.
+            ``capacity_factor=1.05``, ``eval_capacity_factor``, ``noise_std``,
+            ``batch_priority`` for V-MoE (§6 defaults otherwise).
 
     Returns:
         The V-MoE (``vit`` itself unless ``copy_model``). Its state-dict keys for block i are
@@ -246,8 +245,10 @@ def vmoe_vit(
             size, a block that already holds an MoE, an MLP that cannot be upcycled.
     """
     _check_vit(vit)
-    if router not in ROUTERS:
-        raise ValueError(f"vmoe_vit: router must be one of {ROUTERS}, got {router!r}")
+    if router not in available_routers():
+        raise ValueError(
+            f"vmoe_vit: router must be one of {tuple(available_routers())}, got {router!r}"
+        )
     if group_images is not None and group_images < 1:
         raise ValueError(f"vmoe_vit: group_images must be >= 1 or None, got {group_images}")
     if getattr(vit, "dynamic_img_size", False):
@@ -325,10 +326,11 @@ def _make_router(
     group_size: int | None,
     kwargs: Mapping[str, Any],
 ) -> nn.Module:
-    if kind == "vmoe":
-        return VMoERouter(d_model, num_experts, k, group_size=group_size, **kwargs)
-    kwargs = {"capacity_factor": float(k), **kwargs}
-    return ExpertChoiceRouter(d_model, num_experts, group_size=group_size, **kwargs)
+    options = dict(kwargs)
+    accepted = router_info(kind).option_names()
+    if accepted is None or "group_size" in accepted:
+        options.setdefault("group_size", group_size)
+    return build_router(kind, d_model, num_experts, k, **options)
 
 
 # ---------------------------------------------------------------------------------------------

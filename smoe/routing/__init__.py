@@ -1,15 +1,33 @@
-"""Routers: each scores tokens against experts and returns the common :class:`Routing`."""
+"""Routers: each scores tokens against experts and returns the common :class:`Routing`.
+
+Every router family registers itself by name (:mod:`smoe.routing.registry`) at the bottom of its
+module; importing it here is what makes the name known.
+"""
 
 from smoe.routing.base import Routing
+from smoe.routing.context import RoutingContext
 from smoe.routing.expert_choice import ExpertChoiceRouter, expert_choice_capacity
+from smoe.routing.registry import (
+    RouterInfo,
+    available_routers,
+    build_router,
+    register_router,
+    router_info,
+)
 from smoe.routing.topk import TopKRouter
 from smoe.routing.vmoe import VMoERouter, vmoe_capacity
 
 __all__ = [
     "ExpertChoiceRouter",
+    "RouterInfo",
     "Routing",
+    "RoutingContext",
     "TopKRouter",
     "VMoERouter",
+    "available_routers",
+    "build_router",
     "expert_choice_capacity",
+    "register_router",
+    "router_info",
     "vmoe_capacity",
 ]

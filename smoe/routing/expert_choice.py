@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from smoe import ops
 from smoe.routing.base import Routing
+from smoe.routing.context import RoutingContext
+from smoe.routing.registry import register_router
 
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
@@ -100,8 +102,11 @@ class ExpertChoiceRouter(nn.Module):
         S = num_tokens if self.group_size is None else min(self.group_size, num_tokens)
         return expert_choice_capacity(S, self.num_experts, self.capacity_factor)
 
-    def forward(self, x: Tensor) -> Routing:
-        """Route ``x [T, d_model]``; returns :class:`Routing` with its plan (float32 weights)."""
+    def forward(self, x: Tensor, context: RoutingContext | None = None) -> Routing:
+        """Route ``x [T, d_model]``; returns :class:`Routing` with its plan (float32 weights).
+
+        ``context`` is accepted for the common router interface and not used.
+        """
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
             weight, plan = ops.expert_choice(
@@ -110,3 +115,29 @@ class ExpertChoiceRouter(nn.Module):
             columns = torch.arange(self.num_experts, device=x.device, dtype=torch.int32)
             expert = torch.where(plan.kept, columns, -1).to(torch.int32)
         return Routing(expert=expert, weight=weight, logits=logits, aux={}, plan=plan)
+
+
+def build_expert_choice_router(
+    d_model: int,
+    num_experts: int,
+    k: int = 2,
+    *,
+    capacity_factor: float | None = None,
+    group_size: int | None = None,
+    init_scale: float = 0.1,
+) -> ExpertChoiceRouter:
+    """Registry factory: ``capacity_factor`` defaults to k (equal active expert compute with a
+    top-k router; the paper's c = 2 when k = 2)."""
+    c = float(k) if capacity_factor is None else capacity_factor
+    return ExpertChoiceRouter(
+        d_model, num_experts, capacity_factor=c, group_size=group_size, init_scale=init_scale
+    )
+
+
+register_router(
+    "expert_choice",
+    build_expert_choice_router,
+    description="Expert choice (Zhou et al. 2022): each expert takes its top-C tokens; not causal",
+    selection="expert_choice",
+    causal=False,
+)

@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from smoe import ops
 from smoe.losses import router_z_loss, switch_balance_loss
 from smoe.routing.base import Routing
+from smoe.routing.context import RoutingContext
+from smoe.routing.registry import register_router
 
 
 class TopKRouter(nn.Module):
@@ -72,8 +74,11 @@ class TopKRouter(nn.Module):
             f"renormalize={self.renormalize}, noisy={self.noisy}, jitter={self.jitter}"
         )
 
-    def forward(self, x: Tensor) -> Routing:
-        """Route ``x [T, d_model]``; returns :class:`Routing` with float32 weights."""
+    def forward(self, x: Tensor, context: RoutingContext | None = None) -> Routing:
+        """Route ``x [T, d_model]``; returns :class:`Routing` with float32 weights.
+
+        ``context`` is accepted for the common router interface and not used.
+        """
         with torch.autocast(device_type=x.device.type, enabled=False):
             h = x.float()
             if self.training and self.jitter > 0:
@@ -95,3 +100,25 @@ class TopKRouter(nn.Module):
                 "z": router_z_loss(logits),
             }
         return Routing(expert=expert, weight=weight, logits=logits, aux=aux)
+
+
+register_router(
+    "topk",
+    TopKRouter,
+    description="GShard/Mixtral top-k: softmax gate, top-k, weights renormalised over the k",
+    aux_losses=("balance", "z"),
+)
+register_router(
+    "switch",
+    TopKRouter,
+    description="Switch Transformer: softmax gate, top-k (k = 1 in the paper), raw probabilities",
+    aux_losses=("balance", "z"),
+    defaults={"renormalize": False},
+)
+register_router(
+    "noisy_topk",
+    TopKRouter,
+    description="Shazeer et al. 2017: top-k of logits + softplus-scaled Gaussian noise in training",
+    aux_losses=("balance", "z"),
+    defaults={"noisy": True},
+)

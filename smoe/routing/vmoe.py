@@ -16,6 +16,8 @@ from torch import Tensor, nn
 from smoe import ops
 from smoe.losses import importance_loss, load_loss
 from smoe.routing.base import Routing
+from smoe.routing.context import RoutingContext
+from smoe.routing.registry import register_router
 
 _ROUNDINGS = ("ceil", "round")
 _PRIORITIES = ("max", "sum_topk")
@@ -173,8 +175,11 @@ class VMoERouter(nn.Module):
             multiple_of=self.multiple_of,
         )
 
-    def forward(self, x: Tensor) -> Routing:
-        """Route ``x [T, d_model]``; returns :class:`Routing` (float32 weights, with a plan)."""
+    def forward(self, x: Tensor, context: RoutingContext | None = None) -> Routing:
+        """Route ``x [T, d_model]``; returns :class:`Routing` (float32 weights, with a plan).
+
+        ``context`` is accepted for the common router interface and not used.
+        """
         T = x.shape[0]
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
@@ -197,3 +202,14 @@ class VMoERouter(nn.Module):
                     logits, selection, self.k, self.sigma, group_size=self.group_size
                 )
         return Routing(expert=expert, weight=weight, logits=logits, aux=aux, plan=plan)
+
+
+register_router(
+    "vmoe",
+    VMoERouter,
+    description="V-MoE: noisy softmax then top-k, per-group capacity, optional BPR (Riquelme 2021)",
+    # Capacity drops in token order depend only on earlier tokens; Batch Prioritized Routing
+    # ranks the whole group by priority, so a token's place depends on later tokens.
+    causal=lambda options: not options.get("batch_priority", False),
+    aux_losses=("importance", "load"),
+)
