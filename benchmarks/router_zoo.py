@@ -1,0 +1,298 @@
+"""The router leaderboard: every registered router on the same tasks, at equal active expert
+compute and equal steps, over several seeds.
+
+    python benchmarks/router_zoo.py [--seeds 0 1 2] [--routers topk vmoe] [--quick]
+
+Tasks (same backbone, widths, optimiser and steps for every router):
+- charlm: the causal char-level LM of ``smoe.examples.charlm`` on Tiny Shakespeare (4 MoE layers,
+  d = 128, E = 8, k = 2, expert width 4d/k): validation bits per character, clean and on
+  word-swap-attacked text (rate 0.04), late-training routing fluctuation (mean RF against the
+  previous checkpoint over the second half of training), MaxVio at the end, and the training step
+  time as a ratio to top-k's in the same invocation. Routers that are not causal (expert choice)
+  are not run here: they would see the future.
+- vit: the QuickDraw V-MoE ViT of ``smoe.models`` ("Every 2", E = 8, k = 2, groups of 8 images,
+  fresh experts): test accuracy, clean and with Gaussian pixel noise of std ``--noise-std``.
+
+Each run's JSON goes to ``--out`` (default ``benchmarks/results/router_zoo``); a run whose JSON
+exists is skipped, so an interrupted leaderboard resumes. The table (mean ± std over seeds), the
+paper claim of each row with the measured direction and a verdict go into RESULTS.md between the
+``router-zoo`` markers, the plot into ``benchmarks/plots/router_zoo.png``. A new router adds its
+row by registering itself (``smoe.routing.register_router``) and an entry in ``ZOO`` below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import machine, write_block  # benchmarks/common.py
+from vmoe_capacity import evaluate as vit_evaluate  # benchmarks/vmoe_capacity.py
+from vmoe_capacity import train as vit_train
+from zoo_report import render, render_plot  # benchmarks/zoo_report.py
+
+from smoe.data.quickdraw import load_subset
+from smoe.data.text import tiny_shakespeare
+from smoe.examples.charlm import CharLMConfig, quick_config
+from smoe.examples.charlm import run as charlm_run
+from smoe.models import quickdraw_vit, vmoe_vit
+from smoe.routing import available_routers, router_info
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- router-zoo:begin -->", "<!-- router-zoo:end -->"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a router's paper claims, as a measurable direction against the top-k baseline.
+
+    ``metric`` is a column of the table; ``direction`` is ``"lower"``, ``"higher"`` or
+    ``"same"`` (no worse: the difference stays within noise).
+    """
+
+    text: str
+    metric: str
+    direction: str
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """A leaderboard row: the router's options per task and its paper's claims."""
+
+    charlm: dict[str, Any] = field(default_factory=dict)
+    vit: dict[str, Any] = field(default_factory=dict)
+    claims: tuple[Claim, ...] = ()
+
+
+ZOO: dict[str, ZooEntry] = {
+    "topk": ZooEntry(),  # the baseline: GShard/Mixtral top-2, renormalised weights
+    "switch": ZooEntry(
+        claims=(
+            Claim(
+                "Switch (Fedus et al. 2021): the raw router probability as the combine weight "
+                "trains as well as renormalised top-k (here at k = 2, equal compute)",
+                "bpc",
+                "same",
+            ),
+        )
+    ),
+    "noisy_topk": ZooEntry(
+        claims=(
+            Claim(
+                "Shazeer et al. 2017: noise in the gate spreads the load (lower MaxVio)",
+                "max_vio",
+                "lower",
+            ),
+            Claim("... without hurting quality", "bpc", "same"),
+        )
+    ),
+    "vmoe": ZooEntry(
+        charlm={"capacity_factor": 1.05},
+        vit={"capacity_factor": 1.05},
+        claims=(
+            Claim(
+                "V-MoE (Riquelme et al. 2021): noise 1/E, importance + load losses and capacity "
+                "C = 1.05 keep quality at top-k's level",
+                "vit_acc",
+                "same",
+            ),
+        ),
+    ),
+    "expert_choice": ZooEntry(
+        claims=(
+            Claim(
+                "Expert choice (Zhou et al. 2022): better quality than token-choice top-k at "
+                "equal compute (> 2x faster convergence at 8B scale)",
+                "vit_acc",
+                "higher",
+            ),
+        )
+    ),
+}
+
+
+def charlm_config(name: str, quick: bool) -> CharLMConfig:
+    """The charlm run of the leaderboard: 600 steps, evaluated every 50."""
+    options = ZOO[name].charlm
+    if quick:
+        return quick_config(router=name, router_options=options, steps=20, eval_every=5)
+    return CharLMConfig(router=name, router_options=options, steps=600, eval_every=50)
+
+
+def run_charlm(name: str, seed: int, quick: bool, corpus) -> dict:
+    cfg = charlm_config(name, quick)
+    r = charlm_run(cfg, seed, corpus=corpus, progress=not quick)
+    f = r["final"]
+    return {
+        "bpc": f["val_bpc"],
+        "bpc_attacked": f["val_bpc_attacked"],
+        "late_rf": f["late_rf"],
+        "max_vio": f["max_vio"],
+        "step_s": f["step_time_s"],
+        "rf_steps": r["rf"]["steps"],
+        "rf": r["rf"]["previous"],
+        "config": r["config"],
+        "attack": r["attack"],
+    }
+
+
+def run_vit(name: str, seed: int, quick: bool, data, noise_std: float) -> dict:
+    (x, y), (tx, ty) = data
+    torch.manual_seed(seed)
+    vit = quickdraw_vit(9)
+    model = vmoe_vit(
+        vit,
+        num_experts=8,
+        k=2,
+        every=2,
+        group_images=8,
+        upcycle=False,
+        router=name,
+        **ZOO[name].vit,
+    )
+    epochs = 1 if quick else 2
+    loss, sps = vit_train(
+        name, model, x, y, epochs=epochs, batch_size=128, lr=2e-3, seed=seed, progress=not quick
+    )
+    clean = vit_evaluate(model, tx, ty)["accuracy"]
+    g = torch.Generator().manual_seed(1234)  # the same noise for every router and seed
+    noisy_x = tx + noise_std * torch.randn(tx.shape, generator=g)
+    noisy = vit_evaluate(model, noisy_x, ty)["accuracy"]
+    return {"vit_acc": clean, "vit_acc_noisy": noisy, "vit_train_loss": loss, "vit_step_s": sps}
+
+
+def vit_data(quick: bool):
+    train, test = load_subset("train"), load_subset("test")
+    x, y, tx, ty = train.images, train.labels, test.images, test.labels
+    if quick:
+        g = torch.Generator().manual_seed(0)
+        keep, keep_test = (
+            torch.randperm(len(x), generator=g)[:256],
+            torch.randperm(len(tx), generator=g)[:200],
+        )
+        x, y, tx, ty = x[keep], y[keep], tx[keep_test], ty[keep_test]
+    return (x, y), (tx, ty)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--routers", nargs="+", default=None, help="default: every registered one")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--tasks", nargs="+", default=["charlm", "vit"], choices=["charlm", "vit"])
+    p.add_argument("--noise-std", type=float, default=0.5, help="Gaussian pixel noise (ViT)")
+    p.add_argument("--quick", action="store_true", help="CI size: seconds per run, 1 seed")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    p.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "plots" / "router_zoo.png")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    routers = args.routers or [n for n in available_routers() if n in ZOO]
+    for name in routers:
+        router_info(name)  # a clear error for an unknown name
+        if name not in ZOO:
+            raise SystemExit(f"router_zoo: {name!r} has no entry in ZOO (benchmarks/router_zoo.py)")
+    # top-k first: the baseline of every ratio and verdict
+    routers = ["topk", *[n for n in routers if n != "topk"]]
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    out = args.out or ROOT / "benchmarks" / "results" / (
+        "router_zoo_quick" if args.quick else "router_zoo"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    corpus = tiny_shakespeare() if "charlm" in args.tasks else None
+    data = vit_data(args.quick) if "vit" in args.tasks else None
+    runs: dict[str, dict[int, dict]] = {name: {} for name in routers}
+    for name in routers:
+        for seed in seeds:
+            path = out / f"{name}_seed{seed}.json"
+            rec = json.loads(path.read_text()) if path.exists() else {"router": name, "seed": seed}
+            todo = [t for t in args.tasks if t not in rec]
+            if "charlm" in todo and not router_info(name).causal:
+                rec["charlm"] = None  # not causal: not run in a decoder
+                todo.remove("charlm")
+            for task in todo:
+                t0 = time.perf_counter()
+                if task == "charlm":
+                    rec["charlm"] = run_charlm(name, seed, args.quick, corpus)
+                else:
+                    rec["vit"] = run_vit(name, seed, args.quick, data, args.noise_std)
+                rec[f"{task}_seconds"] = time.perf_counter() - t0
+                rec["machine"] = machine()
+                path.write_text(json.dumps(rec, indent=1))
+                print(
+                    f"router_zoo: {name} seed {seed} {task} done in {rec[f'{task}_seconds']:.0f} s"
+                )
+            runs[name][seed] = rec
+    table = summarize(runs, ZOO)
+    block = render(table, ZOO, seeds=seeds, noise_std=args.noise_std, quick=args.quick, out=out)
+    write_block(args.results, block, BEGIN, END)
+    render_plot(table, runs, args.plot)
+    print(block)
+    elapsed = time.perf_counter() - start
+    print(f"router_zoo: {elapsed:.0f} s in this invocation; results in {args.results}")
+    return {"table": table, "seconds": elapsed, "out": str(out)}
+
+
+def summarize(runs: dict[str, dict[int, dict]], zoo: dict[str, ZooEntry]) -> dict[str, dict]:
+    """Mean ± std over seeds of every metric, step-time ratios to top-k (same seed), verdicts."""
+    metrics = ("bpc", "bpc_attacked", "late_rf", "max_vio")
+    table: dict[str, dict] = {}
+    base = runs.get("topk", {})
+    for name, by_seed in runs.items():
+        row: dict[str, Any] = {"n": len(by_seed), "causal": router_info(name).causal}
+        lm = {s: r.get("charlm") for s, r in by_seed.items()}
+        for m in metrics:
+            row[m] = mean_std([v[m] for v in lm.values() if v])
+        ratios = [
+            v["step_s"] / base[s]["charlm"]["step_s"]
+            for s, v in lm.items()
+            if v and s in base and base[s].get("charlm")
+        ]
+        row["step_ratio"] = mean_std(ratios)
+        for m in ("vit_acc", "vit_acc_noisy"):
+            row[m] = mean_std([r["vit"][m] for r in by_seed.values() if r.get("vit")])
+        table[name] = row
+    for name, row in table.items():
+        row["verdicts"] = [verdict(c, row, table.get("topk"), row["n"]) for c in zoo[name].claims]
+    return table
+
+
+def verdict(claim: Claim, row: dict, base: dict | None, n: int) -> dict[str, Any]:
+    """Measured difference against top-k and a verdict. Rule: with d = mean − mean_topk and
+    s = sqrt(std²/n + std_topk²/n) (standard error of the difference), "held" when d points the
+    claimed way by more than 2 s (for "same": |d| ≤ 2 s), "did not hold" when it points the other
+    way by more than 2 s, else "inconclusive at this scale"."""
+    m, sd = row[claim.metric]
+    if base is None or math.isnan(m) or math.isnan(base[claim.metric][0]):
+        return {"claim": claim.text, "delta": None, "verdict": "not measured"}
+    mb, sb = base[claim.metric]
+    d = m - mb
+    s = math.sqrt((sd**2 + sb**2) / max(n, 1))
+    better = d < 0 if claim.metric in ("bpc", "bpc_attacked", "late_rf", "max_vio") else d > 0
+    if claim.direction == "same":
+        v = "held" if abs(d) <= 2 * s or better else "did not hold"
+    elif abs(d) <= 2 * s:
+        v = "inconclusive at this scale"
+    else:
+        claimed_lower = claim.direction == "lower"
+        v = "held" if (d < 0) == claimed_lower else "did not hold"
+    return {"claim": claim.text, "metric": claim.metric, "delta": d, "se": s, "verdict": v}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""The router lab's char-level LM: ``python -m smoe.examples.charlm --router NAME``.
+
+A small causal pre-LN Transformer (:class:`smoe.models.charlm.CharLM`) on Tiny Shakespeare with MoE
+feed-forward layers, the router chosen by name from the registry. Every ``--eval-every`` steps it
+measures validation loss and bits per character, clean and on word-swap-attacked validation text
+(specs/momentum_smoe.md §8.1), and per MoE layer the load (CV, MaxVio, dropped, dead experts), the
+routing entropy, representation collapse (RC) and the top-1 expert of every held-out token, from
+which routing fluctuation (RF) between checkpoints follows. Writes one JSON per seed and figures
+(learning curves, RF over training, expert-load heat map).
+
+Examples::
+
+    python -m smoe.examples.charlm                                   # top-k, seed 0 (~6 min)
+    python -m smoe.examples.charlm --router vmoe --router-option capacity_factor=1.25
+    python -m smoe.examples.charlm --router switch --seeds 0 1 2
+    python -m smoe.examples.charlm --quick                           # < 1 minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from smoe.data.text import CharCorpus, eval_windows, random_batch, tiny_shakespeare, word_swap
+from smoe.metrics import RoutingRecorder, fluctuation_series
+from smoe.models.charlm import CharLM
+
+__all__ = ["CharLMConfig", "evaluate", "late_mean", "main", "parse_options", "quick_config", "run"]
+
+
+@dataclass
+class CharLMConfig:
+    """Everything a char-LM run depends on (recorded in its JSON)."""
+
+    router: str = "topk"
+    router_options: dict[str, Any] = field(default_factory=dict)
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    context: int = 128
+    num_experts: int = 8
+    k: int = 2
+    d_ff: int | None = None  # 4 d / k: equal active expert compute for every k
+    moe_every: int = 1
+    dropout: float = 0.0
+    batch_size: int = 32
+    steps: int = 1000
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 4  # of batch_size x context characters, the same tokens every time
+    attack_rate: float = 0.04
+    attack_placeholder: str = "AAA"
+    attack_seed: int = 0
+    threads: int | None = None
+
+
+def quick_config(**overrides: Any) -> CharLMConfig:
+    """A run of a few seconds (the tests' and notebook's size)."""
+    base = dict(
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        context=32,
+        num_experts=4,
+        batch_size=8,
+        steps=40,
+        warmup=5,
+        eval_every=10,
+        eval_batches=2,
+    )
+    return CharLMConfig(**{**base, **overrides})
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``["capacity_factor=1.25", "noisy=True"]`` -> ``{"capacity_factor": 1.25, "noisy": True}``
+    (values are Python literals; anything else stays a string)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--router-option must be key=value, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def lr_at(cfg: CharLMConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def build_model(cfg: CharLMConfig, vocab_size: int) -> CharLM:
+    return CharLM(
+        vocab_size,
+        d_model=cfg.d_model,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        context=cfg.context,
+        num_experts=cfg.num_experts,
+        k=cfg.k,
+        d_ff=cfg.d_ff,
+        moe_every=cfg.moe_every,
+        router=cfg.router,
+        router_options=cfg.router_options,
+        dropout=cfg.dropout,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: CharLM, data: torch.Tensor, cfg: CharLMConfig, recorder: RoutingRecorder | None = None
+) -> float:
+    """Mean next-character cross-entropy (nats) over the fixed validation windows; with a
+    recorder, routing is recorded on those same tokens."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        if recorder is not None:
+            recorder.attach()
+        for x, y in eval_windows(data, cfg.batch_size, cfg.context, max_batches=cfg.eval_batches):
+            logits, _ = model(x)
+            total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
+            count += y.numel()
+    finally:
+        if recorder is not None:
+            recorder.detach()
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+def late_mean(values: list[float], fraction: float = 0.5) -> float:
+    """Mean of the last ``fraction`` of a series (the late stage of training)."""
+    if not values:
+        return float("nan")
+    tail = values[-max(1, math.ceil(len(values) * fraction)) :]
+    return sum(tail) / len(tail)
+
+
+def _layer_mean(per_layer: dict[str, dict[str, float]], key: str) -> float:
+    vals = [m[key] for m in per_layer.values() if key in m and not math.isnan(m[key])]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def run(
+    cfg: CharLMConfig,
+    seed: int = 0,
+    *,
+    corpus: CharCorpus | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one char-LM and return its results (also written to ``out_dir`` as JSON).
+
+    Returns a dict with ``config``, ``seed``, ``history`` (one entry per evaluation: step,
+    train loss, val loss and bpc clean and attacked, per-layer routing metrics, RF against the
+    previous evaluation), ``rf`` (per-evaluation RF against the previous and the final
+    checkpoint, mean over layers) and ``final`` (bpc, late RF, MaxVio, entropy, RC, step time).
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    corpus = corpus if corpus is not None else tiny_shakespeare(placeholder=cfg.attack_placeholder)
+    attacked = corpus.vocab.encode(
+        word_swap(corpus.val_text, cfg.attack_rate, cfg.attack_placeholder, cfg.attack_seed)
+    )
+    torch.manual_seed(seed)
+    model = build_model(cfg, len(corpus.vocab))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.99),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    recorder = RoutingRecorder(model)
+    history: list[dict[str, Any]] = []
+    top1s: list[dict[str, torch.Tensor]] = []
+    step_times: list[float] = []
+    train_loss = float("nan")
+    bar = tqdm(range(cfg.steps), desc=f"charlm {cfg.router} seed {seed}", disable=not progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        x, y = random_batch(corpus.train, cfg.batch_size, cfg.context, gen)
+        t0 = time.perf_counter()
+        logits, auxes = model(x, step=step)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        total = loss + sum((a.loss() for a in auxes), loss.new_zeros(()))
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step_times.append(time.perf_counter() - t0)
+        train_loss = float(loss.detach())
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(
+                f"charlm: the training loss became {train_loss} at step {step}"
+            )
+        last = step == cfg.steps - 1
+        if (step + 1) % cfg.eval_every == 0 or last:
+            val = evaluate(model, corpus.val, cfg, recorder)
+            val_attacked = evaluate(model, attacked, cfg)
+            layers = recorder.summary()
+            top1s.append(recorder.top1())
+            entry = {
+                "step": step + 1,
+                "train_loss": train_loss,
+                "val_loss": val,
+                "val_bpc": val / math.log(2),
+                "val_bpc_attacked": val_attacked / math.log(2),
+                "layers": layers,
+                "load": {n: r.load.tolist() for n, r in recorder.records.items()},
+            }
+            if len(top1s) > 1:
+                entry["rf_prev"] = {
+                    n: fluctuation_series([top1s[-2][n], top1s[-1][n]])[0] for n in top1s[-1]
+                }
+            history.append(entry)
+            bar.set_postfix(bpc=f"{entry['val_bpc']:.3f}")
+    names = list(top1s[-1]) if top1s else []
+    per_layer_prev = {n: fluctuation_series([t[n] for t in top1s]) for n in names}
+    per_layer_final = {n: fluctuation_series([t[n] for t in top1s], against="final") for n in names}
+    rf_prev = [
+        sum(v[i] for v in per_layer_prev.values()) / len(names) for i in range(len(top1s) - 1)
+    ]
+    rf_final = [
+        sum(v[i] for v in per_layer_final.values()) / len(names) for i in range(len(top1s) - 1)
+    ]
+    warm = step_times[min(5, len(step_times) - 1) :]
+    last_layers = history[-1]["layers"]
+    result = {
+        "config": dataclasses.asdict(cfg),
+        "seed": seed,
+        "history": history,
+        "rf": {
+            "steps": [h["step"] for h in history[1:]],
+            "previous": rf_prev,
+            "final": rf_final,
+            "per_layer_previous": per_layer_prev,
+        },
+        "final": {
+            "val_bpc": history[-1]["val_bpc"],
+            "val_bpc_attacked": history[-1]["val_bpc_attacked"],
+            "late_rf": late_mean(rf_prev),
+            "max_vio": _layer_mean(last_layers, "max_vio"),
+            "cv": _layer_mean(last_layers, "cv"),
+            "entropy": _layer_mean(last_layers, "entropy"),
+            "rc": _layer_mean(last_layers, "rc"),
+            "dropped": _layer_mean(last_layers, "dropped"),
+            "dead": _layer_mean(last_layers, "dead"),
+            "step_time_s": sum(warm) / len(warm),
+        },
+        "attack": {
+            "rate": cfg.attack_rate,
+            "placeholder": cfg.attack_placeholder,
+            "seed": cfg.attack_seed,
+        },
+        "threads": torch.get_num_threads(),
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"charlm_{cfg.router}_seed{seed}.json"
+        path.write_text(json.dumps(result, indent=1))
+        torch.save(model.state_dict(), out / f"charlm_{cfg.router}_seed{seed}.pt")
+    return result
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--router", default="topk", help="a name from smoe.routing.available_routers()")
+    p.add_argument("--router-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--steps", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--moe-every", type=int, choices=(1, 2))
+    p.add_argument("--num-experts", type=int)
+    p.add_argument("-k", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--quick", action="store_true", help="the tests' size: under a minute")
+    p.add_argument("--out", default="runs/charlm")
+    p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--list-routers", action="store_true")
+    args = p.parse_args(argv)
+    if args.list_routers:
+        from smoe.routing import available_routers
+
+        for name, desc in available_routers().items():
+            print(f"{name:16s} {desc}")
+        return []
+    overrides = {
+        key: getattr(args, attr)
+        for key, attr in [
+            ("steps", "steps"),
+            ("eval_every", "eval_every"),
+            ("moe_every", "moe_every"),
+            ("num_experts", "num_experts"),
+            ("k", "k"),
+            ("threads", "threads"),
+        ]
+        if getattr(args, attr) is not None
+    }
+    overrides.update(router=args.router, router_options=parse_options(args.router_option))
+    cfg = quick_config(**overrides) if args.quick else CharLMConfig(**overrides)
+    corpus = tiny_shakespeare(placeholder=cfg.attack_placeholder)
+    results = [run(cfg, s, corpus=corpus, out_dir=args.out) for s in args.seeds]
+    for r in results:
+        f = r["final"]
+        print(
+            f"{cfg.router} seed {r['seed']}: val bpc {f['val_bpc']:.4f} (attacked "
+            f"{f['val_bpc_attacked']:.4f}), late RF {f['late_rf']:.4f}, "
+            f"MaxVio {f['max_vio']:.3f}, entropy {f['entropy']:.3f} nats, RC {f['rc']:.3g}, "
+            f"{f['step_time_s'] * 1e3:.0f} ms/step"
+        )
+    if not args.no_figures:
+        from smoe.examples.charlm_figures import save_figures
+
+        for path in save_figures(results, Path(args.out) / f"{cfg.router}"):
+            print(f"figure: {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Figures of char-LM runs (:mod:`smoe.examples.charlm`): learning curves, routing fluctuation over
+training, and the expert-load heat map of the final checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["plot_curves", "plot_load", "plot_rf", "save_figures"]
+
+
+def _label(r: dict[str, Any]) -> str:
+    return f"{r['config']['router']} s{r['seed']}"
+
+
+def plot_curves(results: Sequence[dict[str, Any]], ax=None):
+    """Validation bits per character against steps, clean (solid) and attacked (dashed)."""
+    ax = ax if ax is not None else plt.subplots(figsize=(6, 4))[1]
+    for i, r in enumerate(results):
+        steps = [h["step"] for h in r["history"]]
+        color = f"C{i % 10}"
+        ax.plot(steps, [h["val_bpc"] for h in r["history"]], color=color, label=_label(r))
+        ax.plot(steps, [h["val_bpc_attacked"] for h in r["history"]], color=color, ls="--")
+    ax.set(xlabel="step", ylabel="validation bits / char", title="clean (solid), attacked (dashed)")
+    ax.legend(fontsize=7)
+    return ax
+
+
+def plot_rf(results: Sequence[dict[str, Any]], ax=None):
+    """Routing fluctuation against the previous checkpoint, mean over MoE layers."""
+    ax = ax if ax is not None else plt.subplots(figsize=(6, 4))[1]
+    for i, r in enumerate(results):
+        ax.plot(r["rf"]["steps"], r["rf"]["previous"], color=f"C{i % 10}", label=_label(r))
+    ax.set(
+        xlabel="step", ylabel="RF (share of tokens whose top-1 moved)", title="routing fluctuation"
+    )
+    ax.legend(fontsize=7)
+    return ax
+
+
+def plot_load(result: dict[str, Any], ax=None):
+    """Share of each expert's load per MoE layer at the final evaluation."""
+    ax = ax if ax is not None else plt.subplots(figsize=(6, 3))[1]
+    load = result["history"][-1]["load"]
+    names = list(load)
+    m = np.array([load[n] for n in names], dtype=float)
+    share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0)
+    ax.set(
+        xlabel="expert",
+        ylabel="MoE layer",
+        yticks=range(len(names)),
+        yticklabels=[n.split(".")[1] if "." in n else n for n in names],
+        title=f"load share, {_label(result)}",
+    )
+    ax.figure.colorbar(im, ax=ax)
+    return ax
+
+
+def save_figures(results: Sequence[dict[str, Any]], prefix: str | Path) -> list[Path]:
+    """Write ``<prefix>_curves.png``, ``<prefix>_rf.png`` and ``<prefix>_load.png`` (first run)."""
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, draw in (("curves", plot_curves), ("rf", plot_rf)):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        draw(results, ax)
+        fig.tight_layout()
+        path = prefix.with_name(f"{prefix.name}_{name}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    plot_load(results[0], ax)
+    fig.tight_layout()
+    path = prefix.with_name(f"{prefix.name}_load.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+    return paths

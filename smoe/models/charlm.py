@@ -1,0 +1,165 @@
+"""A small causal pre-LN Transformer language model whose feed-forward layers are MoE layers.
+
+The router lab's backbone (``python -m smoe.examples.charlm``): every router of the registry is
+trained on it with the same blocks, widths and steps. Each MoE layer gets a
+:class:`smoe.RoutingContext` with the ``[B, S]`` batch shape, ``causal=True`` and its layer index,
+so routers that need sequence structure have it; expert choice, which is not causal, is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from smoe.layer import MoEAux, MoELayer
+from smoe.routing.context import RoutingContext
+
+__all__ = ["CausalSelfAttention", "CharLM", "DenseFFN", "LMBlock"]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention (fused QKV, ``scaled_dot_product_attention``)."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"CausalSelfAttention: d_model={d_model} not divisible by {n_heads}")
+        self.n_heads, self.dropout = n_heads, dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, S, d = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, d // self.n_heads).unbind(2)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, S, d))
+
+
+class DenseFFN(nn.Module):
+    """The dense feed-forward block (Linear, GELU, Linear) of the non-MoE layers."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class LMBlock(nn.Module):
+    """Pre-LN block: ``x + attn(ln1(x))``, then ``x + ffn(ln2(x))`` with a dense or MoE FFN."""
+
+    def __init__(self, d_model: int, n_heads: int, ffn: nn.Module, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_heads, dropout)
+        self.ffn = ffn
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, context: RoutingContext) -> tuple[Tensor, MoEAux | None]:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        aux = None
+        if isinstance(self.ffn, MoELayer):
+            y, aux = self.ffn(self.ln2(x), context)
+        else:
+            y = self.ffn(self.ln2(x))
+        return x + self.drop(y), aux
+
+
+class CharLM(nn.Module):
+    """Character-level causal Transformer LM with MoE feed-forward layers.
+
+    Args:
+        vocab_size: number of characters.
+        d_model, n_layers, n_heads: the Transformer's size (defaults sized for 2 CPU cores).
+        context: maximum sequence length (learned position embeddings).
+        num_experts: E; k: experts per token.
+        d_ff: hidden width of each expert; default ``4 * d_model // k``, so that the active expert
+            compute of a token equals a dense 4·d FFN whatever k. The dense layers (when
+            ``moe_every > 1``) use ``4 * d_model``.
+        moe_every: MoE in every layer (1) or every other (2, the layers 1, 3, ...), and so on.
+        router, router_options: a registered router name and its options (see
+            :func:`smoe.routing.build_router`), the same for every MoE layer.
+        dropout: on attention and residual branches.
+
+    ``forward(idx [B, S])`` returns ``(logits [B, S, vocab], [MoEAux per MoE layer])``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        d_model: int = 128,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        context: int = 128,
+        num_experts: int = 8,
+        k: int = 2,
+        d_ff: int | None = None,
+        moe_every: int = 1,
+        router: str = "topk",
+        router_options: Mapping[str, Any] | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if moe_every < 1:
+            raise ValueError(f"CharLM: moe_every must be >= 1, got {moe_every}")
+        self.context = context
+        d_ff = d_ff if d_ff is not None else 4 * d_model // k
+        self.tok = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Embedding(context, d_model)
+        blocks = []
+        for i in range(n_layers):
+            if (i + 1) % moe_every == 0:
+                ffn: nn.Module = MoELayer(
+                    d_model,
+                    d_ff,
+                    num_experts,
+                    k,
+                    router=router,
+                    router_options=router_options,
+                    layer_index=i,
+                )
+            else:
+                ffn = DenseFFN(d_model, 4 * d_model)
+            blocks.append(LMBlock(d_model, n_heads, ffn, dropout))
+        self.blocks = nn.ModuleList(blocks)
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.head.weight = self.tok.weight  # tied embeddings
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        # GPT-2's initialisation for the dense parts; MoE layers keep their own.
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
+
+    def forward(self, idx: Tensor, *, step: int | None = None) -> tuple[Tensor, list[MoEAux]]:
+        B, S = idx.shape
+        if S > self.context:
+            raise ValueError(f"CharLM: sequence length {S} exceeds context={self.context}")
+        pos = torch.arange(S, device=idx.device)
+        x = self.tok(idx) + self.pos(pos)
+        context = RoutingContext(batch_shape=(B, S), causal=True, step=step)
+        auxes = []
+        for block in self.blocks:
+            x, aux = block(x, context)
+            if aux is not None:
+                auxes.append(aux)
+        return self.head(self.ln_f(x)), auxes
