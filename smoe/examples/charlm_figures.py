@@ -7,11 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 __all__ = ["plot_curves", "plot_load", "plot_rf", "save_figures"]
 
@@ -22,7 +19,7 @@ def _label(r: dict[str, Any]) -> str:
 
 def plot_curves(results: Sequence[dict[str, Any]], ax=None):
     """Validation bits per character against steps, clean (solid) and attacked (dashed)."""
-    ax = ax if ax is not None else plt.subplots(figsize=(6, 4))[1]
+    ax = ax if ax is not None else Figure(figsize=(6, 4)).subplots()
     for i, r in enumerate(results):
         steps = [h["step"] for h in r["history"]]
         color = f"C{i % 10}"
@@ -35,7 +32,7 @@ def plot_curves(results: Sequence[dict[str, Any]], ax=None):
 
 def plot_rf(results: Sequence[dict[str, Any]], ax=None):
     """Routing fluctuation against the previous checkpoint, mean over MoE layers."""
-    ax = ax if ax is not None else plt.subplots(figsize=(6, 4))[1]
+    ax = ax if ax is not None else Figure(figsize=(6, 4)).subplots()
     for i, r in enumerate(results):
         ax.plot(r["rf"]["steps"], r["rf"]["previous"], color=f"C{i % 10}", label=_label(r))
     ax.set(
@@ -47,7 +44,7 @@ def plot_rf(results: Sequence[dict[str, Any]], ax=None):
 
 def plot_load(result: dict[str, Any], ax=None):
     """Share of each expert's load per MoE layer at the final evaluation."""
-    ax = ax if ax is not None else plt.subplots(figsize=(6, 3))[1]
+    ax = ax if ax is not None else Figure(figsize=(6, 3)).subplots()
     load = result["history"][-1]["load"]
     names = list(load)
     m = np.array([load[n] for n in names], dtype=float)
@@ -65,23 +62,22 @@ def plot_load(result: dict[str, Any], ax=None):
 
 
 def save_figures(results: Sequence[dict[str, Any]], prefix: str | Path) -> list[Path]:
-    """Write ``<prefix>_curves.png``, ``<prefix>_rf.png`` and ``<prefix>_load.png`` (first run)."""
+    """Write ``<prefix>_curves.png``, ``<prefix>_rf.png`` and ``<prefix>_load.png`` (first run).
+
+    Drawn on matplotlib ``Figure`` objects, so no pyplot backend is touched (notebooks keep
+    theirs)."""
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, draw in (("curves", plot_curves), ("rf", plot_rf)):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        draw(results, ax)
+    for name, draw, size in (
+        ("curves", lambda ax: plot_curves(results, ax), (6, 4)),
+        ("rf", lambda ax: plot_rf(results, ax), (6, 4)),
+        ("load", lambda ax: plot_load(results[0], ax), (6, 3)),
+    ):
+        fig = Figure(figsize=size)
+        draw(fig.subplots())
         fig.tight_layout()
         path = prefix.with_name(f"{prefix.name}_{name}.png")
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         paths.append(path)
-    fig, ax = plt.subplots(figsize=(6, 3))
-    plot_load(results[0], ax)
-    fig.tight_layout()
-    path = prefix.with_name(f"{prefix.name}_load.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
     return paths
