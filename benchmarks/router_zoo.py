@@ -7,14 +7,18 @@ Tasks (same backbone, widths, optimiser and steps for every router):
 - charlm: the causal char-level LM of ``smoe.examples.charlm`` on Tiny Shakespeare (4 MoE layers,
   d = 128, E = 8, k = 2, expert width 4d/k): validation bits per character, clean and on
   word-swap-attacked text (rate 0.04), late-training routing fluctuation (mean RF against the
-  previous checkpoint over the second half of training), MaxVio at the end, and the training step
-  time as a ratio to top-k's in the same invocation. Routers that are not causal (expert choice)
-  are not run here: they would see the future.
+  previous checkpoint over the second half of training) and MaxVio at the end. Routers that are not
+  causal as configured (expert choice; V-MoE with a capacity at k = 2) are not run here: they would
+  see the future. V-MoE's row runs without capacity in the LM for that reason.
+- step time: every invocation times training steps of each router's char-LM in the same process,
+  interleaved in rounds (so drift and load hit all alike), as a ratio to top-k's.
 - vit: the QuickDraw V-MoE ViT of ``smoe.models`` ("Every 2", E = 8, k = 2, groups of 8 images,
   fresh experts): test accuracy, clean and with Gaussian pixel noise of std ``--noise-std``.
 
-Each run's JSON goes to ``--out`` (default ``benchmarks/results/router_zoo``); a run whose JSON
-exists is skipped, so an interrupted leaderboard resumes. The table (mean ± std over seeds), the
+Each run's JSON goes to ``--out`` (default ``benchmarks/results/router_zoo``, committed; with
+``--quick``, ``benchmarks/out/``, which git ignores, and so do its table and plot). A task whose
+JSON exists with the same setup (config, options, noise) is skipped, so an interrupted leaderboard
+resumes; a changed setup reruns it. The table (mean ± std over seeds), the
 paper claim of each row with the measured direction and a verdict go into RESULTS.md between the
 ``router-zoo`` markers, the plot into ``benchmarks/plots/router_zoo.png``. A new router adds its
 row by registering itself (``smoe.routing.register_router``) and an entry in ``ZOO`` below.
@@ -27,25 +31,29 @@ import json
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from common import machine, write_block  # benchmarks/common.py
 from vmoe_capacity import evaluate as vit_evaluate  # benchmarks/vmoe_capacity.py
 from vmoe_capacity import train as vit_train
 from zoo_report import render, render_plot  # benchmarks/zoo_report.py
 
 from smoe.data.quickdraw import load_subset
-from smoe.data.text import tiny_shakespeare
-from smoe.examples.charlm import CharLMConfig, quick_config
+from smoe.data.text import random_batch, tiny_shakespeare
+from smoe.examples.charlm import CharLMConfig, build_model, quick_config
 from smoe.examples.charlm import run as charlm_run
 from smoe.models import quickdraw_vit, vmoe_vit
-from smoe.routing import available_routers, router_info
+from smoe.routing import available_routers, build_router, router_info
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- router-zoo:begin -->", "<!-- router-zoo:end -->"
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "router_zoo"
+DEFAULT_RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+DEFAULT_PLOT = ROOT / "benchmarks" / "plots" / "router_zoo.png"
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,7 @@ class Claim:
     text: str
     metric: str
     direction: str
+    margin: float = 0.0  # for "same": the largest difference that still counts as equal
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,7 @@ ZOO: dict[str, ZooEntry] = {
                 "trains as well as renormalised top-k (here at k = 2, equal compute)",
                 "bpc",
                 "same",
+                margin=0.02,
             ),
         )
     ),
@@ -89,11 +99,12 @@ ZOO: dict[str, ZooEntry] = {
                 "max_vio",
                 "lower",
             ),
-            Claim("... without hurting quality", "bpc", "same"),
+            Claim("... without hurting quality", "bpc", "same", margin=0.02),
         )
     ),
     "vmoe": ZooEntry(
-        charlm={"capacity_factor": 1.05},
+        # capacity at k = 2 is filled rank-major, which is not causal: none in the decoder
+        charlm={"capacity_factor": None},
         vit={"capacity_factor": 1.05},
         claims=(
             Claim(
@@ -101,6 +112,7 @@ ZOO: dict[str, ZooEntry] = {
                 "C = 1.05 keep quality at top-k's level",
                 "vit_acc",
                 "same",
+                margin=0.01,
             ),
         ),
     ),
@@ -125,6 +137,20 @@ def charlm_config(name: str, quick: bool) -> CharLMConfig:
     return CharLMConfig(router=name, router_options=options, steps=600, eval_every=50)
 
 
+def runs_in_charlm(name: str) -> bool:
+    """Whether the router, built with its leaderboard options, is causal (a decoder may use it)."""
+    cfg = charlm_config(name, quick=True)
+    router = build_router(name, cfg.d_model, cfg.num_experts, cfg.k, **cfg.router_options)
+    return router_info(name).is_causal(router)
+
+
+def setup(task: str, name: str, quick: bool, noise_std: float) -> dict:
+    """What a task's result depends on; a stored run with another setup is run again."""
+    if task == "charlm":
+        return asdict(charlm_config(name, quick))
+    return {"options": ZOO[name].vit, "epochs": vit_epochs(quick), "noise_std": noise_std}
+
+
 def run_charlm(name: str, seed: int, quick: bool, corpus) -> dict:
     cfg = charlm_config(name, quick)
     r = charlm_run(cfg, seed, corpus=corpus, progress=not quick)
@@ -137,9 +163,14 @@ def run_charlm(name: str, seed: int, quick: bool, corpus) -> dict:
         "step_s": f["step_time_s"],
         "rf_steps": r["rf"]["steps"],
         "rf": r["rf"]["previous"],
-        "config": r["config"],
+        "load": r["history"][-1]["load"],
+        "setup": r["config"],
         "attack": r["attack"],
     }
+
+
+def vit_epochs(quick: bool) -> int:
+    return 1 if quick else 2
 
 
 def run_vit(name: str, seed: int, quick: bool, data, noise_std: float) -> dict:
@@ -156,15 +187,64 @@ def run_vit(name: str, seed: int, quick: bool, data, noise_std: float) -> dict:
         router=name,
         **ZOO[name].vit,
     )
-    epochs = 1 if quick else 2
     loss, sps = vit_train(
-        name, model, x, y, epochs=epochs, batch_size=128, lr=2e-3, seed=seed, progress=not quick
+        name,
+        model,
+        x,
+        y,
+        epochs=vit_epochs(quick),
+        batch_size=128,
+        lr=2e-3,
+        seed=seed,
+        progress=not quick,
     )
     clean = vit_evaluate(model, tx, ty)["accuracy"]
     g = torch.Generator().manual_seed(1234)  # the same noise for every router and seed
     noisy_x = tx + noise_std * torch.randn(tx.shape, generator=g)
     noisy = vit_evaluate(model, noisy_x, ty)["accuracy"]
-    return {"vit_acc": clean, "vit_acc_noisy": noisy, "vit_train_loss": loss, "vit_step_s": sps}
+    return {
+        "vit_acc": clean,
+        "vit_acc_noisy": noisy,
+        "vit_train_loss": loss,
+        "vit_step_s": sps,
+        "setup": setup("vit", name, quick, noise_std),
+    }
+
+
+def time_steps(names: list[str], quick: bool, corpus, rounds: int = 4, steps: int = 5) -> dict:
+    """Seconds per char-LM training step of each router, measured in this process: after two
+    warm-up steps each, ``rounds`` rounds of ``steps`` steps per router, interleaved; the median
+    over rounds. Returns ``{name: {"step_s", "ratio"}}`` with the ratio to top-k."""
+    models, opts, gens = {}, {}, {}
+    for name in names:
+        cfg = charlm_config(name, quick)
+        torch.manual_seed(0)
+        models[name] = build_model(cfg, len(corpus.vocab))
+        opts[name] = torch.optim.AdamW(models[name].parameters(), lr=cfg.lr)
+        gens[name] = torch.Generator().manual_seed(0)
+
+    def step(name: str) -> None:
+        cfg = charlm_config(name, quick)
+        x, y = random_batch(corpus.train, cfg.batch_size, cfg.context, gens[name])
+        logits, auxes = models[name](x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss = loss + sum((a.loss() for a in auxes), loss.new_zeros(()))
+        opts[name].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[name].step()
+
+    for name in names:
+        for _ in range(2):
+            step(name)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(name)
+            samples[name].append((time.perf_counter() - t0) / steps)
+    med = {name: statistics.median(v) for name, v in samples.items()}
+    return {name: {"step_s": med[name], "ratio": med[name] / med["topk"]} for name in names}
 
 
 def vit_data(quick: bool):
@@ -194,9 +274,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tasks", nargs="+", default=["charlm", "vit"], choices=["charlm", "vit"])
     p.add_argument("--noise-std", type=float, default=0.5, help="Gaussian pixel noise (ViT)")
     p.add_argument("--quick", action="store_true", help="CI size: seconds per run, 1 seed")
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
-    p.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "plots" / "router_zoo.png")
+    p.add_argument("--out", type=Path, default=None, help=f"default {DEFAULT_OUT}")
+    p.add_argument("--results", type=Path, default=None, help=f"default {DEFAULT_RESULTS}")
+    p.add_argument("--plot", type=Path, default=None, help=f"default {DEFAULT_PLOT}")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -209,23 +289,27 @@ def main(argv: list[str] | None = None) -> dict:
     # top-k first: the baseline of every ratio and verdict
     routers = ["topk", *[n for n in routers if n != "topk"]]
     seeds = args.seeds[:1] if args.quick else args.seeds
-    out = args.out or ROOT / "benchmarks" / "results" / (
-        "router_zoo_quick" if args.quick else "router_zoo"
-    )
+    scratch = ROOT / "benchmarks" / "out"
+    out = args.out or (scratch / "router_zoo_quick" if args.quick else DEFAULT_OUT)
+    results = args.results or (scratch / "RESULTS_quick.md" if args.quick else DEFAULT_RESULTS)
+    plot = args.plot or (scratch / "router_zoo_quick.png" if args.quick else DEFAULT_PLOT)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     corpus = tiny_shakespeare() if "charlm" in args.tasks else None
     data = vit_data(args.quick) if "vit" in args.tasks else None
+    in_lm = {name: runs_in_charlm(name) for name in routers}
     runs: dict[str, dict[int, dict]] = {name: {} for name in routers}
     for name in routers:
         for seed in seeds:
             path = out / f"{name}_seed{seed}.json"
             rec = json.loads(path.read_text()) if path.exists() else {"router": name, "seed": seed}
-            todo = [t for t in args.tasks if t not in rec]
-            if "charlm" in todo and not router_info(name).causal:
-                rec["charlm"] = None  # not causal: not run in a decoder
-                todo.remove("charlm")
-            for task in todo:
+            for task in args.tasks:
+                if task == "charlm" and not in_lm[name]:
+                    rec["charlm"] = None  # not causal as configured: never trained as a decoder
+                    continue
+                want = setup(task, name, args.quick, args.noise_std)
+                if rec.get(task) and rec[task].get("setup") == want:
+                    continue
                 t0 = time.perf_counter()
                 if task == "charlm":
                     rec["charlm"] = run_charlm(name, seed, args.quick, corpus)
@@ -238,32 +322,37 @@ def main(argv: list[str] | None = None) -> dict:
                     f"router_zoo: {name} seed {seed} {task} done in {rec[f'{task}_seconds']:.0f} s"
                 )
             runs[name][seed] = rec
-    table = summarize(runs, ZOO)
-    block = render(table, ZOO, seeds=seeds, noise_std=args.noise_std, quick=args.quick, out=out)
-    write_block(args.results, block, BEGIN, END)
-    render_plot(table, runs, args.plot)
+    timing = None
+    if corpus is not None:
+        timing = time_steps([n for n in routers if in_lm[n]], args.quick, corpus)
+        (out / "timing.json").write_text(
+            json.dumps({"timing": timing, "machine": machine()}, indent=1)
+        )
+    table = summarize(runs, ZOO, timing)
+    block = render(
+        table, ZOO, runs, seeds=seeds, noise_std=args.noise_std, quick=args.quick, out=out
+    )
+    write_block(results, block, BEGIN, END)
+    render_plot(table, runs, plot)
     print(block)
     elapsed = time.perf_counter() - start
-    print(f"router_zoo: {elapsed:.0f} s in this invocation; results in {args.results}")
+    print(f"router_zoo: {elapsed:.0f} s in this invocation; results in {results}")
     return {"table": table, "seconds": elapsed, "out": str(out)}
 
 
-def summarize(runs: dict[str, dict[int, dict]], zoo: dict[str, ZooEntry]) -> dict[str, dict]:
-    """Mean ± std over seeds of every metric, step-time ratios to top-k (same seed), verdicts."""
+def summarize(
+    runs: dict[str, dict[int, dict]], zoo: dict[str, ZooEntry], timing: dict | None
+) -> dict[str, dict]:
+    """Mean ± std over seeds of every metric, the step-time ratio to top-k, the verdicts."""
     metrics = ("bpc", "bpc_attacked", "late_rf", "max_vio")
     table: dict[str, dict] = {}
-    base = runs.get("topk", {})
     for name, by_seed in runs.items():
-        row: dict[str, Any] = {"n": len(by_seed), "causal": router_info(name).causal}
         lm = {s: r.get("charlm") for s, r in by_seed.items()}
+        row: dict[str, Any] = {"n": len(by_seed), "in_lm": any(lm.values())}
         for m in metrics:
             row[m] = mean_std([v[m] for v in lm.values() if v])
-        ratios = [
-            v["step_s"] / base[s]["charlm"]["step_s"]
-            for s, v in lm.items()
-            if v and s in base and base[s].get("charlm")
-        ]
-        row["step_ratio"] = mean_std(ratios)
+        t = (timing or {}).get(name)
+        row["step_ratio"] = t["ratio"] if t else float("nan")
         for m in ("vit_acc", "vit_acc_noisy"):
             row[m] = mean_std([r["vit"][m] for r in by_seed.values() if r.get("vit")])
         table[name] = row
@@ -273,24 +362,34 @@ def summarize(runs: dict[str, dict[int, dict]], zoo: dict[str, ZooEntry]) -> dic
 
 
 def verdict(claim: Claim, row: dict, base: dict | None, n: int) -> dict[str, Any]:
-    """Measured difference against top-k and a verdict. Rule: with d = mean − mean_topk and
-    s = sqrt(std²/n + std_topk²/n) (standard error of the difference), "held" when d points the
-    claimed way by more than 2 s (for "same": |d| ≤ 2 s), "did not hold" when it points the other
-    way by more than 2 s, else "inconclusive at this scale"."""
+    """Measured difference against top-k and a verdict.
+
+    With d = mean − mean_topk and s = sqrt(std²/n + std_topk²/n) (the standard error of the
+    difference over seeds): a "lower"/"higher" claim holds when d points the claimed way by more
+    than 2 s, does not hold when it points the other way by more than 2 s, and is inconclusive
+    otherwise. A "same" claim (no worse) holds when |d| + 2 s stays within the claim's margin or
+    d is better by more than 2 s, does not hold when d is worse by more than both 2 s and the
+    margin, and is inconclusive otherwise (too few seeds to tell).
+    """
     m, sd = row[claim.metric]
     if base is None or math.isnan(m) or math.isnan(base[claim.metric][0]):
         return {"claim": claim.text, "delta": None, "verdict": "not measured"}
     mb, sb = base[claim.metric]
     d = m - mb
     s = math.sqrt((sd**2 + sb**2) / max(n, 1))
-    better = d < 0 if claim.metric in ("bpc", "bpc_attacked", "late_rf", "max_vio") else d > 0
+    lower_is_better = claim.metric in ("bpc", "bpc_attacked", "late_rf", "max_vio")
+    better = -d if lower_is_better else d  # > 0: better than top-k
     if claim.direction == "same":
-        v = "held" if abs(d) <= 2 * s or better else "did not hold"
+        if abs(d) + 2 * s <= claim.margin or better > 2 * s:
+            v = "held"
+        elif -better > max(2 * s, claim.margin):
+            v = "did not hold"
+        else:
+            v = "inconclusive at this scale"
     elif abs(d) <= 2 * s:
         v = "inconclusive at this scale"
     else:
-        claimed_lower = claim.direction == "lower"
-        v = "held" if (d < 0) == claimed_lower else "did not hold"
+        v = "held" if (d < 0) == (claim.direction == "lower") else "did not hold"
     return {"claim": claim.text, "metric": claim.metric, "delta": d, "se": s, "verdict": v}
 
 

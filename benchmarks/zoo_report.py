@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import datetime
 import math
-import subprocess
 from pathlib import Path
 from typing import Any
 
-import torch
+from common import machine  # benchmarks/common.py
 
 
 def _pm(ms: tuple[float, float], scale: float = 1.0, digits: int = 3) -> str:
@@ -16,15 +15,6 @@ def _pm(ms: tuple[float, float], scale: float = 1.0, digits: int = 3) -> str:
     if math.isnan(m):
         return "n/a"
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _shown(path: Path) -> str:
@@ -36,9 +26,33 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def _setup_line(runs: dict[str, dict[int, dict]], noise_std: float) -> str:
+    """The setup as the runs recorded it (the first char-LM run's config)."""
+    cfg = next(
+        (r["charlm"]["setup"] for by in runs.values() for r in by.values() if r.get("charlm")), None
+    )
+    lm = (
+        f"charlm: {cfg['n_layers']} layers, d = {cfg['d_model']}, E = {cfg['num_experts']}, "
+        f"k = {cfg['k']}, {cfg['steps']} steps of {cfg['batch_size']} x {cfg['context']} "
+        f"characters, validation bits/char on the first {cfg['eval_batches'] * cfg['batch_size']} "
+        f"windows of {cfg['context']} characters, clean and word-swap attacked (rate "
+        f"{cfg['attack_rate']}, placeholder `{cfg['attack_placeholder']}`); late RF = mean "
+        "routing fluctuation over the second half of training; MaxVio at the end (mean over "
+        "layers). "
+        if cfg
+        else ""
+    )
+    return (
+        f"{lm}Step time: this invocation's interleaved timing of char-LM training steps, as a "
+        f"ratio to top-k's. ViT: QuickDraw test accuracy (%), clean and with Gaussian pixel noise "
+        f"σ = {noise_std}; every router at k = 2 (expert choice: c = 2), E = 8."
+    )
+
+
 def render(
     table: dict[str, dict],
     zoo: dict[str, Any],
+    runs: dict[str, dict[int, dict]],
     *,
     seeds: list[int],
     noise_std: float,
@@ -48,29 +62,27 @@ def render(
     """The "Router leaderboard" section: the table, then each claim with its verdict."""
     date = datetime.date.today().isoformat()
     size = "quick (CI-sized, not a measurement)" if quick else "full"
+    m = machine()
     lines = [
         f"## Router leaderboard ({date}, `router_zoo.py`, {size})",
         "",
-        f"Commit `{_commit()}`, {torch.get_num_threads()} CPU threads, seeds {seeds} "
-        f"(mean ± std over seeds). Every router at k = 2 (expert choice: c = 2), E = 8, the same "
-        "backbone, steps and optimiser. charlm: Tiny Shakespeare validation bits/char, clean and "
-        "word-swap attacked (rate 0.04, placeholder `AAA`); late RF = mean routing fluctuation "
-        "over the second half of training; MaxVio at the end (mean over layers); step time as a "
-        f"ratio to top-k's. ViT: QuickDraw test accuracy (%), clean and with pixel noise "
-        f"σ = {noise_std}. Runs: `{_shown(out)}`.",
+        f"Table written at commit `{m['commit']}` on {m.get('cpu', '?')}, {m.get('threads', '?')} "
+        f"threads; seeds {seeds} (mean ± std over seeds); same backbone, steps and optimiser for "
+        f"every router. {_setup_line(runs, noise_std)} Runs (JSON, with the commit and machine of "
+        f"each): `{_shown(out)}`.",
         "",
         "| router | bpc | bpc attacked | late RF | MaxVio | step time / top-k | ViT acc % "
         "| ViT acc % (noise) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in table.items():
-        lm = row["causal"]
+        lm = row["in_lm"]
         cells = [
             _pm(row["bpc"]) if lm else "not causal",
             _pm(row["bpc_attacked"]) if lm else "–",
             _pm(row["late_rf"], digits=4) if lm else "–",
             _pm(row["max_vio"]) if lm else "–",
-            _pm(row["step_ratio"], digits=2) if lm else "–",
+            f"{row['step_ratio']:.2f}" if lm and not math.isnan(row["step_ratio"]) else "–",
             _pm(row["vit_acc"], 100, 1),
             _pm(row["vit_acc_noisy"], 100, 1),
         ]

@@ -13,7 +13,7 @@ from smoe import ops
 from smoe.experts import Experts
 from smoe.losses import DEFAULT_LOSS_WEIGHTS
 from smoe.routing.context import RoutingContext
-from smoe.routing.registry import build_router, router_info
+from smoe.routing.registry import build_router, registered_info
 
 
 class MoEAux(NamedTuple):
@@ -73,7 +73,7 @@ class MoELayer(nn.Module):
             (rank-major dropping); dropped slots contribute 0 (the residual passes). Not allowed
             with a router that builds its own plan.
         bias: per-expert biases.
-        renormalize: for the default ``"topk"`` router (same as
+        renormalize: for the default ``"topk"`` router only (same as
             ``router_options={"renormalize": ...}``).
         layer_index: position in a stack of MoE layers, handed to the router in its context.
 
@@ -111,9 +111,12 @@ class MoELayer(nn.Module):
             options = dict(router_options or {})
             if router == "topk":
                 options.setdefault("renormalize", renormalize)
+            elif not renormalize:
+                raise ValueError(
+                    f"MoELayer: renormalize applies to the default 'topk' router; for {router!r} "
+                    "give its options in router_options"
+                )
             self.router = build_router(router, d_model, num_experts, k, **options)
-            self.router_name = router
-            self.router_causal = router_info(router).is_causal(options)
         elif isinstance(router, nn.Module):
             if router_options:
                 raise ValueError(
@@ -128,15 +131,22 @@ class MoELayer(nn.Module):
             )
         self.experts = Experts(num_experts, d_model, d_ff, activation, bias=bias)
 
+    # Class-level defaults keep layers pickled whole before these attributes existed working.
+    layer_index: int | None = None
+    _router_takes_context: bool = True
+
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
         if name == "router":
             # Decided once per router, not per forward (inspect does not trace under compile).
-            # A router set by hand has no registry name (and so no declared causality).
             takes = isinstance(value, nn.Module) and _takes_context(value)
             super().__setattr__("_router_takes_context", takes)
-            super().__setattr__("router_name", None)
-            super().__setattr__("router_causal", None)
+
+    @property
+    def router_name(self) -> str | None:
+        """The registry name of the router (None for a router module built by hand)."""
+        info = registered_info(self.router)
+        return info.name if info is not None else None
 
     def extra_repr(self) -> str:
         name = f"router_name={self.router_name!r}, " if self.router_name else ""
@@ -174,11 +184,24 @@ class MoELayer(nn.Module):
             context = context._replace(batch_shape=tuple(x.shape[:-1]))
         if context.layer_index is None and self.layer_index is not None:
             context = context._replace(layer_index=self.layer_index)
-        if context.causal and self.router_causal is False:
+        info = registered_info(self.router)
+        if info is None:  # a router built by hand declares nothing: trust it
+            return context
+        if context.causal and not info.is_causal(self.router):
             raise ValueError(
-                f"MoELayer: router {self.router_name!r} is not causal (a token's experts depend "
-                "on later tokens) and context.causal is True; use a token-choice router in a "
-                "decoder"
+                f"MoELayer: router {info.name!r} as configured is not causal (a token's experts "
+                "depend on later tokens) and context.causal is True; use a causal token-choice "
+                "router in a decoder"
+            )
+        if info.needs_sequence and len(context.batch_shape) != 2:
+            raise ValueError(
+                f"MoELayer: router {info.name!r} needs [B, S] sequences: give x as [B, S, d] or "
+                f"context.batch_shape=(B, S), got batch_shape {context.batch_shape}"
+            )
+        if info.needs_attention and context.attention is None:
+            raise ValueError(
+                f"MoELayer: router {info.name!r} needs the block's attention probabilities in "
+                "context.attention"
             )
         return context
 
@@ -196,6 +219,12 @@ class MoELayer(nn.Module):
         k = routing.expert.shape[1]
         capacity = None
         if self.capacity_factor is not None:
+            if context.causal and k > 1:
+                raise ValueError(
+                    "MoELayer: capacity_factor with k > 1 is not causal (capacity is filled "
+                    "rank-major, so later tokens' first choices can take a token's second "
+                    "place) and context.causal is True; set capacity_factor=None"
+                )
             capacity = max(
                 1, math.ceil(k * flat.shape[0] * self.capacity_factor / self.num_experts)
             )

@@ -156,22 +156,37 @@ def fluctuation_series(checkpoints: Sequence[Tensor], *, against: str = "previou
 # ---------------------------------------------------------------------------------------------
 # Representation collapse and inter-run consistency
 # ---------------------------------------------------------------------------------------------
-def representation_collapse(h: Tensor, labels: Tensor, *, nc1_scale: bool = False) -> float:
+def representation_collapse(
+    h: Tensor, labels: Tensor, *, nc1_scale: bool = False, global_mean: str = "samples"
+) -> float:
     """RC = Tr(Σ_W Σ_B^†) on the router's input (specs/xmoe.md §3.3, Chi et al. 2022 Eq. 11).
 
     Classes are the labels present (the top-1 expert, for routing). With class means ``μ_c``,
-    global mean ``μ`` (of all N rows) and K present classes (Papyan et al.'s NC1 definitions):
+    global mean ``μ`` and K present classes (Papyan et al.'s NC1 definitions):
     ``Σ_W = 1/N Σ_c Σ_{i∈c} (h_i − μ_c)(h_i − μ_c)ᵀ``, ``Σ_B = 1/K Σ_c (μ_c − μ)(μ_c − μ)ᵀ``,
     ``Σ_B^†`` the Moore-Penrose pseudo-inverse. Larger means less collapse. ``nc1_scale=True``
     divides by K (NC1's factor, which Eq. 11 drops). Computed in float64.
 
+    The spec leaves μ open [inferred]: NC1 assumes balanced classes, where the mean of all rows
+    and the mean of the class means agree; experts' loads are not balanced. ``global_mean``
+    chooses: ``"samples"`` (default, the mean of all N rows, as Papyan et al. write it) or
+    ``"classes"`` (the mean of the K class means, so that Σ_B only sees where the classes sit).
+
     Args:
         h: ``[N, d]`` router inputs.
         labels: ``[N]`` integer class of each row (rows with a negative label are ignored).
+        nc1_scale: divide by K.
+        global_mean: ``"samples"`` or ``"classes"`` (see above).
 
     Raises:
-        ValueError: shapes that do not match, or fewer than two classes present.
+        ValueError: shapes that do not match, fewer than two classes present, or an unknown
+            ``global_mean``.
     """
+    if global_mean not in ("samples", "classes"):
+        raise ValueError(
+            f"representation_collapse: global_mean must be 'samples' or 'classes', got "
+            f"{global_mean!r}"
+        )
     if h.dim() != 2 or labels.shape != (h.shape[0],):
         raise ValueError(
             "representation_collapse: h must be [N, d] and labels [N], got "
@@ -187,7 +202,7 @@ def representation_collapse(h: Tensor, labels: Tensor, *, nc1_scale: bool = Fals
     means = sums / counts.unsqueeze(1).double()
     centred = h - means[inverse]
     sigma_w = centred.T @ centred / h.shape[0]
-    between = means - h.mean(dim=0)
+    between = means - (h.mean(dim=0) if global_mean == "samples" else means.mean(dim=0))
     sigma_b = between.T @ between / K
     rc = torch.trace(sigma_w @ torch.linalg.pinv(sigma_b, hermitian=True))
     return float(rc / K if nc1_scale else rc)

@@ -312,3 +312,26 @@ def test_routing_recorder_reentering_clears():
 def test_routing_recorder_rejects_model_without_moe_layer():
     with pytest.raises(ValueError, match="the model has no smoe.MoELayer"):
         M.RoutingRecorder(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+
+
+def test_representation_collapse_closed_form_two_classes():
+    # 1-D: classes at -a and +a, each with within-class variance s2 (points c ± sqrt(s2)).
+    a, s2 = 2.0, 0.25
+    r = s2**0.5
+    h = torch.tensor([[-a - r], [-a + r], [a - r], [a + r]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1])
+    # Σ_W = s2, Σ_B = (a² + a²) / 2 = a²  ->  RC = s2 / a²
+    assert M.representation_collapse(h, labels) == pytest.approx(s2 / a**2)
+    assert M.representation_collapse(h, labels, nc1_scale=True) == pytest.approx(s2 / a**2 / 2)
+
+
+def test_representation_collapse_global_mean_choice_matters_for_unequal_classes():
+    # classes at 0 (three rows) and 4 (one row), no within-class spread except class 0's
+    h = torch.tensor([[-1.0], [0.0], [1.0], [4.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 1])
+    sigma_w = 2.0 / 4  # (1 + 0 + 1) / N
+    # samples: μ = 1, Σ_B = ((0-1)² + (4-1)²) / 2 = 5;  classes: μ = 2, Σ_B = (4 + 4) / 2 = 4
+    assert M.representation_collapse(h, labels) == pytest.approx(sigma_w / 5)
+    assert M.representation_collapse(h, labels, global_mean="classes") == pytest.approx(sigma_w / 4)
+    with pytest.raises(ValueError, match="global_mean must be"):
+        M.representation_collapse(h, labels, global_mean="median")

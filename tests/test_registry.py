@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import smoe.routing.registry as registry
 from smoe import MoELayer
 from smoe.routing import (
     RouterInfo,
@@ -14,7 +15,6 @@ from smoe.routing import (
     available_routers,
     build_router,
     register_router,
-    registry,
     router_info,
 )
 
@@ -311,11 +311,88 @@ def test_layer_renormalize_false_builds_a_raw_topk_router():
     assert MoELayer(D, D_FF, E, K).router.renormalize is True
 
 
-def test_vmoe_is_causal_unless_batch_priority():
+def test_vmoe_causality_follows_its_configuration():
     info = router_info("vmoe")
-    assert info.is_causal({}) and not info.is_causal({"batch_priority": True})
-    layer = MoELayer(D, D_FF, E, K, router="vmoe", router_options={"batch_priority": True})
+    assert info.is_causal()  # some V-MoE routers are causal
+    no_capacity = MoELayer(D, D_FF, E, K, router="vmoe", router_options={"capacity_factor": None})
+    assert info.is_causal(no_capacity.router)
+    y, _ = no_capacity(_x(), RoutingContext(causal=True))
+    assert torch.isfinite(y).all()
+    capacity = MoELayer(D, D_FF, E, K, router="vmoe")  # C = 1.05 at k = 2: rank-major filling
+    assert not info.is_causal(capacity.router)
+    with pytest.raises(ValueError, match="not causal"):
+        capacity(_x(), RoutingContext(causal=True))
+    top1 = MoELayer(D, D_FF, E, 1, router="vmoe")  # k = 1: kept in token order
+    assert info.is_causal(top1.router)
+    top1.router.batch_priority = True  # switched on later, as set_batch_priority does
+    with pytest.raises(ValueError, match="not causal"):
+        top1(_x(), RoutingContext(causal=True))
+
+
+def test_capacity_factor_at_k2_refuses_a_causal_context():
+    layer = MoELayer(D, D_FF, E, 2, capacity_factor=1.0)
+    with pytest.raises(ValueError, match="capacity_factor with k > 1 is not causal"):
+        layer(_x(), RoutingContext(causal=True))
+    y, _ = MoELayer(D, D_FF, E, 1, capacity_factor=1.0)(_x(), RoutingContext(causal=True))
+    assert torch.isfinite(y).all()
+
+
+def test_router_built_by_name_and_handed_over_keeps_its_declaration():
+    router = build_router("expert_choice", D, E, K)
+    layer = MoELayer(D, D_FF, E, K, router=router)
+    assert layer.router_name == "expert_choice"
     with pytest.raises(ValueError, match="not causal"):
         layer(_x(), RoutingContext(causal=True))
-    y, _ = MoELayer(D, D_FF, E, K, router="vmoe")(_x(), RoutingContext(causal=True))
-    assert torch.isfinite(y).all()
+
+
+def test_needs_sequence_and_attention_are_enforced(custom_name):
+    register_router(custom_name, _RecordingRouter, description="seq", needs_sequence=True)
+    layer = MoELayer(D, D_FF, E, K, router=custom_name)
+    layer(_x())  # [B, S, d]: sequences
+    with pytest.raises(ValueError, match=r"needs \[B, S\] sequences"):
+        layer(torch.randn(B * S, D))
+    register_router(
+        custom_name, _RecordingRouter, description="att", needs_attention=True, replace=True
+    )
+    layer = MoELayer(D, D_FF, E, K, router=custom_name)
+    with pytest.raises(ValueError, match="attention probabilities"):
+        layer(_x())
+    attention = torch.softmax(torch.randn(B, 2, S, S), -1)
+    layer(_x(), RoutingContext(attention=attention))
+    assert layer.router.contexts[-1].attention is attention
+
+
+def test_register_router_aux_weights(custom_name):
+    from smoe.losses import DEFAULT_LOSS_WEIGHTS
+
+    with pytest.raises(ValueError, match="no default weight"):
+        register_router(custom_name, _RecordingRouter, description="x", aux_losses=("zz",))
+    with pytest.raises(ValueError, match="already has the default weight"):
+        register_router(custom_name, _RecordingRouter, description="x", aux_weights={"z": 0.5})
+    try:
+        register_router(
+            custom_name,
+            _RecordingRouter,
+            description="x",
+            aux_losses=("zz_test",),
+            aux_weights={"zz_test": 0.25},
+        )
+        assert DEFAULT_LOSS_WEIGHTS["zz_test"] == 0.25
+    finally:
+        DEFAULT_LOSS_WEIGHTS.pop("zz_test", None)
+
+
+def test_renormalize_only_applies_to_topk():
+    with pytest.raises(ValueError, match="renormalize applies to the default 'topk' router"):
+        MoELayer(D, D_FF, E, K, router="switch", renormalize=False)
+
+
+def test_default_layer_state_dict_is_unchanged():
+    # the keys and values of a default layer are those of a hand-built TopKRouter layer
+    torch.manual_seed(0)
+    by_name = MoELayer(D, D_FF, E, K)
+    torch.manual_seed(0)
+    by_hand = MoELayer(D, D_FF, E, K, router=TopKRouter(D, E, K, renormalize=True))
+    a, b = by_name.state_dict(), by_hand.state_dict()
+    assert list(a) == list(b) == ["router.weight", "experts.w_in", "experts.w_out"]
+    assert all(torch.equal(a[key], b[key]) for key in a)

@@ -22,6 +22,7 @@ def _run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
         "--quick",
         "--routers",
         "switch",
+        "vmoe",
         "expert_choice",
         "--out",
         str(tmp_path / "runs"),
@@ -39,25 +40,49 @@ def test_router_zoo_quick_writes_its_table_and_resumes(tmp_path):
     proc = _run(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    assert runs == ["expert_choice_seed0.json", "switch_seed0.json", "topk_seed0.json"]
+    assert runs == [
+        "expert_choice_seed0.json",
+        "switch_seed0.json",
+        "timing.json",
+        "topk_seed0.json",
+        "vmoe_seed0.json",
+    ]
     ec = json.loads((tmp_path / "runs" / "expert_choice_seed0.json").read_text())
     assert ec["charlm"] is None  # not causal: never trained as a decoder
     assert 0.0 <= ec["vit"]["vit_acc"] <= 1.0 and 0.0 <= ec["vit"]["vit_acc_noisy"] <= 1.0
     sw = json.loads((tmp_path / "runs" / "switch_seed0.json").read_text())
-    assert sw["charlm"]["bpc"] > 0 and sw["charlm"]["config"]["router"] == "switch"
+    assert sw["charlm"]["bpc"] > 0 and sw["charlm"]["setup"]["router"] == "switch"
+    vm = json.loads((tmp_path / "runs" / "vmoe_seed0.json").read_text())
+    # V-MoE runs in the decoder without capacity (causal), and with C = 1.05 on the ViT
+    assert vm["charlm"]["setup"]["router_options"] == {"capacity_factor": None}
+    assert vm["vit"]["setup"]["options"] == {"capacity_factor": 1.05}
+    timing = json.loads((tmp_path / "runs" / "timing.json").read_text())["timing"]
+    assert set(timing) == {"topk", "switch", "vmoe"} and timing["topk"]["ratio"] == 1.0
     text = (tmp_path / "RESULTS.md").read_text()
     assert text.startswith("# Results\n\nkept text\n")
     block = text.split(router_zoo.BEGIN, 1)[1].split(router_zoo.END, 1)[0]
-    rows = [line for line in block.splitlines() if line.startswith("| `")]
+    leaderboard, claims = block.split("Claims against top-k", 1)
+    rows = [line for line in leaderboard.splitlines() if line.startswith("| `")]
+    assert "| `vmoe` |" in claims and "| `topk` |" not in claims  # the baseline claims nothing
     # top-k (the baseline) first, then the routers in the order asked
-    assert [r.split("`")[1] for r in rows[:3]] == ["topk", "switch", "expert_choice"]
-    assert "not causal" in rows[2] and "verdict" in block
+    assert [r.split("`")[1] for r in rows] == ["topk", "switch", "vmoe", "expert_choice"]
+    assert "not causal" in rows[3] and "verdict" in block
+    cells = rows[0].split("|")[2:-1]
+    assert cells[4].strip() == "1.00"  # top-k's step time against itself
+    for cell in cells[:4] + cells[5:]:
+        mean, std = (float(v) for v in cell.split("±"))  # every cell is "mean ± std"
+        assert mean > 0 and std == 0.0  # one seed
     assert (tmp_path / "zoo.png").read_bytes()[:4] == b"\x89PNG"
 
     again = _run(tmp_path)  # every run exists: nothing is trained again
     assert again.returncode == 0, again.stderr[-3000:]
     assert "done in" not in again.stdout
     assert (tmp_path / "RESULTS.md").read_text().count(router_zoo.BEGIN) == 1
+
+    changed = _run(tmp_path, "--noise-std", "0.25")  # another setup: the ViT runs again
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    done = [line for line in changed.stdout.splitlines() if "done in" in line]
+    assert len(done) == 4 and all(" vit done" in line for line in done)
 
 
 def test_router_zoo_rejects_unknown_router(tmp_path):
@@ -76,7 +101,7 @@ Claim = router_zoo.Claim
         ("lower", 2.9, "inconclusive at this scale"),
         ("higher", 1.0, "did not hold"),
         ("same", 4.5, "did not hold"),  # worse (bpc: lower is better) beyond 2 s
-        ("same", 3.5, "held"),
+        ("same", 3.5, "inconclusive at this scale"),  # within 2 s, but 2 s exceeds the margin
         ("same", 1.0, "held"),  # better is no worse
     ],
 )
@@ -87,6 +112,12 @@ def test_verdict_rule(direction, mean, expected):
     assert v["verdict"] == expected
     assert v["se"] == pytest.approx(0.5)
     assert v["delta"] == pytest.approx(mean - 3.0)
+
+
+def test_verdict_same_within_margin_holds():
+    base, row = {"bpc": (3.0, 0.5)}, {"bpc": (3.5, 0.5)}
+    v = router_zoo.verdict(Claim("c", "bpc", "same", margin=2.0), row, base, n=2)
+    assert v["verdict"] == "held"  # |d| + 2 s = 1.5 <= 2
 
 
 def test_every_zoo_entry_is_a_registered_router():

@@ -11,7 +11,7 @@ which routing fluctuation (RF) between checkpoints follows. Writes one JSON per 
 Examples::
 
     python -m smoe.examples.charlm                                   # top-k, seed 0 (~6 min)
-    python -m smoe.examples.charlm --router vmoe --router-option capacity_factor=1.25
+    python -m smoe.examples.charlm --router vmoe --router-option capacity_factor=None
     python -m smoe.examples.charlm --router switch --seeds 0 1 2
     python -m smoe.examples.charlm --quick                           # < 1 minute
 """
@@ -177,8 +177,27 @@ def run(
     previous evaluation), ``rf`` (per-evaluation RF against the previous and the final
     checkpoint, mean over layers) and ``final`` (bpc, late RF, MaxVio, entropy, RC, step time).
     """
+    if cfg.eval_every < 1 or cfg.steps % cfg.eval_every:
+        raise ValueError(
+            f"charlm: steps={cfg.steps} must be a multiple of eval_every={cfg.eval_every} (equal "
+            "spacing of the checkpoints that routing fluctuation compares)"
+        )
+    threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, seed, corpus, out_dir, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(
+    cfg: CharLMConfig,
+    seed: int,
+    corpus: CharCorpus | None,
+    out_dir: str | Path | None,
+    progress: bool,
+) -> dict[str, Any]:
     corpus = corpus if corpus is not None else tiny_shakespeare(placeholder=cfg.attack_placeholder)
     attacked = corpus.vocab.encode(
         word_swap(corpus.val_text, cfg.attack_rate, cfg.attack_placeholder, cfg.attack_seed)
@@ -220,8 +239,7 @@ def run(
             raise FloatingPointError(
                 f"charlm: the training loss became {train_loss} at step {step}"
             )
-        last = step == cfg.steps - 1
-        if (step + 1) % cfg.eval_every == 0 or last:
+        if (step + 1) % cfg.eval_every == 0:
             val = evaluate(model, corpus.val, cfg, recorder)
             val_attacked = evaluate(model, attacked, cfg)
             layers = recorder.summary()
@@ -261,6 +279,7 @@ def run(
             "previous": rf_prev,
             "final": rf_final,
             "per_layer_previous": per_layer_prev,
+            "per_layer_final": per_layer_final,
         },
         "final": {
             "val_bpc": history[-1]["val_bpc"],

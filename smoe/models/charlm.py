@@ -3,11 +3,14 @@
 The router lab's backbone (``python -m smoe.examples.charlm``): every router of the registry is
 trained on it with the same blocks, widths and steps. Each MoE layer gets a
 :class:`smoe.RoutingContext` with the ``[B, S]`` batch shape, ``causal=True`` and its layer index,
-so routers that need sequence structure have it; expert choice, which is not causal, is refused.
+so routers that need sequence structure have it; a router that declares ``needs_attention`` gets the
+block's attention probabilities (computed explicitly for that block instead of by the fused SDPA
+kernel). Routers that are not causal (expert choice, V-MoE with a capacity at k = 2) are refused.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,12 +20,17 @@ from torch import Tensor, nn
 
 from smoe.layer import MoEAux, MoELayer
 from smoe.routing.context import RoutingContext
+from smoe.routing.registry import registered_info
 
 __all__ = ["CausalSelfAttention", "CharLM", "DenseFFN", "LMBlock"]
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention (fused QKV, ``scaled_dot_product_attention``)."""
+    """Multi-head causal self-attention (fused QKV, ``scaled_dot_product_attention``).
+
+    ``forward(x, need_weights=True)`` computes the softmax explicitly and also returns the
+    attention probabilities ``[B, H, S, S]`` (for attention-aware routing).
+    """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -32,17 +40,21 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         B, S, d = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, d // self.n_heads).unbind(2)
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            is_causal=True,
-            dropout_p=self.dropout if self.training else 0.0,
+        q, k, v = (
+            self.qkv(x).view(B, S, 3, self.n_heads, d // self.n_heads).transpose(1, 3).unbind(2)
         )
-        return self.proj(y.transpose(1, 2).reshape(B, S, d))
+        dropout = self.dropout if self.training else 0.0
+        if not need_weights:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            probs = None
+        else:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            future = torch.ones(S, S, dtype=torch.bool, device=x.device).triu(1)
+            probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+            y = F.dropout(probs, dropout, self.training) @ v
+        return self.proj(y.transpose(1, 2).reshape(B, S, d)), probs
 
 
 class DenseFFN(nn.Module):
@@ -66,11 +78,16 @@ class LMBlock(nn.Module):
         self.ffn = ffn
         self.drop = nn.Dropout(dropout)
 
+    def needs_attention(self) -> bool:
+        info = registered_info(self.ffn.router) if isinstance(self.ffn, MoELayer) else None
+        return info is not None and info.needs_attention
+
     def forward(self, x: Tensor, context: RoutingContext) -> tuple[Tensor, MoEAux | None]:
-        x = x + self.drop(self.attn(self.ln1(x)))
+        a, probs = self.attn(self.ln1(x), need_weights=self.needs_attention())
+        x = x + self.drop(a)
         aux = None
         if isinstance(self.ffn, MoELayer):
-            y, aux = self.ffn(self.ln2(x), context)
+            y, aux = self.ffn(self.ln2(x), context._replace(attention=probs))
         else:
             y = self.ffn(self.ln2(x))
         return x + self.drop(y), aux

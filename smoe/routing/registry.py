@@ -22,11 +22,14 @@ from typing import Any
 
 from torch import nn
 
+from smoe.losses import DEFAULT_LOSS_WEIGHTS
+
 __all__ = [
     "RouterInfo",
     "available_routers",
     "build_router",
     "register_router",
+    "registered_info",
     "router_info",
 ]
 
@@ -45,10 +48,14 @@ class RouterInfo:
         selection: ``"token_choice"`` (each token picks k experts) or ``"expert_choice"`` (each
             expert picks its tokens).
         causal: safe in an autoregressive decoder (a token's routing never depends on later
-            tokens). Expert choice is not. A callable decides from the router's options
-            (V-MoE is causal unless Batch Prioritized Routing ranks the whole group).
-        needs_sequence: needs ``context.batch_shape`` to be ``(B, S)`` sequences (or attention).
-        aux_losses: the names of the auxiliary losses its ``Routing.aux`` may hold.
+            tokens). Expert choice is not. A callable ``causal(router) -> bool`` decides on the
+            built router module as it is configured now (V-MoE: not with Batch Prioritized
+            Routing, nor with a capacity at k > 1, whose rank-major filling lets later tokens'
+            first choices take a token's second place).
+        needs_sequence: needs ``context.batch_shape`` to be ``(B, S)`` sequences.
+        needs_attention: needs ``context.attention``, the block's attention probabilities.
+        aux_losses: the names of the auxiliary losses its ``Routing.aux`` may hold; each has a
+            default weight in :data:`smoe.losses.DEFAULT_LOSS_WEIGHTS`.
         compiles: traces under ``torch.compile(fullgraph=True)``.
         defaults: the options the registry passes unless the caller overrides them.
     """
@@ -57,16 +64,18 @@ class RouterInfo:
     factory: Callable[..., nn.Module]
     description: str
     selection: str = "token_choice"
-    causal: bool | Callable[[Mapping[str, Any]], bool] = True
+    causal: bool | Callable[[nn.Module], bool] = True
     needs_sequence: bool = False
+    needs_attention: bool = False
     aux_losses: tuple[str, ...] = ()
     compiles: bool = True
     defaults: Mapping[str, Any] = field(default_factory=dict)
 
-    def is_causal(self, options: Mapping[str, Any] | None = None) -> bool:
-        """Whether the router built with ``options`` (over the defaults) is causal."""
+    def is_causal(self, router: nn.Module | None = None) -> bool:
+        """Whether ``router`` (a module this entry built) is causal as configured now; without a
+        router, whether this kind of router can be (a callable ``causal`` then answers True)."""
         if callable(self.causal):
-            return bool(self.causal({**self.defaults, **(options or {})}))
+            return True if router is None else bool(self.causal(router))
         return self.causal
 
     def option_names(self) -> tuple[str, ...] | None:
@@ -86,18 +95,24 @@ def register_router(
     *,
     description: str,
     selection: str = "token_choice",
-    causal: bool | Callable[[Mapping[str, Any]], bool] = True,
+    causal: bool | Callable[[nn.Module], bool] = True,
     needs_sequence: bool = False,
+    needs_attention: bool = False,
     aux_losses: tuple[str, ...] = (),
+    aux_weights: Mapping[str, float] | None = None,
     compiles: bool = True,
     defaults: Mapping[str, Any] | None = None,
     replace: bool = False,
 ) -> RouterInfo:
     """Register a router factory under ``name`` (see :class:`RouterInfo` for the fields).
 
+    ``aux_weights`` gives the default coefficient of each new auxiliary loss name; they join
+    :data:`smoe.losses.DEFAULT_LOSS_WEIGHTS`, which :meth:`smoe.MoEAux.loss` uses.
+
     Raises:
-        ValueError: an empty or taken name (unless ``replace``), an unknown ``selection``, or a
-            factory that does not take ``(d_model, num_experts, k, ...)``.
+        ValueError: an empty or taken name (unless ``replace``), an unknown ``selection``, a
+            factory that does not take ``(d_model, num_experts, k, ...)``, an aux loss without a
+            default weight, or a weight that contradicts an existing one.
         TypeError: a factory that is not callable.
     """
     if not isinstance(name, str) or not name:
@@ -120,6 +135,22 @@ def register_router(
             f"register_router: the factory of {name!r} must take (d_model, num_experts, k, "
             "**options)"
         )
+    weights = dict(aux_weights or {})
+    for loss, w in weights.items():
+        if DEFAULT_LOSS_WEIGHTS.get(loss, w) != w:
+            raise ValueError(
+                f"register_router: aux loss {loss!r} already has the default weight "
+                f"{DEFAULT_LOSS_WEIGHTS[loss]}, not {w}"
+            )
+    missing = [
+        loss for loss in aux_losses if loss not in DEFAULT_LOSS_WEIGHTS and loss not in weights
+    ]
+    if missing:
+        raise ValueError(
+            f"register_router: aux losses {missing} of {name!r} have no default weight; pass "
+            "aux_weights={name: coefficient}"
+        )
+    DEFAULT_LOSS_WEIGHTS.update(weights)
     info = RouterInfo(
         name,
         factory,
@@ -127,6 +158,7 @@ def register_router(
         selection,
         causal,
         needs_sequence,
+        needs_attention,
         tuple(aux_losses),
         compiles,
         dict(defaults or {}),
@@ -138,6 +170,12 @@ def register_router(
 def available_routers() -> dict[str, str]:
     """The registered router names, sorted, each with its one-line description."""
     return {name: _REGISTRY[name].description for name in sorted(_REGISTRY)}
+
+
+def registered_info(router: nn.Module) -> RouterInfo | None:
+    """The :class:`RouterInfo` of a module built by :func:`build_router` (None otherwise)."""
+    name = getattr(router, "registry_name", None)
+    return _REGISTRY.get(name) if isinstance(name, str) else None
 
 
 def router_info(name: str) -> RouterInfo:
@@ -178,4 +216,8 @@ def build_router(
                 f"build_router({name!r}): unknown option(s) {unknown}; it accepts "
                 f"{sorted(accepted)}"
             )
-    return info.factory(d_model, num_experts, k, **{**info.defaults, **options})
+    router = info.factory(d_model, num_experts, k, **{**info.defaults, **options})
+    # The layer reads the registry entry back from the module, also when a router built here is
+    # handed over as a module (as smoe.models.vmoe_vit does).
+    router.registry_name = name
+    return router

@@ -151,6 +151,18 @@ class VMoERouter(nn.Module):
         """The std of the logit noise: ``noise_std / E``."""
         return self.noise_std / self.num_experts
 
+    def is_causal(self) -> bool:
+        """Whether a token's routing depends only on earlier tokens, as configured now.
+
+        Not with Batch Prioritized Routing (the whole group is ranked by priority), nor with a
+        capacity at k > 1: capacity is filled rank-major, so the first choices of later tokens
+        can take a token's second place. Without capacity, or at k = 1 (kept in token order),
+        it is causal.
+        """
+        if self.current_capacity_factor() is None:
+            return True
+        return self.k == 1 and not self.batch_priority
+
     def current_capacity_factor(self) -> float | None:
         """C for the current mode (training or eval)."""
         if not self.training and self.eval_capacity_factor is not None:
@@ -208,8 +220,6 @@ register_router(
     "vmoe",
     VMoERouter,
     description="V-MoE: noisy softmax then top-k, per-group capacity, optional BPR (Riquelme 2021)",
-    # Capacity drops in token order depend only on earlier tokens; Batch Prioritized Routing
-    # ranks the whole group by priority, so a token's place depends on later tokens.
-    causal=lambda options: not options.get("batch_priority", False),
+    causal=lambda router: router.is_causal(),
     aux_losses=("importance", "load"),
 )
