@@ -396,3 +396,18 @@ def test_default_layer_state_dict_is_unchanged():
     a, b = by_name.state_dict(), by_hand.state_dict()
     assert list(a) == list(b) == ["router.weight", "experts.w_in", "experts.w_out"]
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_compiled_layer_trains_without_recompiling_per_step():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    layer = MoELayer(D, D_FF, E, K, router="noisy_topk")  # train mode: draws noise
+    counter = CompileCounter()
+    compiled = torch.compile(layer, fullgraph=True, backend=counter)
+    x = _x()
+    for step in range(5):  # a new step in the context every call, as CharLM passes it
+        y, aux = compiled(x, RoutingContext(step=step, causal=True))
+        (y.square().sum() + aux.loss()).backward()
+        assert torch.isfinite(layer.router.weight.grad).all()
+    assert counter.frame_count == 1
