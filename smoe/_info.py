@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from smoe import _build_info, _loader
+from smoe import _loader
 
-_loader.load_library()
+_loader.load_library()  # first: in an unbuilt tree it raises the "not built" ImportError
+
+from smoe import _build_info  # noqa: E402
 
 
 def has_kernel(op: str, key: str) -> bool:
