@@ -224,3 +224,17 @@ def test_layer_cuda_forward_has_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert y.shape == x.shape
+
+
+@pytest.mark.parametrize("router", ["topk", "noisy_topk", "vmoe", "expert_choice"])
+def test_layer_float64_routes_in_float64(router):
+    # "at least float32": a float64 layer keeps float64 through the gate (gradcheck-able)
+    layer = MoELayer(8, 16, 4, 2, router=router).double()
+    x = torch.randn(12, 8, dtype=torch.float64)
+    routing = layer.router(x)
+    assert routing.logits.dtype == routing.weight.dtype == torch.float64
+    y, _ = layer(x)
+    assert y.dtype == torch.float64
+    half = MoELayer(8, 16, 4, 2, router=router).to(torch.bfloat16)
+    r16 = half.router(x.to(torch.bfloat16))
+    assert r16.logits.dtype == r16.weight.dtype == torch.float32  # upcast, not kept in bf16

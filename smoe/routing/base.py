@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from smoe.ops import Plan
@@ -14,8 +15,8 @@ class Routing(NamedTuple):
 
     Fields:
         expert: ``[T, k]`` int32 expert of each slot, -1 for "no assignment".
-        weight: ``[T, k]`` float32 combine weight of each slot.
-        logits: ``[T, E]`` float32 clean router logits (for diagnostics and losses).
+        weight: ``[T, k]`` combine weight of each slot, float32 (float64 for float64 input).
+        logits: ``[T, E]`` clean router logits in weight's dtype (for diagnostics and losses).
         aux: unweighted auxiliary losses by name (e.g. ``"balance"``, ``"z"``, ``"importance"``,
             ``"load"``), float32 scalars; :data:`smoe.losses.DEFAULT_LOSS_WEIGHTS` weighs them.
         plan: the dispatch plan, when the router builds it itself (V-MoE's per-group capacity,
@@ -27,3 +28,9 @@ class Routing(NamedTuple):
     logits: Tensor
     aux: dict[str, Tensor]
     plan: Plan | None = None
+
+
+def gate_dtype(x: Tensor) -> torch.dtype:
+    """The dtype routers compute their gate in: at least float32 (16-bit inputs are upcast, as
+    Switch's "selective precision" asks), float64 stays float64 (gradcheck, reference runs)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32

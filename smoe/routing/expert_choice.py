@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smoe import ops
-from smoe.routing.base import Routing
+from smoe.routing.base import Routing, gate_dtype
 from smoe.routing.context import RoutingContext
 from smoe.routing.registry import register_router
 
@@ -103,12 +103,15 @@ class ExpertChoiceRouter(nn.Module):
         return expert_choice_capacity(S, self.num_experts, self.capacity_factor)
 
     def forward(self, x: Tensor, context: RoutingContext | None = None) -> Routing:
-        """Route ``x [T, d_model]``; returns :class:`Routing` with its plan (float32 weights).
+        """Route ``x [T, d_model]``; returns :class:`Routing` with its plan.
+
+        Weights are float32 (float64 for float64 x).
 
         ``context`` is accepted for the common router interface and not used.
         """
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())
+            dt = gate_dtype(x)
+            logits = F.linear(x.to(dt), self.weight.to(dt))
             weight, plan = ops.expert_choice(
                 logits, self.capacity(x.shape[0]), group_size=self.group_size
             )

@@ -10,13 +10,14 @@ from torch import Tensor, nn
 
 from smoe import ops
 from smoe.losses import router_z_loss, switch_balance_loss
-from smoe.routing.base import Routing
+from smoe.routing.base import Routing, gate_dtype
 from smoe.routing.context import RoutingContext
 from smoe.routing.registry import register_router
 
 
 class TopKRouter(nn.Module):
-    """Linear gate + softmax + top-k, computed in float32 (also under autocast).
+    """Linear gate + softmax + top-k, computed in float32 (also under autocast; float64 input
+    stays float64).
 
     Spec: specs/classic_routers.md §1 (noisy top-k), §2 (Switch, balance loss), §3 (z-loss).
 
@@ -75,19 +76,22 @@ class TopKRouter(nn.Module):
         )
 
     def forward(self, x: Tensor, context: RoutingContext | None = None) -> Routing:
-        """Route ``x [T, d_model]``; returns :class:`Routing` with float32 weights.
+        """Route ``x [T, d_model]``; returns :class:`Routing`.
+
+        Weights are float32 (float64 for float64 x).
 
         ``context`` is accepted for the common router interface and not used.
         """
         with torch.autocast(device_type=x.device.type, enabled=False):
-            h = x.float()
+            dt = gate_dtype(x)
+            h = x.to(dt)
             if self.training and self.jitter > 0:
                 h = h * torch.empty_like(h).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-            logits = F.linear(h, self.weight.float())
+            logits = F.linear(h, self.weight.to(dt))
             selection = logits
             if self.noisy and self.training:
                 assert self.noise_weight is not None
-                std = F.softplus(F.linear(h, self.noise_weight.float())) + self.noise_epsilon
+                std = F.softplus(F.linear(h, self.noise_weight.to(dt))) + self.noise_epsilon
                 selection = logits + torch.randn_like(logits) * std
             weight, expert = ops.topk_softmax(selection, self.k, renormalize=self.renormalize)
             aux = {

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from smoe import ops
 from smoe.losses import importance_loss, load_loss
-from smoe.routing.base import Routing
+from smoe.routing.base import Routing, gate_dtype
 from smoe.routing.context import RoutingContext
 from smoe.routing.registry import register_router
 
@@ -188,13 +188,16 @@ class VMoERouter(nn.Module):
         )
 
     def forward(self, x: Tensor, context: RoutingContext | None = None) -> Routing:
-        """Route ``x [T, d_model]``; returns :class:`Routing` (float32 weights, with a plan).
+        """Route ``x [T, d_model]``; returns :class:`Routing` with its plan.
+
+        Weights are float32 (float64 for float64 x).
 
         ``context`` is accepted for the common router interface and not used.
         """
         T = x.shape[0]
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())
+            dt = gate_dtype(x)
+            logits = F.linear(x.to(dt), self.weight.to(dt))
             noisy = self.training and self.noise_std > 0
             selection = logits + torch.randn_like(logits) * self.sigma if noisy else logits
             weight, expert = ops.topk_softmax(selection, self.k, renormalize=False)
