@@ -1,7 +1,7 @@
 // The table of contents of smoe: every op schema, in data-flow order, in one TORCH_LIBRARY block.
-// Kernels live in cpu/<op>.cpp and cuda/<op>_launch.cpp; fakes and autograd in smoe/ops/<family>.py,
-// named by the set_python_module call above each family's schemas (torch checks it).
-// This file also creates the `_C` Python module, which carries build information only.
+// Kernels live in cpu/<op>.cpp and cuda/<op>_launch.cpp; fakes and autograd in
+// smoe/ops/<family>.py, named by the set_python_module call above each family's schemas (torch
+// checks it). This file also creates the `_C` Python module, which carries build information only.
 #include <Python.h>
 #include <torch/library.h>
 

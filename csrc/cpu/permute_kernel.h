@@ -9,6 +9,15 @@
 
 namespace smoe::cpu {
 
+// The position of the first idx[i] outside [-1, hi), or -1 when all are in range. The gathers
+// below trust their indices; the public ops check them with this first (one pass over n ints).
+inline int64_t first_out_of_range(const int32_t* idx, int64_t n, int64_t hi) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (idx[i] < -1 || idx[i] >= hi) return i;
+  }
+  return -1;
+}
+
 // out[i] = src[idx[i]] (a copy), or 0 where idx[i] < 0. src rows have stride ld; out is dense.
 template <typename T>
 void gather_rows(const T* src, int64_t ld, const int32_t* idx, int64_t d, int64_t begin,

@@ -216,7 +216,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t r = q / T, t = q % T;
     const float p = priority[t * ranks + r];
     if (p != p) *invalid = 1;
-    const uint32_t u = __float_as_uint(p);
+    // -0.0 and +0.0 are equal priorities (ties to the lower token, as on the CPU): key them alike.
+    const uint32_t u = __float_as_uint(p == 0.0f ? 0.0f : p);
     const uint32_t ascending = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // order-preserving
     keys[q] = (static_cast<uint64_t>(r) << 32) | static_cast<uint64_t>(~ascending);
     vals[q] = static_cast<int32_t>(t);

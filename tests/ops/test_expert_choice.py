@@ -57,12 +57,13 @@ def tied_logits(T, E, distinct=4):
     return base[torch.randint(0, distinct, (T,))]
 
 
-def separated_logits(T, E, group_size, margin=1e-4):
-    """float64 logits whose probabilities p[:, e] differ by >= margin between any two tokens of a
-    group, for every expert: gradcheck's perturbation (eps = 1e-6) never flips a choice."""
+def separated_logits(T, E, group_size, margin=1e-4, dtype=torch.float64):
+    """Logits (of ``dtype``) whose probabilities p[:, e] differ by >= margin between any two
+    tokens of a group, for every expert, after rounding to ``dtype``: gradcheck's perturbation
+    (eps = 1e-6) never flips a choice, and neither does a different summation order."""
     for _ in range(1000):
-        logits = torch.randn(T, E, dtype=torch.float64) * 2
-        p = torch.softmax(logits, dim=-1)
+        logits = (torch.randn(T, E, dtype=torch.float64) * 2).to(dtype)
+        p = torch.softmax(logits.double(), dim=-1)
         ok = True
         for a, b in groups(T, group_size):
             q = p[a:b].sort(dim=0).values
@@ -381,7 +382,9 @@ def test_expert_choice_backward_rejects_bad_grad_weight():
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("T,E,C,S", SHAPES)
 def test_expert_choice_cuda_matches_cpu(T, E, C, S, dtype):
-    logits = random_logits(T, E, dtype)
+    # CPU and CUDA sum the softmax in different orders, so probabilities equal to an ulp could
+    # pick different tokens: the logits keep every two tokens' probabilities 1e-4 apart.
+    logits = separated_logits(T, E, S, dtype=dtype)
     cpu = ops.expert_choice(logits, C, group_size=S)
     gpu = ops.expert_choice(logits.cuda(), C, group_size=S)
     for name in cpu.plan._fields:
@@ -430,3 +433,12 @@ def test_expert_choice_cuda_graph_capture_and_replay():
         graph.replay()
         torch.cuda.synchronize()
         assert_same(captured, fn(fresh))
+
+
+@pytest.mark.cuda
+def test_expert_choice_cuda_exact_ties_match_cpu():
+    logits = tied_logits(64, 8)  # exact ties in any summation order: both pick lower tokens
+    cpu = ops.expert_choice(logits, 5, group_size=16)
+    gpu = ops.expert_choice(logits.cuda(), 5, group_size=16)
+    for name in cpu.plan._fields:
+        assert torch.equal(getattr(gpu.plan, name).cpu(), getattr(cpu.plan, name)), name

@@ -257,3 +257,13 @@ def test_make_plan_bpr_cuda_matches_cpu(T, k, E, capacity, kind, ties):
     gpu = ops.make_plan(ex.cuda(), E, capacity=capacity, priority=prio.cuda())
     for name in cpu._fields:
         assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_make_plan_bpr_treats_signed_zeros_as_equal(device):
+    # -0.0 and +0.0 are the same priority: ties go to the lower token on every device
+    ex = torch.zeros(4, 1, dtype=torch.int32, device=device)
+    prio = torch.tensor([-0.0, 0.0, 1.0, -1.0], device=device)
+    plan = ops.make_plan(ex, 1, capacity=2, priority=prio)
+    assert plan.kept.flatten().tolist() == [True, False, True, False]
+    assert plan.token[:2].tolist() == [0, 2]  # kept slots listed in token order

@@ -175,3 +175,48 @@ def test_combine_backward_rejects_bad_grad():
         torch.ops.smoe.combine_backward(
             torch.randn(5, 4, dtype=x.dtype), y_sorted, weight, plan.token, plan.slot, plan.row
         )
+
+
+# Index values are checked on the CPU: a bad plan is an error naming the argument, never a read
+# past the end (a silent wrong result) or a segfault.
+@pytest.mark.parametrize("bad", [6, -2, 2**30, 2**31 - 1])
+def test_permute_rejects_out_of_range_token(bad):
+    plan, x, _, _ = setup(6, 2, 4, 3, None)
+    token = plan.token.clone()
+    token[1] = bad
+    with pytest.raises(
+        RuntimeError, match=rf"permute: token entry 1 is {bad}, outside \[-1, T = 6\)"
+    ):
+        torch.ops.smoe.permute(x, token, plan.row)
+
+
+@pytest.mark.parametrize("bad", [12, -2, 2**30])
+def test_combine_rejects_out_of_range_row(bad):
+    plan, _, y_sorted, weight = setup(6, 2, 4, 3, None)
+    row = plan.row.clone()
+    row[2, 1] = bad
+    with pytest.raises(
+        RuntimeError, match=rf"combine: row entry 5 is {bad}, outside \[-1, M = 12\)"
+    ):
+        torch.ops.smoe.combine(y_sorted, weight, plan.token, plan.slot, row)
+
+
+def test_backward_ops_reject_out_of_range_indices():
+    plan, _, y_sorted, weight = setup(6, 2, 4, 3, None)
+    grad_sorted, grad = (
+        torch.randn(12, 3, dtype=torch.float64),
+        torch.randn(6, 3, dtype=torch.float64),
+    )
+    row = plan.row.clone()
+    row[0, 0] = 12
+    with pytest.raises(RuntimeError, match=r"permute_backward: row entry 0 is 12, outside \[-1, M"):
+        torch.ops.smoe.permute_backward(grad_sorted, row)
+    args = [grad, y_sorted, weight, plan.token, plan.slot, plan.row]
+    for i, (name, bound) in {3: ("token", "T = 6"), 4: ("slot", "T\\*k = 12")}.items():
+        bad = args[i].clone()
+        bad[0] = 2**30
+        with pytest.raises(
+            RuntimeError,
+            match=rf"combine_backward: {name} entry 0 is {2**30}, outside \[-1, {bound}\)",
+        ):
+            torch.ops.smoe.combine_backward(*args[:i], bad, *args[i + 1 :])
