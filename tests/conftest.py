@@ -1,5 +1,20 @@
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Hypothesis profiles (STYLE.md §8): "ci" (default) is derandomised and small; "dev" searches longer
+# (SMOE_HYPOTHESIS=dev pytest ...). A test's own @settings overrides the profile's fields it names.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", max_examples=1000, deadline=None)
+settings.load_profile(os.environ.get("SMOE_HYPOTHESIS", "ci"))
 
 
 def pytest_collection_modifyitems(config, items):
