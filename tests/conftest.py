@@ -29,3 +29,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def custom_name():
+    """A router name for a test to register; removed from the registry afterwards."""
+    from smoe.routing import registry
+    from tests.router_helpers import CUSTOM
+
+    yield CUSTOM
+    registry._REGISTRY.pop(CUSTOM, None)
