@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from common import machine, write_block  # benchmarks/common.py
 from vmoe_capacity import evaluate as vit_evaluate  # benchmarks/vmoe_capacity.py
 from vmoe_capacity import train as vit_train
@@ -44,7 +43,13 @@ from zoo_report import render, render_plot  # benchmarks/zoo_report.py
 
 from smoe.data.quickdraw import load_subset
 from smoe.data.text import random_batch, tiny_shakespeare
-from smoe.examples.charlm import CharLMConfig, build_model, quick_config
+from smoe.examples.charlm import (
+    CharLMConfig,
+    build_model,
+    build_optimizer,
+    quick_config,
+    train_step,
+)
 from smoe.examples.charlm import run as charlm_run
 from smoe.models import quickdraw_vit, vmoe_vit
 from smoe.routing import available_routers, build_router, router_info
@@ -220,18 +225,13 @@ def time_steps(names: list[str], quick: bool, corpus, rounds: int = 4, steps: in
         cfg = charlm_config(name, quick)
         torch.manual_seed(0)
         models[name] = build_model(cfg, len(corpus.vocab))
-        opts[name] = torch.optim.AdamW(models[name].parameters(), lr=cfg.lr)
+        opts[name] = build_optimizer(models[name], cfg)
         gens[name] = torch.Generator().manual_seed(0)
 
     def step(name: str) -> None:
         cfg = charlm_config(name, quick)
         x, y = random_batch(corpus.train, cfg.batch_size, cfg.context, gens[name])
-        logits, auxes = models[name](x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        loss = loss + sum((a.loss() for a in auxes), loss.new_zeros(()))
-        opts[name].zero_grad(set_to_none=True)
-        loss.backward()
-        opts[name].step()
+        train_step(models[name], opts[name], x, y, cfg)  # the training step charlm times
 
     for name in names:
         for _ in range(2):

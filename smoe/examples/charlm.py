@@ -36,7 +36,17 @@ from smoe.data.text import CharCorpus, eval_windows, random_batch, tiny_shakespe
 from smoe.metrics import RoutingRecorder, fluctuation_series
 from smoe.models.charlm import CharLM
 
-__all__ = ["CharLMConfig", "evaluate", "late_mean", "main", "parse_options", "quick_config", "run"]
+__all__ = [
+    "CharLMConfig",
+    "build_optimizer",
+    "evaluate",
+    "late_mean",
+    "main",
+    "parse_options",
+    "quick_config",
+    "run",
+    "train_step",
+]
 
 
 @dataclass
@@ -126,6 +136,40 @@ def build_model(cfg: CharLMConfig, vocab_size: int) -> CharLM:
     )
 
 
+def build_optimizer(model: CharLM, cfg: CharLMConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the matrices only (not on biases and norms)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.99),
+    )
+
+
+def train_step(
+    model: CharLM,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: CharLMConfig,
+    step: int | None = None,
+) -> torch.Tensor:
+    """One optimiser step on task loss + the routers' weighted aux losses; returns the task loss
+    (detached)."""
+    logits, auxes = model(x, step=step)
+    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    total = loss + sum((a.loss() for a in auxes), loss.new_zeros(()))
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return loss.detach()
+
+
 @torch.no_grad()
 def evaluate(
     model: CharLM, data: torch.Tensor, cfg: CharLMConfig, recorder: RoutingRecorder | None = None
@@ -204,16 +248,7 @@ def _run(
     )
     torch.manual_seed(seed)
     model = build_model(cfg, len(corpus.vocab))
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0},
-        ],
-        lr=cfg.lr,
-        betas=(0.9, 0.99),
-    )
+    opt = build_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(seed)
     recorder = RoutingRecorder(model)
     history: list[dict[str, Any]] = []
@@ -226,15 +261,9 @@ def _run(
             group["lr"] = lr_at(cfg, step)
         x, y = random_batch(corpus.train, cfg.batch_size, cfg.context, gen)
         t0 = time.perf_counter()
-        logits, auxes = model(x, step=step)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        total = loss + sum((a.loss() for a in auxes), loss.new_zeros(()))
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        loss = train_step(model, opt, x, y, cfg, step)
         step_times.append(time.perf_counter() - t0)
-        train_loss = float(loss.detach())
+        train_loss = float(loss)
         if not math.isfinite(train_loss):
             raise FloatingPointError(
                 f"charlm: the training loss became {train_loss} at step {step}"
