@@ -18,6 +18,45 @@ def has_kernel(op: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"smoe::{op}", key)
 
 
+def arch_runs(capability: tuple[int, int], arch_list: str) -> bool:
+    """Whether a GPU of compute ``capability`` can run kernels built for ``arch_list``.
+
+    ``arch_list`` is a ``TORCH_CUDA_ARCH_LIST`` ("8.0;9.0+PTX", spaces also separate). A cubin for
+    X.Y runs on X.Z with Z >= Y (same major; the "a"/"f" feature variants only on X.Y itself);
+    PTX for X.Y is JIT-compiled by the driver for any later GPU.
+    """
+    major, minor = capability
+    for entry in arch_list.replace(";", " ").split():
+        ptx = entry.endswith("+PTX")
+        name = entry.removesuffix("+PTX")
+        variant = name[-1] if name[-1:].isalpha() else ""
+        a_major, a_minor = (int(p) for p in name.rstrip("af").split("."))
+        if variant and (major, minor) == (a_major, a_minor):
+            return True
+        if not variant and major == a_major and minor >= a_minor:
+            return True
+        if ptx and (major, minor) >= (a_major, a_minor):
+            return True
+    return False
+
+
+def device_arch_line() -> str | None:
+    """One line on whether the visible GPU can run this build, or None without a GPU."""
+    if not (_build_info.WITH_CUDA and torch.cuda.is_available()):
+        return None
+    capability = torch.cuda.get_device_capability()
+    name = torch.cuda.get_device_name()
+    sm = f"sm_{capability[0]}{capability[1]}"
+    if arch_runs(capability, _build_info.CUDA_ARCHS):
+        return f"this GPU: {name} ({sm}), compiled in"
+    return (
+        f"this GPU: {name} ({sm}) is NOT among the compiled architectures "
+        f"({_build_info.CUDA_ARCHS}); CUDA ops will refuse to run. Rebuild with "
+        f'TORCH_CUDA_ARCH_LIST="{capability[0]}.{capability[1]}" '
+        "pip install --no-build-isolation ."
+    )
+
+
 def info() -> str:
     """Print and return a short report: versions, CUDA support, per-op kernels."""
     from smoe import __version__
@@ -32,6 +71,7 @@ def info() -> str:
             else "CUDA: not compiled in (CPU-only build)"
         ),
         f"CUDA device available now: {torch.cuda.is_available()}",
+        *filter(None, [device_arch_line()]),
         "",
         f"{'op':<24}{'CPU':<6}{'CUDA':<6}",
     ]

@@ -42,3 +42,41 @@ def test_every_op_has_a_cuda_entry():
 def test_cpu_only_build_says_how_to_rebuild_for_cuda_inputs():
     with pytest.raises(RuntimeError, match=r"smoe::permute: smoe was built without CUDA.*rebuild"):
         _loader.cuda_stub("permute")(torch.zeros(1))
+
+
+@pytest.mark.parametrize(
+    "capability, arch_list, runs",
+    [
+        ((9, 0), "9.0", True),
+        ((8, 6), "8.0", True),  # a cubin runs on later minors of its major
+        ((8, 0), "8.6", False),
+        ((10, 0), "9.0", False),
+        ((10, 0), "8.0;9.0+PTX", True),  # PTX is JIT-compiled for later GPUs
+        ((7, 5), "8.0;9.0+PTX", False),
+        ((9, 0), "9.0a", True),
+        ((9, 1), "9.0a", False),  # arch-specific features run on that GPU only
+        ((12, 0), "8.0 9.0 10.0+PTX", True),
+    ],
+)
+def test_arch_runs_follows_cuda_compatibility(capability, arch_list, runs):
+    from smoe._info import arch_runs
+
+    assert arch_runs(capability, arch_list) is runs
+
+
+def test_every_cuda_glue_function_checks_the_device_arch():
+    # The first CUDA call on an unsupported GPU must say so, not fail inside a launch: every device
+    # guard in the glue is followed by check_device_arch.
+    from pathlib import Path
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+    for path in sorted(csrc.glob("*_launch.cpp")):
+        text = path.read_text()
+        assert text.count("CUDAGuard guard(") == text.count("check_device_arch("), path.name
+
+
+@pytest.mark.cuda
+def test_info_says_this_gpu_is_compiled_in():
+    if not _build_info.WITH_CUDA:
+        pytest.skip("CPU-only build")
+    assert "compiled in" in smoe.info().split("this GPU:")[1].splitlines()[0]

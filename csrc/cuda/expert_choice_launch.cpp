@@ -28,6 +28,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ch
   check_expert_choice(logits_in, capacity, group_size);
   check_not_double("expert_choice", logits_in);
   const c10::cuda::CUDAGuard guard(logits_in.device());
+  check_device_arch(logits_in.device());
   const at::Tensor logits = rows_dense(logits_in);
   // A group larger than T is one group; clamping keeps (T + S - 1) / S from overflowing.
   const int64_t T = logits.size(0), E = logits.size(1), S = std::min(group_size.value_or(T), T);
@@ -65,6 +66,7 @@ at::Tensor expert_choice_backward_cuda(const at::Tensor& grad_weight_in,
   check_expert_choice_backward(grad_weight_in, logits_in, row_in);
   check_not_double("expert_choice_backward", logits_in);
   const c10::cuda::CUDAGuard guard(logits_in.device());
+  check_device_arch(logits_in.device());
   const at::Tensor logits = rows_dense(logits_in);
   const at::Tensor grad_weight = grad_weight_in.contiguous(), row = row_in.contiguous();
   const int64_t T = logits.size(0), E = logits.size(1);

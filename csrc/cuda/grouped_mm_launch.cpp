@@ -75,6 +75,7 @@ at::Tensor grouped_mm_cuda(const at::Tensor& x_in, const at::Tensor& w,
   check_grouped_mm(x_in, w, offsets_in);
   check_not_double("grouped_mm", x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
+  check_device_arch(x_in.device());
   const at::Tensor offsets = offsets_in.contiguous();
   assert_offsets_async(offsets, x_in.size(0));
   const at::Tensor x = rows_dense(x_in);
@@ -89,6 +90,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& gr
   check_grouped_mm_backward(grad_in, x_in, w, offsets_in);
   check_not_double("grouped_mm_backward", x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
+  check_device_arch(x_in.device());
   const at::Tensor offsets = offsets_in.contiguous();
   assert_offsets_async(offsets, x_in.size(0));
   const at::Tensor grad = rows_dense(grad_in);

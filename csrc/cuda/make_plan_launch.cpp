@@ -15,6 +15,7 @@
 
 #include "checks.h"
 #include "cuda/make_plan.h"
+#include "cuda_glue.h"
 
 namespace smoe::ops {
 namespace {
@@ -24,6 +25,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan
     const std::optional<at::Tensor>& priority) {
   check_make_plan(expert_in, num_experts, capacity, priority);
   const c10::cuda::CUDAGuard guard(expert_in.device());
+  check_device_arch(expert_in.device());
   const at::Tensor expert = expert_in.contiguous();
   const int64_t T = expert.size(0), k = expert.size(1), E = num_experts, n = T * k;
   const auto idx = expert.options();

@@ -20,6 +20,7 @@ at::Tensor permute_cuda(const at::Tensor& x_in, const at::Tensor& token_in, cons
   check_permute(x_in, token_in, row);
   check_not_double("permute", x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
+  check_device_arch(x_in.device());
   const at::Tensor x = rows_dense(x_in), token = token_in.contiguous();
   const int64_t M = token.size(0), d = x.size(1);
   at::Tensor out = at::empty({M, d}, x.options());
@@ -37,6 +38,7 @@ at::Tensor permute_backward_cuda(const at::Tensor& grad_in, const at::Tensor& ro
   check_permute_backward(grad_in, row_in);
   check_not_double("permute_backward", grad_in);
   const c10::cuda::CUDAGuard guard(grad_in.device());
+  check_device_arch(grad_in.device());
   const at::Tensor grad = rows_dense(grad_in), row = row_in.contiguous();
   const int64_t T = row.size(0), k = row.size(1), d = grad.size(1);
   at::Tensor out = at::empty({T, d}, grad.options());
@@ -55,6 +57,7 @@ at::Tensor combine_cuda(const at::Tensor& ys_in, const at::Tensor& weight_in,
   check_combine("combine", ys_in, weight_in, token, slot, row_in);
   check_not_double("combine", ys_in);
   const c10::cuda::CUDAGuard guard(ys_in.device());
+  check_device_arch(ys_in.device());
   const at::Tensor ys = rows_dense(ys_in), weight = weight_in.contiguous();
   const at::Tensor row = row_in.contiguous();
   const int64_t T = row.size(0), k = row.size(1), d = ys.size(1);
@@ -75,6 +78,7 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cuda(
   check_combine_backward(grad_in, ys_in, weight_in, token_in, slot_in, row_in);
   check_not_double("combine_backward", ys_in);
   const c10::cuda::CUDAGuard guard(ys_in.device());
+  check_device_arch(ys_in.device());
   const at::Tensor grad = rows_dense(grad_in), ys = rows_dense(ys_in);
   const at::Tensor weight = weight_in.contiguous(), token = token_in.contiguous();
   const at::Tensor slot = slot_in.contiguous(), row = row_in.contiguous();

@@ -17,6 +17,7 @@ at::Tensor swiglu_cuda(const at::Tensor& h_in) {
   check_swiglu("swiglu", h_in);
   check_not_double("swiglu", h_in);
   const c10::cuda::CUDAGuard guard(h_in.device());
+  check_device_arch(h_in.device());
   const at::Tensor h = rows_dense(h_in);
   const int64_t M = h.size(0), f = h.size(1) / 2;
   at::Tensor out = at::empty({M, f}, h.options());
@@ -32,6 +33,7 @@ at::Tensor swiglu_backward_cuda(const at::Tensor& grad_in, const at::Tensor& h_i
   check_swiglu_backward(grad_in, h_in);
   check_not_double("swiglu_backward", h_in);
   const c10::cuda::CUDAGuard guard(h_in.device());
+  check_device_arch(h_in.device());
   const at::Tensor h = rows_dense(h_in), grad = rows_dense(grad_in);
   const int64_t M = h.size(0), f = h.size(1) / 2;
   at::Tensor dh = at::empty({M, 2 * f}, h.options());

@@ -24,6 +24,7 @@ std::tuple<at::Tensor, at::Tensor> topk_softmax_cuda(const at::Tensor& logits_in
   check_topk_softmax(logits_in, k);
   check_not_double("topk_softmax", logits_in);
   const c10::cuda::CUDAGuard guard(logits_in.device());
+  check_device_arch(logits_in.device());
   const at::Tensor logits = rows_dense(logits_in);
   const int64_t T = logits.size(0), E = logits.size(1);
   at::Tensor weight = at::empty({T, k}, logits.options());
@@ -48,6 +49,7 @@ at::Tensor topk_softmax_backward_cuda(const at::Tensor& grad_weight_in, const at
   check_topk_softmax_backward(grad_weight_in, logits_in, expert_in);
   check_not_double("topk_softmax_backward", logits_in);
   const c10::cuda::CUDAGuard guard(logits_in.device());
+  check_device_arch(logits_in.device());
   const at::Tensor logits = rows_dense(logits_in);
   const at::Tensor grad_weight = grad_weight_in.contiguous();
   const at::Tensor expert = expert_in.contiguous();

@@ -1,0 +1,28 @@
+// Torch-free probe of whether the current GPU's architecture is compiled into this build.
+#include "cuda/arch.h"
+
+namespace smoe::cuda {
+namespace {
+
+__global__ void arch_probe_kernel() {}
+
+}  // namespace
+
+cudaError_t probe_device_arch(int device, int* major, int* minor) {
+  cudaError_t err = cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(minor, cudaDevAttrComputeCapabilityMinor, device);
+  }
+  if (err != cudaSuccess) return err;
+  int previous = 0;
+  err = cudaGetDevice(&previous);
+  if (err != cudaSuccess) return err;
+  if (previous != device) err = cudaSetDevice(device);
+  cudaFuncAttributes attributes;
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attributes, arch_probe_kernel);
+  if (previous != device) cudaSetDevice(previous);
+  cudaGetLastError();  // the probe's failure is an answer, not an error for the next launch
+  return err;
+}
+
+}  // namespace smoe::cuda

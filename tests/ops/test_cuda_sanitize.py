@@ -1,0 +1,80 @@
+"""The CUDA cases ``.ci/sanitize`` runs under compute-sanitizer (memcheck, racecheck, initcheck,
+synccheck): every op forward and backward on a few representative shapes, small enough that each
+tool finishes within minutes (the sanitizers slow kernels down 10-100x). Selected with
+``-m "cuda and sanitize"``; on a GPU they also run in the ordinary ``-m cuda`` pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from smoe import _loader, ops
+
+# (T, E, k, d): an empty batch, one token, one expert, k = E, a ragged mid size with empty experts
+# and a size past one thread block per expert.
+SHAPES = [
+    pytest.param(0, 4, 2, 8, id="T0-E4-k2"),
+    pytest.param(1, 4, 1, 8, id="T1-E4-k1"),
+    pytest.param(7, 1, 1, 5, id="T7-E1-k1"),
+    pytest.param(33, 4, 4, 24, id="T33-E4-k4"),
+    pytest.param(300, 16, 2, 40, id="T300-E16-k2"),
+]
+DTYPES = [torch.float32, torch.bfloat16]
+
+# Each op of the smoe namespace is exercised by one case below; the gate test keeps this honest.
+COVERED = {
+    "topk_softmax": "test_routing_dispatch_experts_forward_backward",
+    "topk_softmax_backward": "test_routing_dispatch_experts_forward_backward",
+    "make_plan": "test_routing_dispatch_experts_forward_backward",
+    "permute": "test_routing_dispatch_experts_forward_backward",
+    "permute_backward": "test_routing_dispatch_experts_forward_backward",
+    "combine": "test_routing_dispatch_experts_forward_backward",
+    "combine_backward": "test_routing_dispatch_experts_forward_backward",
+    "grouped_mm": "test_routing_dispatch_experts_forward_backward",
+    "grouped_mm_backward": "test_routing_dispatch_experts_forward_backward",
+    "swiglu": "test_routing_dispatch_experts_forward_backward",
+    "swiglu_backward": "test_routing_dispatch_experts_forward_backward",
+    "expert_choice": "test_expert_choice_forward_backward",
+    "expert_choice_backward": "test_expert_choice_forward_backward",
+}
+
+
+def test_every_op_has_a_sanitizer_case():
+    missing = sorted(set(_loader.registered_ops()) - set(COVERED))
+    assert not missing, f"ops without a .ci/sanitize case in {__name__}: {missing}"
+
+
+@pytest.mark.cuda
+@pytest.mark.sanitize
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T, E, k, d", SHAPES)
+def test_routing_dispatch_experts_forward_backward(T, E, k, d, dtype):
+    dev = "cuda"
+    logits = torch.randn(T, E, device=dev, dtype=dtype, requires_grad=True)
+    x = torch.randn(T, d, device=dev, dtype=dtype, requires_grad=True)
+    w_in = torch.randn(E, d, 2 * d, device=dev, dtype=dtype, requires_grad=True)
+    w_out = torch.randn(E, d, d, device=dev, dtype=dtype, requires_grad=True)  # [E, d_out, d_in]
+    for capacity in (None, max(1, T * k // (2 * E))):
+        weight, expert = ops.topk_softmax(logits, k)
+        priority = weight.detach()[:, 0].float() if capacity else None
+        plan = ops.make_plan(expert, E, capacity=capacity, priority=priority)
+        xs = ops.permute(x, plan)
+        h = ops.swiglu(ops.grouped_mm(xs, w_in, plan.offsets))
+        y = ops.combine(ops.grouped_mm(h, w_out.transpose(1, 2), plan.offsets), weight, plan)
+        y.float().square().sum().backward()
+    torch.cuda.synchronize()
+    for g in (x.grad, logits.grad, w_in.grad, w_out.grad):
+        assert torch.isfinite(g.float()).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.sanitize
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T, E, group_size", [(0, 4, None), (5, 3, None), (257, 8, 64)])
+def test_expert_choice_forward_backward(T, E, group_size, dtype):
+    logits = torch.randn(T, E, device="cuda", dtype=dtype, requires_grad=True)
+    for capacity in (1, 3, T + 1):
+        routed = ops.expert_choice(logits, capacity, group_size=group_size)
+        (routed.weight.float() * torch.arange(E, device="cuda")).sum().backward()
+    torch.cuda.synchronize()
+    assert torch.isfinite(logits.grad.float()).all()
