@@ -29,6 +29,8 @@ class Experts(nn.Module):
         bias: add per-expert biases (needed to upcycle FFNs that have them, e.g. ViT MLPs).
     """
 
+    _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
+
     def __init__(
         self,
         num_experts: int,

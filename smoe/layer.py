@@ -83,6 +83,8 @@ class MoELayer(nn.Module):
     host-device sync in forward.
     """
 
+    _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
+
     def __init__(
         self,
         d_model: int,

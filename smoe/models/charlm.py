@@ -32,6 +32,8 @@ class CausalSelfAttention(nn.Module):
     attention probabilities ``[B, H, S, S]`` (for attention-aware routing).
     """
 
+    _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
+
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         if d_model % n_heads:
@@ -60,6 +62,8 @@ class CausalSelfAttention(nn.Module):
 class DenseFFN(nn.Module):
     """The dense feed-forward block (Linear, GELU, Linear) of the non-MoE layers."""
 
+    _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
+
     def __init__(self, d_model: int, d_ff: int) -> None:
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
@@ -70,6 +74,8 @@ class DenseFFN(nn.Module):
 
 class LMBlock(nn.Module):
     """Pre-LN block: ``x + attn(ln1(x))``, then ``x + ffn(ln2(x))`` with a dense or MoE FFN."""
+
+    _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
 
     def __init__(self, d_model: int, n_heads: int, ffn: nn.Module, dropout: float = 0.0) -> None:
         super().__init__()
@@ -111,6 +117,8 @@ class CharLM(nn.Module):
 
     ``forward(idx [B, S])`` returns ``(logits [B, S, vocab], [MoEAux per MoE layer])``.
     """
+
+    _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
 
     def __init__(
         self,

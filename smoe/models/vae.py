@@ -131,6 +131,8 @@ class SMoEVAE(nn.Module):
         slice bounds decide which decoders run); training has no host sync.
     """
 
+    _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
+
     def __init__(
         self,
         num_experts: int = 5,

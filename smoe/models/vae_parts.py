@@ -139,6 +139,8 @@ class ConvEncoder(nn.Module):
     ReLU -> flatten 6272 -> two Linear heads ``mu [B, L]`` and ``log_var [B, L]``.
     """
 
+    _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
+
     def __init__(self, latent_dim: int = 32) -> None:
         super().__init__()
         self.latent_dim = latent_dim
@@ -190,6 +192,8 @@ class DecoderExperts(nn.Module):
         num_experts: E >= 1.
         latent_dim: L.
     """
+
+    _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
 
     def __init__(self, num_experts: int, latent_dim: int = 32) -> None:
         super().__init__()

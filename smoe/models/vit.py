@@ -111,6 +111,8 @@ class MoEMlp(nn.Module):
             copies: ``copy.deepcopy`` and pickling drop it, since a graph cannot be copied).
     """
 
+    _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
+
     def __init__(self, moe: MoELayer, tokens_per_image: int | None = None) -> None:
         super().__init__()
         if tokens_per_image is not None and tokens_per_image < 1:

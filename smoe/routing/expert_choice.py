@@ -63,6 +63,8 @@ class ExpertChoiceRouter(nn.Module):
     module docstring). No host sync.
     """
 
+    _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
+
     def __init__(
         self,
         d_model: int,

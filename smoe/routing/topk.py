@@ -35,6 +35,8 @@ class TopKRouter(nn.Module):
             Switch).
     """
 
+    _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
+
     def __init__(
         self,
         d_model: int,

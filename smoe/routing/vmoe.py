@@ -92,6 +92,8 @@ class VMoERouter(nn.Module):
     unweighted ``"importance"`` loss always and the ``"load"`` loss in training with noise.
     """
 
+    _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
+
     def __init__(
         self,
         d_model: int,

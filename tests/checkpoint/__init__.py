@@ -1,0 +1,1 @@
+"""Checkpoint compatibility: the pinned state_dict schema, committed fixtures, load paths."""
