@@ -9,6 +9,7 @@
 
 #include <limits>
 #include <optional>
+#include <tuple>
 
 #include "common/dtype.h"
 
@@ -54,6 +55,13 @@ inline void check_index(const char* op, const char* name, const at::Tensor& t,
               index_type_name(dtype), " tensor, got ", t.dim(), "-D");
 }
 
+// Plan indices (slot t*k + j, sorted row) are int32: a tensor of n slots or rows must have
+// n < 2^31 - 1. Checked from shapes, before anything is allocated.
+inline void check_int32_count(const char* op, const char* name, int64_t n, const char* what) {
+  TORCH_CHECK(n < std::numeric_limits<int32_t>::max(), "smoe::", op, ": ", name,
+              " must have fewer than 2^31 - 1 ", what, " (plan indices are int32), got ", n);
+}
+
 inline void check_topk_softmax(const at::Tensor& logits, int64_t k) {
   check_float("topk_softmax", "logits", logits);
   TORCH_CHECK(logits.dim() == 2, "smoe::topk_softmax: logits must be 2-D [T, E], got ",
@@ -62,12 +70,19 @@ inline void check_topk_softmax(const at::Tensor& logits, int64_t k) {
   TORCH_CHECK(E >= 1,
               "smoe::topk_softmax: logits must have at least one expert (E >= 1), got E = 0");
   TORCH_CHECK(k >= 1 && k <= E, "smoe::topk_softmax: k must be in [1, E] = [1, ", E, "], got ", k);
+  check_int32_count("topk_softmax", "logits", logits.size(0) * k, "slots (T*k)");
 }
 
 inline void check_topk_softmax_backward(const at::Tensor& grad_weight, const at::Tensor& logits,
                                         const at::Tensor& expert) {
-  check_topk_softmax(logits, expert.dim() == 2 ? expert.size(1) : 1);
+  check_float("topk_softmax_backward", "logits", logits);
+  TORCH_CHECK(logits.dim() == 2, "smoe::topk_softmax_backward: logits must be 2-D [T, E], got ",
+              logits.dim(), "-D");
   check_index("topk_softmax_backward", "expert", expert, logits, 2);
+  const int64_t E = logits.size(1), k = expert.size(1);
+  TORCH_CHECK(k >= 1 && k <= E, "smoe::topk_softmax_backward: expert must be [T, k] with k in [1, ",
+              "E] = [1, ", E, "], got k = ", k);
+  check_int32_count("topk_softmax_backward", "expert", expert.numel(), "slots (T*k)");
   TORCH_CHECK(grad_weight.device() == logits.device() &&
                   grad_weight.scalar_type() == logits.scalar_type() &&
                   grad_weight.sizes() == expert.sizes(),
@@ -107,6 +122,25 @@ inline void check_make_plan(const at::Tensor& expert, int64_t num_experts,
                 "] (one score per token) or [T, k] = ", expert.sizes(),
                 " (one per choice rank), got ", p.sizes());
   }
+}
+
+// Batch Prioritized Routing compares priorities as float32 keys (the kernels' type). A float64
+// priority is replaced by its dense rank (equal values, -0.0 and +0.0 included, share one; NaN
+// stays NaN for the kernels' check), exact in float32 below 2^24 entries: rounding the values
+// instead tied distinct priorities (1e300 and 1e301, 0 and a subnormal) that the reference orders.
+inline at::Tensor priority_as_float(const at::Tensor& priority) {
+  if (priority.scalar_type() != at::kDouble || priority.numel() == 0) {
+    return priority.to(at::kFloat).contiguous();
+  }
+  const at::Tensor flat = priority.reshape(-1);
+  const auto sorted = flat.sort();
+  const at::Tensor values = std::get<0>(sorted), order = std::get<1>(sorted);
+  at::Tensor step = values.ne(values.roll(1)).to(at::kFloat);
+  step.narrow(0, 0, 1).zero_();
+  const at::Tensor rank = step.cumsum(0);
+  return rank.scatter(0, order, rank)
+      .masked_fill_(flat.isnan(), std::numeric_limits<float>::quiet_NaN())
+      .view(priority.sizes());
 }
 
 inline void check_expert_choice(const at::Tensor& logits, int64_t capacity,
@@ -149,6 +183,8 @@ inline void check_plan(const char* op, const at::Tensor& data, int64_t rows_expe
   if (token) check_index(op, "token", *token, data, 1);
   if (slot) check_index(op, "slot", *slot, data, 1);
   check_index(op, "row", row, data, 2);
+  check_int32_count(op, "row", row.numel(), "slots (T*k)");
+  if (token) check_int32_count(op, "token", token->size(0), "plan rows (M)");
   if (token && slot) {
     TORCH_CHECK(slot->size(0) == token->size(0), "smoe::", op,
                 ": slot must have as many entries as token (M = ", token->size(0), "), got ",

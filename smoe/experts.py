@@ -13,6 +13,21 @@ from smoe import ops
 ACTIVATIONS = ("gelu", "swiglu")
 
 
+def check_tokens(owner: str, name: str, x: Tensor, d_model: int, device: torch.device) -> None:
+    """Tokens ``[..., d_model]``: a dense floating tensor on the module's device."""
+    if not isinstance(x, Tensor) or x.layout != torch.strided:
+        what = x.layout if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"{owner}: {name} must be a dense (strided) tensor, got {what}")
+    if x.dim() == 0 or x.shape[-1] != d_model:
+        raise ValueError(
+            f"{owner}: {name} must end in d_model={d_model}, got shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"{owner}: {name} must be a floating-point tensor, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{owner}: {name} must be on the module's device {device}, got {x.device}")
+
+
 class Experts(nn.Module):
     """E feed-forward experts applied to rows grouped by expert.
 
@@ -78,6 +93,7 @@ class Experts(nn.Module):
 
     def forward(self, x_sorted: Tensor, offsets: Tensor) -> Tensor:
         """``x_sorted [M, d_model]`` grouped by ``offsets [E+1]`` -> ``[M, d_model]``."""
+        check_tokens("Experts", "x_sorted", x_sorted, self.d_model, self.w_in.device)
         h = ops.grouped_mm(x_sorted, self.w_in.transpose(1, 2), offsets)
         row_expert = self._row_expert(offsets, h.shape[0]) if self.b_in is not None else None
         if self.b_in is not None:

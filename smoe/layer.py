@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 from torch import Tensor, nn
 
 from smoe import ops
-from smoe.experts import Experts
+from smoe.experts import Experts, check_tokens
 from smoe.losses import DEFAULT_LOSS_WEIGHTS
 from smoe.routing.context import RoutingContext
 from smoe.routing.registry import build_router, registered_info
@@ -101,7 +101,7 @@ class MoELayer(nn.Module):
         layer_index: int | None = None,
     ) -> None:
         super().__init__()
-        if capacity_factor is not None and capacity_factor <= 0:
+        if capacity_factor is not None and not capacity_factor > 0:  # also refuses NaN
             raise ValueError(
                 f"MoELayer: capacity_factor must be > 0 or None, got {capacity_factor}"
             )
@@ -208,10 +208,7 @@ class MoELayer(nn.Module):
         return context
 
     def forward(self, x: Tensor, context: RoutingContext | None = None) -> tuple[Tensor, MoEAux]:
-        if x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"MoELayer: x must end in d_model={self.d_model}, got shape {tuple(x.shape)}"
-            )
+        check_tokens("MoELayer", "x", x, self.d_model, self.experts.w_in.device)
         flat = x.reshape(-1, self.d_model)
         context = self._context(x, context)
         if self._router_takes_context:
@@ -243,6 +240,7 @@ class MoELayer(nn.Module):
         y = ops.combine(y_sorted, routing.weight.to(y_sorted.dtype), plan)
         load = plan.tokens_per_expert()
         assigned = (routing.expert >= 0).sum()
-        dropped = 1.0 - load.sum().float() / assigned.clamp_min(1).float()
+        # (not 1 - kept / assigned: a call with no assignment, e.g. T = 0, drops nothing)
+        dropped = (assigned - load.sum()).float() / assigned.clamp_min(1).float()
         aux = MoEAux(routing.aux, load, dropped)
         return y.reshape(x.shape), aux

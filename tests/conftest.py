@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, settings
 settings.register_profile(
     "ci",
     derandomize=True,
+    database=None,  # CI replays nothing a local dev run saved: the same examples everywhere
     max_examples=25,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

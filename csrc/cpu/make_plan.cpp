@@ -33,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan
   std::vector<int64_t> fill(E);
   at::Tensor order;  // BPR: each rank's token order by priority (only matters with a capacity)
   if (priority.has_value() && capacity.has_value() && T > 0) {
-    const at::Tensor prio = priority->to(at::kFloat).contiguous();
+    const at::Tensor prio = priority_as_float(*priority);
     const int64_t ranks = prio.dim() == 1 ? 1 : k;
     order = at::empty({ranks, T}, idx);
     const int64_t nan_at = cpu::priority_order(prio.const_data_ptr<float>(), T, ranks,

@@ -19,6 +19,14 @@ int64_t grain_rows(int64_t per_row_work) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_row_work));
 }
 
+// Keeps the lowest bad row over all chunks, so that the error names the same row at any thread
+// count (each chunk reports its first).
+void keep_first(std::atomic<int64_t>& first, int64_t row) {
+  int64_t cur = first.load();
+  while ((cur < 0 || row < cur) && !first.compare_exchange_weak(cur, row)) {
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> topk_softmax_cpu(const at::Tensor& logits_in, int64_t k,
                                                     bool renormalize) {
   check_topk_softmax(logits_in, k);
@@ -37,11 +45,12 @@ std::tuple<at::Tensor, at::Tensor> topk_softmax_cpu(const at::Tensor& logits_in,
         at::parallel_for(0, T, grain_rows(E * k), [&](int64_t b, int64_t e) {
           const int64_t bad =
               cpu::topk_softmax_rows<T_>(l, logits.stride(0), E, k, renormalize, b, e, w, ex);
-          if (bad >= 0) bad_row.store(bad);
+          if (bad >= 0) keep_first(bad_row, bad);
         });
       });
   TORCH_CHECK(bad_row.load() < 0,
-              "smoe::topk_softmax: logits must be finite or -inf, got NaN or +inf in row ",
+              "smoe::topk_softmax: logits must be finite or -inf with a finite value in every "
+              "row, got NaN, +inf or only -inf in row ",
               bad_row.load());
   return {weight, expert};
 }
@@ -53,6 +62,10 @@ at::Tensor topk_softmax_backward_cpu(const at::Tensor& grad_weight_in, const at:
   const at::Tensor grad_weight = grad_weight_in.contiguous();
   const at::Tensor expert = expert_in.contiguous();
   const int64_t T = logits.size(0), E = logits.size(1), k = expert.size(1);
+  const int32_t* ex_ptr = expert.const_data_ptr<int32_t>();
+  const int64_t bad = cpu::first_invalid_expert(ex_ptr, T * k, E);
+  TORCH_CHECK(bad < 0, "smoe::topk_softmax_backward: expert values must be in [0, E) = [0, ", E,
+              "), got ", bad < 0 ? 0 : ex_ptr[bad], " at [", bad / k, ", ", bad % k, "]");
   at::Tensor grad_logits = at::empty({T, E}, logits.options());
   if (T == 0) return grad_logits;
   AT_DISPATCH_FLOATING_TYPES_AND2(

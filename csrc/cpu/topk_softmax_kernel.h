@@ -64,7 +64,8 @@ void select_topk_passes(const T* l, int64_t E, int64_t k, int32_t* out) {
 }
 
 // Forward. Row-major logits [T, E] (row stride ld); weight, expert [T, k] contiguous.
-// Returns the first row (>= begin) holding a NaN or +inf, or -1 when all rows are valid.
+// Returns the first row (>= begin) holding a NaN or +inf or only -inf (no expert has a
+// probability), or -1 when all rows are valid.
 template <typename T>
 int64_t topk_softmax_rows(const T* logits, int64_t ld, int64_t E, int64_t k, bool renormalize,
                           int64_t begin, int64_t end, T* weight, int32_t* expert) {
@@ -77,6 +78,7 @@ int64_t topk_softmax_rows(const T* logits, int64_t ld, int64_t E, int64_t k, boo
       if (std::isnan(v) || v == INFINITY) return t;
       if (v > m) m = v;
     }
+    if (m == -INFINITY) return t;
     A total = 0;
     for (int64_t e = 0; e < E; ++e) total += std::exp(load(l[e]) - m);
     A selected = 0;
@@ -94,11 +96,20 @@ int64_t topk_softmax_rows(const T* logits, int64_t ld, int64_t E, int64_t k, boo
   return -1;
 }
 
+// The first of n expert ids outside [0, E), or -1 (the backward indexes logits with them).
+inline int64_t first_invalid_expert(const int32_t* expert, int64_t n, int64_t E) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (expert[i] < 0 || expert[i] >= E) return i;
+  }
+  return -1;
+}
+
 // Backward: grad_logits [T, E] contiguous from grad_weight [T, k], logits [T, E] (stride ld),
 // expert [T, k]. The softmax is recomputed in the accumulation type, not read from the saved
 // (possibly 16-bit) weights.
 //   renormalize:  w_j = softmax over the selected logits; d l[e_j] = w_j (g_j - sum_l g_l w_l)
 //   otherwise:    w_j = p[e_j] of the full softmax;     d l[i]   = p_i (G_i - sum_j g_j w_j)
+// (for the first choice, with g_0 - sum_j g_j w_j rearranged: see top_diff).
 template <typename T>
 void topk_softmax_backward_rows(const T* grad_weight, const T* logits, int64_t ld,
                                 const int32_t* expert, int64_t E, int64_t k, bool renormalize,
@@ -111,26 +122,42 @@ void topk_softmax_backward_rows(const T* grad_weight, const T* logits, int64_t l
     T* out = grad_logits + t * E;
     A m = -INFINITY;
     for (int64_t e = 0; e < E; ++e) m = std::fmax(m, load(l[e]));
-    A denom = 0;
+    A denom = 0, rest = 0;  // rest: the terms of denom other than the first choice's
     if (renormalize) {
-      for (int64_t j = 0; j < k; ++j) denom += std::exp(load(l[ex[j]]) - m);
+      for (int64_t j = 0; j < k; ++j) {
+        const A x = std::exp(load(l[ex[j]]) - m);
+        denom += x;
+        if (j > 0) rest += x;
+      }
     } else {
-      for (int64_t e = 0; e < E; ++e) denom += std::exp(load(l[e]) - m);
+      for (int64_t e = 0; e < E; ++e) {
+        const A x = std::exp(load(l[e]) - m);
+        denom += x;
+        if (e != ex[0]) rest += x;
+      }
     }
-    A dot = 0;
-    for (int64_t j = 0; j < k; ++j) dot += load(g[j]) * (std::exp(load(l[ex[j]]) - m) / denom);
+    A dot = 0, rest_dot = 0;  // rest_dot: the terms of dot after the first choice's
+    for (int64_t j = 0; j < k; ++j) {
+      const A gw = load(g[j]) * (std::exp(load(l[ex[j]]) - m) / denom);
+      dot += gw;
+      if (j > 0) rest_dot += gw;
+    }
+    // The first choice has the largest weight w_0; when w_0 ~ 1, g_0 - dot cancels to 0 in fp32
+    // and its gradient loses all relative accuracy. Written as g_0 (1 - w_0) - sum_{j>0} g_j w_j
+    // with 1 - w_0 = rest / denom summed from the other probabilities, it keeps it.
+    const A top_diff = load(g[0]) * (rest / denom) - rest_dot;
     if (renormalize) {
       for (int64_t e = 0; e < E; ++e) out[e] = from_acc<T>(A(0));
       for (int64_t j = 0; j < k; ++j) {
         const A w = std::exp(load(l[ex[j]]) - m) / denom;
-        out[ex[j]] = from_acc<T>(w * (load(g[j]) - dot));
+        out[ex[j]] = from_acc<T>(w * (j == 0 ? top_diff : load(g[j]) - dot));
       }
     } else {
       for (int64_t e = 0; e < E; ++e) {
         A ge = 0;
         for (int64_t j = 0; j < k; ++j) ge += (ex[j] == e) ? load(g[j]) : A(0);
         const A p = std::exp(load(l[e]) - m) / denom;
-        out[e] = from_acc<T>(p * (ge - dot));
+        out[e] = from_acc<T>(p * (e == ex[0] ? top_diff : ge - dot));
       }
     }
   }

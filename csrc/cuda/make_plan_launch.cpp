@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan
   at::Tensor invalid = at::zeros({1}, idx);
   at::Tensor order;  // BPR: each rank's token order by priority (only matters with a capacity)
   if (priority.has_value() && capacity.has_value()) {
-    const at::Tensor prio = priority->to(at::kFloat).contiguous();
+    const at::Tensor prio = priority_as_float(*priority);
     const int64_t ranks = prio.dim() == 1 ? 1 : k;
     order = at::empty({ranks, T}, idx);
     at::Tensor bad_priority = at::zeros({1}, idx);

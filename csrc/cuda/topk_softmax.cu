@@ -39,8 +39,10 @@ __global__ void __launch_bounds__(kThreads)
       bad = bad || isnan(v) || v == INFINITY;
       m = fmaxf(m, v);
     }
-    if (__any_sync(kFullMask, bad)) {
-      // The CPU op raises for this row; flag it and write placeholders (no NaN-driven indexing).
+    m = warp_max(m);  // fmaxf skips NaN; warp-uniform, so the branch below is too
+    if (__any_sync(kFullMask, bad) || m == -INFINITY) {
+      // The CPU op raises for this row (NaN, +inf, or only -inf: no expert has a probability);
+      // flag it and write placeholders (no NaN-driven indexing).
       if (lane == 0) *invalid = 1;
       for (int64_t j = lane; j < k; j += kWarp) {
         expert[t * k + j] = -1;
@@ -48,7 +50,6 @@ __global__ void __launch_bounds__(kThreads)
       }
       continue;
     }
-    m = warp_max(m);
     float total = 0.f;
     for (int64_t e = lane; e < E; e += kWarp) total += expf(to_float(l[e]) - m);
     total = warp_sum(total);
@@ -112,22 +113,37 @@ __global__ void __launch_bounds__(kThreads)
     float m = -INFINITY;
     for (int64_t e = lane; e < E; e += kWarp) m = fmaxf(m, to_float(l[e]));
     m = warp_max(m);
-    float denom = 0.f;
+    float denom = 0.f, rest = 0.f;  // rest: the terms of denom other than the first choice's
     if (renormalize) {
       for (int64_t j = lane; j < k; j += kWarp) {
         const int64_t e = ex[j];
-        if (e >= 0 && e < E) denom += expf(to_float(l[e]) - m);
+        if (e < 0 || e >= E) continue;
+        const float x = expf(to_float(l[e]) - m);
+        denom += x;
+        if (j > 0) rest += x;
       }
     } else {
-      for (int64_t e = lane; e < E; e += kWarp) denom += expf(to_float(l[e]) - m);
+      for (int64_t e = lane; e < E; e += kWarp) {
+        const float x = expf(to_float(l[e]) - m);
+        denom += x;
+        if (e != ex[0]) rest += x;
+      }
     }
     denom = warp_sum(denom);
-    float dot = 0.f;
+    rest = warp_sum(rest);
+    float dot = 0.f, rest_dot = 0.f;  // rest_dot: the terms of dot after the first choice's
     for (int64_t j = lane; j < k; j += kWarp) {
       const int64_t e = ex[j];
-      if (e >= 0 && e < E) dot += to_float(g[j]) * (expf(to_float(l[e]) - m) / denom);
+      if (e < 0 || e >= E) continue;
+      const float gw = to_float(g[j]) * (expf(to_float(l[e]) - m) / denom);
+      dot += gw;
+      if (j > 0) rest_dot += gw;
     }
     dot = warp_sum(dot);
+    rest_dot = warp_sum(rest_dot);
+    // As cpu::topk_softmax_backward_rows: g_0 - dot = g_0 (1 - w_0) - sum_{j>0} g_j w_j, with
+    // 1 - w_0 summed from the other probabilities (no cancellation when w_0 ~ 1).
+    const float top_diff = to_float(g[0]) * (rest / denom) - rest_dot;
     for (int64_t e = lane; e < E; e += kWarp) {
       float ge = 0.f;
       bool hit = false;
@@ -137,7 +153,8 @@ __global__ void __launch_bounds__(kThreads)
         hit = true;
       }
       const float p = expf(to_float(l[e]) - m) / denom;
-      out[e] = from_float<T>(renormalize && !hit ? 0.f : p * (ge - dot));
+      const float diff = e == ex[0] ? top_diff : ge - dot;
+      out[e] = from_float<T>(renormalize && !hit ? 0.f : p * diff);
     }
   }
 }

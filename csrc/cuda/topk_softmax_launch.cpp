@@ -40,7 +40,8 @@ std::tuple<at::Tensor, at::Tensor> topk_softmax_cuda(const at::Tensor& logits_in
         expert.mutable_data_ptr<int32_t>(), invalid.mutable_data_ptr<int32_t>(), stream));
   });
   at::_assert_async(invalid.eq(0),
-                    "smoe::topk_softmax: logits must be finite or -inf, got NaN or +inf");
+                    "smoe::topk_softmax: logits must be finite or -inf with a finite value in "
+                    "every row, got NaN, +inf or only -inf");
   return {weight, expert};
 }
 
@@ -56,6 +57,8 @@ at::Tensor topk_softmax_backward_cuda(const at::Tensor& grad_weight_in, const at
   const int64_t T = logits.size(0), E = logits.size(1), k = expert.size(1);
   at::Tensor grad_logits = at::empty({T, E}, logits.options());
   if (T == 0) return grad_logits;
+  at::_assert_async(expert.ge(0).logical_and(expert.lt(E)).all(),
+                    "smoe::topk_softmax_backward: expert values must be in [0, E)");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   SMOE_CUDA_DISPATCH(logits.scalar_type(), "topk_softmax_backward", [&] {
     using T_ = typename cuda_type<scalar_t>::type;

@@ -14,9 +14,12 @@ from smoe import _loader
 
 _loader.load_library()
 
+from smoe.ops._common import refuse_sparse  # noqa: E402
 from smoe.ops.dispatch import Plan, combine, make_plan, permute  # noqa: E402
 from smoe.ops.experts import grouped_mm, swiglu  # noqa: E402
 from smoe.ops.routing import ExpertChoice, TopK, expert_choice, topk_softmax  # noqa: E402
+
+refuse_sparse()  # every smoe op: a sparse argument is an error naming it
 
 __all__ = [
     "ExpertChoice",

@@ -1,8 +1,10 @@
-"""What every op module shares: the accepted float dtypes and the double-backward guard."""
+"""What every op module shares: the accepted float dtypes, the fakes' device check, the
+double-backward guard and the refusal of sparse inputs."""
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -25,3 +27,54 @@ def _refuse(op: str) -> None:
     torch.library.register_autograd(
         f"smoe::{op}_backward", backward, setup_context=lambda ctx, inputs, output: None
     )
+
+
+def check_devices(op: str, **tensors: Tensor | None) -> None:
+    """In a fake: every tensor argument on the first one's device.
+
+    A call mixing meta with real tensors dispatches to the fake, which would otherwise return
+    meta (or uninitialised) outputs without a word; the kernels check devices themselves.
+    """
+    present = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = present[0]
+    for name, t in present[1:]:
+        torch._check(
+            t.device == first.device,
+            lambda name=name, t=t: (
+                f"smoe::{op}: {name} must be on {first.device} like {first_name}, got {t.device}"
+            ),
+        )
+
+
+_SPARSE_KEYS = ("SparseCPU", "SparseCUDA", "SparseMeta", "SparseCsrCPU", "SparseCsrCUDA")
+_sparse_lib: torch.library.Library | None = None
+
+
+def refuse_sparse(namespace: str = "smoe") -> None:
+    """Give every op of ``namespace`` a kernel for the sparse dispatch keys that names the
+    sparse argument (the dispatcher's own "Could not run ... with arguments from the 'SparseCPU'
+    backend" names none). Ops take dense (strided) tensors only."""
+    global _sparse_lib
+    if _sparse_lib is None:
+        _sparse_lib = torch.library.Library(namespace, "IMPL")
+    prefix = f"{namespace}::"
+    for qualname in torch._C._dispatch_get_all_op_names():
+        if qualname.startswith(prefix):
+            op = qualname[len(prefix) :]
+            for key in _SPARSE_KEYS:
+                _sparse_lib.impl(op, _sparse_refusal(namespace, op), key)
+
+
+def _sparse_refusal(namespace: str, op: str):
+    names = [a.name for a in getattr(getattr(torch.ops, namespace), op).default._schema.arguments]
+
+    def kernel(*args, **kwargs):
+        for name, value in [*zip(names, args), *kwargs.items()]:
+            if isinstance(value, Tensor) and value.layout != torch.strided:
+                raise RuntimeError(
+                    f"{namespace}::{op}: {name} must be a dense (strided) tensor, got "
+                    f"{value.layout}"
+                )
+        raise RuntimeError(f"{namespace}::{op}: all tensor arguments must be dense (strided)")
+
+    return kernel

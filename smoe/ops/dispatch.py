@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from smoe.ops._common import refuse_double_backward
+from smoe.ops._common import check_devices, refuse_double_backward
 
 __all__ = ["Plan", "combine", "make_plan", "permute"]
 
@@ -125,6 +125,7 @@ def _make_grouped_plan(
 
 @torch.library.register_fake("smoe::make_plan")
 def _make_plan_fake(expert, num_experts, *, capacity=None, priority=None):
+    check_devices("make_plan", expert=expert, priority=priority)
     torch._check(expert.dim() == 2, lambda: "smoe::make_plan: expert must be 2-D [T, k]")
     torch._check(expert.dtype == torch.int32, lambda: "smoe::make_plan: expert must be int32")
     torch._check(num_experts >= 1, lambda: "smoe::make_plan: num_experts must be >= 1")
@@ -168,6 +169,7 @@ def permute(x: Tensor, plan: Plan) -> Tensor:
 
 @torch.library.register_fake("smoe::permute")
 def _permute_fake(x: Tensor, token: Tensor, row: Tensor) -> Tensor:
+    check_devices("permute", x=x, token=token, row=row)
     torch._check(x.dim() == 2, lambda: "smoe::permute: x must be 2-D [T, d]")
     torch._check(token.dim() == 1 and row.dim() == 2, lambda: "smoe::permute: bad plan tensors")
     torch._check(x.shape[0] == row.shape[0], lambda: "smoe::permute: x must have T rows")
@@ -191,6 +193,9 @@ torch.library.register_autograd(
 
 @torch.library.register_fake("smoe::permute_backward")
 def _permute_backward_fake(grad_out: Tensor, row: Tensor) -> Tensor:
+    check_devices("permute_backward", grad_out=grad_out, row=row)
+    torch._check(grad_out.dim() == 2, lambda: "smoe::permute_backward: grad_out must be 2-D [M, d]")
+    torch._check(row.dim() == 2, lambda: "smoe::permute_backward: row must be 2-D [T, k]")
     return grad_out.new_empty((row.shape[0], grad_out.shape[1]))
 
 
@@ -218,6 +223,7 @@ def combine(y_sorted: Tensor, weight: Tensor, plan: Plan) -> Tensor:
 
 @torch.library.register_fake("smoe::combine")
 def _combine_fake(y_sorted, weight, token, slot, row) -> Tensor:
+    check_devices("combine", y_sorted=y_sorted, weight=weight, token=token, slot=slot, row=row)
     torch._check(y_sorted.dim() == 2, lambda: "smoe::combine: y_sorted must be 2-D [M, d]")
     torch._check(weight.shape == row.shape, lambda: "smoe::combine: weight must be [T, k]")
     torch._check(weight.dtype == y_sorted.dtype, lambda: "smoe::combine: weight dtype mismatch")
@@ -247,6 +253,9 @@ torch.library.register_autograd(
 
 @torch.library.register_fake("smoe::combine_backward")
 def _combine_backward_fake(grad_out, y_sorted, weight, token, slot, row):
+    tensors = dict(y_sorted=y_sorted, grad_out=grad_out, weight=weight, token=token, slot=slot)
+    check_devices("combine_backward", **tensors, row=row)
+    torch._check(grad_out.dim() == 2, lambda: "smoe::combine_backward: grad_out must be 2-D [T, d]")
     return y_sorted.new_empty(y_sorted.shape), weight.new_empty(weight.shape)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from smoe.ops._common import refuse_double_backward
+from smoe.ops._common import check_devices, refuse_double_backward
 
 __all__ = ["grouped_mm", "swiglu"]
 
@@ -43,6 +43,7 @@ def _transposed_weight(w: Tensor) -> bool:
 
 @torch.library.register_fake("smoe::grouped_mm")
 def _grouped_mm_fake(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    check_devices("grouped_mm", x=x, w=w, offsets=offsets)
     torch._check(x.dim() == 2, lambda: "smoe::grouped_mm: x must be 2-D [M, d_in]")
     torch._check(w.dim() == 3, lambda: "smoe::grouped_mm: w must be 3-D [E, d_in, d_out]")
     torch._check(w.shape[1] == x.shape[1], lambda: "smoe::grouped_mm: w must be [E, d_in, d_out]")
@@ -70,6 +71,10 @@ torch.library.register_autograd(
 
 @torch.library.register_fake("smoe::grouped_mm_backward")
 def _grouped_mm_backward_fake(grad_out, x, w, offsets, need_x: bool, need_w: bool):
+    check_devices("grouped_mm_backward", x=x, grad_out=grad_out, w=w, offsets=offsets)
+    torch._check(
+        grad_out.dim() == 2, lambda: "smoe::grouped_mm_backward: grad_out must be 2-D [M, d_out]"
+    )
     gx = x.new_empty(x.shape) if need_x else x.new_empty((0,))
     if not need_w:
         gw = w.new_empty((0,))
@@ -128,6 +133,8 @@ torch.library.register_autograd(
 
 @torch.library.register_fake("smoe::swiglu_backward")
 def _swiglu_backward_fake(grad_out: Tensor, h: Tensor) -> Tensor:
+    check_devices("swiglu_backward", h=h, grad_out=grad_out)
+    torch._check(grad_out.dim() == 2, lambda: "smoe::swiglu_backward: grad_out must be 2-D [M, f]")
     return h.new_empty(h.shape)
 
 

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from smoe.ops._common import FLOATS, refuse_double_backward
+from smoe.ops._common import FLOATS, check_devices, refuse_double_backward
 from smoe.ops.dispatch import Plan
 
 __all__ = ["ExpertChoice", "TopK", "expert_choice", "topk_softmax"]
@@ -42,7 +42,8 @@ def topk_softmax(logits: Tensor, k: int, *, renormalize: bool = True) -> TopK:
         TopK: ``weight [T, k]`` in logits' dtype, ``expert [T, k]`` int32, best first.
 
     Raises:
-        ValueError: k out of range. RuntimeError (from the op): bad dtype or rank, NaN/+inf logits.
+        ValueError: k out of range. RuntimeError (from the op): bad dtype or rank, NaN/+inf
+            logits or a row of only -inf (no expert has a probability).
 
     Note:
         Softmax math is in fp32 for 16-bit inputs. Ties go to the lower expert index on CPU and
@@ -89,6 +90,10 @@ def _backward_topk_softmax(ctx, grad_weight: Tensor, _grad_expert: Tensor | None
 def _topk_softmax_backward_fake(
     grad_weight: Tensor, logits: Tensor, expert: Tensor, renormalize: bool
 ) -> Tensor:
+    op = "topk_softmax_backward"
+    check_devices(op, logits=logits, grad_weight=grad_weight, expert=expert)
+    torch._check(logits.dim() == 2, lambda: f"smoe::{op}: logits must be 2-D [T, E]")
+    torch._check(grad_weight.dim() == 2, lambda: f"smoe::{op}: grad_weight must be 2-D [T, k]")
     return logits.new_empty(logits.shape)
 
 
@@ -188,6 +193,10 @@ def _backward_expert_choice(ctx, grad_weight: Tensor, *_grad_plan):
 
 @torch.library.register_fake("smoe::expert_choice_backward")
 def _expert_choice_backward_fake(grad_weight: Tensor, logits: Tensor, row: Tensor) -> Tensor:
+    op = "expert_choice_backward"
+    check_devices(op, logits=logits, grad_weight=grad_weight, row=row)
+    torch._check(logits.dim() == 2, lambda: f"smoe::{op}: logits must be 2-D [T, E]")
+    torch._check(grad_weight.dim() == 2, lambda: f"smoe::{op}: grad_weight must be 2-D [T, E]")
     return logits.new_empty(logits.shape)
 
 

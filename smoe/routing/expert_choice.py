@@ -76,6 +76,10 @@ class ExpertChoiceRouter(nn.Module):
     ) -> None:
         super().__init__()
         expert_choice_capacity(1, num_experts, capacity_factor)  # validates both
+        if d_model < 1:
+            raise ValueError(f"ExpertChoiceRouter: d_model must be >= 1, got {d_model}")
+        if not init_scale > 0:
+            raise ValueError(f"ExpertChoiceRouter: init_scale must be > 0, got {init_scale}")
         if group_size is not None and group_size < 1:
             raise ValueError(
                 f"ExpertChoiceRouter: group_size must be >= 1 or None, got {group_size}"

@@ -57,6 +57,12 @@ class TopKRouter(nn.Module):
             raise ValueError(f"TopKRouter: k must be in [1, num_experts={num_experts}], got {k}")
         if not 0.0 <= jitter < 1.0:
             raise ValueError(f"TopKRouter: jitter must be in [0, 1), got {jitter}")
+        if d_model < 1:
+            raise ValueError(f"TopKRouter: d_model must be >= 1, got {d_model}")
+        if not init_scale > 0:
+            raise ValueError(f"TopKRouter: init_scale must be > 0, got {init_scale}")
+        if not noise_epsilon >= 0:
+            raise ValueError(f"TopKRouter: noise_epsilon must be >= 0, got {noise_epsilon}")
         self.d_model, self.num_experts, self.k = d_model, num_experts, k
         self.renormalize, self.noisy, self.noise_epsilon = renormalize, noisy, noise_epsilon
         self.jitter, self.balance_first_choice_only = jitter, balance_first_choice_only

@@ -114,6 +114,8 @@ class VMoERouter(nn.Module):
             raise ValueError(f"VMoERouter: num_experts must be >= 1, got {num_experts}")
         if not 1 <= k <= num_experts:
             raise ValueError(f"VMoERouter: k must be in [1, num_experts={num_experts}], got {k}")
+        if d_model < 1:
+            raise ValueError(f"VMoERouter: d_model must be >= 1, got {d_model}")
         if noise_std < 0:
             raise ValueError(f"VMoERouter: noise_std must be >= 0, got {noise_std}")
         if group_size is not None and group_size < 1:
@@ -124,7 +126,7 @@ class VMoERouter(nn.Module):
             ("capacity_factor", capacity_factor),
             ("eval_capacity_factor", eval_capacity_factor),
         ):
-            if c is not None and c <= 0:
+            if c is not None and not c > 0:  # also refuses NaN
                 raise ValueError(f"VMoERouter: {name} must be > 0 or None, got {c}")
         vmoe_capacity(1, 1, 1, 1.0, rounding=rounding, multiple_of=multiple_of)  # checks options
         self.d_model, self.num_experts, self.k = d_model, num_experts, k

@@ -1,0 +1,114 @@
+"""Bad inputs of smoe.models' public constructors (the cheap ones: tiny sizes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import smoe
+from tests.bad_inputs.cases import Case, Expect, arg, error
+
+
+def _case(target: str, label: str, kind: str, fn, expect: Expect) -> Case:
+    return Case(f"{target}/{label}", target, kind, fn, expect)
+
+
+# ---- smoe.models' public constructors (the cheap ones) ---------------------------------------
+def _vit(d, **kw: Any):
+    from smoe.models import quickdraw_vit, vmoe_vit
+
+    return vmoe_vit(quickdraw_vit(depth=2, embed_dim=16, num_heads=2), num_experts=2, **kw)
+
+
+def _charlm(**kw: Any):
+    def fn(d):
+        from smoe.models.charlm import CharLM
+
+        return CharLM(11, d_model=16, n_layers=1, n_heads=2, context=8, num_experts=2, k=1, **kw)
+
+    return fn
+
+
+CASES: list[Case] = [
+    _case(
+        "SMoEVAE",
+        "routing unknown",
+        "config",
+        lambda d: smoe.SMoEVAE(routing="bogus"),
+        error(arg("routing"), ValueError),
+    ),
+    _case(
+        "SMoEVAE",
+        "reduction unknown",
+        "config",
+        lambda d: smoe.SMoEVAE(reduction="bogus"),
+        error(arg("reduction"), ValueError),
+    ),
+    _case(
+        "SMoEVAE",
+        "num_experts = 0",
+        "config",
+        lambda d: smoe.SMoEVAE(num_experts=0),
+        error(arg("num_experts"), ValueError),
+    ),
+    _case(
+        "SMoEVAE",
+        "oracle_eval without supervision",
+        "config",
+        lambda d: smoe.SMoEVAE(oracle_eval=True),
+        error(arg("oracle_eval"), ValueError),
+    ),
+    _case(
+        "CharLM", "router unknown", "config", _charlm(router="bogus"), error("bogus", ValueError)
+    ),
+    _case(
+        "CharLM",
+        "moe_every = 0",
+        "config",
+        _charlm(moe_every=0),
+        error(arg("moe_every"), ValueError),
+    ),
+    _case(
+        "CharLM",
+        "router_options unknown",
+        "config",
+        _charlm(router_options={"bogus_option": 1}),
+        error("bogus_option", ValueError),
+    ),
+    _case(
+        "vmoe_vit",
+        "router unknown",
+        "config",
+        lambda d: _vit(d, router="bogus"),
+        error(arg("router"), ValueError),
+    ),
+    _case(
+        "vmoe_vit",
+        "every and last both",
+        "config",
+        lambda d: _vit(d, every=1, last=1),
+        error(arg("every"), ValueError),
+    ),
+    _case(
+        "vmoe_vit",
+        "blocks out of range",
+        "config",
+        lambda d: _vit(d, blocks=[5]),
+        error(arg("blocks"), ValueError),
+    ),
+    _case(
+        "vmoe_vit",
+        "group_images = 0",
+        "config",
+        lambda d: _vit(d, group_images=0),
+        error(arg("group_images"), ValueError),
+    ),
+    _case(
+        "vmoe_vit",
+        "vit not a ViT",
+        "config",
+        lambda d: __import__("smoe.models", fromlist=["vmoe_vit"]).vmoe_vit(torch.nn.Linear(2, 2)),
+        error(arg("vit"), TypeError),
+    ),
+]

@@ -1,0 +1,281 @@
+"""Bad inputs of MoELayer (with each registered router) and of the routers' constructors and
+factories.
+
+``ROUTER_ROWS`` lists every registered router by name, each with its own misconfigurations; every
+listed router also gets the shared rows (an unknown option, ``d_model = 0``, ``num_experts = 0``)
+and MoELayer rows (NaN tokens, a wrong token width, integer tokens, tokens on the other device).
+A router registered without an entry here fails ``test_matrix.py``'s gate.
+
+NaN tokens: an error naming the router's ``logits`` (a NaN token makes a NaN logit row; the
+routing ops refuse it, CPU: RuntimeError, CUDA: the documented asynchronous device assert).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import smoe
+from tests.bad_inputs.cases import ASYNC_ASSERT, Case, Expect, arg, error
+
+D_MODEL, D_FF, NUM_E, TOKENS = 8, 16, 4, 6
+
+
+def _case(target: str, label: str, kind: str, fn, expect: Expect, **kw: Any) -> Case:
+    return Case(f"{target}/{label}", target, kind, fn, expect, **kw)
+
+
+def _build(name: str, *args: Any, **options: Any):
+    return lambda d: smoe.build_router(name, *args, **options)
+
+
+def _layer(d, **kw: Any) -> smoe.MoELayer:
+    return smoe.MoELayer(D_MODEL, D_FF, NUM_E, 2, **kw).to(d.device)
+
+
+def _forward(router: str, make_x, **kw: Any):
+    def fn(d):
+        layer = _layer(d, router=router, **kw)
+        return layer(make_x(d))
+
+    return fn
+
+
+def _nan_tokens(d):
+    x = d.f(TOKENS, D_MODEL)
+    x[2, 3] = float("nan")
+    return x
+
+
+# ---- routers: the registry's names, each with its own misconfigurations --------------------------
+_TOPK_OWN = [
+    ("jitter = 1.5", {"jitter": 1.5}, "jitter"),
+    ("init_scale = 0", {"init_scale": 0.0}, "init_scale"),
+    ("init_scale = -1", {"init_scale": -1.0}, "init_scale"),
+    ("noise_epsilon = -1", {"noise_epsilon": -1.0}, "noise_epsilon"),
+]
+
+ROUTER_ROWS: dict[str, list[tuple[str, dict[str, Any], str]]] = {
+    "topk": [*_TOPK_OWN, ("k > E", {"k": NUM_E + 1}, "k"), ("k = 0", {"k": 0}, "k")],
+    "switch": [*_TOPK_OWN, ("k > E", {"k": NUM_E + 1}, "k")],
+    "noisy_topk": [*_TOPK_OWN, ("k = 0", {"k": 0}, "k")],
+    "vmoe": [
+        ("k > E", {"k": NUM_E + 1}, "k"),
+        ("capacity_factor = 0", {"capacity_factor": 0.0}, "capacity_factor"),
+        ("capacity_factor NaN", {"capacity_factor": float("nan")}, "capacity_factor"),
+        ("eval_capacity_factor = -1", {"eval_capacity_factor": -1.0}, "eval_capacity_factor"),
+        ("noise_std = -1", {"noise_std": -1.0}, "noise_std"),
+        ("group_size = 0", {"group_size": 0}, "group_size"),
+        ("priority unknown", {"priority": "median"}, "priority"),
+        ("rounding unknown", {"rounding": "floor"}, "rounding"),
+        ("multiple_of = 0", {"multiple_of": 0}, "multiple_of"),
+    ],
+    "expert_choice": [
+        ("k = 0 (capacity factor 0)", {"k": 0}, "capacity_factor"),
+        ("capacity_factor = -1", {"capacity_factor": -1.0}, "capacity_factor"),
+        ("capacity_factor NaN", {"capacity_factor": float("nan")}, "capacity_factor"),
+        ("group_size = 0", {"group_size": 0}, "group_size"),
+        ("init_scale = 0", {"init_scale": 0.0}, "init_scale"),
+    ],
+}
+
+
+def _router_cases(name: str) -> list[Case]:
+    target = f"router:{name}"
+    cases = [
+        _case(
+            target,
+            "unknown option",
+            "config",
+            _build(name, D_MODEL, NUM_E, 2, bogus_option=1),
+            error("bogus_option", ValueError),
+        ),
+        _case(
+            target,
+            "d_model = 0",
+            "config",
+            _build(name, 0, NUM_E, 2),
+            error(arg("d_model"), ValueError),
+        ),
+        _case(
+            target,
+            "num_experts = 0",
+            "config",
+            _build(name, D_MODEL, 0, 1),
+            error(arg("num_experts"), ValueError),
+        ),
+    ]
+    for label, options, pattern in ROUTER_ROWS[name]:
+        opts = dict(options)
+        k = opts.pop("k", 2)
+        fn = _build(name, D_MODEL, NUM_E, k, **opts)
+        cases.append(_case(target, label, "config", fn, error(arg(pattern), ValueError)))
+    layer = f"MoELayer[{name}]"
+    cases += [
+        _case(
+            layer,
+            "router_options unknown",
+            "config",
+            lambda d, n=name: _layer(d, router=n, router_options={"bogus_option": 1}),
+            error("bogus_option", ValueError),
+        ),
+        _case(
+            layer,
+            "x NaN",
+            "nan",
+            _forward(name, _nan_tokens),
+            error(r"\blogits\b.*finite", RuntimeError),
+            cuda_expect=ASYNC_ASSERT,
+        ),
+        _case(
+            layer,
+            "x width != d_model",
+            "size",
+            _forward(name, lambda d: d.f(TOKENS, D_MODEL + 1)),
+            error(arg("x"), ValueError),
+        ),
+        _case(
+            layer,
+            "x int64",
+            "dtype",
+            _forward(
+                name, lambda d: torch.ones(TOKENS, D_MODEL, dtype=torch.int64, device=d.device)
+            ),
+            error(arg("x"), TypeError),
+        ),
+        _case(
+            layer,
+            "x on the other device",
+            "device",
+            _forward(name, lambda d: d.f(TOKENS, D_MODEL).to(d.other)),
+            error(arg("x"), ValueError),
+        ),
+        _case(
+            layer,
+            "x 0-D",
+            "rank",
+            _forward(name, lambda d: torch.tensor(1.0, device=d.device)),
+            error(arg("x"), ValueError),
+        ),
+    ]
+    return cases
+
+
+# ---- MoELayer's own options ------------------------------------------------------------------
+def _moe(**kw: Any):
+    return lambda d: _layer(d, **kw)
+
+
+def _moe_args(*args: Any, **kw: Any):
+    return lambda d: smoe.MoELayer(*args, **kw)
+
+
+_MOE = "MoELayer"
+_moe_cases = [
+    _case(_MOE, "router unknown name", "config", _moe(router="bogus"), error("bogus", ValueError)),
+    _case(_MOE, "router an int", "config", _moe(router=3), error(arg("router"), TypeError)),
+    _case(
+        _MOE,
+        "router_options with a module",
+        "config",
+        lambda d: _layer(d, router=torch.nn.Linear(2, 2), router_options={"k": 1}),
+        error(arg("router_options"), ValueError),
+    ),
+    _case(
+        _MOE,
+        "activation unknown",
+        "config",
+        _moe(activation="relu"),
+        error(arg("activation"), ValueError),
+    ),
+    _case(
+        _MOE,
+        "capacity_factor = 0",
+        "config",
+        _moe(capacity_factor=0.0),
+        error(arg("capacity_factor"), ValueError),
+    ),
+    _case(
+        _MOE,
+        "capacity_factor = -1",
+        "config",
+        _moe(capacity_factor=-1.0),
+        error(arg("capacity_factor"), ValueError),
+    ),
+    _case(
+        _MOE,
+        "capacity_factor NaN",
+        "config",
+        _moe(capacity_factor=float("nan")),
+        error(arg("capacity_factor"), ValueError),
+    ),
+    _case(
+        _MOE,
+        "renormalize=False with vmoe",
+        "config",
+        _moe(router="vmoe", renormalize=False),
+        error(arg("renormalize"), ValueError),
+    ),
+    _case(
+        _MOE,
+        "num_experts = 0",
+        "config",
+        _moe_args(D_MODEL, D_FF, 0, 1),
+        error(arg("num_experts"), ValueError),
+    ),
+    _case(
+        _MOE, "d_ff = 0", "config", _moe_args(D_MODEL, 0, NUM_E, 2), error(arg("d_ff"), ValueError)
+    ),
+    _case(
+        _MOE,
+        "d_model = 0",
+        "config",
+        _moe_args(0, D_FF, NUM_E, 2),
+        error(arg("d_model"), ValueError),
+    ),
+    _case(_MOE, "k = 0", "config", _moe_args(D_MODEL, D_FF, NUM_E, 0), error(arg("k"), ValueError)),
+    _case(
+        _MOE,
+        "k > num_experts",
+        "config",
+        _moe_args(D_MODEL, D_FF, NUM_E, NUM_E + 1),
+        error(arg("k"), ValueError),
+    ),
+    _case(
+        _MOE,
+        "capacity_factor with expert_choice",
+        "config",
+        _forward("expert_choice", lambda d: d.f(TOKENS, D_MODEL), capacity_factor=1.0),
+        error(arg("capacity_factor"), ValueError),
+    ),
+    _case(
+        _MOE,
+        "context not a RoutingContext",
+        "config",
+        lambda d: _layer(d)(d.f(TOKENS, D_MODEL), context={"causal": True}),
+        error(arg("context"), TypeError),
+    ),
+    _case(
+        _MOE,
+        "causal context with expert_choice",
+        "config",
+        lambda d: _layer(d, router="expert_choice")(
+            d.f(2, 3, D_MODEL), context=smoe.RoutingContext(causal=True)
+        ),
+        error(arg("causal"), ValueError),
+    ),
+    _case(
+        _MOE,
+        "x sparse COO",
+        "sparse",
+        _forward("topk", lambda d: d.f(TOKENS, D_MODEL).to_sparse()),
+        error(arg("x"), TypeError, ValueError),
+    ),
+]
+
+
+CASES: list[Case] = [
+    *(c for name in ROUTER_ROWS for c in _router_cases(name)),
+    *_moe_cases,
+]
