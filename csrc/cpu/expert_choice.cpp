@@ -21,6 +21,14 @@ int64_t grain_rows(int64_t per_row_work) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_row_work));
 }
 
+// Keeps the lowest bad row over all chunks, so that the error names the same row at any thread
+// count (each chunk reports its first).
+void keep_first(std::atomic<int64_t>& first, int64_t row) {
+  int64_t cur = first.load();
+  while ((cur < 0 || row < cur) && !first.compare_exchange_weak(cur, row)) {
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_choice_cpu(
     const at::Tensor& logits_in, int64_t capacity, std::optional<int64_t> group_size) {
   check_expert_choice(logits_in, capacity, group_size);
@@ -51,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ch
         A* p = probs.mutable_data_ptr<A>();
         at::parallel_for(0, T, grain_rows(E), [&](int64_t b, int64_t e) {
           const int64_t bad = cpu::expert_choice_probs<T_>(l, logits.stride(0), E, b, e, p);
-          if (bad >= 0) bad_row.store(bad);
+          if (bad >= 0) keep_first(bad_row, bad);
         });
         TORCH_CHECK(
             bad_row.load() < 0,

@@ -1,6 +1,8 @@
-// CPU glue of grouped_mm and its backward: one BLAS GEMM per (expert, row block), spread over
-// torch's thread pool when there are enough blocks, so that many small experts keep every core
-// busy; few large experts instead run one after another on multi-threaded BLAS.
+// CPU glue of grouped_mm and its backward: one single-threaded BLAS GEMM per work item (expert,
+// row block, column block), spread over torch's thread pool. Work-item sizes follow from the
+// shapes, never from the thread count, and no item reduces into another's output, so results are
+// bitwise equal for every torch.set_num_threads (tests/test_determinism.py); a big expert is still
+// many items, so it keeps every core busy.
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
@@ -15,6 +17,12 @@
 #include <vector>
 
 #include "checks.h"
+
+#if defined(__linux__)
+// MKL's per-thread thread count, exported by libtorch_cpu where torch uses MKL (x86-64 wheels);
+// weak, so that the extension still loads against a torch built with another BLAS.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+#endif
 
 namespace smoe::ops {
 namespace {
@@ -32,36 +40,78 @@ void check_offsets_cpu(const at::Tensor& offsets, int64_t M) {
               ", got ", off[E]);
 }
 
+// Work-item sizes, set by the shapes alone, so that the partition (and with it every GEMM's shape,
+// hence its summation order) is the same for every thread count.
+constexpr int64_t kRowBlock = 256;  // least rows of a forward item
+constexpr int64_t kColBlock = 256;  // output columns of an item (forward and weight gradient)
+constexpr int64_t kItemWork = int64_t{1} << 22;  // multiply-adds a thin forward item grows to
+
+// Rows of a forward item: kRowBlock, or more for a thin GEMM, so that an item's work outweighs its
+// per-call overhead. A function of the shapes only, never of the thread count.
+int64_t item_rows(int64_t d_in, int64_t cols) {
+  return std::clamp<int64_t>(kItemWork / std::max<int64_t>(1, d_in * cols), kRowBlock,
+                             16 * kRowBlock);
+}
+
 struct Block {
-  int64_t expert, begin, rows;
+  int64_t expert, begin, rows, col, cols;
 };
 
-// Row blocks of every expert group, sized so that there are several per thread.
-std::vector<Block> row_blocks(const int64_t* off, int64_t E) {
-  const int64_t threads = at::get_num_threads();
-  const int64_t target = std::clamp<int64_t>((off[E] + 8 * threads - 1) / (8 * threads), 64, 2048);
+// (expert, row block, column block) items of out = per-group x @ w[e].
+std::vector<Block> out_blocks(const int64_t* off, int64_t E, int64_t d_in, int64_t d_out) {
+  const int64_t rows = item_rows(d_in, std::min(kColBlock, d_out));
   std::vector<Block> blocks;
   for (int64_t e = 0; e < E; ++e) {
-    for (int64_t r = off[e]; r < off[e + 1]; r += target) {
-      blocks.push_back({e, r, std::min(target, off[e + 1] - r)});
+    for (int64_t r = off[e]; r < off[e + 1]; r += rows) {
+      for (int64_t c = 0; c < d_out; c += kColBlock) {
+        blocks.push_back({e, r, std::min(rows, off[e + 1] - r), c, std::min(kColBlock, d_out - c)});
+      }
     }
   }
   return blocks;
 }
 
-// Runs fn(i) for i in [0, n): on the thread pool when n is large enough to balance, else serially
-// so that each call's BLAS can use every thread itself.
+// Makes the GEMM libraries single-threaded on the calling thread while in scope: MKL (fp32, fp64)
+// through its per-thread setting, oneDNN (bf16, fp16) through OpenMP's per-task thread count, which
+// it plans its work by. A multi-threaded GEMM may split its reduction by thread, and neither runs
+// the plain sequential GEMM when merely called inside torch's OpenMP region: there, their bits
+// follow the thread count (measured with MKL 2024.2 and oneDNN 3.12).
+class SequentialGemm {
+ public:
+  SequentialGemm() {
+#if defined(__linux__)
+    if (MKL_Set_Num_Threads_Local) mkl_prev_ = MKL_Set_Num_Threads_Local(1);
+#endif
+#ifdef _OPENMP
+    omp_prev_ = omp_get_max_threads();
+    omp_set_num_threads(1);
+#endif
+  }
+  ~SequentialGemm() {
+#ifdef _OPENMP
+    omp_set_num_threads(omp_prev_);
+#endif
+#if defined(__linux__)
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_prev_);
+#endif
+  }
+  SequentialGemm(const SequentialGemm&) = delete;
+  SequentialGemm& operator=(const SequentialGemm&) = delete;
+
+ private:
+  [[maybe_unused]] int mkl_prev_ = 0;  // MKL's previous per-thread setting (0: the global one)
+  [[maybe_unused]] int omp_prev_ = 1;
+};
+
+// Runs fn(i) for i in [0, n) on torch's pool, each item's GEMM single-threaded.
 template <typename F>
 void for_each_block(int64_t n, const F& fn) {
-  if (n >= 2 * at::get_num_threads() && at::get_num_threads() > 1) {
-    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
-      // Pool threads do not inherit the caller's dispatch state; we are below autograd here.
-      at::AutoDispatchBelowADInplaceOrView guard;
-      for (int64_t i = b; i < e; ++i) fn(i);
-    });
-  } else {
-    for (int64_t i = 0; i < n; ++i) fn(i);
-  }
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    // Pool threads do not inherit the caller's dispatch state; we are below autograd here.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const SequentialGemm sequential;
+    for (int64_t i = b; i < e; ++i) fn(i);
+  });
 }
 
 // out [M, d_out] = per-group x @ w[e]; rows past offsets[E] are zero.
@@ -75,24 +125,27 @@ at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w, const at::T
     out.zero_();
     return out;
   }
-  const std::vector<Block> blocks = row_blocks(off, E);
+  const std::vector<Block> blocks = out_blocks(off, E, x.size(1), d_out);
   for_each_block(static_cast<int64_t>(blocks.size()), [&](int64_t i) {
     const Block& b = blocks[i];
-    at::Tensor o = out.narrow(0, b.begin, b.rows);
-    at::mm_out(o, x.narrow(0, b.begin, b.rows), w.select(0, b.expert));
+    at::Tensor o = out.narrow(0, b.begin, b.rows).narrow(1, b.col, b.cols);
+    at::mm_out(o, x.narrow(0, b.begin, b.rows), w.select(0, b.expert).narrow(1, b.col, b.cols));
   });
   return out;
 }
 
-at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& offsets) {
-  check_grouped_mm(x_in, w, offsets);
+at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& w,
+                          const at::Tensor& offsets_in) {
+  check_grouped_mm(x_in, w, offsets_in);
+  const at::Tensor offsets = offsets_in.contiguous();  // read through a plain pointer
   check_offsets_cpu(offsets, x_in.size(0));
   return grouped_mm_impl(rows_dense(x_in), w, offsets);
 }
 
 // grad_w[e] = x[g]^T @ grad[g], written in w's layout (transposed when w is a transposed view, so
 // that the gradient of a [E, d_out, d_in] parameter needs no copy). Work items are (expert,
-// column block of the output), so no reduction across threads is needed.
+// column block of the output): each sums over all of its group's rows in one GEMM, so no
+// reduction crosses items.
 at::Tensor grouped_mm_weight_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w,
                                   const at::Tensor& offsets) {
   const int64_t E = w.size(0), d_in = w.size(1), d_out = w.size(2);
@@ -101,10 +154,8 @@ at::Tensor grouped_mm_weight_grad(const at::Tensor& grad, const at::Tensor& x, c
                       ? at::empty_strided({E, d_in, d_out}, {d_in * d_out, 1, d_in}, w.options())
                       : at::empty({E, d_in, d_out}, w.options());
   const int64_t* off = offsets.const_data_ptr<int64_t>();
-  const int64_t threads = at::get_num_threads();
-  const int64_t n_col =
-      std::max<int64_t>(1, std::min<int64_t>((2 * threads + E - 1) / E, d_out / 64));
-  const int64_t col = (d_out + n_col - 1) / std::max<int64_t>(n_col, 1);
+  const int64_t col = kColBlock;
+  const int64_t n_col = std::max<int64_t>(1, (d_out + col - 1) / col);
   for_each_block(E * n_col, [&](int64_t i) {
     const int64_t e = i / n_col, c0 = (i % n_col) * col;
     const int64_t nc = std::min(col, d_out - c0);
@@ -130,9 +181,10 @@ at::Tensor grouped_mm_weight_grad(const at::Tensor& grad, const at::Tensor& x, c
 std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& grad_in,
                                                            const at::Tensor& x_in,
                                                            const at::Tensor& w,
-                                                           const at::Tensor& offsets, bool need_x,
-                                                           bool need_w) {
-  check_grouped_mm_backward(grad_in, x_in, w, offsets);
+                                                           const at::Tensor& offsets_in,
+                                                           bool need_x, bool need_w) {
+  check_grouped_mm_backward(grad_in, x_in, w, offsets_in);
+  const at::Tensor offsets = offsets_in.contiguous();  // read through a plain pointer
   check_offsets_cpu(offsets, x_in.size(0));
   const at::Tensor grad = rows_dense(grad_in);
   const at::Tensor x = rows_dense(x_in);
