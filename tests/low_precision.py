@@ -1,0 +1,229 @@
+"""The low-precision rule of STYLE.md §8 (flash-attention's): its baseline, metric and check.
+
+In fp16/bf16 an smoe op's error against the float64 reference must be at most 3x the error of
+the same computation written with torch's own ops in that precision. This module holds:
+
+- the torch-ops versions of smoe's numeric ops (``topk_softmax``, ``expert_choice``, ``permute``,
+  ``combine``, ``grouped_mm``, ``swiglu``). ``smoe.reference`` cannot serve here: each of its
+  functions upcasts to float64 and rounds once at the end, so on fp16/bf16 inputs it returns the
+  correctly rounded answer, not what PyTorch code in that precision computes. The versions below
+  keep every intermediate in the input's dtype, as plain PyTorch code would (torch's kernels then
+  decide their internal accumulation, e.g. fp32 inside CPU matmuls and reductions); their
+  backward is torch's autograd. Run on float64 inputs they are float64 math, and
+  tests/test_low_precision.py checks that they then equal ``smoe.reference``.
+- ``oracle_ops``: the float64 reference, the same functions but with a softmax backward that
+  does not cancel when one probability is ~1 (autograd's does, even in float64).
+- :func:`use_torch_ops` (:func:`use_ops`), a switch under which smoe's modules (``MoELayer``,
+  ``Experts``, the routers) call these instead of ``torch.ops.smoe``: "the same model with
+  torch's ops".
+- :func:`max_abs_error` and :func:`check_rule`, the metric and the bound.
+
+Discrete choices are shared with smoe so that only arithmetic differs: top-k selects by logit
+with ties to the lower index (smoe's rule), ``expert_choice`` keeps smoe's plan and only
+recomputes the weights, and ``make_plan`` (integers only) is not replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from hypothesis import settings
+from torch import Tensor
+
+import smoe.ops
+from smoe.ops import ExpertChoice, Plan, TopK
+
+#: The bound of the rule: smoe's error <= RATIO * torch-ops error + floor.
+RATIO = 3.0
+#: The floor, in units of ``finfo(dtype).eps * max|float64 result|`` (1 to 2 ulps of the largest
+#: output element). It only matters where the torch-ops error is (near) 0, e.g. exact gathers.
+FLOOR_EPS = 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# torch-ops versions of the numeric ops (same signatures as smoe.ops)
+# ---------------------------------------------------------------------------------------------
+def topk_softmax(logits: Tensor, k: int, *, renormalize: bool = True) -> TopK:
+    """Mixtral's routing in plain torch: softmax, top-k, divide by the sum of the k."""
+    probs = torch.softmax(logits, dim=-1)
+    # A stable sort of -logits: top-k by logit, ties to the lower index (smoe's selection rule).
+    expert = torch.sort(-logits, dim=-1, stable=True).indices[:, :k]
+    weight = torch.gather(probs, 1, expert)
+    if renormalize:
+        weight = weight / weight.sum(dim=-1, keepdim=True)
+    return TopK(weight, expert.to(torch.int32))
+
+
+def expert_choice(logits: Tensor, capacity: int, *, group_size: int | None = None) -> ExpertChoice:
+    """smoe's plan (the discrete part), weights ``softmax(logits)`` where chosen, in torch."""
+    plan = smoe_ops["expert_choice"](logits.detach(), capacity, group_size=group_size).plan
+    return ExpertChoice(expert_choice_weight(logits, plan.row), plan)
+
+
+def expert_choice_weight(logits: Tensor, row: Tensor) -> Tensor:
+    """``softmax(logits)`` where ``row >= 0`` (chosen), else 0."""
+    return torch.where(row >= 0, torch.softmax(logits, dim=-1), 0.0)
+
+
+def permute(x: Tensor, plan: Plan) -> Tensor:
+    """``x[token]``, zero rows for padding; the backward is torch's index_put with accumulate."""
+    token = plan.token.long()
+    return torch.where((token >= 0).unsqueeze(1), x[token.clamp_min(0)], 0.0)
+
+
+def combine(y_sorted: Tensor, weight: Tensor, plan: Plan) -> Tensor:
+    """``sum_j weight[t, j] * y_sorted[row[t, j]]`` over kept slots: gather, multiply, sum."""
+    row = plan.row.long()
+    gathered = y_sorted[row.clamp_min(0)]  # [T, k, d]
+    # where, not a 0/1 mask product: a dropped slot must not turn into 0 * NaN = NaN.
+    terms = torch.where((row >= 0).unsqueeze(-1), weight.unsqueeze(-1) * gathered, 0.0)
+    return terms.sum(dim=1)
+
+
+def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    """One ``@`` per expert group (host loop over the offsets); rows past offsets[E] are 0."""
+    off = offsets.tolist()
+    parts = [x[off[e] : off[e + 1]] @ w[e] for e in range(w.shape[0])]
+    parts.append(x.new_zeros(x.shape[0] - off[-1], w.shape[2]))
+    return torch.cat(parts)
+
+
+def swiglu(h: Tensor) -> Tensor:
+    """``silu(gate) * up`` on a fused ``[M, 2f]`` projection, gate columns first."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# ---------------------------------------------------------------------------------------------
+# the float64 oracle: the torch-ops versions, with a softmax backward free of cancellation
+# ---------------------------------------------------------------------------------------------
+class _PairwiseSoftmax(torch.autograd.Function):
+    """softmax whose backward is ``p_e sum_j p_j (g_e - g_j)``. Autograd's ``p_e (g_e - sum_j
+    p_j g_j)`` cancels to 0 when p_e is within float64's eps of 1 (logit gaps over ~37), where
+    the true gradient, ``p_e (1 - p_e) ...``, is tiny but not 0 and float32 kernels that avoid
+    the cancellation get it right: the oracle must not be the less accurate side."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        p = torch.softmax(x, dim=-1)
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        (p,) = ctx.saved_tensors
+        return p * ((g.unsqueeze(-1) - g.unsqueeze(-2)) * p.unsqueeze(-2)).sum(-1)
+
+
+def topk_softmax_oracle(logits: Tensor, k: int, *, renormalize: bool = True) -> TopK:
+    expert = torch.sort(-logits, dim=-1, stable=True).indices[:, :k]
+    if renormalize:
+        weight = _PairwiseSoftmax.apply(torch.gather(logits, 1, expert))
+    else:
+        weight = torch.gather(_PairwiseSoftmax.apply(logits), 1, expert)
+    return TopK(weight, expert.to(torch.int32))
+
+
+def expert_choice_oracle(
+    logits: Tensor, capacity: int, *, group_size: int | None = None
+) -> ExpertChoice:
+    plan = smoe_ops["expert_choice"](logits.detach(), capacity, group_size=group_size).plan
+    return ExpertChoice(torch.where(plan.row >= 0, _PairwiseSoftmax.apply(logits), 0.0), plan)
+
+
+NUMERIC_OPS = ("topk_softmax", "expert_choice", "permute", "combine", "grouped_mm", "swiglu")
+#: smoe's own wrappers, kept whatever the switch does.
+smoe_ops = {name: getattr(smoe.ops, name) for name in NUMERIC_OPS}
+#: the torch-ops baseline (run in fp16/bf16).
+torch_ops = {name: globals()[name] for name in NUMERIC_OPS}
+#: the float64 oracle (run on float64 copies of the rounded inputs).
+oracle_ops = {
+    **torch_ops,
+    "topk_softmax": topk_softmax_oracle,
+    "expert_choice": expert_choice_oracle,
+}
+
+
+@contextlib.contextmanager
+def use_ops(table: dict) -> Iterator[None]:
+    """Within the block, smoe's modules compute with the functions of ``table``.
+
+    The layer, the experts and the routers look their ops up as ``smoe.ops.<name>`` at call
+    time, so replacing those attributes switches a whole model; ``make_plan`` stays smoe's.
+    """
+    try:
+        for name, fn in table.items():
+            setattr(smoe.ops, name, fn)
+        yield
+    finally:
+        for name, fn in smoe_ops.items():
+            setattr(smoe.ops, name, fn)
+
+
+def use_torch_ops():
+    """The switch to torch's ops: "the same model with torch's ops" (see :func:`use_ops`)."""
+    return use_ops(torch_ops)
+
+
+# ---------------------------------------------------------------------------------------------
+# metric and bound
+# ---------------------------------------------------------------------------------------------
+def max_abs_error(got: Tensor, want64: Tensor) -> float:
+    """``max |got - want|`` over all elements, in float64 (inf/NaN in got give inf/NaN)."""
+    if got.numel() == 0:
+        return 0.0
+    return (got.double() - want64.double()).abs().max().item()
+
+
+def floor(want64: Tensor, dtype: torch.dtype) -> float:
+    """FLOOR_EPS x ``finfo(dtype).eps`` x the largest |float64 result| (0 for an empty one)."""
+    if want64.numel() == 0:
+        return 0.0
+    return FLOOR_EPS * torch.finfo(dtype).eps * want64.double().abs().max().item()
+
+
+def in_scope(low: Tensor, want64: Tensor) -> bool:
+    """Whether the rule applies: the float64 result is inside the dtype's range and the
+    torch-ops result is finite. Outside, the computation itself overflows in that precision
+    (e.g. fp16 gradients of 1e2-sized activations without loss scaling) and there is no
+    torch-ops error to compare with; the overflow tests check smoe's accumulations there."""
+    if want64.numel() == 0:
+        return True
+    fits = want64.abs().max().item() <= torch.finfo(low.dtype).max
+    return fits and bool(torch.isfinite(low).all())
+
+
+def rule(got: Tensor, low: Tensor, want64: Tensor) -> dict[str, float]:
+    """The numbers of the rule for one output: smoe's error, torch-ops error, floor, ratio."""
+    err, base = max_abs_error(got, want64), max_abs_error(low, want64)
+    fl = floor(want64, got.dtype)
+    denom = max(base, fl)
+    ratio = err / denom if denom > 0 else (0.0 if err == 0 else math.inf)
+    return {"smoe_err": err, "torch_err": base, "floor": fl, "ratio": ratio}
+
+
+def check_rule(name: str, got: Tensor, low: Tensor, want64: Tensor) -> None:
+    """Assert smoe's error <= RATIO x torch-ops error + floor (NaN or inf in got fails), where
+    the rule applies (:func:`in_scope`)."""
+    assert got.dtype == low.dtype, f"{name}: dtype {got.dtype} vs torch-ops {low.dtype}"
+    if not in_scope(low, want64):
+        return
+    r = rule(got, low, want64)
+    bound = RATIO * r["torch_err"] + r["floor"]
+    assert r["smoe_err"] <= bound, (
+        f"{name} ({got.dtype}): smoe max-abs error {r['smoe_err']:.4g} > {RATIO:g} x torch-ops "
+        f"error {r['torch_err']:.4g} + floor {r['floor']:.4g}"
+    )
+
+
+def ci_settings(examples: int) -> settings:
+    """``examples`` per test under the ci hypothesis profile (the CI time budget); the dev
+    profile's count under SMOE_HYPOTHESIS=dev."""
+    if os.environ.get("SMOE_HYPOTHESIS", "ci") == "ci":
+        return settings(max_examples=examples)
+    return settings()
