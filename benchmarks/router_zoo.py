@@ -131,6 +131,25 @@ ZOO: dict[str, ZooEntry] = {
             ),
         )
     ),
+    # X-MoE at the leaderboard's k = 2 (softmax of s/tau over the two selected, CR Sec 2.2). The
+    # paper's own comparison (top-1, X-MoE vs SMoE, several seeds) is the experiment of issue 21.
+    "xmoe": ZooEntry(
+        claims=(
+            Claim(
+                "X-MoE (Chi et al. 2022): lower LM loss than SMoE at equal compute (MLM PPL "
+                "18.72 vs 19.02, softmax top-1; expect only ~1.5-2.5 % at small scale)",
+                "bpc",
+                "lower",
+            ),
+            Claim(
+                "... and much lower routing fluctuation late in training (Fig 3a)",
+                "late_rf",
+                "lower",
+            ),
+        )
+    ),
+    # fastmoe's "XMoE" gate, the baseline row of the S2MoE / USMoE papers: no claim of its own
+    "xmoe_community": ZooEntry(),
 }
 
 

@@ -7,9 +7,11 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "common/dtype.h"
 
@@ -282,6 +284,60 @@ inline void check_grouped_mm_backward(const at::Tensor& grad_out, const at::Tens
                   grad_out.size(0) == x.size(0) && grad_out.size(1) == w.size(2),
               "smoe::grouped_mm_backward: grad_out must be [M, d_out] = [", x.size(0), ", ",
               w.size(2), "] with x's dtype, got ", grad_out.sizes(), " ", grad_out.scalar_type());
+}
+
+// cosine_scores (X-MoE): the temperature floor, and the output dtype (at least float32).
+constexpr double kMinTemperature = 1e-4;
+
+inline at::ScalarType cosine_out_dtype(const at::Tensor& h) {
+  return h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_cosine_scores(const char* op, const at::Tensor& h, const at::Tensor& proj,
+                                const at::Tensor& expert_emb, const at::Tensor& temperature,
+                                double eps) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"proj", &proj},
+                                {"expert_emb", &expert_emb},
+                                {"temperature", &temperature}}) {
+    TORCH_CHECK(t->device() == h.device(), "smoe::", op, ": ", name, " must be on ", h.device(),
+                " like h, got ", t->device());
+  }
+  check_float(op, "h", h);
+  TORCH_CHECK(proj.scalar_type() == h.scalar_type(), "smoe::", op, ": proj must have h's dtype ",
+              h.scalar_type(), ", got ", proj.scalar_type());
+  TORCH_CHECK(expert_emb.scalar_type() == h.scalar_type(), "smoe::", op,
+              ": expert_emb must have h's dtype ", h.scalar_type(), ", got ",
+              expert_emb.scalar_type());
+  check_float(op, "temperature", temperature);
+  TORCH_CHECK(h.dim() == 2, "smoe::", op, ": h must be 2-D [T, d], got ", h.dim(), "-D");
+  TORCH_CHECK(proj.dim() == 2 && proj.size(1) == h.size(1) && proj.size(0) >= 1, "smoe::", op,
+              ": proj must be [d_e, d] with d = h.size(1) = ", h.size(1),
+              " and d_e >= 1, got shape ", proj.sizes());
+  TORCH_CHECK(
+      expert_emb.dim() == 2 && expert_emb.size(1) == proj.size(0) && expert_emb.size(0) >= 1,
+      "smoe::", op, ": expert_emb must be [N, d_e] with d_e = proj.size(0) = ", proj.size(0),
+      " and N >= 1, got shape ", expert_emb.sizes());
+  TORCH_CHECK(temperature.dim() == 0, "smoe::", op,
+              ": temperature must be a 0-dim (scalar) tensor, got shape ", temperature.sizes());
+  TORCH_CHECK(eps > 0 && std::isfinite(eps), "smoe::", op, ": eps must be finite and > 0, got ",
+              eps);
+}
+
+inline void check_cosine_scores_backward(const at::Tensor& grad_cos, const at::Tensor& grad_logits,
+                                         const at::Tensor& h, const at::Tensor& proj,
+                                         const at::Tensor& expert_emb,
+                                         const at::Tensor& temperature, double eps) {
+  const char* op = "cosine_scores_backward";
+  check_cosine_scores(op, h, proj, expert_emb, temperature, eps);
+  const at::ScalarType out = cosine_out_dtype(h);
+  for (const auto& [name, g] : {std::pair<const char*, const at::Tensor*>{"grad_cos", &grad_cos},
+                                {"grad_logits", &grad_logits}}) {
+    TORCH_CHECK(g->device() == h.device() && g->scalar_type() == out && g->dim() == 2 &&
+                    g->size(0) == h.size(0) && g->size(1) == expert_emb.size(0),
+                "smoe::", op, ": ", name, " must be [T, N] = [", h.size(0), ", ",
+                expert_emb.size(0), "] ", out, " on ", h.device(), ", got ", g->sizes(), " ",
+                g->scalar_type(), " on ", g->device());
+  }
 }
 
 // w is "transposed" when each w[e] is column-major, i.e. a transposed view of [E, d_out, d_in].

@@ -34,6 +34,15 @@ TORCH_LIBRARY(smoe, m) {
       "expert_choice(Tensor logits, int capacity, *, int? group_size=None) -> (Tensor weight, "
       "Tensor offsets, Tensor token, Tensor slot, Tensor row)");
 
+  m.set_python_module("smoe.ops.xmoe");
+  // X-MoE hypersphere scores (specs/xmoe.md §6): z = h proj^T (fp32 accumulation), z / max(|z|,
+  // eps) when normalize_tokens, expert rows / max(|e|, eps), cos = z . e; non-finite scores take
+  // the smallest finite score of their row. Returns cos [T, N] and logits = cos / max(tau, 1e-4)
+  // [T, N], float32 (float64 for float64 inputs). proj and expert_emb are made contiguous.
+  m.def(
+      "cosine_scores(Tensor h, Tensor proj, Tensor expert_emb, Tensor temperature, *, float "
+      "eps=1e-4, bool normalize_tokens=True) -> (Tensor cos, Tensor logits)");
+
   // ---- dispatch ----
   m.set_python_module("smoe.ops.dispatch");
   // stable counting sort of the T*k slots by expert, with optional capacity dropping (rank-major);
@@ -67,6 +76,13 @@ TORCH_LIBRARY(smoe, m) {
       "Tensor");
   // d logits of expert_choice, recomputing the softmax from the logits in fp32; [T, E].
   m.def("expert_choice_backward(Tensor grad_weight, Tensor logits, Tensor row) -> Tensor");
+  m.set_python_module("smoe.ops.xmoe");
+  // d h [T, d], d proj [d_e, d], d expert_emb [N, d_e] (inputs' dtype) and d temperature (0-dim,
+  // its dtype; 0 where tau < 1e-4) of cosine_scores, recomputing the scores from the inputs.
+  m.def(
+      "cosine_scores_backward(Tensor grad_cos, Tensor grad_logits, Tensor h, Tensor proj, Tensor "
+      "expert_emb, Tensor temperature, float eps, bool normalize_tokens) -> (Tensor grad_h, "
+      "Tensor grad_proj, Tensor grad_expert_emb, Tensor grad_temperature)");
   m.set_python_module("smoe.ops.dispatch");
   // d x of permute: grad_x[t] = sum_j grad_out[row[t, j]]; [T, d].
   m.def("permute_backward(Tensor grad_out, Tensor row) -> Tensor");

@@ -11,6 +11,8 @@ from smoe.losses import (
     load_loss,
     router_z_loss,
     switch_balance_loss,
+    xmoe_balance_loss,
+    xmoe_community_balance_loss,
 )
 from smoe.models import SMoEVAE
 from smoe.ops import (
@@ -18,6 +20,7 @@ from smoe.ops import (
     Plan,
     TopK,
     combine,
+    cosine_scores,
     expert_choice,
     grouped_mm,
     make_plan,
@@ -31,6 +34,7 @@ from smoe.routing import (
     RoutingContext,
     TopKRouter,
     VMoERouter,
+    XMoERouter,
     available_routers,
     build_router,
     expert_choice_capacity,
@@ -52,9 +56,11 @@ __all__ = [
     "TopK",
     "TopKRouter",
     "VMoERouter",
+    "XMoERouter",
     "available_routers",
     "build_router",
     "combine",
+    "cosine_scores",
     "expert_choice",
     "expert_choice_capacity",
     "grouped_mm",
@@ -69,4 +75,6 @@ __all__ = [
     "switch_balance_loss",
     "topk_softmax",
     "vmoe_capacity",
+    "xmoe_balance_loss",
+    "xmoe_community_balance_loss",
 ]

@@ -156,3 +156,63 @@ def _dense_parts(ffn: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear | None
         "Experts.from_dense: ffn must have fc1/fc2 (GELU), gate_proj/up_proj/down_proj (SwiGLU), "
         f"or be nn.Sequential(Linear, GELU, Linear); got {type(ffn).__name__}"
     )
+
+
+class StackedExperts(nn.Module):
+    """E experts, each a stack of ``depth`` BASE-layer sub-layers ``x + FFN(LayerNorm(x))``
+    (each sub-layer with its own per-expert LayerNorm and FFN): the expert of the X-MoE paper's
+    parity runs (specs/xmoe.md §3.1, depth 3). ``MoELayer(..., experts="base_stack")`` builds it.
+
+    Args:
+        num_experts: E.
+        d_model: input and output width.
+        d_ff: hidden width of each sub-layer's FFN.
+        activation: as in :class:`Experts`.
+        depth: sub-layers per expert (>= 1).
+        bias: per-expert FFN biases.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        d_ff: int,
+        activation: str = "gelu",
+        *,
+        depth: int = 3,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"StackedExperts: depth must be >= 1, got {depth}")
+        self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+        self.activation, self.depth = activation, depth
+        self.ffns = nn.ModuleList(
+            Experts(num_experts, d_model, d_ff, activation, bias=bias) for _ in range(depth)
+        )
+        self.norm_weight = nn.Parameter(torch.empty(depth, num_experts, d_model))
+        self.norm_bias = nn.Parameter(torch.empty(depth, num_experts, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's init for the FFNs, LayerNorm's (1, 0) for the norms."""
+        for ffn in self.ffns:
+            ffn.reset_parameters()
+        nn.init.ones_(self.norm_weight)
+        nn.init.zeros_(self.norm_bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
+            f"activation={self.activation!r}, depth={self.depth}"
+        )
+
+    def forward(self, x_sorted: Tensor, offsets: Tensor) -> Tensor:
+        """``x_sorted [M, d_model]`` grouped by ``offsets [E+1]`` -> ``[M, d_model]``."""
+        row_expert = self.ffns[0]._row_expert(offsets, x_sorted.shape[0])
+        x = x_sorted
+        for i, ffn in enumerate(self.ffns):
+            y = F.layer_norm(x, (self.d_model,))
+            y = y * self.norm_weight[i][row_expert] + self.norm_bias[i][row_expert]
+            x = x + ffn(y, offsets)
+        return x

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 from torch import Tensor, nn
 
 from smoe import ops
-from smoe.experts import Experts, check_tokens
+from smoe.experts import Experts, StackedExperts, check_tokens
 from smoe.losses import DEFAULT_LOSS_WEIGHTS
 from smoe.routing.context import RoutingContext
 from smoe.routing.registry import build_router, registered_info
@@ -76,6 +76,11 @@ class MoELayer(nn.Module):
         renormalize: for the default ``"topk"`` router only (same as
             ``router_options={"renormalize": ...}``).
         layer_index: position in a stack of MoE layers, handed to the router in its context.
+        experts: ``"ffn"`` (default: one FFN per expert, :class:`smoe.Experts`) or
+            ``"base_stack"`` (each expert ``depth`` BASE-style ``x + FFN(LayerNorm(x))``
+            sub-layers, :class:`smoe.experts.StackedExperts`: X-MoE's paper-parity experts,
+            specs/xmoe.md §3.1).
+        depth: sub-layers per expert with ``experts="base_stack"`` (3 in the X-MoE paper).
 
     ``forward(x, context=None)`` takes ``[..., d_model]`` and an optional
     :class:`smoe.RoutingContext`, fills in the context's ``batch_shape`` (``x.shape[:-1]``) and
@@ -99,8 +104,14 @@ class MoELayer(nn.Module):
         bias: bool = False,
         renormalize: bool = True,
         layer_index: int | None = None,
+        experts: str = "ffn",
+        depth: int = 3,
     ) -> None:
         super().__init__()
+        if experts not in ("ffn", "base_stack"):
+            raise ValueError(f"MoELayer: experts must be 'ffn' or 'base_stack', got {experts!r}")
+        if depth < 1:
+            raise ValueError(f"MoELayer: depth must be >= 1, got {depth}")
         if capacity_factor is not None and not capacity_factor > 0:  # also refuses NaN
             raise ValueError(
                 f"MoELayer: capacity_factor must be > 0 or None, got {capacity_factor}"
@@ -131,7 +142,14 @@ class MoELayer(nn.Module):
                 "MoELayer: router must be a registered name (str), an nn.Module or None, got "
                 f"{type(router).__name__}"
             )
-        self.experts = Experts(num_experts, d_model, d_ff, activation, bias=bias)
+        if experts == "base_stack":
+            self.experts = StackedExperts(
+                num_experts, d_model, d_ff, activation, depth=depth, bias=bias
+            )
+        else:
+            self.experts = Experts(num_experts, d_model, d_ff, activation, bias=bias)
+        if getattr(self.router, "frozen", False) is True:
+            self.freeze()
 
     # Class-level defaults keep layers pickled whole before these attributes existed working.
     layer_index: int | None = None
@@ -158,6 +176,19 @@ class MoELayer(nn.Module):
         self.router.reset_parameters()
         self.experts.reset_parameters()
 
+    def freeze(self) -> MoELayer:
+        """Stop the router's and the experts' parameters from receiving gradient (X-MoE's frozen
+        routing for fine-tuning, specs/xmoe.md §5). The auxiliary losses are still computed and
+        still reach the layers below through x. Uses the router's own ``freeze()`` if it has
+        one. A router built with ``frozen=True`` makes the layer call this at construction."""
+        freeze = getattr(self.router, "freeze", None)
+        if callable(freeze):
+            freeze()
+        else:
+            self.router.requires_grad_(False)
+        self.experts.requires_grad_(False)
+        return self
+
     @classmethod
     def from_dense(cls, ffn: nn.Module, num_experts: int, k: int = 2, **kwargs) -> MoELayer:
         """Upcycle a dense FFN into an MoE layer whose experts all start as copies of it."""
@@ -172,6 +203,8 @@ class MoELayer(nn.Module):
             **kwargs,
         )
         layer.experts = experts
+        if getattr(layer.router, "frozen", False) is True:
+            layer.freeze()
         return layer.to(experts.w_in.device)
 
     def _context(self, x: Tensor, context: RoutingContext | None) -> RoutingContext:
@@ -208,7 +241,7 @@ class MoELayer(nn.Module):
         return context
 
     def forward(self, x: Tensor, context: RoutingContext | None = None) -> tuple[Tensor, MoEAux]:
-        check_tokens("MoELayer", "x", x, self.d_model, self.experts.w_in.device)
+        check_tokens("MoELayer", "x", x, self.d_model, next(self.experts.parameters()).device)
         flat = x.reshape(-1, self.d_model)
         context = self._context(x, context)
         if self._router_takes_context:
@@ -238,6 +271,9 @@ class MoELayer(nn.Module):
         x_sorted = ops.permute(flat, plan)
         y_sorted = self.experts(x_sorted, plan.offsets)
         y = ops.combine(y_sorted, routing.weight.to(y_sorted.dtype), plan)
+        if routing.interpolate:
+            kept_weight = (routing.weight * plan.kept).sum(dim=-1, keepdim=True)
+            y = y + (1.0 - kept_weight).to(flat.dtype) * flat
         load = plan.tokens_per_expert()
         assigned = (routing.expert >= 0).sum()
         # (not 1 - kept / assigned: a call with no assignment, e.g. T = 0, drops nothing)

@@ -42,6 +42,59 @@ def router_z_loss(logits: Tensor) -> Tensor:
     return (lse * lse).sum() / max(logits.shape[0], 1)
 
 
+def xmoe_balance_loss(
+    scores: Tensor, expert: Tensor, num_experts: int, tau0: float | Tensor
+) -> Tensor:
+    """X-MoE balance loss, Eq. 9 of Chi et al. 2022 (specs/xmoe.md §4): ``N Σ_i f_i P_i``.
+
+    ``P_i`` is the mean over tokens of ``softmax(s / τ0)_i`` (τ0 fixed, not the learnable gate
+    temperature), ``f_i`` the fraction of tokens whose top-1 expert is i (a count: the gradient
+    flows through P only). 1 for a uniform assignment with uniform P, N when every token and all
+    of P sit on one expert.
+
+    Args:
+        scores: ``[T, N]`` cosine scores s.
+        expert: ``[T, k]`` chosen experts, best first (only the first column counts).
+        num_experts: N.
+        tau0: the fixed balance temperature (> 0).
+
+    Returns:
+        A float32 scalar (float64 for float64 scores); the weight α = 0.01 is the caller's (see
+        :class:`smoe.routing.xmoe.XMoERouter`).
+    """
+    return _balance(scores / tau0, expert[:, :1], num_experts, 1)
+
+
+def xmoe_community_balance_loss(scores: Tensor, expert: Tensor, num_experts: int) -> Tensor:
+    """The balance loss of fastmoe's ``CustomNaiveGate_Balance_XMoE`` (specs/xmoe.md §11).
+
+    ``P = softmax(s / 0.3)``, ``f_i`` = top-k slots on expert i over ``T k``, ``P̄_i = Σ_t
+    P_{t,i} / (T k)``, loss ``N Σ_i f_i P̄_i``: 1/k at perfect balance (not 1). The runs that
+    report this router weight it 0.
+
+    Args:
+        scores: ``[T, N]`` raw scores s (tokens not normalised).
+        expert: ``[T, k]`` chosen experts.
+        num_experts: N.
+
+    Returns:
+        A float32 scalar (float64 for float64 scores).
+    """
+    return _balance(scores / 0.3, expert, num_experts, max(expert.shape[1], 1))
+
+
+def _balance(logits: Tensor, chosen: Tensor, num_experts: int, slots: int) -> Tensor:
+    """``N Σ_i f_i P̄_i`` with ``f_i`` = entries of ``chosen`` on i over ``T·slots`` and ``P̄_i``
+    = the sum over tokens of ``softmax(logits)_i`` over ``T·slots``; at least float32."""
+    T = logits.shape[0]
+    probs = torch.softmax(_at_least_fp32(logits), dim=-1)
+    flat = chosen.reshape(-1)
+    valid = (flat >= 0).to(probs.dtype)
+    counts = probs.new_zeros(num_experts).scatter_add_(0, flat.clamp_min(0).long(), valid)
+    total = max(T * slots, 1)
+    return num_experts * ((counts / total) * (probs.sum(dim=0) / total)).sum()
+
+
 def _at_least_fp32(t: Tensor) -> Tensor:
     # float32 math for half inputs (specs/vmoe.md §9); float64 stays float64 (gradcheck)
     return t if t.dtype == torch.float64 else t.float()

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from smoe.ops import ExpertChoice, Plan, TopK
+from smoe.ops import CosineScores, ExpertChoice, Plan, TopK
 
 
 def topk_softmax(logits: Tensor, k: int, *, renormalize: bool = True) -> TopK:
@@ -279,3 +279,72 @@ def vmoe_capacity(group_size: int, num_experts: int, k: int, capacity_factor: fl
     """specs/vmoe.md §3 (vmoe's compute_capacity): ceil(k S C / E), up to a multiple of 4."""
     cap = math.ceil(k * group_size * capacity_factor / num_experts)
     return cap + (-cap) % 4
+
+
+def cosine_scores(
+    h: Tensor,
+    proj: Tensor,
+    expert_emb: Tensor,
+    temperature: Tensor,
+    *,
+    eps: float = 1e-4,
+    normalize_tokens: bool = True,
+) -> CosineScores:
+    """specs/xmoe.md §3 (Eq. 7), §6, §8, in float64: cos = (h Wᵀ / max(‖h Wᵀ‖, eps)) · (e_i /
+    max(‖e_i‖, eps)), logits = cos / max(τ, 1e-4); a non-finite score takes the smallest finite
+    score of its row (0 if none), without gradient. Outputs in the op's dtype (float32, or
+    float64 for float64 h); differentiable w.r.t. every input (gradcheck's oracle)."""
+    z = h.double() @ proj.double().T
+    if normalize_tokens:
+        z = z / torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min(eps)
+    e = expert_emb.double()
+    e = e / torch.linalg.vector_norm(e, dim=-1, keepdim=True).clamp_min(eps)
+    cos = z @ e.T
+    finite = torch.isfinite(cos)
+    lowest = torch.where(finite, cos, math.inf).amin(dim=-1, keepdim=True).detach()
+    fill = torch.where(torch.isfinite(lowest), lowest, 0.0)
+    cos = torch.where(finite, cos, fill)
+    logits = cos / temperature.double().clamp_min(1e-4)
+    out = torch.float64 if h.dtype == torch.float64 else torch.float32
+    return CosineScores(cos.to(out), logits.to(out))
+
+
+def xmoe_gate(
+    cos: Tensor, temperature: float, k: int, *, gate: str = "softmax"
+) -> tuple[Tensor, Tensor]:
+    """specs/xmoe.md §3.3-§3.4: the k largest cosines (ties to the lower index) and their gate
+    values: softmax gate at k = 1, exp(s_k/τ) / Σ_{j=1..N} exp(s_j/τ) (all N experts); at k > 1,
+    the softmax of s/τ over the k selected; sigmoid gate, σ(s_k/τ) per selected expert.
+    Returns (expert [T, k] int32, weight [T, k] float64)."""
+    s = cos.double() / max(temperature, 1e-4)
+    expert = torch.sort(-cos.double(), dim=-1, stable=True).indices[:, :k]
+    picked = torch.gather(s, 1, expert)
+    if gate == "sigmoid":
+        weight = torch.sigmoid(picked)
+    elif k == 1:
+        weight = torch.gather(torch.softmax(s, dim=-1), 1, expert)
+    else:
+        weight = torch.softmax(picked, dim=-1)
+    return expert.to(torch.int32), weight
+
+
+def xmoe_balance_loss(cos: Tensor, expert: Tensor, num_experts: int, tau0: float) -> Tensor:
+    """specs/xmoe.md §4 (Eq. 9): N Σ_i f_i P_i, P_i the mean over tokens of softmax(s/τ0)_i, f_i
+    the fraction of tokens whose top-1 expert is i (a count: no gradient)."""
+    T = cos.shape[0]
+    P = torch.softmax(cos.double() / tau0, dim=-1).mean(0)
+    f = [0.0] * num_experts
+    for e in expert[:, 0].tolist():
+        f[e] += 1.0 / T
+    return num_experts * sum(f[i] * P[i] for i in range(num_experts))
+
+
+def xmoe_community_balance_loss(scores: Tensor, expert: Tensor, num_experts: int) -> Tensor:
+    """specs/xmoe.md §11 (fastmoe's CustomNaiveGate_Balance_XMoE): P = softmax(s/0.3), f_i = the
+    top-k slots on i / (T k), P̄_i = Σ_t P_{t,i} / (T k), loss N Σ f_i P̄_i (1/k at balance)."""
+    T, k = expert.shape
+    P = torch.softmax(scores.double() / 0.3, dim=-1).sum(0) / (T * k)
+    f = [0.0] * num_experts
+    for e in expert.flatten().tolist():
+        f[e] += 1.0 / (T * k)
+    return num_experts * sum(f[i] * P[i] for i in range(num_experts))

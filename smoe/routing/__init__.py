@@ -16,6 +16,7 @@ from smoe.routing.registry import (
 )
 from smoe.routing.topk import TopKRouter
 from smoe.routing.vmoe import VMoERouter, vmoe_capacity
+from smoe.routing.xmoe import XMoERouter
 
 __all__ = [
     "ExpertChoiceRouter",
@@ -24,6 +25,7 @@ __all__ = [
     "RoutingContext",
     "TopKRouter",
     "VMoERouter",
+    "XMoERouter",
     "available_routers",
     "build_router",
     "expert_choice_capacity",

@@ -21,6 +21,10 @@ class Routing(NamedTuple):
             ``"load"``), float32 scalars; :data:`smoe.losses.DEFAULT_LOSS_WEIGHTS` weighs them.
         plan: the dispatch plan, when the router builds it itself (V-MoE's per-group capacity,
             expert choice); None lets the layer call :func:`smoe.make_plan` on ``expert``.
+        interpolate: False (default): the layer outputs ``Σ_j weight_j FFN_j(x)``. True: it
+            outputs ``Σ_j weight_j FFN_j(x) + (1 − Σ_j weight_j) x`` over the kept slots, the
+            BASE/tmoe interpolation ``α FFN(x) + (1 − α) x`` at k = 1 (X-MoE's
+            ``mix="interpolate"``); the caller still adds its own residual.
     """
 
     expert: Tensor
@@ -28,6 +32,7 @@ class Routing(NamedTuple):
     logits: Tensor
     aux: dict[str, Tensor]
     plan: Plan | None = None
+    interpolate: bool = False
 
 
 def gate_dtype(x: Tensor) -> torch.dtype:

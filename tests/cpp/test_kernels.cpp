@@ -5,6 +5,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/cosine_scores_kernel.h"
 #include "cpu/expert_choice_kernel.h"
 #include "cpu/make_plan_kernel.h"
 #include "cpu/permute_kernel.h"
@@ -207,6 +208,29 @@ TEST(ExpertChoice, BackwardIsSoftmaxGradientOfTheKeptEntries) {
   EXPECT_NEAR(out[0], p[0] * (1.0 - dot), 1e-12);
   EXPECT_NEAR(out[1], p[1] * (0.0 - dot), 1e-12);
   EXPECT_NEAR(out[2], p[2] * (2.0 - dot), 1e-12);
+}
+
+}  // namespace
+
+namespace {
+
+TEST(CosineScores, CosinesOfTheProjectedTokenAndNormalisedExperts) {
+  // proj = I: z = h = (3, 4), zhat = (0.6, 0.8); experts (1, 0) and (0, 2) normalise to the axes.
+  const std::vector<double> h = {3.0, 4.0}, proj = {1.0, 0.0, 0.0, 1.0}, e = {1.0, 0.0, 0.0, 2.0};
+  std::vector<double> ehat(4), enorm(2), z(2), cos(2), logits(2);
+  smoe::cpu::cosine_normalize_experts(e.data(), 2, 1e-4, 0, 2, ehat.data(), enorm.data());
+  EXPECT_DOUBLE_EQ(enorm[1], 2.0);
+  smoe::cpu::cosine_scores_rows(h.data(), 2, proj.data(), ehat.data(), 2, 2, 2, 1e-4, true, 0.5, 0,
+                                1, z.data(), cos.data(), logits.data());
+  EXPECT_NEAR(cos[0], 0.6, 1e-15);
+  EXPECT_NEAR(cos[1], 0.8, 1e-15);
+  EXPECT_NEAR(logits[1], 1.6, 1e-15);
+}
+
+TEST(CosineScores, NormDoesNotOverflowAndZeroStaysZero) {
+  const float big[2] = {2e38f, 2e38f}, zero[2] = {0.0f, 0.0f};
+  EXPECT_NEAR(smoe::cpu::robust_norm(big, 2) / 2e38f, std::sqrt(2.0f), 1e-6f);
+  EXPECT_EQ(smoe::cpu::robust_norm(zero, 2), 0.0f);
 }
 
 }  // namespace

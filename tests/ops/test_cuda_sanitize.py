@@ -36,6 +36,8 @@ COVERED = {
     "swiglu_backward": "test_routing_dispatch_experts_forward_backward",
     "expert_choice": "test_expert_choice_forward_backward",
     "expert_choice_backward": "test_expert_choice_forward_backward",
+    "cosine_scores": "test_cosine_scores_forward_backward",
+    "cosine_scores_backward": "test_cosine_scores_forward_backward",
 }
 
 
@@ -78,3 +80,23 @@ def test_expert_choice_forward_backward(T, E, group_size, dtype):
         (routed.weight.float() * torch.arange(E, device="cuda")).sum().backward()
     torch.cuda.synchronize()
     assert torch.isfinite(logits.grad.float()).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.sanitize
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "T, N, de, d", [(0, 4, 2, 8), (1, 1, 1, 5), (33, 16, 8, 40), (300, 4, 40, 70)]
+)
+def test_cosine_scores_forward_backward(T, N, de, d, dtype):
+    kw = {"device": "cuda", "dtype": dtype, "requires_grad": True}
+    wide = torch.randn(T, 2 * d, **kw)
+    h = wide[:, ::2]  # strided rows
+    proj, emb = torch.randn(de, d, **kw), torch.randn(N, de, **kw)
+    temp = torch.tensor(0.3, device="cuda", requires_grad=True)
+    for normalize in (True, False):
+        cos, logits = ops.cosine_scores(h, proj, emb, temp, normalize_tokens=normalize)
+        (cos * torch.arange(N, device="cuda") + logits).sum().backward()
+    torch.cuda.synchronize()
+    for g in (wide.grad, proj.grad, emb.grad, temp.grad):
+        assert torch.isfinite(g.float()).all()

@@ -44,9 +44,15 @@ def grouped_mm():
     return x, ops.grouped_mm(x, w, torch.tensor([0, 2, 6, 9]))
 
 
+def cosine_scores():
+    h = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    proj, emb = torch.randn(3, 5, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    return h, ops.cosine_scores(h, proj, emb, torch.tensor(0.3)).logits
+
+
 @pytest.mark.parametrize(
     "make",
-    [topk_softmax, expert_choice, permute, combine, swiglu, grouped_mm],
+    [topk_softmax, expert_choice, permute, combine, swiglu, grouped_mm, cosine_scores],
     ids=lambda f: f.__name__,
 )
 @pytest.mark.parametrize("allow_unused", [False, True])
