@@ -4,7 +4,8 @@ Each case builds its inputs from a fixed seed (never from the global RNG state),
 or an :class:`smoe.MoELayer` forward and backward, and returns its results by name. The shapes are
 big enough that every CPU kernel splits its work into several work items: the ops see T = 3000
 tokens, E = 8, k = 2, d = 64, and grouped_mm 6000 rows in uneven groups (one empty, padding rows
-past offsets[E]) and 384 output columns, in fp32, bf16 and fp16; the layers route 1536 tokens.
+past offsets[E]) and 384 output columns, in fp32, bf16 and fp16; cosine_scores sees T = 700
+tokens, N = 16 experts, d_e = 8, d = 96, in fp32 and bf16; the layers route 1536 tokens.
 
 Run as ``python -m tests.determinism_cases OUT N1 [N2 ...] [--layers-only]`` from the repository
 root, it saves ``{n: {case: results}}`` to OUT with :func:`torch.save`: every case (or only the
@@ -26,6 +27,8 @@ from smoe.routing.registry import available_routers
 T, E, K, D = 3000, 8, 2, 64
 M, D_OUT = T * K, 384  # grouped_mm rows and output columns (column blocks of 256 and 128)
 GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # MKL, and oneDNN on CPU
+COS_T, COS_N, COS_DE, COS_D = 700, 16, 8, 96  # cosine_scores: tokens, experts, d_e, d
+COS_DTYPES = (torch.float32, torch.bfloat16)
 SEED = 1234
 
 Results = dict[str, Tensor]
@@ -169,6 +172,39 @@ def _swiglu_backward(device: str) -> Results:
     return {"grad": torch.ops.smoe.swiglu_backward.default(g, h)}
 
 
+def _cosine_inputs(device: str, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """h [700, 96], proj [8, 96], expert_emb [16, 8] in dtype and a float32 temperature."""
+    h = _randn(COS_T, COS_D, salt=16, device=device, dtype=dtype)
+    proj = _randn(COS_DE, COS_D, salt=17, device=device, dtype=dtype, scale=0.1)
+    emb = _randn(COS_N, COS_DE, salt=18, device=device, dtype=dtype)
+    return h, proj, emb, torch.tensor(0.3, device=device)
+
+
+def _cosine_scores(device: str) -> Results:
+    out = {}
+    for dtype in COS_DTYPES:
+        for norm in (True, False):
+            cos, logits = torch.ops.smoe.cosine_scores.default(
+                *_cosine_inputs(device, dtype), normalize_tokens=norm
+            )
+            out |= {f"cos_{dtype}_{norm}": cos, f"logits_{dtype}_{norm}": logits}
+    return out
+
+
+def _cosine_scores_backward(device: str) -> Results:
+    out = {}
+    g_cos = _randn(COS_T, COS_N, salt=19, device=device)
+    g_logits = _randn(COS_T, COS_N, salt=20, device=device)
+    for dtype in COS_DTYPES:
+        for norm in (True, False):
+            grads = torch.ops.smoe.cosine_scores_backward.default(
+                g_cos, g_logits, *_cosine_inputs(device, dtype), 1e-4, norm
+            )
+            names = ("h", "proj", "expert_emb", "temperature")
+            out |= {f"grad_{n}_{dtype}_{norm}": g for n, g in zip(names, grads)}
+    return out
+
+
 OP_CASES: dict[str, Callable[[str], Results]] = {
     "topk_softmax": _topk_softmax,
     "topk_softmax_backward": _topk_softmax_backward,
@@ -183,6 +219,8 @@ OP_CASES: dict[str, Callable[[str], Results]] = {
     "grouped_mm_backward": _grouped_mm_backward,
     "swiglu": _swiglu,
     "swiglu_backward": _swiglu_backward,
+    "cosine_scores": _cosine_scores,
+    "cosine_scores_backward": _cosine_scores_backward,
 }
 
 

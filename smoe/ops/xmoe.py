@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from smoe.ops._common import FLOATS, refuse_double_backward
+from smoe.ops._common import FLOATS, check_devices, refuse_double_backward
 
 __all__ = ["CosineScores", "cosine_scores"]
 
@@ -84,8 +84,9 @@ def _out_dtype(h: Tensor) -> torch.dtype:
 
 
 def _check_cosine_inputs(
-    op: str, h: Tensor, proj: Tensor, expert_emb: Tensor, temperature: Tensor
+    op: str, h: Tensor, proj: Tensor, expert_emb: Tensor, temperature: Tensor, eps: float
 ) -> None:
+    check_devices(op, h=h, proj=proj, expert_emb=expert_emb, temperature=temperature)
     torch._check(h.dim() == 2, lambda: f"smoe::{op}: h must be 2-D [T, d]")
     torch._check(h.dtype in FLOATS, lambda: f"smoe::{op}: h must be floating")
     torch._check(proj.dtype == h.dtype, lambda: f"smoe::{op}: proj must have h's dtype")
@@ -99,6 +100,8 @@ def _check_cosine_inputs(
         lambda: f"smoe::{op}: expert_emb must be [N, d_e] with d_e = proj.size(0)",
     )
     torch._check(temperature.dim() == 0, lambda: f"smoe::{op}: temperature must be 0-dim")
+    torch._check(temperature.dtype in FLOATS, lambda: f"smoe::{op}: temperature must be floating")
+    torch._check(0.0 < eps < math.inf, lambda: f"smoe::{op}: eps must be finite and > 0, got {eps}")
 
 
 @torch.library.register_fake("smoe::cosine_scores")
@@ -111,7 +114,7 @@ def _cosine_scores_fake(
     eps: float = 1e-4,
     normalize_tokens: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    _check_cosine_inputs("cosine_scores", h, proj, expert_emb, temperature)
+    _check_cosine_inputs("cosine_scores", h, proj, expert_emb, temperature, eps)
     shape = (h.shape[0], expert_emb.shape[0])
     dt = _out_dtype(h)
     return h.new_empty(shape, dtype=dt), h.new_empty(shape, dtype=dt)
@@ -147,7 +150,16 @@ def _cosine_scores_backward_fake(
     eps: float,
     normalize_tokens: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _check_cosine_inputs("cosine_scores_backward", h, proj, expert_emb, temperature)
+    op = "cosine_scores_backward"
+    _check_cosine_inputs(op, h, proj, expert_emb, temperature, eps)
+    shape, dt = (h.shape[0], expert_emb.shape[0]), _out_dtype(h)
+    for name, g in (("grad_cos", grad_cos), ("grad_logits", grad_logits)):
+        torch._check(
+            g.device == h.device and g.dtype == dt and g.dim() == 2 and tuple(g.shape) == shape,
+            lambda name=name: (
+                f"smoe::{op}: {name} must be [T, N] = {list(shape)} {dt} on h's device"
+            ),
+        )
     return (
         h.new_empty(h.shape),
         proj.new_empty(proj.shape),

@@ -71,6 +71,8 @@ class XMoERouter(nn.Module):
             freezes its experts (specs/xmoe.md §5).
     """
 
+    _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
+
     def __init__(
         self,
         d_model: int,
@@ -86,6 +88,8 @@ class XMoERouter(nn.Module):
         frozen: bool = False,
     ) -> None:
         super().__init__()
+        if d_model < 1:
+            raise ValueError(f"XMoERouter: d_model must be >= 1, got {d_model}")
         _check_options(num_experts, k, gate, routing_dim, variant, expert_norm, temperature_init)
         if mix not in MIXES:
             raise ValueError(f"XMoERouter: mix must be one of {MIXES}, got {mix!r}")
@@ -143,8 +147,15 @@ class XMoERouter(nn.Module):
         return self
 
     def _project_experts(self) -> None:
-        norm = torch.linalg.vector_norm(self.expert_emb, dim=-1, keepdim=True)
-        self.expert_emb.mul_(self.expert_norm / norm.clamp_min(1e-4))
+        e = self.expert_emb
+        wide = e.to(torch.promote_types(e.dtype, torch.float32))
+        norm = torch.linalg.vector_norm(wide, dim=-1, keepdim=True)
+        # Rows already on the sphere (within a few ulps of E's dtype) are left bit for bit:
+        # rescaling them again would move them by rounding at every forward (found in fp16:
+        # two identical training forwards gave different bits).
+        off = (norm / self.expert_norm - 1.0).abs() > 4 * torch.finfo(e.dtype).eps
+        scale = torch.where(off, self.expert_norm / norm.clamp_min(1e-4), 1.0)
+        e.copy_((wide * scale).to(e.dtype))
 
     def forward(self, x: Tensor, context: RoutingContext | None = None) -> Routing:
         """Route ``x [T, d_model]``; returns :class:`Routing` (float32 weights and logits

@@ -26,8 +26,9 @@ forks one child per case, and must run no torch op before forking.
 
 The tables live beside this file, one per op family: ``cases_routing.py`` (topk_softmax,
 expert_choice), ``cases_dispatch.py`` (make_plan, permute, combine), ``cases_experts.py``
-(grouped_mm, swiglu, the Experts module), ``cases_modules.py`` (MoELayer with each router, the
-routers' constructors) and ``cases_models.py`` (smoe.models' constructors).
+(grouped_mm, swiglu, the Experts module), ``cases_xmoe.py`` (cosine_scores),
+``cases_modules.py`` (MoELayer with each router, the routers' constructors) and
+``cases_models.py`` (smoe.models' constructors).
 """
 
 from __future__ import annotations
@@ -255,12 +256,14 @@ def all_cases() -> list[Case]:
         cases_models,
         cases_modules,
         cases_routing,
+        cases_xmoe,
     )
 
     cases = [
         *cases_routing.CASES,
         *cases_dispatch.CASES,
         *cases_experts.CASES,
+        *cases_xmoe.CASES,
         *cases_modules.CASES,
         *cases_models.CASES,
     ]

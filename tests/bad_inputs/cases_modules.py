@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 import smoe
-from tests.bad_inputs.cases import ASYNC_ASSERT, Case, Expect, arg, error
+from tests.bad_inputs.cases import ASYNC_ASSERT, Case, Expect, arg, defined, error
 
 D_MODEL, D_FF, NUM_E, TOKENS = 8, 16, 4, 6
 
@@ -56,6 +56,16 @@ _TOPK_OWN = [
     ("noise_epsilon = -1", {"noise_epsilon": -1.0}, "noise_epsilon"),
 ]
 
+_XMOE_OWN = [
+    ("k > E", {"k": NUM_E + 1}, "k"),
+    ("k = 0", {"k": 0}, "k"),
+    ("mix unknown", {"mix": "sum"}, "mix"),
+    ("expert_norm = 0", {"expert_norm": 0.0}, "expert_norm"),
+    ("expert_norm = -1", {"expert_norm": -1.0}, "expert_norm"),
+    ("expert_norm inf", {"expert_norm": float("inf")}, "expert_norm"),
+    ("routing_dim = 0", {"routing_dim": 0}, "routing_dim"),
+]
+
 ROUTER_ROWS: dict[str, list[tuple[str, dict[str, Any], str]]] = {
     "topk": [*_TOPK_OWN, ("k > E", {"k": NUM_E + 1}, "k"), ("k = 0", {"k": 0}, "k")],
     "switch": [*_TOPK_OWN, ("k > E", {"k": NUM_E + 1}, "k")],
@@ -71,6 +81,20 @@ ROUTER_ROWS: dict[str, list[tuple[str, dict[str, Any], str]]] = {
         ("rounding unknown", {"rounding": "floor"}, "rounding"),
         ("multiple_of = 0", {"multiple_of": 0}, "multiple_of"),
     ],
+    "xmoe": [
+        *_XMOE_OWN,
+        ("gate unknown", {"gate": "relu"}, "gate"),
+        ("variant unknown", {"variant": "median"}, "variant"),
+        ("temperature_init = 0", {"temperature_init": 0.0}, "temperature_init"),
+        ("temperature_init = -1", {"temperature_init": -1.0}, "temperature_init"),
+        ("temperature_init inf", {"temperature_init": float("inf")}, "temperature_init"),
+        ("temperature_init NaN", {"temperature_init": float("nan")}, "temperature_init"),
+    ],
+    "xmoe_community": [
+        *_XMOE_OWN,
+        ("gate sigmoid", {"gate": "sigmoid"}, "gate"),
+        ("temperature_init given", {"temperature_init": 0.3}, "temperature_init"),
+    ],
     "expert_choice": [
         ("k = 0 (capacity factor 0)", {"k": 0}, "capacity_factor"),
         ("capacity_factor = -1", {"capacity_factor": -1.0}, "capacity_factor"),
@@ -79,6 +103,43 @@ ROUTER_ROWS: dict[str, list[tuple[str, dict[str, Any], str]]] = {
         ("init_scale = 0", {"init_scale": 0.0}, "init_scale"),
     ],
 }
+
+
+# Routers whose scores stay finite for a NaN token (cosine_scores replaces a non-finite score by
+# the smallest finite one of its row, 0 when none): the NaN token's logits are 0, the others'
+# are those of the same tokens without it. A defined row, not an error.
+NAN_TOKENS_ROUTE = {"xmoe", "xmoe_community"}
+
+
+def _nan_token_logits_zero(name: str):
+    def fn(d) -> bool:
+        layer = _layer(d, router=name).eval()  # eval: E is not re-projected between calls
+        x = _nan_tokens(d)
+        logits = layer.router(x).logits
+        rest = [t for t in range(TOKENS) if t != 2]
+        clean = layer.router(x[rest]).logits
+        return bool((logits[2] == 0).all() and torch.equal(logits[rest], clean))
+
+    return fn
+
+
+def _nan_case(layer: str, name: str) -> Case:
+    if name in NAN_TOKENS_ROUTE:
+        return _case(
+            layer,
+            "x NaN (defined)",
+            "nan",
+            _nan_token_logits_zero(name),
+            defined("a NaN token's logits are 0; the other tokens' are unchanged"),
+        )
+    return _case(
+        layer,
+        "x NaN",
+        "nan",
+        _forward(name, _nan_tokens),
+        error(r"\blogits\b.*finite", RuntimeError),
+        cuda_expect=ASYNC_ASSERT,
+    )
 
 
 def _router_cases(name: str) -> list[Case]:
@@ -120,14 +181,7 @@ def _router_cases(name: str) -> list[Case]:
             lambda d, n=name: _layer(d, router=n, router_options={"bogus_option": 1}),
             error("bogus_option", ValueError),
         ),
-        _case(
-            layer,
-            "x NaN",
-            "nan",
-            _forward(name, _nan_tokens),
-            error(r"\blogits\b.*finite", RuntimeError),
-            cuda_expect=ASYNC_ASSERT,
-        ),
+        _nan_case(layer, name),
         _case(
             layer,
             "x width != d_model",
@@ -264,6 +318,48 @@ _moe_cases = [
             d.f(2, 3, D_MODEL), context=smoe.RoutingContext(causal=True)
         ),
         error(arg("causal"), ValueError),
+    ),
+    _case(
+        _MOE,
+        "experts unknown",
+        "config",
+        _moe(experts="moe"),
+        error(arg("experts"), ValueError),
+    ),
+    _case(
+        _MOE,
+        "depth = 0 (base_stack)",
+        "config",
+        _moe(experts="base_stack", depth=0),
+        error(arg("depth"), ValueError),
+    ),
+    _case(
+        _MOE,
+        "xmoe router_options temperature_init = 0",
+        "config",
+        _moe(router="xmoe", router_options={"temperature_init": 0.0}),
+        error(arg("temperature_init"), ValueError),
+    ),
+    _case(
+        _MOE,
+        "xmoe router_options routing_dim = 0",
+        "config",
+        _moe(router="xmoe", router_options={"routing_dim": 0}),
+        error(arg("routing_dim"), ValueError),
+    ),
+    _case(
+        _MOE,
+        "xmoe_community router_options gate sigmoid",
+        "config",
+        _moe(router="xmoe_community", router_options={"gate": "sigmoid"}),
+        error(arg("gate"), ValueError),
+    ),
+    _case(
+        _MOE,
+        "xmoe k > num_experts",
+        "config",
+        _moe_args(D_MODEL, D_FF, NUM_E, NUM_E + 1, router="xmoe"),
+        error(arg("k"), ValueError),
     ),
     _case(
         _MOE,

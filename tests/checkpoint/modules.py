@@ -20,7 +20,15 @@ import torch
 from torch import Tensor, nn
 
 import smoe.models
-from smoe import ExpertChoiceRouter, Experts, MoELayer, SMoEVAE, TopKRouter, VMoERouter
+from smoe import (
+    ExpertChoiceRouter,
+    Experts,
+    MoELayer,
+    SMoEVAE,
+    TopKRouter,
+    VMoERouter,
+    XMoERouter,
+)
 from smoe.models.charlm import CharLM
 from smoe.routing import registry
 
@@ -38,6 +46,8 @@ LAYER_ROUTERS: dict[str, dict[str, Any]] = {
     "noisy_topk": {},
     "vmoe": {"capacity_factor": 1.5},
     "expert_choice": {},
+    "xmoe": {},
+    "xmoe_community": {},
 }
 
 Outputs = dict[str, Tensor]
@@ -129,6 +139,7 @@ CATALOGUE: dict[str, Entry] = {
         Entry("TopKRouter", lambda: TopKRouter(D, E, K), _tokens(6, D), _run_router),
         Entry("VMoERouter", lambda: VMoERouter(D, E, K), _tokens(6, D), _run_router),
         Entry("ExpertChoiceRouter", lambda: ExpertChoiceRouter(D, E), _tokens(6, D), _run_router),
+        Entry("XMoERouter", lambda: XMoERouter(D, E, K), _tokens(6, D), _run_router),
         *(_layer(name) for name in LAYER_ROUTERS),
         Entry("vmoe_vit", _build_vit, lambda g: (torch.randn(2, 1, 8, 8, generator=g),), _run_vit),
         # The VAE's convolutional encoder has a fixed width (93 k parameters at any latent size):
