@@ -128,6 +128,8 @@ def test_charlm_refuses_a_non_causal_router():
 def test_charlm_rejects_bad_input():
     with pytest.raises(ValueError, match="moe_every"):
         CharLM(20, moe_every=0)
+    with pytest.raises(ValueError, match="k must be >= 1"):  # was ZeroDivisionError (d_ff default)
+        CharLM(20, k=0)
     model = CharLM(20, d_model=16, n_layers=1, n_heads=2, context=8)
     with pytest.raises(ValueError, match="context=8"):
         model(torch.zeros(1, 9, dtype=torch.long))

@@ -139,6 +139,8 @@ class CharLM(nn.Module):
         super().__init__()
         if moe_every < 1:
             raise ValueError(f"CharLM: moe_every must be >= 1, got {moe_every}")
+        if k < 1:
+            raise ValueError(f"CharLM: k must be >= 1, got {k}")
         self.context = context
         d_ff = d_ff if d_ff is not None else 4 * d_model // k
         self.tok = nn.Embedding(vocab_size, d_model)

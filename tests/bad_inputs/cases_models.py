@@ -25,7 +25,8 @@ def _charlm(**kw: Any):
     def fn(d):
         from smoe.models.charlm import CharLM
 
-        return CharLM(11, d_model=16, n_layers=1, n_heads=2, context=8, num_experts=2, k=1, **kw)
+        config = dict(d_model=16, n_layers=1, n_heads=2, context=8, num_experts=2, k=1)
+        return CharLM(11, **{**config, **kw})
 
     return fn
 
@@ -69,6 +70,7 @@ CASES: list[Case] = [
         _charlm(moe_every=0),
         error(arg("moe_every"), ValueError),
     ),
+    _case("CharLM", "k = 0", "config", _charlm(k=0), error(arg("k"), ValueError)),
     _case(
         "CharLM",
         "router_options unknown",
