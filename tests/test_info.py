@@ -80,3 +80,21 @@ def test_info_says_this_gpu_is_compiled_in():
     if not _build_info.WITH_CUDA:
         pytest.skip("CPU-only build")
     assert "compiled in" in smoe.info().split("this GPU:")[1].splitlines()[0]
+
+
+def test_stale_build_is_one_clear_import_error():
+    # A _C built from older sources lacks a newer op: the import names it and the rebuild command
+    # (was: "operator smoe::<op> does not exist" from deep inside torch.library).
+    code = (
+        "import torch, torch.library as L\n"
+        "def missing(*a, **k):\n"
+        "    raise RuntimeError('operator smoe::cosine_scores does not exist')\n"
+        "L.register_fake = missing\n"
+        "try:\n"
+        "    import smoe\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "older than its Python sources" in out.stdout, out.stdout + out.stderr
+    assert "smoe::cosine_scores" in out.stdout and "pip install --no-build-isolation" in out.stdout

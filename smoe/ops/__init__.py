@@ -15,11 +15,19 @@ from smoe import _loader
 
 _loader.load_library()
 
-from smoe.ops._common import refuse_sparse  # noqa: E402
-from smoe.ops.dispatch import Plan, combine, make_plan, permute  # noqa: E402
-from smoe.ops.experts import grouped_mm, swiglu  # noqa: E402
-from smoe.ops.routing import ExpertChoice, TopK, expert_choice, topk_softmax  # noqa: E402
-from smoe.ops.xmoe import CosineScores, cosine_scores  # noqa: E402
+try:  # each family registers fakes and autograd for ops the compiled _C must define
+    from smoe.ops._common import refuse_sparse
+    from smoe.ops.dispatch import Plan, combine, make_plan, permute
+    from smoe.ops.experts import grouped_mm, swiglu
+    from smoe.ops.routing import ExpertChoice, TopK, expert_choice, topk_softmax
+    from smoe.ops.xmoe import CosineScores, cosine_scores
+except RuntimeError as e:
+    if "does not exist" not in str(e):
+        raise
+    raise ImportError(
+        f"smoe's compiled extension is older than its Python sources ({e}); rebuild it with: "
+        f"{_loader.REBUILD}"
+    ) from e
 
 refuse_sparse()  # every smoe op: a sparse argument is an error naming it
 
