@@ -43,6 +43,19 @@ TORCH_LIBRARY(smoe, m) {
       "cosine_scores(Tensor h, Tensor proj, Tensor expert_emb, Tensor temperature, *, float "
       "eps=1e-4, bool normalize_tokens=True) -> (Tensor cos, Tensor logits)");
 
+  m.set_python_module("smoe.ops.sinkhorn");
+  // entropic optimal transport in the log domain (specs/sinkhorn_ssr.md §3, §7): S = scores / eps,
+  // f_0 = 0; each iteration g = log c - LSE_t(S + f), then f = log r - LSE_j(S + g), in float32
+  // (float64 for float64 scores); log_plan = f + S + g. Rows carry row_mass, columns col_mass
+  // (None: T * row_mass / E). A fixed max_iter by default; tol > 0 checks the L2 row and column
+  // residuals every check_every iterations and stops below tol (on CUDA a host sync per check).
+  // Returns log_plan [T, E], f [T], g [E], iters_done (int64 0-dim), row_err, col_err (0-dim), and
+  // the per-iteration potentials f_hist [max_iter, T], g_hist [max_iter, E] the backward reads.
+  m.def(
+      "sinkhorn(Tensor scores, *, float eps, int max_iter, float tol=0., float row_mass=1., float? "
+      "col_mass=None, int check_every=10) -> (Tensor log_plan, Tensor f, Tensor g, Tensor "
+      "iters_done, Tensor row_err, Tensor col_err, Tensor f_hist, Tensor g_hist)");
+
   // ---- dispatch ----
   m.set_python_module("smoe.ops.dispatch");
   // stable counting sort of the T*k slots by expert, with optional capacity dropping (rank-major);
@@ -83,6 +96,13 @@ TORCH_LIBRARY(smoe, m) {
       "cosine_scores_backward(Tensor grad_cos, Tensor grad_logits, Tensor h, Tensor proj, Tensor "
       "expert_emb, Tensor temperature, float eps, bool normalize_tokens) -> (Tensor grad_h, "
       "Tensor grad_proj, Tensor grad_expert_emb, Tensor grad_temperature)");
+  m.set_python_module("smoe.ops.sinkhorn");
+  // d scores [T, E] (scores' dtype) of sinkhorn through its unrolled iterations, recomputing each
+  // iteration's softmaxes from scores and the stored potentials; grad_f and grad_g are the
+  // gradients of the returned f and g (zeros when unused).
+  m.def(
+      "sinkhorn_backward(Tensor grad_log_plan, Tensor grad_f, Tensor grad_g, Tensor scores, Tensor "
+      "f_hist, Tensor g_hist, Tensor iters_done, float eps) -> Tensor");
   m.set_python_module("smoe.ops.dispatch");
   // d x of permute: grad_x[t] = sum_j grad_out[row[t, j]]; [T, d].
   m.def("permute_backward(Tensor grad_out, Tensor row) -> Tensor");

@@ -7,6 +7,7 @@ wrapper, fake, autograd. The kernels live in csrc/; nothing numerical happens he
 - :mod:`smoe.ops.dispatch`: ``make_plan``, ``permute``, ``combine`` (and :class:`Plan`)
 - :mod:`smoe.ops.experts`: ``grouped_mm``, ``swiglu``
 - :mod:`smoe.ops.xmoe`: ``cosine_scores`` (X-MoE)
+- :mod:`smoe.ops.sinkhorn`: ``sinkhorn`` (SSR, S-BASE)
 
 A new router family adds its own module here (and its csrc files), then re-exports it below.
 """
@@ -20,6 +21,7 @@ try:  # each family registers fakes and autograd for ops the compiled _C must de
     from smoe.ops.dispatch import Plan, combine, make_plan, permute
     from smoe.ops.experts import grouped_mm, swiglu
     from smoe.ops.routing import ExpertChoice, TopK, expert_choice, topk_softmax
+    from smoe.ops.sinkhorn import Sinkhorn, sinkhorn
     from smoe.ops.xmoe import CosineScores, cosine_scores
 except RuntimeError as e:
     if "does not exist" not in str(e):
@@ -35,6 +37,7 @@ __all__ = [
     "CosineScores",
     "ExpertChoice",
     "Plan",
+    "Sinkhorn",
     "TopK",
     "combine",
     "cosine_scores",
@@ -42,6 +45,7 @@ __all__ = [
     "grouped_mm",
     "make_plan",
     "permute",
+    "sinkhorn",
     "swiglu",
     "topk_softmax",
 ]
