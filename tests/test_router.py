@@ -17,6 +17,22 @@ def test_router_matches_topk_softmax_on_its_logits():
     assert out.weight.dtype == torch.float32
 
 
+def test_sigmoid_gate_weights_the_softmax_selection_by_sigmoid_of_the_logit():
+    torch.manual_seed(0)
+    soft, sig = TopKRouter(16, 8, 2), TopKRouter(16, 8, 2, gate="sigmoid")
+    sig.load_state_dict(soft.state_dict())
+    x = torch.randn(30, 16, dtype=torch.float64)
+    a, b = soft(x), sig(x)
+    assert torch.equal(a.expert, b.expert)
+    w = sig.weight.detach().double().requires_grad_()
+    expected = torch.sigmoid(x @ w.T).gather(1, b.expert.long())
+    torch.testing.assert_close(b.weight, expected)
+    assert (b.weight.sum(-1) - 1).abs().max() > 0.1  # not renormalised
+    b.weight.sum().backward()
+    (grad,) = torch.autograd.grad(expected.sum(), w)
+    torch.testing.assert_close(sig.weight.grad.double(), grad)
+
+
 def test_router_is_fp32_under_bf16_autocast():
     r = TopKRouter(16, 4, 2)
     x = torch.randn(10, 16)

@@ -26,6 +26,10 @@ class TopKRouter(nn.Module):
         num_experts: E.
         k: experts per token.
         renormalize: k weights sum to 1 (Mixtral, noisy top-k) or stay raw probabilities (Switch).
+            Softmax gate only.
+        gate: ``"softmax"`` (the weights are softmax probabilities) or ``"sigmoid"``: the same
+            top-k selection, each selected expert weighted by ``σ(logit)``, not renormalised (the
+            sigmoid "SMoE" baseline of X-MoE, specs/xmoe.md §10).
         noisy: Shazeer et al.'s noisy top-k: in training, select on
             ``h + n * (softplus(x W_noise) + noise_epsilon)``, ``n ~ N(0, 1)`` from torch's RNG.
         noise_epsilon: added to the softplus (fastmoe's 1e-2).
@@ -44,6 +48,7 @@ class TopKRouter(nn.Module):
         k: int = 2,
         *,
         renormalize: bool = True,
+        gate: str = "softmax",
         noisy: bool = False,
         noise_epsilon: float = 1e-2,
         jitter: float = 0.0,
@@ -55,6 +60,8 @@ class TopKRouter(nn.Module):
             raise ValueError(f"TopKRouter: num_experts must be >= 1, got {num_experts}")
         if not 1 <= k <= num_experts:
             raise ValueError(f"TopKRouter: k must be in [1, num_experts={num_experts}], got {k}")
+        if gate not in ("softmax", "sigmoid"):
+            raise ValueError(f"TopKRouter: gate must be 'softmax' or 'sigmoid', got {gate!r}")
         if not 0.0 <= jitter < 1.0:
             raise ValueError(f"TopKRouter: jitter must be in [0, 1), got {jitter}")
         if d_model < 1:
@@ -65,6 +72,7 @@ class TopKRouter(nn.Module):
             raise ValueError(f"TopKRouter: noise_epsilon must be >= 0, got {noise_epsilon}")
         self.d_model, self.num_experts, self.k = d_model, num_experts, k
         self.renormalize, self.noisy, self.noise_epsilon = renormalize, noisy, noise_epsilon
+        self.gate = gate
         self.jitter, self.balance_first_choice_only = jitter, balance_first_choice_only
         self.init_scale = init_scale
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
@@ -80,7 +88,8 @@ class TopKRouter(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}, "
-            f"renormalize={self.renormalize}, noisy={self.noisy}, jitter={self.jitter}"
+            f"renormalize={self.renormalize}, gate={self.gate}, noisy={self.noisy}, "
+            f"jitter={self.jitter}"
         )
 
     def forward(self, x: Tensor, context: RoutingContext | None = None) -> Routing:
@@ -102,6 +111,8 @@ class TopKRouter(nn.Module):
                 std = F.softplus(F.linear(h, self.noise_weight.to(dt))) + self.noise_epsilon
                 selection = logits + torch.randn_like(logits) * std
             weight, expert = ops.topk_softmax(selection, self.k, renormalize=self.renormalize)
+            if self.gate == "sigmoid":
+                weight = torch.sigmoid(torch.gather(logits, 1, expert.long()))
             aux = {
                 "balance": switch_balance_loss(
                     logits,

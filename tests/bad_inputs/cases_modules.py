@@ -54,6 +54,7 @@ _TOPK_OWN = [
     ("init_scale = 0", {"init_scale": 0.0}, "init_scale"),
     ("init_scale = -1", {"init_scale": -1.0}, "init_scale"),
     ("noise_epsilon = -1", {"noise_epsilon": -1.0}, "noise_epsilon"),
+    ("gate unknown", {"gate": "relu"}, "gate"),
 ]
 
 _XMOE_OWN = [
