@@ -5,7 +5,8 @@ or an :class:`smoe.MoELayer` forward and backward, and returns its results by na
 big enough that every CPU kernel splits its work into several work items: the ops see T = 3000
 tokens, E = 8, k = 2, d = 64, and grouped_mm 6000 rows in uneven groups (one empty, padding rows
 past offsets[E]) and 384 output columns, in fp32, bf16 and fp16; cosine_scores sees T = 700
-tokens, N = 16 experts, d_e = 8, d = 96, in fp32 and bf16; the layers route 1536 tokens.
+tokens, N = 16 experts, d_e = 8, d = 96, in fp32 and bf16; sinkhorn T = 1500, E = 16, 20
+iterations in fp32 and bf16; the layers route 1536 tokens.
 
 Run as ``python -m tests.determinism_cases OUT N1 [N2 ...] [--layers-only]`` from the repository
 root, it saves ``{n: {case: results}}`` to OUT with :func:`torch.save`: every case (or only the
@@ -205,6 +206,36 @@ def _cosine_scores_backward(device: str) -> Results:
     return out
 
 
+SK_T, SK_E, SK_ITERS = 1500, 16, 20  # sinkhorn: tokens (6 reduction chunks), experts, iterations
+SK_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _sinkhorn(device: str) -> Results:
+    out = {}
+    for dtype in SK_DTYPES:
+        scores = _randn(SK_T, SK_E, salt=21, device=device, dtype=dtype)
+        res = torch.ops.smoe.sinkhorn.default(scores, eps=0.1, max_iter=SK_ITERS)
+        names = ("log_plan", "f", "g", "iters_done", "row_err", "col_err", "f_hist", "g_hist")
+        out |= {f"{n}_{dtype}": t for n, t in zip(names, res)}
+    return out
+
+
+def _sinkhorn_backward(device: str) -> Results:
+    out = {}
+    for dtype in SK_DTYPES:
+        scores = _randn(SK_T, SK_E, salt=21, device=device, dtype=dtype)
+        res = torch.ops.smoe.sinkhorn.default(scores, eps=0.1, max_iter=SK_ITERS)
+        grads = (
+            _randn(SK_T, SK_E, salt=22, device=device),
+            _randn(SK_T, salt=23, device=device),
+            _randn(SK_E, salt=24, device=device),
+        )
+        out[f"grad_{dtype}"] = torch.ops.smoe.sinkhorn_backward.default(
+            *grads, scores, res[6], res[7], res[3], 0.1
+        )
+    return out
+
+
 OP_CASES: dict[str, Callable[[str], Results]] = {
     "topk_softmax": _topk_softmax,
     "topk_softmax_backward": _topk_softmax_backward,
@@ -221,6 +252,8 @@ OP_CASES: dict[str, Callable[[str], Results]] = {
     "swiglu_backward": _swiglu_backward,
     "cosine_scores": _cosine_scores,
     "cosine_scores_backward": _cosine_scores_backward,
+    "sinkhorn": _sinkhorn,
+    "sinkhorn_backward": _sinkhorn_backward,
 }
 
 

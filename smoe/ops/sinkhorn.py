@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from smoe.ops._common import FLOATS, refuse_double_backward
+from smoe.ops._common import FLOATS, check_devices, refuse_double_backward
 
 __all__ = ["Sinkhorn", "sinkhorn"]
 
@@ -194,6 +194,16 @@ def _sinkhorn_backward_fake(
     eps: float,
 ) -> Tensor:
     op = "sinkhorn_backward"
+    check_devices(
+        op,
+        scores=scores,
+        grad_log_plan=grad_log_plan,
+        grad_f=grad_f,
+        grad_g=grad_g,
+        f_hist=f_hist,
+        g_hist=g_hist,
+        iters_done=iters_done,
+    )
     torch._check(scores.dim() == 2, lambda: f"smoe::{op}: scores must be 2-D [T, E]")
     T, E = scores.shape
     dt = _acc_dtype(scores)

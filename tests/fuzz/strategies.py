@@ -16,6 +16,7 @@ import torch
 from hypothesis import strategies as st
 from torch import Tensor
 
+from tests.fuzz.strategies_sinkhorn import sinkhorn_cases
 from tests.fuzz.values import (
     SOFTMAX_SPECIALS,
     Values,
@@ -430,6 +431,7 @@ OP_STRATEGIES = {
     "grouped_mm": grouped_mm_cases,
     "swiglu": swiglu_cases,
     "cosine_scores": cosine_scores_cases,
+    "sinkhorn": sinkhorn_cases,  # tests/fuzz/strategies_sinkhorn.py
 }
 
 # Each backward op -> the forward whose fuzz test exercises it.
@@ -441,6 +443,7 @@ BACKWARD_OF = {
     "grouped_mm_backward": "grouped_mm",
     "swiglu_backward": "swiglu",
     "cosine_scores_backward": "cosine_scores",
+    "sinkhorn_backward": "sinkhorn",
 }
 
 # Each registered router -> the reference its layer is checked against (test_fuzz_layer.py):

@@ -38,6 +38,8 @@ COVERED = {
     "expert_choice_backward": "test_expert_choice_forward_backward",
     "cosine_scores": "test_cosine_scores_forward_backward",
     "cosine_scores_backward": "test_cosine_scores_forward_backward",
+    "sinkhorn": "test_sinkhorn_forward_backward",
+    "sinkhorn_backward": "test_sinkhorn_forward_backward",
 }
 
 
@@ -100,3 +102,17 @@ def test_cosine_scores_forward_backward(T, N, de, d, dtype):
     torch.cuda.synchronize()
     for g in (wide.grad, proj.grad, emb.grad, temp.grad):
         assert torch.isfinite(g.float()).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.sanitize
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T, E", [(0, 4), (1, 1), (33, 16), (600, 8)])
+def test_sinkhorn_forward_backward(T, E, dtype):
+    wide = torch.randn(T, 2 * E, device="cuda", dtype=dtype, requires_grad=True)
+    scores = wide[:, ::2]  # strided rows
+    for tol in (0.0, 1e-3):  # fixed iterations; checked every 4 (the host sync path)
+        out = ops.sinkhorn(scores, eps=0.3, max_iter=12, tol=tol, check_every=4)
+        (out.log_plan.exp() * torch.arange(E, device="cuda") + out.f.sum()).sum().backward()
+    torch.cuda.synchronize()
+    assert torch.isfinite(wide.grad.float()).all()
