@@ -1,0 +1,117 @@
+"""The report of ``claims.py``: the markdown block for RESULTS.md and the plot."""
+
+from __future__ import annotations
+
+import datetime
+import math
+from pathlib import Path
+from typing import Any
+
+from common import machine  # benchmarks/common.py
+from zoo_report import _pm, _shown  # benchmarks/zoo_report.py
+
+_COLUMNS = (
+    ("bpc", "val bpc", 1.0, 4),
+    ("late_rf", "late RF", 1.0, 4),
+    ("rc", "RC (end)", 1.0, 3),
+    ("rc_change", "RC end − first", 1.0, 3),
+    ("max_vio", "MaxVio", 1.0, 3),
+)
+
+
+def render(
+    name: str,
+    study: Any,
+    summary: dict,
+    runs: dict[str, list[dict]],
+    *,
+    quick: bool,
+    out: Path,
+    plot: Path,
+) -> str:
+    """The study's section: setup, table (mean ± std over seeds), each claim with its verdict."""
+    date = datetime.date.today().isoformat()
+    size = "quick (CI-sized, not a measurement)" if quick else "full"
+    m = machine()
+    first = next((r for rs in runs.values() for r in rs), None)
+    cfg = first["setup"] if first else {}
+    seeds = sorted({r["seed"] for rs in runs.values() for r in rs})
+    minutes = sum(r["seconds"] for rs in runs.values() for r in rs) / 60
+    lines = [
+        f"## Paper claims: {study.title} ({date}, `claims.py {name}`, {size})",
+        "",
+        f"Spec: {study.spec}. Char-LM of `smoe.examples.charlm` on Tiny Shakespeare: "
+        f"{cfg.get('n_layers')} MoE layers, d = {cfg.get('d_model')}, "
+        f"E = {cfg.get('num_experts')}, "
+        f"k = {cfg.get('k')}, expert width 4d/k (equal active expert compute), {cfg.get('steps')} "
+        f"steps of {cfg.get('batch_size')} x {cfg.get('context')} characters, evaluated every "
+        f"{cfg.get('eval_every')}; each arm with its router's default auxiliary-loss weights. "
+        f"Seeds {seeds}, mean ± std over seeds. Written at commit `{m['commit']}` on "
+        f"{m.get('cpu', '?')}; {minutes:.0f} min of training in all. Runs: `{_shown(out)}`; "
+        f"plot: `{_shown(plot)}`.",
+        "",
+        "| arm | router, options | " + " | ".join(c[1] for c in _COLUMNS) + " |",
+        "|---|---|" + "---|" * len(_COLUMNS),
+    ]
+    for arm, row in summary["table"].items():
+        a = study.arms[arm]
+        opts = ", ".join(f"{k}={v}" for k, v in a.options.items()) or "defaults"
+        cells = [_pm(row[key], scale, digits) for key, _, scale, digits in _COLUMNS]
+        lines.append(
+            f"| {a.label} (n = {row['n']}) | `{a.router}` ({opts}) | " + " | ".join(cells) + " |"
+        )
+    lines += [
+        "",
+        "| claim (paper) | measured: method − baseline (± 1 SE) | verdict |",
+        "|---|---|---|",
+    ]
+    for v in summary["verdicts"]:
+        if v["delta"] is None:
+            measured = "not measured"
+        else:
+            measured = f"{v['delta']:+.4f} ± {v['se']:.4f} ({v['metric']})"
+        lines.append(f"| {v['claim']} | {measured} | **{v['verdict']}** |")
+    lines += [
+        "",
+        "Verdict rule: a difference counts when it exceeds two standard errors over seeds; "
+        "otherwise inconclusive at this scale.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_plot(study: Any, runs: dict[str, list[dict]], path: Path) -> None:
+    """bpc, RF (against the previous checkpoint) and RC over training, mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    panels = (
+        ("steps", "bpc_curve", "validation bits/char"),
+        ("rf_steps", "rf_curve", "routing fluctuation (vs previous)"),
+        ("steps", "rc_curve", "RC on h (higher: less collapsed)"),
+    )
+    for ax, (xkey, ykey, title) in zip(axes, panels):
+        for arm, rs in runs.items():
+            if not rs:
+                continue
+            x = rs[0][xkey]
+            y = np.array([r[ykey] for r in rs], dtype=float)
+            mean, std = y.mean(0), y.std(0)
+            style = "-" if arm.startswith(("xmoe", "method")) else "--"
+            (line,) = ax.plot(x, mean, style, label=study.arms[arm].label)
+            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ykey == "bpc_curve":
+            lo = min((min(r[ykey]) for rs in runs.values() for r in rs), default=math.nan)
+            if not math.isnan(lo):
+                ax.set_ylim(lo - 0.05, lo + 1.0)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
