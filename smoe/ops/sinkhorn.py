@@ -75,7 +75,7 @@ def sinkhorn(
             ``check_every`` iterations compute both residual norms and stop when both are
             <= tol; on CUDA each check is a device→host sync (the op's only one). The norms are
             absolute: in float32, column sums of ``col_mass`` carry a rounding floor of about
-            ``1e-7 · col_mass · √E``, so a tol below it runs to ``max_iter``.
+            ``4e-7 · col_mass · √E``, so a tol below it runs to ``max_iter``.
         row_mass: mass of each token (> 0).
         col_mass: mass of each expert (> 0); ``T · row_mass`` must equal ``E · col_mass``.
         check_every: iterations between tolerance checks (>= 1).
