@@ -77,6 +77,9 @@ class CharLMConfig:
     attack_placeholder: str = "AAA"
     attack_seed: int = 0
     threads: int | None = None
+    # False: routers may couple the batch's tokens in training (SSR's Sinkhorn steps); evaluation
+    # is causal either way (smoe.models.CharLM)
+    causal_training: bool = True
 
 
 def quick_config(**overrides: Any) -> CharLMConfig:
@@ -133,6 +136,7 @@ def build_model(cfg: CharLMConfig, vocab_size: int) -> CharLM:
         router=cfg.router,
         router_options=cfg.router_options,
         dropout=cfg.dropout,
+        causal_training=cfg.causal_training,
     )
 
 
@@ -199,6 +203,17 @@ def late_mean(values: list[float], fraction: float = 0.5) -> float:
         return float("nan")
     tail = values[-max(1, math.ceil(len(values) * fraction)) :]
     return sum(tail) / len(tail)
+
+
+def router_stats(model: CharLM) -> dict[str, dict[str, float]]:
+    """Per MoE layer, what its router reports of its training (``routing_stats()``, e.g. the
+    realised Sinkhorn rate of SSR); empty for routers that report nothing."""
+    out = {}
+    for i, layer in enumerate(model.moe_layers()):
+        stats = getattr(layer.router, "routing_stats", None)
+        if callable(stats):
+            out[f"layer{i}"] = {k: float(v) for k, v in stats().items()}
+    return out
 
 
 def _layer_mean(per_layer: dict[str, dict[str, float]], key: str) -> float:
@@ -321,6 +336,7 @@ def _run(
             "dropped": _layer_mean(last_layers, "dropped"),
             "dead": _layer_mean(last_layers, "dead"),
             "step_time_s": sum(warm) / len(warm),
+            "router_stats": router_stats(model),
         },
         "attack": {
             "rate": cfg.attack_rate,

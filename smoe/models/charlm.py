@@ -114,6 +114,11 @@ class CharLM(nn.Module):
         router, router_options: a registered router name and its options (see
             :func:`smoe.routing.build_router`), the same for every MoE layer.
         dropout: on attention and residual branches.
+        causal_training: the training forward asks its routers for causal routing (the layer
+            refuses a router that is not). False lets a router couple the tokens of the batch in
+            training only, as the Sinkhorn routers of the SSR paper do in their LM (a Sinkhorn
+            step's column normalisation sees later tokens); evaluation always routes causally,
+            so validation losses stay honest.
 
     ``forward(idx [B, S])`` returns ``(logits [B, S, vocab], [MoEAux per MoE layer])``.
     """
@@ -135,8 +140,10 @@ class CharLM(nn.Module):
         router: str = "topk",
         router_options: Mapping[str, Any] | None = None,
         dropout: float = 0.0,
+        causal_training: bool = True,
     ) -> None:
         super().__init__()
+        self.causal_training = causal_training
         if moe_every < 1:
             raise ValueError(f"CharLM: moe_every must be >= 1, got {moe_every}")
         if k < 1:
@@ -183,7 +190,8 @@ class CharLM(nn.Module):
             raise ValueError(f"CharLM: sequence length {S} exceeds context={self.context}")
         pos = torch.arange(S, device=idx.device)
         x = self.tok(idx) + self.pos(pos)
-        context = RoutingContext(batch_shape=(B, S), causal=True, step=step)
+        causal = self.causal_training or not self.training
+        context = RoutingContext(batch_shape=(B, S), causal=causal, step=step)
         auxes = []
         for block in self.blocks:
             x, aux = block(x, context)

@@ -14,6 +14,8 @@ from smoe.routing.registry import (
     register_router,
     router_info,
 )
+from smoe.routing.sbase import SinkhornRouter
+from smoe.routing.sinkhorn import SelectiveSinkhornRouter
 from smoe.routing.topk import TopKRouter
 from smoe.routing.vmoe import VMoERouter, vmoe_capacity
 from smoe.routing.xmoe import XMoERouter
@@ -23,6 +25,8 @@ __all__ = [
     "RouterInfo",
     "Routing",
     "RoutingContext",
+    "SelectiveSinkhornRouter",
+    "SinkhornRouter",
     "TopKRouter",
     "VMoERouter",
     "XMoERouter",
