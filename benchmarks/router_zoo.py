@@ -82,6 +82,9 @@ class ZooEntry:
     charlm: dict[str, Any] = field(default_factory=dict)
     vit: dict[str, Any] = field(default_factory=dict)
     claims: tuple[Claim, ...] = ()
+    # CharLMConfig overrides: causal_training=False for routers that couple the batch's tokens
+    # in training only (Sinkhorn); evaluation stays causal
+    charlm_config: dict[str, Any] = field(default_factory=dict)
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -150,21 +153,41 @@ ZOO: dict[str, ZooEntry] = {
     ),
     # fastmoe's "XMoE" gate, the baseline row of the S2MoE / USMoE papers: no claim of its own
     "xmoe_community": ZooEntry(),
+    # SSR at its defaults (p = 0.001 per layer, no aux loss). Its Sinkhorn steps couple the
+    # batch's tokens in training, as in the paper's LM; evaluation routes causally.
+    "ssr": ZooEntry(
+        charlm_config={"causal_training": False},
+        claims=(
+            Claim(
+                "SSR (Nguyen et al. 2025, abstract): higher accuracy than SMoE with auxiliary "
+                "losses (lower LM loss)",
+                "bpc",
+                "lower",
+            ),
+            Claim("... and more robust to input corruption", "bpc_attacked", "lower"),
+            Claim("... (images) higher accuracy under pixel noise", "vit_acc_noisy", "higher"),
+        ),
+    ),
+    # S-BASE (Clark et al. 2022): strongest of S-BASE / hash / RL routing, against no top-k
+    # baseline in the numbers at hand (specs/sinkhorn_ssr.md §12.2): no claim of its own here
+    "sinkhorn": ZooEntry(charlm_config={"causal_training": False}),
 }
 
 
 def charlm_config(name: str, quick: bool) -> CharLMConfig:
     """The charlm run of the leaderboard: 600 steps, evaluated every 50."""
-    options = ZOO[name].charlm
+    options, extra = ZOO[name].charlm, ZOO[name].charlm_config
     if quick:
-        return quick_config(router=name, router_options=options, steps=20, eval_every=5)
-    return CharLMConfig(router=name, router_options=options, steps=600, eval_every=50)
+        return quick_config(router=name, router_options=options, steps=20, eval_every=5, **extra)
+    return CharLMConfig(router=name, router_options=options, steps=600, eval_every=50, **extra)
 
 
 def runs_in_charlm(name: str) -> bool:
     """Whether the router, built with its leaderboard options, is causal (a decoder may use it)."""
     cfg = charlm_config(name, quick=True)
     router = build_router(name, cfg.d_model, cfg.num_experts, cfg.k, **cfg.router_options)
+    if not cfg.causal_training:  # only its evaluation must be causal
+        router.eval()
     return router_info(name).is_causal(router)
 
 

@@ -24,6 +24,8 @@ from smoe import (
     ExpertChoiceRouter,
     Experts,
     MoELayer,
+    SelectiveSinkhornRouter,
+    SinkhornRouter,
     SMoEVAE,
     TopKRouter,
     VMoERouter,
@@ -48,6 +50,8 @@ LAYER_ROUTERS: dict[str, dict[str, Any]] = {
     "expert_choice": {},
     "xmoe": {},
     "xmoe_community": {},
+    "ssr": {},
+    "sinkhorn": {},
 }
 
 Outputs = dict[str, Tensor]
@@ -140,6 +144,13 @@ CATALOGUE: dict[str, Entry] = {
         Entry("VMoERouter", lambda: VMoERouter(D, E, K), _tokens(6, D), _run_router),
         Entry("ExpertChoiceRouter", lambda: ExpertChoiceRouter(D, E), _tokens(6, D), _run_router),
         Entry("XMoERouter", lambda: XMoERouter(D, E, K), _tokens(6, D), _run_router),
+        Entry(
+            "SelectiveSinkhornRouter",
+            lambda: SelectiveSinkhornRouter(D, E, K),
+            _tokens(6, D),
+            _run_router,
+        ),
+        Entry("SinkhornRouter", lambda: SinkhornRouter(D, E, K), _tokens(6, D), _run_router),
         *(_layer(name) for name in LAYER_ROUTERS),
         Entry("vmoe_vit", _build_vit, lambda g: (torch.randn(2, 1, 8, 8, generator=g),), _run_vit),
         # The VAE's convolutional encoder has a fixed width (93 k parameters at any latent size):

@@ -454,6 +454,8 @@ BACKWARD_OF = {
 # routing only for being finite and reproducible. Noise drawn in training is always checked so.
 # "xmoe": reference.cosine_scores + reference.xmoe_gate (community: the softmax over the k raw
 # selected scores) + make_plan(capacity) + routed_moe, plus (1 - Σ kept g) x for mix="interpolate".
+# "ssr" (p in {0, 1}, so every draw is decided) and "sinkhorn" (S-BASE): the router's own
+# decisions, as "dispatch" (the op is fuzzed against reference.sinkhorn on its own).
 LAYER_ROUTERS = {
     "topk": "topk",
     "switch": "topk",
@@ -462,4 +464,6 @@ LAYER_ROUTERS = {
     "expert_choice": "expert_choice",
     "xmoe": "xmoe",
     "xmoe_community": "xmoe",
+    "ssr": "ssr",
+    "sinkhorn": "sinkhorn",
 }

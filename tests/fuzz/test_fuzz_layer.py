@@ -75,6 +75,24 @@ def _router_options(
             taus = [None, 0.07, 1.0] if dtype == "float16" else [None, 1e-5, 0.07, 1.0]
             opts.append(("temperature_init", draw(st.sampled_from(taus))))
         return tuple(opts)
+    if kind == "ssr":  # p in {0, 1}: every draw decided, whatever the step
+        return (
+            ("p", draw(st.sampled_from([0.0, 1.0]))),
+            ("cost", draw(st.sampled_from(["softmax", "logits"]))),
+            ("xi", draw(st.sampled_from([0.05, 1.0]))),
+            ("max_iter", draw(st.sampled_from([1, 5, 20]))),
+            ("tol", draw(st.sampled_from([0.0, 1e-3]))),
+            ("grad_mode", draw(st.sampled_from(["unrolled", "detach"]))),
+            ("weights_from", draw(st.sampled_from(["plan", "router_softmax"]))),
+            ("route_scale", draw(st.sampled_from([1.0, 0.5]))),
+            ("logit_noise_std", draw(st.sampled_from([0.0, 0.5]))),
+            ("noise_std", draw(st.sampled_from([0.0, 0.1]))),
+        )
+    if kind == "sinkhorn":
+        return (
+            ("max_iter", draw(st.sampled_from([1, 5, 50]))),
+            ("tol", draw(st.sampled_from([0.0, 1e-4]))),
+        )
     if name == "topk":
         return (("renormalize", draw(st.booleans())),)
     return ()
