@@ -70,6 +70,9 @@ class Study:
     arms: dict[str, Arm]
     comparisons: tuple[Comparison, ...]
     charlm: dict[str, Any] = field(default_factory=dict)  # CharLMConfig overrides for every arm
+    # step-time claims: (arm, baseline, text, "<=" or ">=", ratio), from an interleaved timing
+    # of all arms in one process (expected ratios: p x the Sinkhorn step + (1 - p) x the plain)
+    timing: tuple[tuple[str, str, str, str, float], ...] = ()
 
 
 STUDIES: dict[str, Study] = {
@@ -119,6 +122,46 @@ STUDIES: dict[str, Study] = {
         ),
         charlm={"k": 1, "steps": 600, "eval_every": 50},
     ),
+    # specs/sinkhorn_ssr.md §11 (abstract-level claims): SSR vs SMoE with the Switch balance
+    # loss (and the z-loss, as the top-k router trains everywhere here), vs always-on Sinkhorn,
+    # and the gradient-detached ablation; top-2 as the leaderboard.
+    "ssr": Study(
+        title="Selective Sinkhorn Routing vs SMoE, always-on Sinkhorn and a detached ablation",
+        spec="specs/sinkhorn_ssr.md §11",
+        arms={
+            "smoe": Arm("topk", {}, "SMoE (top-2, balance 0.01 + z 0.001)"),
+            "ssr_p0.001": Arm("ssr", {"p": 0.001}, "SSR p = 0.001"),
+            "ssr_p0.01": Arm("ssr", {"p": 0.01}, "SSR p = 0.01"),
+            "sinkhorn_p1": Arm("ssr", {"p": 1.0}, "always-on Sinkhorn (SSR p = 1)"),
+            "ssr_detach": Arm("ssr", {"p": 0.01, "grad_mode": "detach"}, "SSR p = 0.01, detach"),
+        },
+        comparisons=(
+            *(
+                Comparison(arm, "smoe", Claim(f"{label}: {text}", metric, "lower"))
+                for arm, label in (("ssr_p0.001", "p = 0.001"), ("ssr_p0.01", "p = 0.01"))
+                for text, metric in (
+                    ("lower validation loss than SMoE + aux losses", "bpc"),
+                    ("lower loss on word-swap-attacked text", "bpc_attacked"),
+                )
+            ),
+            *(
+                Comparison(
+                    arm,
+                    "sinkhorn_p1",
+                    Claim(
+                        f"{label}: lower validation loss than always-on Sinkhorn", "bpc", "lower"
+                    ),
+                )
+                for arm, label in (("ssr_p0.001", "p = 0.001"), ("ssr_p0.01", "p = 0.01"))
+            ),
+        ),
+        timing=(
+            ("ssr_p0.001", "smoe", "SSR (p = 0.001) step time within a few % of SMoE", "<=", 1.05),
+            ("ssr_p0.01", "smoe", "SSR (p = 0.01) step time within a few % of SMoE", "<=", 1.05),
+            ("sinkhorn_p1", "smoe", "always-on Sinkhorn markedly slower than SMoE", ">=", 1.2),
+        ),
+        charlm={"steps": 600, "eval_every": 50, "causal_training": False},
+    ),
 }
 
 
@@ -150,8 +193,12 @@ def run_one(cfg_dict: dict[str, Any], seed: int, threads: int | None) -> dict[st
         "late_rf": f["late_rf"],
         "rc": f["rc"],
         "rc_change": rc[-1] - rc[0],
+        "bpc_attacked": f["val_bpc_attacked"],
         "max_vio": f["max_vio"],
+        "cv": f["cv"],
         "step_s": f["step_time_s"],
+        "router_stats": f.get("router_stats", {}),
+        "max_vio_curve": [_mean(m["max_vio"] for m in ls.values()) for ls in layers],
         "steps": [h["step"] for h in r["history"]],
         "bpc_curve": [h["val_bpc"] for h in r["history"]],
         "rc_curve": rc,
@@ -163,17 +210,82 @@ def run_one(cfg_dict: dict[str, Any], seed: int, threads: int | None) -> dict[st
     }
 
 
+def time_arms(study: Study, names: list[str], quick: bool, rounds: int = 4, steps: int = 5):
+    """Seconds per char-LM training step of each arm, in this process: two warm-up steps each,
+    then ``rounds`` rounds of ``steps`` steps per arm, interleaved (drift and load hit all
+    alike); the median over rounds. An arm with ``p`` in its options also gets the expected
+    step time ``(1 − p) t + p t_always`` where the study has an arm with p = 1."""
+    import statistics
+
+    import torch
+
+    from smoe.data.text import random_batch, tiny_shakespeare
+    from smoe.examples.charlm import build_model, build_optimizer, train_step
+
+    corpus = tiny_shakespeare()
+    state = {}
+    for a in names:
+        cfg = charlm_config(study, study.arms[a], quick)
+        torch.manual_seed(0)
+        model = build_model(cfg, len(corpus.vocab))
+        state[a] = [cfg, model, build_optimizer(model, cfg), torch.Generator().manual_seed(0), 0]
+
+    def step(a: str) -> None:
+        cfg, model, opt, gen, i = state[a]
+        x, y = random_batch(corpus.train, cfg.batch_size, cfg.context, gen)
+        train_step(model, opt, x, y, cfg, i)
+        state[a][4] = i + 1
+
+    for a in names:
+        for _ in range(2):
+            step(a)
+    samples: dict[str, list[float]] = {a: [] for a in names}
+    for _ in range(rounds):
+        for a in names:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(a)
+            samples[a].append((time.perf_counter() - t0) / steps)
+    out = {a: {"step_s": statistics.median(v)} for a, v in samples.items()}
+    always = [a for a in names if study.arms[a].options.get("p") == 1.0]
+    for a in names:
+        p = study.arms[a].options.get("p")
+        if p is not None and always and p < 1.0:
+            t_always = out[always[0]]["step_s"]
+            out[a]["expected_s"] = (1 - p) * out[a]["step_s"] + p * t_always
+    return out
+
+
+def timing_verdicts(study: Study, timing: dict) -> list[dict]:
+    rows = []
+    for arm, base, text, op, bound in study.timing:
+        if arm not in timing or base not in timing:
+            continue
+        t = timing[arm].get("expected_s", timing[arm]["step_s"])
+        ratio = t / timing[base]["step_s"]
+        ok = ratio <= bound if op == "<=" else ratio >= bound
+        rows.append(
+            {
+                "claim": text,
+                "ratio": ratio,
+                "bound": f"{op} {bound}",
+                "verdict": "held" if ok else "did not hold",
+            }
+        )
+    return rows
+
+
 def _mean(values) -> float:
     vals = [v for v in values if not math.isnan(v)]
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-METRICS = ("bpc", "late_rf", "rc", "rc_change", "max_vio")
+METRICS = ("bpc", "bpc_attacked", "late_rf", "rc", "rc_change", "max_vio", "cv", "step_s")
 
 
 def summarize(study: Study, runs: dict[str, list[dict]]) -> dict[str, Any]:
     """Mean ± std over seeds per arm and metric, and a verdict per comparison."""
-    table = {a: {m: mean_std([r[m] for r in rs]) for m in METRICS} for a, rs in runs.items()}
+    table = {a: {m: mean_std([r.get(m) for r in rs]) for m in METRICS} for a, rs in runs.items()}
     for a, rs in runs.items():
         table[a]["n"] = len(rs)
     verdicts = []
@@ -249,6 +361,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for a in arms:
         runs[a].sort(key=lambda r: r["seed"])
     summary = summarize(study, runs)
+    if study.timing:
+        timing = time_arms(study, arms, args.quick)
+        summary["timing"] = timing
+        summary["timing_verdicts"] = timing_verdicts(study, timing)
+        (out / "timing.json").write_text(
+            json.dumps({"timing": timing, "machine": machine()}, indent=1)
+        )
     block = render(args.study, study, summary, runs, quick=args.quick, out=out, plot=plot)
     write_block(
         results, block, f"<!-- claims-{args.study}:begin -->", f"<!-- claims-{args.study}:end -->"

@@ -16,6 +16,8 @@ _COLUMNS = (
     ("rc", "RC (end)", 1.0, 3),
     ("rc_change", "RC end − first", 1.0, 3),
     ("max_vio", "MaxVio", 1.0, 3),
+    ("bpc_attacked", "val bpc (attacked)", 1.0, 4),
+    ("cv", "load CV", 1.0, 3),
 )
 
 
@@ -37,6 +39,9 @@ def render(
     cfg = first["setup"] if first else {}
     seeds = sorted({r["seed"] for rs in runs.values() for r in rs})
     minutes = sum(r["seconds"] for rs in runs.values() for r in rs) / 60
+    shown = [
+        c for c in _COLUMNS if any(not math.isnan(r[c[0]][0]) for r in summary["table"].values())
+    ]
     lines = [
         f"## Paper claims: {study.title} ({date}, `claims.py {name}`, {size})",
         "",
@@ -50,13 +55,13 @@ def render(
         f"{m.get('cpu', '?')}; {minutes:.0f} min of training in all. Runs: `{_shown(out)}`; "
         f"plot: `{_shown(plot)}`.",
         "",
-        "| arm | router, options | " + " | ".join(c[1] for c in _COLUMNS) + " |",
-        "|---|---|" + "---|" * len(_COLUMNS),
+        "| arm | router, options | " + " | ".join(c[1] for c in shown) + " |",
+        "|---|---|" + "---|" * len(shown),
     ]
     for arm, row in summary["table"].items():
         a = study.arms[arm]
         opts = ", ".join(f"{k}={v}" for k, v in a.options.items()) or "defaults"
-        cells = [_pm(row[key], scale, digits) for key, _, scale, digits in _COLUMNS]
+        cells = [_pm(row[key], scale, digits) for key, _, scale, digits in shown]
         lines.append(
             f"| {a.label} (n = {row['n']}) | `{a.router}` ({opts}) | " + " | ".join(cells) + " |"
         )
@@ -71,6 +76,22 @@ def render(
         else:
             measured = f"{v['delta']:+.4f} ± {v['se']:.4f} ({v['metric']})"
         lines.append(f"| {v['claim']} | {measured} | **{v['verdict']}** |")
+    if summary.get("timing_verdicts"):
+        t = summary["timing"]
+        lines += [
+            "",
+            "Step time (an interleaved timing of every arm in one process after the runs; an "
+            "SSR arm's expected time is (1 − p) × its measured step + p × the always-on step):",
+            "",
+            "| arm | s / step | expected s / step |",
+            "|---|---|---|",
+        ]
+        for arm, v in t.items():
+            exp = f"{v['expected_s']:.4f}" if "expected_s" in v else "–"
+            lines.append(f"| {study.arms[arm].label} | {v['step_s']:.4f} | {exp} |")
+        lines += ["", "| claim | ratio | bound | verdict |", "|---|---|---|---|"]
+        for v in summary["timing_verdicts"]:
+            lines.append(f"| {v['claim']} | {v['ratio']:.3f} | {v['bound']} | **{v['verdict']}** |")
     lines += [
         "",
         "Verdict rule: a difference counts when it exceeds two standard errors over seeds; "
