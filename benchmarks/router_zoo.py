@@ -367,9 +367,30 @@ def main(argv: list[str] | None = None) -> dict:
     timing = None
     if corpus is not None:
         timing = time_steps([n for n in routers if in_lm[n]], args.quick, corpus)
+        # a router not run now keeps the ratio of the invocation that timed it (each ratio is
+        # measured against top-k in one process)
+        old = out / "timing.json"
+        kept = json.loads(old.read_text())["timing"] if old.exists() else {}
+        timing = {**{n: t for n, t in kept.items() if n not in timing}, **timing}
         (out / "timing.json").write_text(
             json.dumps({"timing": timing, "machine": machine()}, indent=1)
         )
+    # the table shows every router with stored runs of the current setup, not only those run now
+    for name in ZOO:
+        if name in runs:
+            continue
+        stored = {}
+        for seed in seeds:
+            path = out / f"{name}_seed{seed}.json"
+            rec = json.loads(path.read_text()) if path.exists() else None
+            if rec and all(
+                rec.get(t) is None
+                or rec[t].get("setup") == setup(t, name, args.quick, args.noise_std)
+                for t in args.tasks
+            ):
+                stored[seed] = rec
+        if stored:
+            runs[name] = stored
     table = summarize(runs, ZOO, timing)
     block = render(
         table, ZOO, runs, seeds=seeds, noise_std=args.noise_std, quick=args.quick, out=out

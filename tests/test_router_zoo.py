@@ -79,6 +79,16 @@ def test_router_zoo_quick_writes_its_table_and_resumes(tmp_path):
     assert "done in" not in again.stdout
     assert (tmp_path / "RESULTS.md").read_text().count(router_zoo.BEGIN) == 1
 
+    # one router asked (its runs exist): the table still shows every router with stored runs,
+    # and the timing keeps the other routers' ratios from the invocation that measured them
+    partial = _run(tmp_path, "--routers", "switch")
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    block = (tmp_path / "RESULTS.md").read_text().split(router_zoo.BEGIN, 1)[1]
+    rows = [line for line in block.split("Claims against top-k", 1)[0].splitlines()]
+    assert sum(line.startswith("| `") for line in rows) == 4
+    timing = json.loads((tmp_path / "runs" / "timing.json").read_text())["timing"]
+    assert set(timing) == {"topk", "switch", "vmoe"}
+
     changed = _run(tmp_path, "--noise-std", "0.25")  # another setup: the ViT runs again
     assert changed.returncode == 0, changed.stderr[-3000:]
     done = [line for line in changed.stdout.splitlines() if "done in" in line]
