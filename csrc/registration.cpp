@@ -80,6 +80,20 @@ TORCH_LIBRARY(smoe, m) {
   // layout): silu(gate) * up in one pass; returns [M, f].
   m.def("swiglu(Tensor h) -> Tensor");
 
+  // ---- momentum ----
+  m.set_python_module("smoe.ops.momentum");
+  // MomentumSMoE / AdamSMoE / Robust MomentumSMoE state update (specs/momentum_smoe.md §3-§5),
+  // elementwise over u's shape (any rank): kind="heavy_ball": m' = mu m + gamma u, delta = sign m';
+  // "adam": p' = beta1 p + (1-beta1) u, v' = beta2 v + (1-beta2) u^2, delta = sign gamma1 p' /
+  // sqrt(v' + eps), and m' as heavy_ball; "robust": m' = -u + robust_b m, delta = robust_a m'.
+  // The state m, p, v (p, v only for adam) is float32 (float64 for float64 u), delta u's dtype;
+  // inputs are made contiguous. Returns delta, m', p', v' (p', v' empty [0] unless adam).
+  m.def(
+      "momentum_update(Tensor u, Tensor m, Tensor? p=None, Tensor? v=None, *, str "
+      "kind=\"heavy_ball\", float mu=0.7, float gamma=1.0, float sign=-1.0, float beta1=0.9, float "
+      "beta2=0.999, float gamma1=1.0, float eps=1e-8, float robust_a=0.96, float robust_b=0.04) -> "
+      "(Tensor delta, Tensor m_out, Tensor p_out, Tensor v_out)");
+
   // ---- backward ops ---- (their fakes sit beside their forward's)
   m.set_python_module("smoe.ops.routing");
   // d logits of topk_softmax, recomputing the softmax from the logits in fp32; [T, E].
@@ -118,6 +132,16 @@ TORCH_LIBRARY(smoe, m) {
   m.def(
       "grouped_mm_backward(Tensor grad_out, Tensor x, Tensor w, Tensor offsets, bool need_x, bool "
       "need_w) -> (Tensor grad_x, Tensor grad_w)");
+  m.set_python_module("smoe.ops.momentum");
+  // d u (u's dtype), d m, d p, d v (state dtype; d p, d v empty [0] unless adam) of
+  // momentum_update from the gradients of its four outputs (zeros for unused ones; grad_p, grad_v
+  // empty [0] unless adam). Only the Adam step reads u, p and v; m is never read.
+  m.def(
+      "momentum_update_backward(Tensor grad_delta, Tensor grad_m, Tensor grad_p, Tensor grad_v, "
+      "Tensor u, Tensor m, Tensor? p, Tensor? v, *, str kind=\"heavy_ball\", float mu=0.7, float "
+      "gamma=1.0, float sign=-1.0, float beta1=0.9, float beta2=0.999, float gamma1=1.0, float "
+      "eps=1e-8, float robust_a=0.96, float robust_b=0.04) -> (Tensor grad_u, Tensor grad_m_in, "
+      "Tensor grad_p_in, Tensor grad_v_in)");
 }
 
 // ---- the _C module: build information only, no ops ----

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from smoe.ops import CosineScores, ExpertChoice, Plan, TopK
+from smoe.reference_momentum import momentum_update  # noqa: F401 (re-exported)
 from smoe.reference_ot import plan_gates, sinkhorn, sinkhorn_scaling  # noqa: F401 (re-exported)
 
 

@@ -6,7 +6,8 @@ big enough that every CPU kernel splits its work into several work items: the op
 tokens, E = 8, k = 2, d = 64, and grouped_mm 6000 rows in uneven groups (one empty, padding rows
 past offsets[E]) and 384 output columns, in fp32, bf16 and fp16; cosine_scores sees T = 700
 tokens, N = 16 experts, d_e = 8, d = 96, in fp32 and bf16; sinkhorn T = 1500, E = 16, 20
-iterations in fp32 and bf16; the layers route 1536 tokens.
+iterations in fp32 and bf16; momentum_update [24, 4096] (12 CPU blocks) of every kind in fp32 and
+bf16; the layers route 1536 tokens.
 
 Run as ``python -m tests.determinism_cases OUT N1 [N2 ...] [--layers-only]`` from the repository
 root, it saves ``{n: {case: results}}`` to OUT with :func:`torch.save`: every case (or only the
@@ -236,6 +237,51 @@ def _sinkhorn_backward(device: str) -> Results:
     return out
 
 
+MOM_SHAPE = (24, 4096)  # momentum_update: 98304 elements, 12 blocks of the CPU kernel
+MOM_DTYPES = (torch.float32, torch.bfloat16)
+MOM_KINDS = ("heavy_ball", "adam", "robust")
+
+
+def _momentum_inputs(device: str, dtype: torch.dtype, kind: str):
+    """u [24, 4096] in dtype, the float32 state m (and Adam's p, v >= 0)."""
+    u = _randn(*MOM_SHAPE, salt=25, device=device, dtype=dtype)
+    m = _randn(*MOM_SHAPE, salt=26, device=device)
+    if kind != "adam":
+        return u, m, None, None
+    p = _randn(*MOM_SHAPE, salt=27, device=device, scale=0.3)
+    return u, m, p, _randn(*MOM_SHAPE, salt=28, device=device).abs()
+
+
+def _momentum_update(device: str) -> Results:
+    out = {}
+    for dtype in MOM_DTYPES:
+        for kind in MOM_KINDS:
+            res = torch.ops.smoe.momentum_update.default(
+                *_momentum_inputs(device, dtype, kind), kind=kind
+            )
+            out |= {f"{n}_{kind}_{dtype}": t for n, t in zip(("delta", "m", "p", "v"), res)}
+    return out
+
+
+def _momentum_update_backward(device: str) -> Results:
+    out = {}
+    g = [_randn(*MOM_SHAPE, salt=29 + i, device=device) for i in range(4)]
+    empty = torch.empty(0, device=device)
+    for dtype in MOM_DTYPES:
+        for kind in MOM_KINDS:
+            adam = kind == "adam"
+            grads = torch.ops.smoe.momentum_update_backward.default(
+                g[0].to(dtype),
+                g[1],
+                g[2] if adam else empty,
+                g[3] if adam else empty,
+                *_momentum_inputs(device, dtype, kind),
+                kind=kind,
+            )
+            out |= {f"grad_{n}_{kind}_{dtype}": t for n, t in zip(("u", "m", "p", "v"), grads)}
+    return out
+
+
 OP_CASES: dict[str, Callable[[str], Results]] = {
     "topk_softmax": _topk_softmax,
     "topk_softmax_backward": _topk_softmax_backward,
@@ -254,6 +300,8 @@ OP_CASES: dict[str, Callable[[str], Results]] = {
     "cosine_scores_backward": _cosine_scores_backward,
     "sinkhorn": _sinkhorn,
     "sinkhorn_backward": _sinkhorn_backward,
+    "momentum_update": _momentum_update,
+    "momentum_update_backward": _momentum_update_backward,
 }
 
 

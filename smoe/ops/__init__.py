@@ -8,6 +8,7 @@ wrapper, fake, autograd. The kernels live in csrc/; nothing numerical happens he
 - :mod:`smoe.ops.experts`: ``grouped_mm``, ``swiglu``
 - :mod:`smoe.ops.xmoe`: ``cosine_scores`` (X-MoE)
 - :mod:`smoe.ops.sinkhorn`: ``sinkhorn`` (SSR, S-BASE)
+- :mod:`smoe.ops.momentum`: ``momentum_update`` (MomentumSMoE, AdamSMoE, Robust MomentumSMoE)
 
 A new router family adds its own module here (and its csrc files), then re-exports it below.
 """
@@ -20,6 +21,12 @@ try:  # each family registers fakes and autograd for ops the compiled _C must de
     from smoe.ops._common import refuse_sparse
     from smoe.ops.dispatch import Plan, combine, make_plan, permute
     from smoe.ops.experts import grouped_mm, swiglu
+    from smoe.ops.momentum import (
+        MomentumUpdate,
+        RobustCoefficients,
+        momentum_update,
+        robust_coefficients,
+    )
     from smoe.ops.routing import ExpertChoice, TopK, expert_choice, topk_softmax
     from smoe.ops.sinkhorn import Sinkhorn, sinkhorn
     from smoe.ops.xmoe import CosineScores, cosine_scores
@@ -36,7 +43,9 @@ refuse_sparse()  # every smoe op: a sparse argument is an error naming it
 __all__ = [
     "CosineScores",
     "ExpertChoice",
+    "MomentumUpdate",
     "Plan",
+    "RobustCoefficients",
     "Sinkhorn",
     "TopK",
     "combine",
@@ -44,7 +53,9 @@ __all__ = [
     "expert_choice",
     "grouped_mm",
     "make_plan",
+    "momentum_update",
     "permute",
+    "robust_coefficients",
     "sinkhorn",
     "swiglu",
     "topk_softmax",

@@ -27,7 +27,7 @@ forks one child per case, and must run no torch op before forking.
 The tables live beside this file, one per op family: ``cases_routing.py`` (topk_softmax,
 expert_choice), ``cases_dispatch.py`` (make_plan, permute, combine), ``cases_experts.py``
 (grouped_mm, swiglu, the Experts module), ``cases_xmoe.py`` (cosine_scores),
-``cases_sinkhorn.py`` (sinkhorn),
+``cases_sinkhorn.py`` (sinkhorn), ``cases_momentum.py`` (momentum_update),
 ``cases_modules.py`` (MoELayer with each router, the routers' constructors) and
 ``cases_models.py`` (smoe.models' constructors).
 """
@@ -256,6 +256,7 @@ def all_cases() -> list[Case]:
         cases_experts,
         cases_models,
         cases_modules,
+        cases_momentum,
         cases_routing,
         cases_sinkhorn,
         cases_xmoe,
@@ -267,6 +268,7 @@ def all_cases() -> list[Case]:
         *cases_experts.CASES,
         *cases_xmoe.CASES,
         *cases_sinkhorn.CASES,
+        *cases_momentum.CASES,
         *cases_modules.CASES,
         *cases_models.CASES,
     ]

@@ -16,6 +16,7 @@ import torch
 from hypothesis import strategies as st
 from torch import Tensor
 
+from tests.fuzz.strategies_momentum import momentum_cases
 from tests.fuzz.strategies_sinkhorn import sinkhorn_cases
 from tests.fuzz.values import (
     SOFTMAX_SPECIALS,
@@ -432,6 +433,7 @@ OP_STRATEGIES = {
     "swiglu": swiglu_cases,
     "cosine_scores": cosine_scores_cases,
     "sinkhorn": sinkhorn_cases,  # tests/fuzz/strategies_sinkhorn.py
+    "momentum_update": momentum_cases,  # tests/fuzz/strategies_momentum.py
 }
 
 # Each backward op -> the forward whose fuzz test exercises it.
@@ -444,6 +446,7 @@ BACKWARD_OF = {
     "swiglu_backward": "swiglu",
     "cosine_scores_backward": "cosine_scores",
     "sinkhorn_backward": "sinkhorn",
+    "momentum_update_backward": "momentum_update",
 }
 
 # Each registered router -> the reference its layer is checked against (test_fuzz_layer.py):

@@ -40,6 +40,8 @@ COVERED = {
     "cosine_scores_backward": "test_cosine_scores_forward_backward",
     "sinkhorn": "test_sinkhorn_forward_backward",
     "sinkhorn_backward": "test_sinkhorn_forward_backward",
+    "momentum_update": "test_momentum_update_forward_backward",
+    "momentum_update_backward": "test_momentum_update_forward_backward",
 }
 
 
@@ -116,3 +118,23 @@ def test_sinkhorn_forward_backward(T, E, dtype):
         (out.log_plan.exp() * torch.arange(E, device="cuda") + out.f.sum()).sum().backward()
     torch.cuda.synchronize()
     assert torch.isfinite(wide.grad.float()).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.sanitize
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(0, 8), (), (1, 1), (33, 40), (300, 257)], ids=str)
+def test_momentum_update_forward_backward(shape, dtype):
+    kw = {"device": "cuda", "requires_grad": True}
+    wide = torch.randn(*shape[:-1], 2 * shape[-1], dtype=dtype, **kw) if shape else None
+    u = wide[..., ::2] if shape else torch.randn((), dtype=dtype, **kw)  # strided rows
+    m, p = torch.randn(shape, **kw), torch.randn(shape, **kw)
+    v = torch.rand(shape, device="cuda").requires_grad_()
+    leaf = wide if shape else u
+    for kind in ("heavy_ball", "adam", "robust"):
+        pv = (p, v) if kind == "adam" else (None, None)
+        out = ops.momentum_update(u, m, *pv, kind=kind)
+        (out.delta.float().square().sum() + out.m.sum()).backward()
+    torch.cuda.synchronize()
+    for g in (leaf.grad, m.grad, p.grad, v.grad):
+        assert torch.isfinite(g.float()).all()
