@@ -61,6 +61,7 @@ def info() -> str:
     """Print and return a short report: versions, CUDA support, per-op kernels."""
     from smoe import __version__
 
+    width = max(len(op) for op in _loader.registered_ops()) + 2
     lines = [
         f"smoe {__version__}",
         f"torch: built against {_build_info.TORCH_VERSION}, installed {torch.__version__}",
@@ -73,12 +74,12 @@ def info() -> str:
         f"CUDA device available now: {torch.cuda.is_available()}",
         *filter(None, [device_arch_line()]),
         "",
-        f"{'op':<24}{'CPU':<6}{'CUDA':<6}",
+        f"{'op':<{width}}{'CPU':<6}{'CUDA':<6}",
     ]
     for op in _loader.registered_ops():
         cpu = "yes" if has_kernel(op, "CPU") else "no"
         cuda = "yes" if has_kernel(op, "CUDA") else "no"
-        lines.append(f"{op:<24}{cpu:<6}{cuda:<6}")
+        lines.append(f"{op:<{width}}{cpu:<6}{cuda:<6}")
     report = "\n".join(lines)
     print(report)
     return report

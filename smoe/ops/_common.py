@@ -24,9 +24,10 @@ def _refuse(op: str) -> None:
     def backward(ctx, *grads):
         raise RuntimeError(f"smoe::{op}: double backward is not supported")
 
-    torch.library.register_autograd(
-        f"smoe::{op}_backward", backward, setup_context=lambda ctx, inputs, output: None
-    )
+    def setup_context(ctx, inputs, output, keyword_only_inputs=None) -> None:
+        pass  # torch passes keyword_only_inputs when the backward op has keyword-only options
+
+    torch.library.register_autograd(f"smoe::{op}_backward", backward, setup_context=setup_context)
 
 
 def check_devices(op: str, **tensors: Tensor | None) -> None:

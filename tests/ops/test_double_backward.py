@@ -50,11 +50,39 @@ def cosine_scores():
     return h, ops.cosine_scores(h, proj, emb, torch.tensor(0.3)).logits
 
 
-@pytest.mark.parametrize(
-    "make",
-    [topk_softmax, expert_choice, permute, combine, swiglu, grouped_mm, cosine_scores],
-    ids=lambda f: f.__name__,
-)
+def sinkhorn():
+    s = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    return s, ops.sinkhorn(s, eps=0.5, max_iter=4).log_plan.exp()
+
+
+def momentum_update():  # Adam: its backward depends on u (heavy ball's is linear)
+    u = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    m, p, v = (torch.zeros(6, 5, dtype=torch.float64) for _ in range(3))
+    return u, ops.momentum_update(u, m, p, v, kind="adam").delta
+
+
+MAKERS = [
+    topk_softmax,
+    expert_choice,
+    permute,
+    combine,
+    swiglu,
+    grouped_mm,
+    cosine_scores,
+    sinkhorn,
+    momentum_update,
+]
+
+
+def test_every_op_with_a_backward_is_checked():
+    from smoe import _loader
+
+    ops_ = set(_loader.registered_ops())
+    forwards = {op.removesuffix("_backward") for op in ops_ if op.endswith("_backward")}
+    assert forwards == {f.__name__ for f in MAKERS}
+
+
+@pytest.mark.parametrize("make", MAKERS, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("allow_unused", [False, True])
 def test_double_backward_errors_clearly(make, allow_unused):
     x, y = make()
