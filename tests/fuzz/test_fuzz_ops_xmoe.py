@@ -16,14 +16,8 @@ from tests.fuzz.properties import (
     assert_values,
     grads,
 )
-from tests.fuzz.strategies import (
-    Values,
-    build_cosine_inputs,
-    cosine_scores_cases,
-    dtype_of,
-    materialize,
-)
-from tests.fuzz.values import fuzz_settings
+from tests.fuzz.strategies_xmoe import build_cosine_inputs, cosine_scores_cases
+from tests.fuzz.values import Values, dtype_of, fuzz_settings, materialize
 
 pytestmark = pytest.mark.fuzz
 
