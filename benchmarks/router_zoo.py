@@ -21,7 +21,8 @@ JSON exists with the same setup (config, options, noise) is skipped, so an inter
 resumes; a changed setup reruns it. The table (mean ± std over seeds), the
 paper claim of each row with the measured direction and a verdict go into RESULTS.md between the
 ``router-zoo`` markers, the plot into ``benchmarks/plots/router_zoo.png``. A new router adds its
-row by registering itself (``smoe.routing.register_router``) and an entry in ``ZOO`` below.
+row by registering itself (``smoe.routing.register_router``) and an entry in ``ZOO``
+(benchmarks/zoo_entries.py).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ import torch
 from common import machine, write_block  # benchmarks/common.py
 from vmoe_capacity import evaluate as vit_evaluate  # benchmarks/vmoe_capacity.py
 from vmoe_capacity import train as vit_train
+from zoo_entries import ZOO, Claim, ZooEntry  # benchmarks/zoo_entries.py
 from zoo_report import render, render_plot  # benchmarks/zoo_report.py
 
 from smoe.data.quickdraw import load_subset
@@ -59,119 +61,6 @@ BEGIN, END = "<!-- router-zoo:begin -->", "<!-- router-zoo:end -->"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "router_zoo"
 DEFAULT_RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 DEFAULT_PLOT = ROOT / "benchmarks" / "plots" / "router_zoo.png"
-
-
-@dataclass(frozen=True)
-class Claim:
-    """What a router's paper claims, as a measurable direction against the top-k baseline.
-
-    ``metric`` is a column of the table; ``direction`` is ``"lower"``, ``"higher"`` or
-    ``"same"`` (no worse: the difference stays within noise).
-    """
-
-    text: str
-    metric: str
-    direction: str
-    margin: float = 0.0  # for "same": the largest difference that still counts as equal
-
-
-@dataclass(frozen=True)
-class ZooEntry:
-    """A leaderboard row: the router's options per task and its paper's claims."""
-
-    charlm: dict[str, Any] = field(default_factory=dict)
-    vit: dict[str, Any] = field(default_factory=dict)
-    claims: tuple[Claim, ...] = ()
-    # CharLMConfig overrides: causal_training=False for routers that couple the batch's tokens
-    # in training only (Sinkhorn); evaluation stays causal
-    charlm_config: dict[str, Any] = field(default_factory=dict)
-
-
-ZOO: dict[str, ZooEntry] = {
-    "topk": ZooEntry(),  # the baseline: GShard/Mixtral top-2, renormalised weights
-    "switch": ZooEntry(
-        claims=(
-            Claim(
-                "Switch (Fedus et al. 2021): the raw router probability as the combine weight "
-                "trains as well as renormalised top-k (here at k = 2, equal compute)",
-                "bpc",
-                "same",
-                margin=0.02,
-            ),
-        )
-    ),
-    "noisy_topk": ZooEntry(
-        claims=(
-            Claim(
-                "Shazeer et al. 2017: noise in the gate spreads the load (lower MaxVio)",
-                "max_vio",
-                "lower",
-            ),
-            Claim("... without hurting quality", "bpc", "same", margin=0.02),
-        )
-    ),
-    "vmoe": ZooEntry(
-        # capacity at k = 2 is filled rank-major, which is not causal: none in the decoder
-        charlm={"capacity_factor": None},
-        vit={"capacity_factor": 1.05},
-        claims=(
-            Claim(
-                "V-MoE (Riquelme et al. 2021): noise 1/E, importance + load losses and capacity "
-                "C = 1.05 keep quality at top-k's level",
-                "vit_acc",
-                "same",
-                margin=0.01,
-            ),
-        ),
-    ),
-    "expert_choice": ZooEntry(
-        claims=(
-            Claim(
-                "Expert choice (Zhou et al. 2022): better quality than token-choice top-k at "
-                "equal compute (> 2x faster convergence at 8B scale)",
-                "vit_acc",
-                "higher",
-            ),
-        )
-    ),
-    # X-MoE at the leaderboard's k = 2 (softmax of s/tau over the two selected, CR Sec 2.2). The
-    # paper's own comparison (top-1, X-MoE vs SMoE, several seeds) is the experiment of issue 21.
-    "xmoe": ZooEntry(
-        claims=(
-            Claim(
-                "X-MoE (Chi et al. 2022): lower LM loss than SMoE at equal compute (MLM PPL "
-                "18.72 vs 19.02, softmax top-1; expect only ~1.5-2.5 % at small scale)",
-                "bpc",
-                "lower",
-            ),
-            Claim(
-                "... and much lower routing fluctuation late in training (Fig 3a)",
-                "late_rf",
-                "lower",
-            ),
-        )
-    ),
-    # fastmoe's "XMoE" gate, the baseline row of the S2MoE / USMoE papers: no claim of its own
-    "xmoe_community": ZooEntry(),
-    # SSR at its defaults (p = 0.001 per layer, no aux loss). Its Sinkhorn steps couple the
-    # batch's tokens in training, as in the paper's LM; evaluation routes causally.
-    "ssr": ZooEntry(
-        charlm_config={"causal_training": False},
-        claims=(
-            Claim(
-                "SSR (Nguyen et al. 2025, abstract): higher accuracy than SMoE with auxiliary "
-                "losses (lower LM loss)",
-                "bpc",
-                "lower",
-            ),
-            Claim("... and more robust to input corruption", "bpc_attacked", "lower"),
-            Claim("... (images) higher accuracy under pixel noise", "vit_acc_noisy", "higher"),
-        ),
-    ),
-    # S-BASE (Clark et al. 2022): strongest of S-BASE / hash / RL routing, against no top-k
-    # baseline in the numbers at hand (specs/sinkhorn_ssr.md §12.2): no claim of its own here
-    "sinkhorn": ZooEntry(charlm_config={"causal_training": False}),
-}
 
 
 def charlm_config(name: str, quick: bool) -> CharLMConfig:
