@@ -15,6 +15,7 @@ _COLUMNS = (
     ("late_rf", "late RF", 1.0, 4),
     ("rc", "RC (end)", 1.0, 3),
     ("rc_change", "RC end − first", 1.0, 3),
+    ("rc_late", "RC end − mid", 1.0, 3),
     ("max_vio", "MaxVio", 1.0, 3),
     ("bpc_attacked", "val bpc (attacked)", 1.0, 4),
     ("cv", "load CV", 1.0, 3),
@@ -76,6 +77,12 @@ def render(
         else:
             measured = f"{v['delta']:+.4f} ± {v['se']:.4f} ({v['metric']})"
         lines.append(f"| {v['claim']} | {measured} | **{v['verdict']}** |")
+    if any(v.get("baseline") is None for v in summary["verdicts"]):
+        lines += [
+            "",
+            "A claim measured against zero (a trend: rises, declines) compares one arm's mean "
+            "with 0 by the same rule.",
+        ]
     if summary.get("timing_verdicts"):
         t = summary["timing"]
         lines += [

@@ -387,3 +387,14 @@ def write_block(path: str | os.PathLike, block: str, begin: str, end: str) -> No
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write(text)
+
+
+def same_setup(stored: dict | None, current: dict, defaults: dict | None = None) -> bool:
+    """Whether a stored run was made with ``current``'s setup. A key the stored setup lacks (a
+    config field added after the run) counts as its default from ``defaults``, so adding a field
+    does not invalidate every stored run; a key whose value differs does."""
+    if stored is None:
+        return False
+    if defaults:
+        stored = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
+    return stored == current

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import machine, write_block  # benchmarks/common.py
+from common import machine, same_setup, write_block  # benchmarks/common.py
 from vmoe_capacity import evaluate as vit_evaluate  # benchmarks/vmoe_capacity.py
 from vmoe_capacity import train as vit_train
 from zoo_entries import ZOO, Claim, ZooEntry  # benchmarks/zoo_entries.py
@@ -61,6 +61,11 @@ BEGIN, END = "<!-- router-zoo:begin -->", "<!-- router-zoo:end -->"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "router_zoo"
 DEFAULT_RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 DEFAULT_PLOT = ROOT / "benchmarks" / "plots" / "router_zoo.png"
+
+
+def _defaults(task: str) -> dict | None:
+    """The values a stored setup lacking a field (added since) is compared with."""
+    return asdict(CharLMConfig()) if task == "charlm" else None
 
 
 def charlm_config(name: str, quick: bool) -> CharLMConfig:
@@ -239,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
                     rec["charlm"] = None  # not causal as configured: never trained as a decoder
                     continue
                 want = setup(task, name, args.quick, args.noise_std)
-                if rec.get(task) and rec[task].get("setup") == want:
+                if rec.get(task) and same_setup(rec[task].get("setup"), want, _defaults(task)):
                     continue
                 t0 = time.perf_counter()
                 if task == "charlm":
@@ -274,7 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
             rec = json.loads(path.read_text()) if path.exists() else None
             if rec and all(
                 rec.get(t) is None
-                or rec[t].get("setup") == setup(t, name, args.quick, args.noise_std)
+                or same_setup(
+                    rec[t].get("setup"), setup(t, name, args.quick, args.noise_std), _defaults(t)
+                )
                 for t in args.tasks
             ):
                 stored[seed] = rec

@@ -118,3 +118,29 @@ def test_bench_sinkhorn_quick_writes_its_table(tmp_path):
         assert r["ssr_avg_s"] == pytest.approx(expected)
         assert r["ssr_p1_iters"] is not None and 1 <= r["ssr_p1_iters"] <= 100
     assert "Target SSR avg" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_a_trend_claim_compares_one_arm_with_zero():
+    study = claims.STUDIES["xmoe"]
+
+    def rec(seed, rc):
+        return {"seed": seed, "rc_curve": rc, "bpc": 2.0, "late_rf": 0.1, "rc": rc[-1]}
+
+    runs = {
+        "xmoe_softmax": [rec(s, [1.0, 2.0, 3.0, 4.0 + s * 0.1]) for s in range(3)],  # rising
+        "smoe_softmax": [rec(s, [1.0, 3.0, 2.9, 2.5 - s * 0.1]) for s in range(3)],  # declining
+    }
+    got = {v["claim"]: v for v in claims.summarize(study, runs)["verdicts"]}
+    rises = got["softmax: X-MoE's RC rises late in training (Fig 2c)"]
+    assert rises["verdict"] == "held" and rises["delta"] == pytest.approx(2.1)  # 4.1 - 2.0
+    assert got["softmax: ... while SMoE's declines (Fig 2c)"]["verdict"] == "held"
+
+
+def test_a_stored_setup_lacking_a_new_field_still_matches_at_its_default():
+    from common import same_setup
+
+    current = {"steps": 600, "causal_training": True}
+    assert same_setup({"steps": 600}, current, {"steps": 1000, "causal_training": True})
+    assert not same_setup({"steps": 600}, {"steps": 600, "causal_training": False}, current)
+    assert not same_setup({"steps": 500}, current, current)
+    assert not same_setup(None, current, current)
