@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -89,7 +90,9 @@ def render(rows: list[dict], meta: dict, quick: bool) -> str:
         f"{size}, {meta['device']})",
         "",
         f"Commit `{meta['commit']}` on {meta.get('cpu', '?')}, {meta.get('threads', '?')} threads"
-        f"{', ' + meta['gpu'] if meta.get('gpu') else ''}. Router width d = {D}, k = {K}; every "
+        f"{', ' + meta['gpu'] if meta.get('gpu') else ''}, load average {meta['load']:.1f} at the "
+        "start (above the thread count: a shared machine, every figure noisy; the ratios come "
+        "from one process, so load hits both sides). Router width d = {D}, k = {K}; every "
         "time is forward + backward, as a ratio to TopKRouter's (the first column, in ms). "
         "`ssr avg` is the expected cost at the default p = 0.001: (1 − p) t(p = 0) + p t(p = 1); "
         "the target is ≤ 1.2. `@100` marked * is 1 iteration + 99 measured slopes.",
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = args.results or (
         scratch / "RESULTS_sinkhorn_quick.md" if args.quick else ROOT / "benchmarks" / "RESULTS.md"
     )
+    load = os.getloadavg()[0]
     rows = []
     for T, E in sizes:
         cheap = T * E <= 4096 * 32 or args.full or args.device == "cuda"
@@ -147,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     meta = machine(args.device)
     meta["device"] = args.device
+    meta["load"] = load
     out.mkdir(parents=True, exist_ok=True)
     name = f"bench_sinkhorn_{args.device}{'_quick' if args.quick else ''}.json"
     (out / name).write_text(json.dumps({"rows": rows, "machine": meta}, indent=1))
