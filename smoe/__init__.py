@@ -15,6 +15,7 @@ from smoe.losses import (
     xmoe_community_balance_loss,
 )
 from smoe.models import SMoEVAE
+from smoe.momentum import MomentumMoE, MomentumState
 from smoe.ops import (
     ExpertChoice,
     Plan,
@@ -51,6 +52,8 @@ __all__ = [
     "Experts",
     "MoEAux",
     "MoELayer",
+    "MomentumMoE",
+    "MomentumState",
     "Plan",
     "Routing",
     "RoutingContext",
