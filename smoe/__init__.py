@@ -30,6 +30,7 @@ from smoe.ops import (
     topk_softmax,
 )
 from smoe.routing import (
+    MOMENTUM_ROUTERS,
     ExpertChoiceRouter,
     Routing,
     RoutingContext,
@@ -49,6 +50,7 @@ __all__ = [
     "DEFAULT_LOSS_WEIGHTS",
     "ExpertChoice",
     "ExpertChoiceRouter",
+    "MOMENTUM_ROUTERS",
     "Experts",
     "MoEAux",
     "MoELayer",
