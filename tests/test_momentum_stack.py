@@ -70,6 +70,23 @@ def test_mu0_gamma1_sign_plus_is_plain_smoe_exactly(layout):
     assert torch.equal(mom(IDX)[0], plain(IDX)[0])
 
 
+def test_post_ln_block_is_the_reference_double_residual():
+    # h <- LN2(h + LN_m(h + delta)) after h <- LN1(h + Attn(h)) (specs/momentum_smoe.md §6)
+    torch.manual_seed(0)
+    u = torch.randn(D)
+    block = LMBlock(D, 2, MomentumMoE(ConstantMoE(u)), layout="post_ln")
+    for ln in (block.ln1, block.ln2, block.ln_m):
+        nn.init.normal_(ln.weight)
+        nn.init.normal_(ln.bias)
+    x = torch.randn(B, S, D)
+    state = MomentumState.zeros(x, "heavy_ball")
+    out, _, new = block(x, RoutingContext(batch_shape=(B, S), causal=True), state)
+    h = block.ln1(x + block.attn(x)[0])
+    delta = -(0.7 * state.m + u)
+    torch.testing.assert_close(out, block.ln2(h + block.ln_m(h + delta)))
+    torch.testing.assert_close(new.m, -delta)
+
+
 def test_sign_minus_is_plain_smoe_with_negated_expert_outputs():
     x = torch.randn(B, S, D)
     plain = [_moe(i) for i in range(3)]

@@ -108,9 +108,9 @@ class LMBlock(nn.Module):
         self.ln_m = nn.LayerNorm(d_model) if layout == "post_ln" and moe else None
         self.drop = nn.Dropout(dropout)
 
-    # Class-level default keeps blocks pickled whole before layouts existed working.
+    # Class-level default keeps blocks pickled whole before layouts existed working (ln_m is read
+    # with getattr: a class attribute would shadow the registered submodule).
     layout: str = "pre_ln"
-    ln_m: nn.Module | None = None
 
     @property
     def moe(self) -> MoELayer | None:
@@ -141,8 +141,9 @@ class LMBlock(nn.Module):
             y = self.drop(self.ffn(h))
         if not post:
             return x + y, aux, state
-        if self.ln_m is not None:
-            y = self.ln_m(x + y)
+        ln_m = getattr(self, "ln_m", None)
+        if ln_m is not None:
+            y = ln_m(x + y)
         return self.ln2(x + y), aux, state
 
 
