@@ -85,6 +85,12 @@ def runs_in_charlm(name: str) -> bool:
     return router_info(name).is_causal(router)
 
 
+def runs_in_vit(name: str) -> bool:
+    """Whether the V-MoE ViT can run the router: not a stack-level method (MomentumSMoE and its
+    kin), whose momentum state the ViT does not carry yet."""
+    return router_info(name).stack is None
+
+
 def setup(task: str, name: str, quick: bool, noise_std: float) -> dict:
     """What a task's result depends on; a stored run with another setup is run again."""
     if task == "charlm":
@@ -242,6 +248,9 @@ def main(argv: list[str] | None = None) -> dict:
             for task in args.tasks:
                 if task == "charlm" and not in_lm[name]:
                     rec["charlm"] = None  # not causal as configured: never trained as a decoder
+                    continue
+                if task == "vit" and not runs_in_vit(name):
+                    rec["vit"] = None  # a momentum stack: the ViT does not carry its state yet
                     continue
                 want = setup(task, name, args.quick, args.noise_std)
                 if rec.get(task) and same_setup(rec[task].get("setup"), want, _defaults(task)):

@@ -165,10 +165,14 @@ def _reference_layer(layer: MoELayer, x: Tensor) -> Tensor | None:
     does not cover this router)."""
     r, ex, T = layer.router, layer.experts, x.shape[0]
     E, w_in, w_out, act = ex.num_experts, ex.w_in, ex.w_out, ex.activation
+    cap = None
+    if type(r) is TopKRouter and layer.capacity_factor is not None:
+        cap = ref.capacity_for(T, r.k, E, layer.capacity_factor)
+    if type(r) is TopKRouter and getattr(r, "bias", None) is not None:  # the momentum gate
+        weight, expert = ref.topk_softmax(x @ r.weight.T + r.bias, r.k, renormalize=r.renormalize)
+        plan = ref.make_plan(expert, E, capacity=cap)
+        return ref.routed_moe(x, expert, weight, plan.kept, w_in, w_out, activation=act)
     if type(r) is TopKRouter:
-        cap = None
-        if layer.capacity_factor is not None:
-            cap = ref.capacity_for(T, r.k, E, layer.capacity_factor)
         return ref.moe_layer(
             x, r.weight, w_in, w_out, r.k, activation=act, renormalize=r.renormalize, capacity=cap
         )

@@ -118,4 +118,41 @@ ZOO: dict[str, ZooEntry] = {
     # S-BASE (Clark et al. 2022): strongest of S-BASE / hash / RL routing, against no top-k
     # baseline in the numbers at hand (specs/sinkhorn_ssr.md §12.2): no claim of its own here
     "sinkhorn": ZooEntry(charlm_config={"causal_training": False}),
+    # The stack-level momentum methods (Teo & Nguyen 2024, specs/momentum_smoe.md §12): the
+    # reference gate (bias, no aux loss), the leaderboard's pre-LN blocks with every MoE layer
+    # wrapped in smoe.MomentumMoE at the paper's defaults. The ViT task is skipped for them: the
+    # V-MoE ViT does not carry the momentum state yet (router_zoo.py runs_in_vit).
+    "momentum": ZooEntry(
+        claims=(
+            Claim(
+                "MomentumSMoE (Teo & Nguyen 2024): lower valid PPL than SMoE on WikiText-103 "
+                "(small/medium/large, GLaM) at negligible extra compute",
+                "bpc",
+                "lower",
+            ),
+            Claim("... also on word-swap-attacked text", "bpc_attacked", "lower"),
+        )
+    ),
+    "adam": ZooEntry(
+        claims=(
+            Claim(
+                "AdamSMoE (Teo & Nguyen 2024): lower valid PPL than SMoE (medium, GLaM-medium) "
+                "and the fastest convergence",
+                "bpc",
+                "lower",
+            ),
+            Claim("... also on word-swap-attacked text", "bpc_attacked", "lower"),
+        )
+    ),
+    # the paper claims Robust MomentumSMoE for V-MoE only (ImageNet-1K top-1 and R/A/C)
+    "robust_momentum": ZooEntry(
+        claims=(
+            Claim(
+                "Robust MomentumV-MoE (Teo & Nguyen 2024): higher top-1 than V-MoE",
+                "vit_acc",
+                "higher",
+            ),
+            Claim("... and under corruption (ImageNet-C)", "vit_acc_noisy", "higher"),
+        )
+    ),
 }

@@ -15,6 +15,7 @@ from smoe.losses import (
     xmoe_community_balance_loss,
 )
 from smoe.models import SMoEVAE
+from smoe.momentum import MomentumMoE, MomentumState
 from smoe.ops import (
     ExpertChoice,
     Plan,
@@ -29,6 +30,7 @@ from smoe.ops import (
     topk_softmax,
 )
 from smoe.routing import (
+    MOMENTUM_ROUTERS,
     ExpertChoiceRouter,
     Routing,
     RoutingContext,
@@ -48,9 +50,12 @@ __all__ = [
     "DEFAULT_LOSS_WEIGHTS",
     "ExpertChoice",
     "ExpertChoiceRouter",
+    "MOMENTUM_ROUTERS",
     "Experts",
     "MoEAux",
     "MoELayer",
+    "MomentumMoE",
+    "MomentumState",
     "Plan",
     "Routing",
     "RoutingContext",

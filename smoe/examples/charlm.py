@@ -80,6 +80,10 @@ class CharLMConfig:
     # False: routers may couple the batch's tokens in training (SSR's Sinkhorn steps); evaluation
     # is causal either way (smoe.models.CharLM)
     causal_training: bool = True
+    # "pre_ln" (the leaderboard) or "post_ln" (MomentumSMoE's WikiText-103 block; see CharLM)
+    layout: str = "pre_ln"
+    # options of the MomentumMoE wrapper of a stack-level router ("momentum", "adam", ...)
+    momentum_options: dict[str, Any] = field(default_factory=dict)
 
 
 def quick_config(**overrides: Any) -> CharLMConfig:
@@ -137,6 +141,8 @@ def build_model(cfg: CharLMConfig, vocab_size: int) -> CharLM:
         router_options=cfg.router_options,
         dropout=cfg.dropout,
         causal_training=cfg.causal_training,
+        layout=cfg.layout,
+        momentum_options=cfg.momentum_options,
     )
 
 
@@ -358,6 +364,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--router", default="topk", help="a name from smoe.routing.available_routers()")
     p.add_argument("--router-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--momentum-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--layout", choices=("pre_ln", "post_ln"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int)
     p.add_argument("--eval-every", type=int)
@@ -385,10 +393,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             ("num_experts", "num_experts"),
             ("k", "k"),
             ("threads", "threads"),
+            ("layout", "layout"),
         ]
         if getattr(args, attr) is not None
     }
     overrides.update(router=args.router, router_options=parse_options(args.router_option))
+    if args.momentum_option:
+        overrides["momentum_options"] = parse_options(args.momentum_option)
     cfg = quick_config(**overrides) if args.quick else CharLMConfig(**overrides)
     corpus = tiny_shakespeare(placeholder=cfg.attack_placeholder)
     results = [run(cfg, s, corpus=corpus, out_dir=args.out) for s in args.seeds]

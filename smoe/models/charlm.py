@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smoe.layer import MoEAux, MoELayer
+from smoe.momentum import MomentumMoE, MomentumState
 from smoe.routing.context import RoutingContext
-from smoe.routing.registry import registered_info
+from smoe.routing.registry import registered_info, router_info
 
-__all__ = ["CausalSelfAttention", "CharLM", "DenseFFN", "LMBlock"]
+__all__ = ["LAYOUTS", "CausalSelfAttention", "CharLM", "DenseFFN", "LMBlock"]
 
 
 class CausalSelfAttention(nn.Module):
@@ -72,31 +73,78 @@ class DenseFFN(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+LAYOUTS = ("pre_ln", "post_ln")
+
+
 class LMBlock(nn.Module):
-    """Pre-LN block: ``x + attn(ln1(x))``, then ``x + ffn(ln2(x))`` with a dense or MoE FFN."""
+    """One Transformer block with a dense, MoE or momentum-MoE feed-forward layer.
+
+    ``layout="pre_ln"``: ``x + attn(ln1(x))``, then ``x + ffn(ln2(x))``. ``layout="post_ln"``
+    (the WikiText-103 reference of MomentumSMoE, specs/momentum_smoe.md §6): ``h = ln1(h +
+    attn(h))``, then ``ln2(h + ln_m(h + u))`` for an MoE layer (the reference's double residual)
+    and ``ln2(h + ffn(h))`` for a dense one. A :class:`smoe.momentum.MomentumMoE` adds its
+    ``delta`` where a plain MoE layer adds u, and hands the momentum state on; other layers pass
+    the state unchanged.
+    """
 
     _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
 
-    def __init__(self, d_model: int, n_heads: int, ffn: nn.Module, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        ffn: nn.Module,
+        dropout: float = 0.0,
+        layout: str = "pre_ln",
+    ) -> None:
         super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"LMBlock: layout must be one of {LAYOUTS}, got {layout!r}")
+        self.layout = layout
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.attn = CausalSelfAttention(d_model, n_heads, dropout)
         self.ffn = ffn
+        moe = isinstance(ffn, (MoELayer, MomentumMoE))
+        self.ln_m = nn.LayerNorm(d_model) if layout == "post_ln" and moe else None
         self.drop = nn.Dropout(dropout)
 
+    # Class-level default keeps blocks pickled whole before layouts existed working (ln_m is read
+    # with getattr: a class attribute would shadow the registered submodule).
+    layout: str = "pre_ln"
+
+    @property
+    def moe(self) -> MoELayer | None:
+        """The block's MoE layer (inside its momentum wrapper, if any), or None."""
+        ffn = self.ffn.moe if isinstance(self.ffn, MomentumMoE) else self.ffn
+        return ffn if isinstance(ffn, MoELayer) else None
+
     def needs_attention(self) -> bool:
-        info = registered_info(self.ffn.router) if isinstance(self.ffn, MoELayer) else None
+        info = registered_info(self.moe.router) if self.moe is not None else None
         return info is not None and info.needs_attention
 
-    def forward(self, x: Tensor, context: RoutingContext) -> tuple[Tensor, MoEAux | None]:
-        a, probs = self.attn(self.ln1(x), need_weights=self.needs_attention())
-        x = x + self.drop(a)
+    def forward(
+        self, x: Tensor, context: RoutingContext, state: MomentumState | None = None
+    ) -> tuple[Tensor, MoEAux | None, MomentumState | None]:
+        post = self.layout == "post_ln"
+        a, probs = self.attn(x if post else self.ln1(x), need_weights=self.needs_attention())
+        x = self.ln1(x + self.drop(a)) if post else x + self.drop(a)
+        h = x if post else self.ln2(x)
         aux = None
-        if isinstance(self.ffn, MoELayer):
-            y, aux = self.ffn(self.ln2(x), context._replace(attention=probs))
+        if isinstance(self.ffn, MomentumMoE):
+            if state is None:
+                raise ValueError("LMBlock: a momentum MoE layer needs the momentum state")
+            y, state, aux = self.ffn(h, state, context._replace(attention=probs))
+        elif isinstance(self.ffn, MoELayer):
+            y, aux = self.ffn(h, context._replace(attention=probs))
+            y = self.drop(y)
         else:
-            y = self.ffn(self.ln2(x))
-        return x + self.drop(y), aux
+            y = self.drop(self.ffn(h))
+        if not post:
+            return x + y, aux, state
+        ln_m = getattr(self, "ln_m", None)
+        if ln_m is not None:
+            y = ln_m(x + y)
+        return self.ln2(x + y), aux, state
 
 
 class CharLM(nn.Module):
@@ -119,11 +167,19 @@ class CharLM(nn.Module):
             training only, as the Sinkhorn routers of the SSR paper do in their LM (a Sinkhorn
             step's column normalisation sees later tokens); evaluation always routes causally,
             so validation losses stay honest.
+        layout: ``"pre_ln"`` (default, the leaderboard's) or ``"post_ln"`` (MomentumSMoE's
+            WikiText-103 reference block; see :class:`LMBlock`).
+        momentum_options: for a stack-level router (``router_info(router).stack``: "momentum",
+            "adam", "robust_momentum"), the options of the :class:`smoe.momentum.MomentumMoE`
+            every MoE layer is wrapped in (mu, gamma, sign, ...; its dropout defaults to
+            ``dropout``). The momentum state starts as zeros after the embeddings at every
+            forward and passes through the blocks.
 
     ``forward(idx [B, S])`` returns ``(logits [B, S, vocab], [MoEAux per MoE layer])``.
     """
 
     _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
+    stack: str | None = None  # class-level default for models pickled before momentum stacks
 
     def __init__(
         self,
@@ -141,9 +197,22 @@ class CharLM(nn.Module):
         router_options: Mapping[str, Any] | None = None,
         dropout: float = 0.0,
         causal_training: bool = True,
+        layout: str = "pre_ln",
+        momentum_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.causal_training = causal_training
+        if layout not in LAYOUTS:
+            raise ValueError(f"CharLM: layout must be one of {LAYOUTS}, got {layout!r}")
+        self.stack = router_info(router).stack
+        if momentum_options and self.stack is None:
+            raise ValueError(
+                f"CharLM: momentum_options apply to a stack-level router (momentum, adam, "
+                f"robust_momentum), not {router!r}"
+            )
+        momentum = {"dropout": dropout, **dict(momentum_options or {})}
+        if "kind" in momentum or "moe_index" in momentum:
+            raise ValueError("CharLM: momentum_options must not set kind or moe_index")
         if moe_every < 1:
             raise ValueError(f"CharLM: moe_every must be >= 1, got {moe_every}")
         if k < 1:
@@ -152,7 +221,7 @@ class CharLM(nn.Module):
         d_ff = d_ff if d_ff is not None else 4 * d_model // k
         self.tok = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Embedding(context, d_model)
-        blocks = []
+        blocks, moe_index = [], 0
         for i in range(n_layers):
             if (i + 1) % moe_every == 0:
                 ffn: nn.Module = MoELayer(
@@ -164,9 +233,12 @@ class CharLM(nn.Module):
                     router_options=router_options,
                     layer_index=i,
                 )
+                if self.stack is not None:
+                    ffn = MomentumMoE(ffn, kind=self.stack, moe_index=moe_index, **momentum)
+                moe_index += 1
             else:
                 ffn = DenseFFN(d_model, 4 * d_model)
-            blocks.append(LMBlock(d_model, n_heads, ffn, dropout))
+            blocks.append(LMBlock(d_model, n_heads, ffn, dropout, layout))
         self.blocks = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
@@ -182,7 +254,7 @@ class CharLM(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def moe_layers(self) -> list[MoELayer]:
-        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
+        return [b.moe for b in self.blocks if b.moe is not None]
 
     def forward(self, idx: Tensor, *, step: int | None = None) -> tuple[Tensor, list[MoEAux]]:
         B, S = idx.shape
@@ -193,8 +265,9 @@ class CharLM(nn.Module):
         causal = self.causal_training or not self.training
         context = RoutingContext(batch_shape=(B, S), causal=causal, step=step)
         auxes = []
+        state = MomentumState.zeros(x, self.stack) if self.stack is not None else None
         for block in self.blocks:
-            x, aux = block(x, context)
+            x, aux, state = block(x, context, state)
             if aux is not None:
                 auxes.append(aux)
         return self.head(self.ln_f(x)), auxes

@@ -7,6 +7,7 @@ module; importing it here is what makes the name known.
 from smoe.routing.base import Routing
 from smoe.routing.context import RoutingContext
 from smoe.routing.expert_choice import ExpertChoiceRouter, expert_choice_capacity
+from smoe.routing.momentum import MOMENTUM_ROUTERS
 from smoe.routing.registry import (
     RouterInfo,
     available_routers,
@@ -22,6 +23,7 @@ from smoe.routing.xmoe import XMoERouter
 
 __all__ = [
     "ExpertChoiceRouter",
+    "MOMENTUM_ROUTERS",
     "RouterInfo",
     "Routing",
     "RoutingContext",

@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 _SELECTIONS = ("token_choice", "expert_choice")
+_STACKS = ("heavy_ball", "adam", "robust")  # smoe.ops.momentum.KINDS (routing sits below ops)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class RouterInfo:
             default weight in :data:`smoe.losses.DEFAULT_LOSS_WEIGHTS`.
         compiles: traces under ``torch.compile(fullgraph=True)``.
         defaults: the options the registry passes unless the caller overrides them.
+        stack: None for a router on its own; a stack-level method names the
+            :class:`smoe.momentum.MomentumMoE` kind (``"heavy_ball"``, ``"adam"``, ``"robust"``)
+            a model wraps each of its MoE layers in, the router inside being this entry's.
     """
 
     name: str
@@ -70,6 +74,7 @@ class RouterInfo:
     aux_losses: tuple[str, ...] = ()
     compiles: bool = True
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    stack: str | None = None
 
     def is_causal(self, router: nn.Module | None = None) -> bool:
         """Whether ``router`` (a module this entry built) is causal as configured now; without a
@@ -102,6 +107,7 @@ def register_router(
     aux_weights: Mapping[str, float] | None = None,
     compiles: bool = True,
     defaults: Mapping[str, Any] | None = None,
+    stack: str | None = None,
     replace: bool = False,
 ) -> RouterInfo:
     """Register a router factory under ``name`` (see :class:`RouterInfo` for the fields).
@@ -110,7 +116,8 @@ def register_router(
     :data:`smoe.losses.DEFAULT_LOSS_WEIGHTS`, which :meth:`smoe.MoEAux.loss` uses.
 
     Raises:
-        ValueError: an empty or taken name (unless ``replace``), an unknown ``selection``, a
+        ValueError: an empty or taken name (unless ``replace``), an unknown ``selection`` or
+            ``stack``, a
             factory that does not take ``(d_model, num_experts, k, ...)``, an aux loss without a
             default weight, or a weight that contradicts an existing one.
         TypeError: a factory that is not callable.
@@ -150,6 +157,8 @@ def register_router(
             f"register_router: aux losses {missing} of {name!r} have no default weight; pass "
             "aux_weights={name: coefficient}"
         )
+    if stack is not None and stack not in _STACKS:
+        raise ValueError(f"register_router: stack must be None or one of {_STACKS}, got {stack!r}")
     DEFAULT_LOSS_WEIGHTS.update(weights)
     info = RouterInfo(
         name,
@@ -162,6 +171,7 @@ def register_router(
         tuple(aux_losses),
         compiles,
         dict(defaults or {}),
+        stack,
     )
     _REGISTRY[name] = info
     return info

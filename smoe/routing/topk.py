@@ -37,6 +37,11 @@ class TopKRouter(nn.Module):
         balance_first_choice_only: balance loss convention (see :func:`switch_balance_loss`).
         init_scale: router weights ~ truncated normal with std sqrt(init_scale / d_model) (0.1 in
             Switch).
+        bias: a learned per-expert bias on the logits, ``x W^T + b`` (zeros at init; the gate of
+            MomentumSMoE's reference code, specs/momentum_smoe.md §7). Without it the state_dict
+            holds no ``bias`` key.
+        aux: return the balance and z losses in ``Routing.aux`` (False: none, the reference
+            MomentumSMoE gate trains without an auxiliary loss).
     """
 
     _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
@@ -54,6 +59,8 @@ class TopKRouter(nn.Module):
         jitter: float = 0.0,
         balance_first_choice_only: bool = False,
         init_scale: float = 0.1,
+        bias: bool = False,
+        aux: bool = True,
     ) -> None:
         super().__init__()
         if num_experts < 1:
@@ -77,6 +84,8 @@ class TopKRouter(nn.Module):
         self.init_scale = init_scale
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         self.noise_weight = nn.Parameter(torch.empty(num_experts, d_model)) if noisy else None
+        self.bias = nn.Parameter(torch.empty(num_experts)) if bias else None
+        self.aux = aux
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -84,12 +93,14 @@ class TopKRouter(nn.Module):
         nn.init.trunc_normal_(self.weight, std=std, a=-2 * std, b=2 * std)
         if self.noise_weight is not None:
             nn.init.zeros_(self.noise_weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}, "
             f"renormalize={self.renormalize}, gate={self.gate}, noisy={self.noisy}, "
-            f"jitter={self.jitter}"
+            f"jitter={self.jitter}, bias={self.bias is not None}, aux={self.aux}"
         )
 
     def forward(self, x: Tensor, context: RoutingContext | None = None) -> Routing:
@@ -104,7 +115,8 @@ class TopKRouter(nn.Module):
             h = x.to(dt)
             if self.training and self.jitter > 0:
                 h = h * torch.empty_like(h).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-            logits = F.linear(h, self.weight.to(dt))
+            bias = self.bias.to(dt) if self.bias is not None else None
+            logits = F.linear(h, self.weight.to(dt), bias)
             selection = logits
             if self.noisy and self.training:
                 assert self.noise_weight is not None
@@ -113,15 +125,15 @@ class TopKRouter(nn.Module):
             weight, expert = ops.topk_softmax(selection, self.k, renormalize=self.renormalize)
             if self.gate == "sigmoid":
                 weight = torch.sigmoid(torch.gather(logits, 1, expert.long()))
-            aux = {
-                "balance": switch_balance_loss(
+            aux: dict[str, Tensor] = {}
+            if self.aux:
+                aux["balance"] = switch_balance_loss(
                     logits,
                     expert,
                     self.num_experts,
                     first_choice_only=self.balance_first_choice_only,
-                ),
-                "z": router_z_loss(logits),
-            }
+                )
+                aux["z"] = router_z_loss(logits)
         return Routing(expert=expert, weight=weight, logits=logits, aux=aux)
 
 

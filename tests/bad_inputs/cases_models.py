@@ -79,6 +79,52 @@ CASES: list[Case] = [
         error("bogus_option", ValueError),
     ),
     _case(
+        "CharLM",
+        "layout unknown",
+        "config",
+        _charlm(layout="bogus"),
+        error(arg("layout"), ValueError),
+    ),
+    _case(
+        "CharLM",
+        "momentum_options without a stack router",
+        "config",
+        _charlm(momentum_options={"mu": 0.5}),
+        error(arg("momentum_options"), ValueError),
+    ),
+    *(
+        _case(
+            "CharLM",
+            f"{router} {name} = {value}",
+            "config",
+            _charlm(router=router, momentum_options={name: value}),
+            error(arg(name), ValueError),
+        )
+        for router, name, value in [
+            ("momentum", "mu", 1.0),
+            ("momentum", "gamma", -1.0),
+            ("momentum", "sign", 0.5),
+            ("adam", "adam_layers", -1),
+            ("adam", "beta2", 1.0),
+            ("robust_momentum", "kappa", 1.0),
+            ("robust_momentum", "dropout", 1.0),
+        ]
+    ),
+    _case(
+        "MomentumMoE",
+        "kind unknown",
+        "config",
+        lambda d: smoe.MomentumMoE(torch.nn.Identity(), kind="nesterov"),
+        error(arg("kind"), ValueError),
+    ),
+    _case(
+        "MomentumMoE",
+        "moe not a module",
+        "config",
+        lambda d: smoe.MomentumMoE(lambda x: x),
+        error(arg("moe"), TypeError),
+    ),
+    _case(
         "vmoe_vit",
         "router unknown",
         "config",

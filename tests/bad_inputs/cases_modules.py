@@ -122,6 +122,8 @@ ROUTER_ROWS: dict[str, list[tuple[str, dict[str, Any], str]]] = {
         ("balance_weight = 0.01", {"balance_weight": 0.01}, "balance_weight"),
         ("scope unknown", {"scope": "node"}, "scope"),
     ],
+    # the stack-level momentum methods' gate (TopKRouter with a bias, no aux loss)
+    **{name: [*_TOPK_OWN, ("k > E", {"k": NUM_E + 1}, "k")] for name in smoe.MOMENTUM_ROUTERS},
     "expert_choice": [
         ("k = 0 (capacity factor 0)", {"k": 0}, "capacity_factor"),
         ("capacity_factor = -1", {"capacity_factor": -1.0}, "capacity_factor"),

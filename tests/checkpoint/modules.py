@@ -21,9 +21,12 @@ from torch import Tensor, nn
 
 import smoe.models
 from smoe import (
+    MOMENTUM_ROUTERS,
     ExpertChoiceRouter,
     Experts,
     MoELayer,
+    MomentumMoE,
+    MomentumState,
     SelectiveSinkhornRouter,
     SinkhornRouter,
     SMoEVAE,
@@ -52,6 +55,9 @@ LAYER_ROUTERS: dict[str, dict[str, Any]] = {
     "xmoe_community": {},
     "ssr": {},
     "sinkhorn": {},
+    "momentum": {},
+    "adam": {},
+    "robust_momentum": {},
 }
 
 Outputs = dict[str, Tensor]
@@ -100,6 +106,11 @@ def _run_layer(layer: nn.Module, x: Tensor) -> Outputs:
     return {"y": y, "tokens_per_expert": aux.tokens_per_expert}
 
 
+def _run_momentum(layer: nn.Module, x: Tensor) -> Outputs:
+    delta, state, aux = layer(x, MomentumState.zeros(x, layer.kind))
+    return {"delta": delta, "m": state.m, "p": state.p, "v": state.v}
+
+
 def _layer(router: str) -> Entry:
     options = LAYER_ROUTERS[router]
     return Entry(
@@ -107,6 +118,8 @@ def _layer(router: str) -> Entry:
         lambda: MoELayer(D, D_FF, E, K, router=router, router_options=options),
         _tokens(2, 3, D),
         _run_layer,
+        # the momentum routers' layers differ from top-k's by a bias: .pt only, to stay small
+        safetensors=router not in MOMENTUM_ROUTERS,
     )
 
 
@@ -171,6 +184,15 @@ CATALOGUE: dict[str, Entry] = {
             ),
             lambda g: (torch.randint(0, VOCAB, (2, 6), generator=g),),
             _run_charlm,
+        ),
+        # A momentum stack's layer (AdamSMoE, issue 23): no parameters of its own. .pt only, as
+        # the momentum routers' MoELayer fixtures, to keep the committed fixtures small.
+        Entry(
+            "MomentumMoE-adam",
+            lambda: MomentumMoE(MoELayer(D, D_FF, E, K, router="adam"), kind="adam"),
+            _tokens(2, 3, D),
+            _run_momentum,
+            safetensors=False,
         ),
     ]
 }

@@ -393,4 +393,8 @@ LAYER_ROUTERS = {
     "xmoe_community": "xmoe",
     "ssr": "ssr",
     "sinkhorn": "sinkhorn",
+    # the stack-level momentum methods' gate: a TopKRouter with a bias and no aux loss
+    "momentum": "topk",
+    "adam": "topk",
+    "robust_momentum": "topk",
 }

@@ -205,6 +205,8 @@ def kept_and_weights(kind: str, layer, flat, context, seed, capacity):
         expert, weight = xmoe_routing(router, flat)
         return expert, weight, ref.make_plan(expert, E, capacity=capacity).kept
     logits = flat @ router.weight.T
+    if getattr(router, "bias", None) is not None:  # TopKRouter(bias=True): the momentum gate
+        logits = logits + router.bias
     if kind == "topk":
         weight, expert = ref.topk_softmax(logits, router.k, renormalize=router.renormalize)
         return expert, weight, ref.make_plan(expert, E, capacity=capacity).kept
