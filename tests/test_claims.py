@@ -89,13 +89,13 @@ def test_timing_verdicts_follow_their_bounds():
     }
 
 
-def test_every_study_arm_is_a_registered_router_and_every_claim_names_two_arms():
+def test_every_study_arm_is_a_registered_router_and_every_claim_names_its_arms():
     from smoe.routing import available_routers
 
     for study in claims.STUDIES.values():
         assert all(a.router in available_routers() for a in study.arms.values())
         for c in study.comparisons:
-            assert c.arm in study.arms and c.baseline in study.arms
+            assert c.arm in study.arms and (c.baseline is None or c.baseline in study.arms)
             assert c.claim.metric in claims.METRICS
 
 

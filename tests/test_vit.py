@@ -105,7 +105,7 @@ def test_vmoe_vit_rejects_bad_input():
     with pytest.raises(TypeError, match="vit must be a timm VisionTransformer"):
         vmoe_vit(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="router must be one of"):
-        vmoe_vit(dense, router="sinkhorn", copy_model=True)
+        vmoe_vit(dense, router="no_such_router", copy_model=True)
     with pytest.raises(ValueError, match="give at most one of every=, last=, blocks="):
         vmoe_vit(dense, every=2, blocks=[1], copy_model=True)
     with pytest.raises(ValueError, match=r"blocks must be non-empty indices in \[0, 4\)"):
