@@ -29,14 +29,15 @@ import json
 import math
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from claims_report import render, render_plot  # benchmarks/claims_report.py
+from claims_studies import STUDIES, Arm, Study  # benchmarks/claims_studies.py
 from common import machine, same_setup, write_block  # benchmarks/common.py
-from router_zoo import Claim, mean_std, verdict  # benchmarks/router_zoo.py
+from router_zoo import mean_std, verdict  # benchmarks/router_zoo.py
 from tqdm.auto import tqdm
 
 from smoe.examples.charlm import CharLMConfig, quick_config
@@ -45,132 +46,6 @@ from smoe.routing import router_info
 ROOT = Path(__file__).resolve().parents[1]
 _DEFAULTS = asdict(CharLMConfig())  # a field added since a run was stored takes its default
 DEFAULT_RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One trained configuration: a registered router with its options."""
-
-    router: str
-    options: dict[str, Any] = field(default_factory=dict)
-    label: str = ""
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """A claim of the paper: ``arm`` against ``baseline`` on ``claim.metric`` (``baseline`` None:
-    against zero, e.g. "rises" or "declines")."""
-
-    arm: str
-    baseline: str | None
-    claim: Claim
-
-
-@dataclass(frozen=True)
-class Study:
-    title: str
-    spec: str
-    arms: dict[str, Arm]
-    comparisons: tuple[Comparison, ...]
-    charlm: dict[str, Any] = field(default_factory=dict)  # CharLMConfig overrides for every arm
-    # step-time claims: (arm, baseline, text, "<=" or ">=", ratio), from an interleaved timing
-    # of all arms in one process (expected ratios: p x the Sinkhorn step + (1 - p) x the plain)
-    timing: tuple[tuple[str, str, str, str, float], ...] = ()
-
-
-STUDIES: dict[str, Study] = {
-    # specs/xmoe.md §10: X-MoE vs SMoE (their Switch), same gate type, top-1.
-    "xmoe": Study(
-        title="X-MoE vs SMoE (Switch), top-1, softmax and sigmoid gates",
-        spec="specs/xmoe.md §10",
-        arms={
-            "smoe_softmax": Arm("switch", {}, "SMoE (Switch), softmax"),
-            "xmoe_softmax": Arm("xmoe", {"gate": "softmax"}, "X-MoE, softmax"),
-            "smoe_sigmoid": Arm("switch", {"gate": "sigmoid"}, "SMoE (Switch), sigmoid"),
-            "xmoe_sigmoid": Arm("xmoe", {"gate": "sigmoid"}, "X-MoE, sigmoid"),
-        },
-        comparisons=tuple(
-            c
-            for gate, ppl in (("softmax", "18.72 vs 19.02"), ("sigmoid", "19.12 vs 19.59"))
-            for c in (
-                Comparison(
-                    f"xmoe_{gate}",
-                    f"smoe_{gate}",
-                    Claim(
-                        f"{gate}: lower validation loss (MLM PPL {ppl}, T2; expect 1.5-2.5 %)",
-                        "bpc",
-                        "lower",
-                    ),
-                ),
-                Comparison(
-                    f"xmoe_{gate}",
-                    f"smoe_{gate}",
-                    Claim(f"{gate}: much lower RF late in training (Fig 3a)", "late_rf", "lower"),
-                ),
-                Comparison(
-                    f"xmoe_{gate}",
-                    f"smoe_{gate}",
-                    Claim(f"{gate}: larger RC on h (Fig 2c)", "rc", "higher"),
-                ),
-                # Fig 2c, "X-MoE's RC rises while SMoE's declines": over the second half of
-                # training (after the early rise every router shows), each against zero
-                Comparison(
-                    f"xmoe_{gate}",
-                    None,
-                    Claim(
-                        f"{gate}: X-MoE's RC rises late in training (Fig 2c)", "rc_late", "higher"
-                    ),
-                ),
-                Comparison(
-                    f"smoe_{gate}",
-                    None,
-                    Claim(f"{gate}: ... while SMoE's declines (Fig 2c)", "rc_late", "lower"),
-                ),
-            )
-        ),
-        charlm={"k": 1, "steps": 600, "eval_every": 50},
-    ),
-    # specs/sinkhorn_ssr.md §11 (abstract-level claims): SSR vs SMoE with the Switch balance
-    # loss (and the z-loss, as the top-k router trains everywhere here), vs always-on Sinkhorn,
-    # and the gradient-detached ablation; top-2 as the leaderboard.
-    "ssr": Study(
-        title="Selective Sinkhorn Routing vs SMoE, always-on Sinkhorn and a detached ablation",
-        spec="specs/sinkhorn_ssr.md §11",
-        arms={
-            "smoe": Arm("topk", {}, "SMoE (top-2, balance 0.01 + z 0.001)"),
-            "ssr_p0.001": Arm("ssr", {"p": 0.001}, "SSR p = 0.001"),
-            "ssr_p0.01": Arm("ssr", {"p": 0.01}, "SSR p = 0.01"),
-            "sinkhorn_p1": Arm("ssr", {"p": 1.0}, "always-on Sinkhorn (SSR p = 1)"),
-            "ssr_detach": Arm("ssr", {"p": 0.01, "grad_mode": "detach"}, "SSR p = 0.01, detach"),
-        },
-        comparisons=(
-            *(
-                Comparison(arm, "smoe", Claim(f"{label}: {text}", metric, "lower"))
-                for arm, label in (("ssr_p0.001", "p = 0.001"), ("ssr_p0.01", "p = 0.01"))
-                for text, metric in (
-                    ("lower validation loss than SMoE + aux losses", "bpc"),
-                    ("lower loss on word-swap-attacked text", "bpc_attacked"),
-                )
-            ),
-            *(
-                Comparison(
-                    arm,
-                    "sinkhorn_p1",
-                    Claim(
-                        f"{label}: lower validation loss than always-on Sinkhorn", "bpc", "lower"
-                    ),
-                )
-                for arm, label in (("ssr_p0.001", "p = 0.001"), ("ssr_p0.01", "p = 0.01"))
-            ),
-        ),
-        timing=(
-            ("ssr_p0.001", "smoe", "SSR (p = 0.001) step time within a few % of SMoE", "<=", 1.05),
-            ("ssr_p0.01", "smoe", "SSR (p = 0.01) step time within a few % of SMoE", "<=", 1.05),
-            ("sinkhorn_p1", "smoe", "always-on Sinkhorn markedly slower than SMoE", ">=", 1.2),
-        ),
-        charlm={"steps": 600, "eval_every": 50, "causal_training": False},
-    ),
-}
 
 
 def charlm_config(study: Study, arm: Arm, quick: bool) -> CharLMConfig:
@@ -291,6 +166,7 @@ def _mean(values) -> float:
 METRICS = (
     "bpc",
     "bpc_attacked",
+    "bpc_early",
     "late_rf",
     "rc",
     "rc_change",
@@ -305,7 +181,11 @@ def derived(rec: dict) -> dict:
     """A run's metrics computed from its stored curves (so older JSONs get them too)."""
     rc = rec.get("rc_curve") or []
     late = rc[-1] - rc[len(rc) // 2 - 1] if len(rc) >= 2 else float("nan")
-    return {**rec, "rc_late": late}
+    # the early learning curve: mean validation bpc over the evaluations in the first quarter of
+    # training, step 0 (the untrained model) left out
+    quarter = (rec.get("setup") or {}).get("steps", 0) / 4
+    early = [b for s, b in zip(rec.get("steps", []), rec.get("bpc_curve", [])) if 0 < s <= quarter]
+    return {**rec, "rc_late": late, "bpc_early": _mean(early)}
 
 
 def summarize(study: Study, runs: dict[str, list[dict]]) -> dict[str, Any]:

@@ -18,8 +18,25 @@ _COLUMNS = (
     ("rc_late", "RC end − mid", 1.0, 3),
     ("max_vio", "MaxVio", 1.0, 3),
     ("bpc_attacked", "val bpc (attacked)", 1.0, 4),
+    ("bpc_early", "val bpc, first quarter", 1.0, 4),
     ("cv", "load CV", 1.0, 3),
 )
+
+
+def _experts(cfg: dict) -> str:
+    """The expert and block setup of a study's char-LM, as the table's text gives it."""
+    width = f"expert width {cfg['d_ff']}" if cfg.get("d_ff") else "expert width 4d/k"
+    parts = [f"{width} (equal active expert compute in every arm)"]
+    if cfg.get("activation", "gelu") != "gelu" or cfg.get("expert_bias"):
+        bias = " with biases" if cfg.get("expert_bias") else ""
+        parts.append(f"{cfg.get('activation', 'gelu')} experts{bias}")
+    if cfg.get("dropout") or cfg.get("expert_dropout"):
+        parts.append(
+            f"dropout {cfg.get('dropout', 0)} (inside the experts {cfg.get('expert_dropout', 0)})"
+        )
+    if cfg.get("layout", "pre_ln") != "pre_ln":
+        parts.append(f"{cfg['layout']} blocks")
+    return ", ".join(parts)
 
 
 def render(
@@ -49,7 +66,7 @@ def render(
         f"Spec: {study.spec}. Char-LM of `smoe.examples.charlm` on Tiny Shakespeare: "
         f"{cfg.get('n_layers')} MoE layers, d = {cfg.get('d_model')}, "
         f"E = {cfg.get('num_experts')}, "
-        f"k = {cfg.get('k')}, expert width 4d/k (equal active expert compute), {cfg.get('steps')} "
+        f"k = {cfg.get('k')}, {_experts(cfg)}, {cfg.get('steps')} "
         f"steps of {cfg.get('batch_size')} x {cfg.get('context')} characters, evaluated every "
         f"{cfg.get('eval_every')}; each arm with its router's default auxiliary-loss weights. "
         f"Seeds {seeds}, mean ± std over seeds. Written at commit `{m['commit']}` on "

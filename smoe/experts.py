@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from smoe import ops
 
-ACTIVATIONS = ("gelu", "swiglu")
+ACTIVATIONS = ("gelu", "swiglu", "relu")
 
 
 def check_tokens(owner: str, name: str, x: Tensor, d_model: int, device: torch.device) -> None:
@@ -39,9 +39,12 @@ class Experts(nn.Module):
         num_experts: E.
         d_model: input and output width.
         d_ff: hidden width of each expert.
-        activation: ``"gelu"`` (``W_out gelu(W_in x)``) or ``"swiglu"``
-            (``W_out (silu(W_gate x) * W_up x)``, gate rows first in ``w_in``).
+        activation: ``"gelu"`` (``W_out gelu(W_in x)``), ``"relu"`` (the fastmoe experts of
+            MomentumSMoE's reference code) or ``"swiglu"`` (``W_out (silu(W_gate x) * W_up x)``,
+            gate rows first in ``w_in``).
         bias: add per-expert biases (needed to upcycle FFNs that have them, e.g. ViT MLPs).
+        dropout: on the hidden activations, inside the expert (``W_out drop(act(W_in x))``, the
+            reference MomentumSMoE expert); in [0, 1).
     """
 
     _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
@@ -54,10 +57,13 @@ class Experts(nn.Module):
         activation: str = "gelu",
         *,
         bias: bool = False,
+        dropout: float = 0.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if not 0.0 <= dropout < 1.0:  # also refuses NaN
+            raise ValueError(f"Experts: dropout must be in [0, 1), got {dropout}")
         if activation not in ACTIVATIONS:
             raise ValueError(
                 f"Experts: activation must be one of {ACTIVATIONS}, got {activation!r}"
@@ -75,6 +81,7 @@ class Experts(nn.Module):
         self.w_out = nn.Parameter(torch.empty(num_experts, d_model, d_ff, **kw))
         self.b_in = nn.Parameter(torch.empty(num_experts, inner, **kw)) if bias else None
         self.b_out = nn.Parameter(torch.empty(num_experts, d_model, **kw)) if bias else None
+        self.drop = nn.Dropout(dropout) if dropout > 0 else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -89,6 +96,7 @@ class Experts(nn.Module):
         return (
             f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
             f"activation={self.activation!r}, bias={self.b_in is not None}"
+            + (f", dropout={self.drop.p}" if getattr(self, "drop", None) is not None else "")
         )
 
     def forward(self, x_sorted: Tensor, offsets: Tensor) -> Tensor:
@@ -98,7 +106,13 @@ class Experts(nn.Module):
         row_expert = self._row_expert(offsets, h.shape[0]) if self.b_in is not None else None
         if self.b_in is not None:
             h = h + self.b_in[row_expert]
-        a = ops.swiglu(h) if self.activation == "swiglu" else F.gelu(h)
+        if self.activation == "swiglu":
+            a = ops.swiglu(h)
+        else:
+            a = F.relu(h) if self.activation == "relu" else F.gelu(h)
+        drop = getattr(self, "drop", None)  # experts pickled before dropout have none
+        if drop is not None:
+            a = drop(a)
         y = ops.grouped_mm(a, self.w_out.transpose(1, 2), offsets)
         if self.b_out is not None:
             y = y + self.b_out[row_expert]

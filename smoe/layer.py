@@ -62,7 +62,7 @@ class MoELayer(nn.Module):
         d_ff: hidden width of each expert.
         num_experts: E.
         k: experts per token, handed to a router built by name (a router module decides itself).
-        activation: ``"gelu"`` or ``"swiglu"``.
+        activation: ``"gelu"``, ``"relu"`` or ``"swiglu"`` (see :class:`smoe.Experts`).
         router: a registered router name (:func:`smoe.routing.available_routers`: ``"topk"``,
             ``"switch"``, ``"noisy_topk"``, ``"vmoe"``, ``"expert_choice"``, ...) built with
             :func:`smoe.routing.build_router`, or any module mapping ``(x [T, d_model],
@@ -81,6 +81,8 @@ class MoELayer(nn.Module):
             sub-layers, :class:`smoe.experts.StackedExperts`: X-MoE's paper-parity experts,
             specs/xmoe.md §3.1).
         depth: sub-layers per expert with ``experts="base_stack"`` (3 in the X-MoE paper).
+        expert_dropout: dropout on the experts' hidden activations, inside each expert
+            (MomentumSMoE's reference experts; ``experts="ffn"`` only).
 
     ``forward(x, context=None)`` takes ``[..., d_model]`` and an optional
     :class:`smoe.RoutingContext`, fills in the context's ``batch_shape`` (``x.shape[:-1]``) and
@@ -106,10 +108,15 @@ class MoELayer(nn.Module):
         layer_index: int | None = None,
         experts: str = "ffn",
         depth: int = 3,
+        expert_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if experts not in ("ffn", "base_stack"):
             raise ValueError(f"MoELayer: experts must be 'ffn' or 'base_stack', got {experts!r}")
+        if not 0.0 <= expert_dropout < 1.0:  # also refuses NaN
+            raise ValueError(f"MoELayer: expert_dropout must be in [0, 1), got {expert_dropout}")
+        if expert_dropout and experts != "ffn":
+            raise ValueError("MoELayer: expert_dropout applies to experts='ffn' only")
         if depth < 1:
             raise ValueError(f"MoELayer: depth must be >= 1, got {depth}")
         if capacity_factor is not None and not capacity_factor > 0:  # also refuses NaN
@@ -147,7 +154,9 @@ class MoELayer(nn.Module):
                 num_experts, d_model, d_ff, activation, depth=depth, bias=bias
             )
         else:
-            self.experts = Experts(num_experts, d_model, d_ff, activation, bias=bias)
+            self.experts = Experts(
+                num_experts, d_model, d_ff, activation, bias=bias, dropout=expert_dropout
+            )
         if getattr(self.router, "frozen", False) is True:
             self.freeze()
 

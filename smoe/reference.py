@@ -186,6 +186,8 @@ def expert_ffn(
     if activation == "swiglu":
         gate, up = h.chunk(2, dim=-1)
         h = torch.nn.functional.silu(gate) * up
+    elif activation == "relu":
+        h = torch.relu(h)
     else:
         h = torch.nn.functional.gelu(h)
     y = h @ w_out.T

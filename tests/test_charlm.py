@@ -231,6 +231,19 @@ def test_charlm_cli_quick_writes_json_and_figures(tmp_path, capsys):
     assert "expert_choice" in capsys.readouterr().out
 
 
+def test_charlm_cli_set_reaches_the_config_and_refuses_unknown_fields(tmp_path):
+    args = ["--quick", "--steps", "10", "--eval-every", "5", "--no-figures", "--out", str(tmp_path)]
+    results = main(
+        [*args, "--router", "momentum", "--layout", "post_ln"]
+        + ["--set", "n_layers=3", "--set", "activation=relu", "--set", "expert_dropout=0.1"]
+    )
+    cfg = results[0]["config"]
+    assert (cfg["n_layers"], cfg["activation"], cfg["expert_dropout"]) == (3, "relu", 0.1)
+    assert cfg["layout"] == "post_ln"
+    with pytest.raises(ValueError, match=r"--set: unknown CharLMConfig field\(s\) \['n_layer'\]"):
+        main([*args, "--set", "n_layer=3"])
+
+
 def test_charlm_rejects_uneven_evaluation_spacing(corpus):
     with pytest.raises(ValueError, match="multiple of eval_every"):
         run(quick_config(steps=25, eval_every=10), corpus=corpus, progress=False)

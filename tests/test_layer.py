@@ -21,7 +21,7 @@ def reference_output(layer: MoELayer, x: torch.Tensor, capacity=None):
     )
 
 
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu", "relu"])
 @pytest.mark.parametrize(
     "T,E,k", [(0, 4, 2), (1, 1, 1), (9, 4, 2), (9, 4, 4), (33, 16, 3)], ids=lambda v: str(v)
 )
@@ -168,7 +168,51 @@ def test_layer_rejects_bad_input():
     with pytest.raises(ValueError, match="capacity_factor"):
         MoELayer(8, 16, 4, 2, capacity_factor=0)
     with pytest.raises(ValueError, match="activation"):
-        MoELayer(8, 16, 4, 2, activation="relu")
+        MoELayer(8, 16, 4, 2, activation="tanh")
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="expert_dropout"):
+            MoELayer(8, 16, 4, 2, expert_dropout=bad)
+        with pytest.raises(ValueError, match="dropout"):
+            Experts(4, 8, 16, dropout=bad)
+    with pytest.raises(ValueError, match="expert_dropout applies to experts='ffn'"):
+        MoELayer(8, 16, 4, 2, experts="base_stack", expert_dropout=0.1)
+
+
+def test_relu_experts_with_biases_match_the_reference():
+    torch.manual_seed(0)
+    ex = Experts(3, 6, 10, "relu", bias=True).double()
+    x = torch.randn(7, 6, dtype=torch.float64)
+    offsets = torch.tensor([0, 2, 2, 7])
+    want = torch.cat(
+        [
+            ref.expert_ffn(x[a:b], ex.w_in[e], ex.w_out[e], "relu", ex.b_in[e], ex.b_out[e])
+            for e, (a, b) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist()))
+        ]
+    )
+    torch.testing.assert_close(ex(x, offsets), want)
+
+
+def test_expert_dropout_acts_on_the_hidden_activations_in_training_only():
+    torch.manual_seed(0)
+    ex = Experts(2, 6, 10, "relu", dropout=0.5).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    offsets = torch.tensor([0, 3, 5])
+    rows = [(0, 3), (3, 5)]
+
+    def manual(drop):
+        h = torch.cat([x[a:b] @ ex.w_in[e].T for e, (a, b) in enumerate(rows)])
+        a = drop(torch.relu(h))
+        return torch.cat([a[a0:b0] @ ex.w_out[e].T for e, (a0, b0) in enumerate(rows)])
+
+    torch.manual_seed(1)
+    got = ex(x, offsets)
+    torch.manual_seed(1)
+    want = manual(lambda a: torch.nn.functional.dropout(a, 0.5, True))
+    torch.testing.assert_close(got, want)
+    assert not torch.equal(got, manual(lambda a: a))  # the mask did something
+    ex.eval()
+    torch.testing.assert_close(ex(x, offsets), manual(lambda a: a))
+    assert "dropout=0.5" in repr(ex)
 
 
 def test_layer_training_on_quickdraw_lowers_the_loss():

@@ -15,7 +15,7 @@ from torch import nn
 
 from smoe import MoELayer, MomentumMoE, MomentumState, RoutingContext, TopKRouter
 from smoe.examples.charlm import quick_config, run
-from smoe.models.charlm import CharLM, DenseFFN, LMBlock
+from smoe.models.charlm import LAYOUTS, CharLM, DenseFFN, LMBlock
 from smoe.ops import robust_coefficients
 from smoe.routing import MOMENTUM_ROUTERS, available_routers, register_router, router_info
 
@@ -61,7 +61,7 @@ def _lm(router: str = "momentum", seed: int = 0, **kw) -> CharLM:
 IDX = torch.randint(0, 20, (3, 8), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("layout", ["pre_ln", "post_ln"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_mu0_gamma1_sign_plus_is_plain_smoe_exactly(layout):
     mom = _lm(layout=layout, momentum_options={"mu": 0.0, "gamma": 1.0, "sign": 1.0}).eval()
     plain = _lm("topk", layout=layout, router_options={"bias": True, "aux": False}).eval()
@@ -85,6 +85,47 @@ def test_post_ln_block_is_the_reference_double_residual():
     delta = -(0.7 * state.m + u)
     torch.testing.assert_close(out, block.ln2(h + block.ln_m(h + delta)))
     torch.testing.assert_close(new.m, -delta)
+
+
+def test_pre_ln_out_block_is_the_vmoe_momentum_block():
+    # x <- x + Attn(LN1(x)); then LN_out(x + delta) with delta from LN2(x) (V-MoE, §6), and the
+    # dense blocks of that layout get the same LayerNorm after the residual, state untouched
+    torch.manual_seed(0)
+    u = torch.randn(D)
+    moe = ConstantMoE(u)
+    block = LMBlock(D, 2, MomentumMoE(moe), layout="pre_ln_out")
+    dense = LMBlock(D, 2, DenseFFN(D, 16), layout="pre_ln_out")
+    for ln in (block.ln1, block.ln2, block.ln_out, dense.ln_out):
+        nn.init.normal_(ln.weight)
+        nn.init.normal_(ln.bias)
+    x = torch.randn(B, S, D)
+    ctx = RoutingContext(batch_shape=(B, S), causal=True)
+    state = MomentumState.zeros(x, "heavy_ball")
+    state = state._replace(m=torch.randn_like(state.m))
+    out, _, new = block(x, ctx, state)
+    h = x + block.attn(block.ln1(x))[0]
+    torch.testing.assert_close(moe.inputs[-1], block.ln2(h))
+    delta = -(0.7 * state.m + u)
+    torch.testing.assert_close(out, block.ln_out(h + delta))
+    torch.testing.assert_close(new.m, -delta)
+    out, _, same = dense(x, ctx, state)
+    h = x + dense.attn(dense.ln1(x))[0]
+    torch.testing.assert_close(out, dense.ln_out(h + dense.ffn(dense.ln2(h))))
+    assert same is state
+
+
+def test_reference_experts_relu_biases_and_dropout_inside():
+    model = _lm(activation="relu", expert_bias=True, expert_dropout=0.3)
+    for layer in model.moe_layers():
+        ex = layer.experts
+        assert ex.activation == "relu" and ex.b_in is not None and ex.drop.p == 0.3
+    model.train()
+    torch.manual_seed(0)
+    a = model(IDX)[0]
+    torch.manual_seed(1)
+    assert not torch.equal(a, model(IDX)[0])  # the experts' dropout draws
+    model.eval()
+    assert torch.equal(model(IDX)[0], model(IDX)[0])
 
 
 def test_sign_minus_is_plain_smoe_with_negated_expert_outputs():
@@ -167,7 +208,7 @@ def test_robust_layers_read_the_look_ahead_point():
 
 
 @pytest.mark.parametrize("router", sorted(MOMENTUM_ROUTERS))
-@pytest.mark.parametrize("layout", ["pre_ln", "post_ln"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_two_forwards_are_bitwise_equal_and_the_state_is_not_kept(router, layout):
     model = _lm(router, layout=layout).eval()
     assert torch.equal(model(IDX)[0], model(IDX)[0])
@@ -304,3 +345,17 @@ def test_bad_stack_inputs_are_refused_by_name():
         _lm(momentum_options={"mu": 1.5})
     with pytest.raises(ValueError, match="stack"):
         register_router("test_registry_custom", TopKRouter, description="x", stack="nesterov")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stack_compiles_fullgraph_forward_and_backward(kind):
+    torch._dynamo.reset()
+    layers = nn.ModuleList(MomentumMoE(_moe(i), kind=kind, moe_index=i) for i in range(3))
+    x = torch.randn(B, S, D, requires_grad=True)
+    compiled = torch.compile(lambda x: _stack(layers, x, kind), fullgraph=True, backend="aot_eager")
+    y1, y2 = _stack(layers, x, kind), compiled(x)
+    torch.testing.assert_close(y1, y2)
+    g1 = torch.autograd.grad(y1.square().sum(), [x, *layers.parameters()])
+    g2 = torch.autograd.grad(y2.square().sum(), [x, *layers.parameters()])
+    for u, v in zip(g1, g2):
+        torch.testing.assert_close(u, v)

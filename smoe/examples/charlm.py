@@ -13,6 +13,7 @@ Examples::
     python -m smoe.examples.charlm                                   # top-k, seed 0 (~6 min)
     python -m smoe.examples.charlm --router vmoe --router-option capacity_factor=None
     python -m smoe.examples.charlm --router switch --seeds 0 1 2
+    python -m smoe.examples.charlm --router momentum --layout post_ln --set n_layers=3
     python -m smoe.examples.charlm --quick                           # < 1 minute
 """
 
@@ -24,7 +25,7 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 from smoe.data.text import CharCorpus, eval_windows, random_batch, tiny_shakespeare, word_swap
 from smoe.metrics import RoutingRecorder, fluctuation_series
-from smoe.models.charlm import CharLM
+from smoe.models.charlm import LAYOUTS, CharLM
 
 __all__ = [
     "CharLMConfig",
@@ -84,6 +85,10 @@ class CharLMConfig:
     layout: str = "pre_ln"
     # options of the MomentumMoE wrapper of a stack-level router ("momentum", "adam", ...)
     momentum_options: dict[str, Any] = field(default_factory=dict)
+    # the experts: activation ("gelu", "relu", "swiglu"), biases, dropout inside each expert
+    activation: str = "gelu"
+    expert_bias: bool = False
+    expert_dropout: float = 0.0
 
 
 def quick_config(**overrides: Any) -> CharLMConfig:
@@ -143,6 +148,9 @@ def build_model(cfg: CharLMConfig, vocab_size: int) -> CharLM:
         causal_training=cfg.causal_training,
         layout=cfg.layout,
         momentum_options=cfg.momentum_options,
+        activation=cfg.activation,
+        expert_bias=cfg.expert_bias,
+        expert_dropout=cfg.expert_dropout,
     )
 
 
@@ -365,7 +373,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--router", default="topk", help="a name from smoe.routing.available_routers()")
     p.add_argument("--router-option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--momentum-option", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--layout", choices=("pre_ln", "post_ln"))
+    p.add_argument("--layout", choices=LAYOUTS)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any CharLMConfig field, e.g. --set n_layers=3 --set activation=relu",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int)
     p.add_argument("--eval-every", type=int)
@@ -400,6 +415,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     overrides.update(router=args.router, router_options=parse_options(args.router_option))
     if args.momentum_option:
         overrides["momentum_options"] = parse_options(args.momentum_option)
+    extra = parse_options(args.set)
+    unknown = sorted(set(extra) - {f.name for f in fields(CharLMConfig)})
+    if unknown:
+        raise ValueError(f"--set: unknown CharLMConfig field(s) {unknown}")
+    overrides.update(extra)
     cfg = quick_config(**overrides) if args.quick else CharLMConfig(**overrides)
     corpus = tiny_shakespeare(placeholder=cfg.attack_placeholder)
     results = [run(cfg, s, corpus=corpus, out_dir=args.out) for s in args.seeds]

@@ -73,7 +73,7 @@ class DenseFFN(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-LAYOUTS = ("pre_ln", "post_ln")
+LAYOUTS = ("pre_ln", "post_ln", "pre_ln_out")
 
 
 class LMBlock(nn.Module):
@@ -82,7 +82,10 @@ class LMBlock(nn.Module):
     ``layout="pre_ln"``: ``x + attn(ln1(x))``, then ``x + ffn(ln2(x))``. ``layout="post_ln"``
     (the WikiText-103 reference of MomentumSMoE, specs/momentum_smoe.md §6): ``h = ln1(h +
     attn(h))``, then ``ln2(h + ln_m(h + u))`` for an MoE layer (the reference's double residual)
-    and ``ln2(h + ffn(h))`` for a dense one. A :class:`smoe.momentum.MomentumMoE` adds its
+    and ``ln2(h + ffn(h))`` for a dense one. ``layout="pre_ln_out"`` (V-MoE's momentum block,
+    §6): pre-LN with a LayerNorm after the residual, ``ln_out(x + ffn(ln2(x)))``, in MoE and
+    dense blocks alike. GLaM's layout is ``post_ln`` with MoE every other block (``CharLM(...,
+    moe_every=2)``). A :class:`smoe.momentum.MomentumMoE` adds its
     ``delta`` where a plain MoE layer adds u, and hands the momentum state on; other layers pass
     the state unchanged.
     """
@@ -106,6 +109,8 @@ class LMBlock(nn.Module):
         self.ffn = ffn
         moe = isinstance(ffn, (MoELayer, MomentumMoE))
         self.ln_m = nn.LayerNorm(d_model) if layout == "post_ln" and moe else None
+        if layout == "pre_ln_out":
+            self.ln_out = nn.LayerNorm(d_model)
         self.drop = nn.Dropout(dropout)
 
     # Class-level default keeps blocks pickled whole before layouts existed working (ln_m is read
@@ -140,7 +145,8 @@ class LMBlock(nn.Module):
         else:
             y = self.drop(self.ffn(h))
         if not post:
-            return x + y, aux, state
+            ln_out = getattr(self, "ln_out", None)
+            return (x + y if ln_out is None else ln_out(x + y)), aux, state
         ln_m = getattr(self, "ln_m", None)
         if ln_m is not None:
             y = ln_m(x + y)
@@ -167,13 +173,17 @@ class CharLM(nn.Module):
             training only, as the Sinkhorn routers of the SSR paper do in their LM (a Sinkhorn
             step's column normalisation sees later tokens); evaluation always routes causally,
             so validation losses stay honest.
-        layout: ``"pre_ln"`` (default, the leaderboard's) or ``"post_ln"`` (MomentumSMoE's
-            WikiText-103 reference block; see :class:`LMBlock`).
+        layout: ``"pre_ln"`` (default, the leaderboard's), ``"post_ln"`` (MomentumSMoE's
+            WikiText-103 reference block) or ``"pre_ln_out"`` (V-MoE's momentum block, a
+            LayerNorm after each residual); see :class:`LMBlock`.
         momentum_options: for a stack-level router (``router_info(router).stack``: "momentum",
             "adam", "robust_momentum"), the options of the :class:`smoe.momentum.MomentumMoE`
             every MoE layer is wrapped in (mu, gamma, sign, ...; its dropout defaults to
             ``dropout``). The momentum state starts as zeros after the embeddings at every
             forward and passes through the blocks.
+        activation, expert_bias, expert_dropout: the experts' activation (``"gelu"``,
+            ``"relu"``, ``"swiglu"``), per-expert biases and dropout inside each expert
+            (MomentumSMoE's reference experts: ``"relu"``, biases, dropout = the model's).
 
     ``forward(idx [B, S])`` returns ``(logits [B, S, vocab], [MoEAux per MoE layer])``.
     """
@@ -199,6 +209,9 @@ class CharLM(nn.Module):
         causal_training: bool = True,
         layout: str = "pre_ln",
         momentum_options: Mapping[str, Any] | None = None,
+        activation: str = "gelu",
+        expert_bias: bool = False,
+        expert_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.causal_training = causal_training
@@ -232,6 +245,9 @@ class CharLM(nn.Module):
                     router=router,
                     router_options=router_options,
                     layer_index=i,
+                    activation=activation,
+                    bias=expert_bias,
+                    expert_dropout=expert_dropout,
                 )
                 if self.stack is not None:
                     ffn = MomentumMoE(ffn, kind=self.stack, moe_index=moe_index, **momentum)
