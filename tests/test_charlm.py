@@ -10,8 +10,18 @@ import torch
 
 import smoe.routing.registry as registry
 from smoe import TopKRouter, available_routers, register_router
-from smoe.data.text import tiny_shakespeare
-from smoe.examples.charlm import late_mean, lr_at, main, parse_options, quick_config, run
+from smoe.data.text import random_batch, tiny_shakespeare
+from smoe.examples.charlm import (
+    build_model,
+    build_optimizer,
+    late_mean,
+    lr_at,
+    main,
+    parse_options,
+    quick_config,
+    run,
+    train_step,
+)
 from smoe.models.charlm import CharLM
 from smoe.routing import router_info
 
@@ -242,6 +252,20 @@ def test_charlm_cli_set_reaches_the_config_and_refuses_unknown_fields(tmp_path):
     assert cfg["layout"] == "post_ln"
     with pytest.raises(ValueError, match=r"--set: unknown CharLMConfig field\(s\) \['n_layer'\]"):
         main([*args, "--set", "n_layer=3"])
+
+
+def test_charlm_aux_weights_set_the_auxiliary_loss_coefficients(corpus):
+    # the balance and z losses at weight 0 train exactly like a router that returns none
+    x, y = random_batch(corpus.train, 4, 16, torch.Generator().manual_seed(0))
+    params = []
+    for aux, weights in ((True, {"balance": 0.0, "z": 0.0}), (False, {}), (True, {})):
+        cfg = quick_config(router_options={"aux": aux}, aux_weights=weights)
+        torch.manual_seed(0)
+        model = build_model(cfg, len(corpus.vocab))
+        train_step(model, build_optimizer(model, cfg), x, y, cfg)
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(params[0], params[1])
+    assert not torch.equal(params[0], params[2])  # the default weights (0.01, 0.001) do act
 
 
 def test_charlm_rejects_uneven_evaluation_spacing(corpus):

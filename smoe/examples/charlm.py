@@ -20,12 +20,11 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -34,101 +33,23 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from smoe.data.text import CharCorpus, eval_windows, random_batch, tiny_shakespeare, word_swap
+from smoe.examples.charlm_config import CharLMConfig, lr_at, parse_options, quick_config
 from smoe.metrics import RoutingRecorder, fluctuation_series
 from smoe.models.charlm import LAYOUTS, CharLM
 
 __all__ = [
     "CharLMConfig",
+    "build_model",
     "build_optimizer",
     "evaluate",
     "late_mean",
+    "lr_at",
     "main",
     "parse_options",
     "quick_config",
     "run",
     "train_step",
 ]
-
-
-@dataclass
-class CharLMConfig:
-    """Everything a char-LM run depends on (recorded in its JSON)."""
-
-    router: str = "topk"
-    router_options: dict[str, Any] = field(default_factory=dict)
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    context: int = 128
-    num_experts: int = 8
-    k: int = 2
-    d_ff: int | None = None  # 4 d / k: equal active expert compute for every k
-    moe_every: int = 1
-    dropout: float = 0.0
-    batch_size: int = 32
-    steps: int = 1000
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 50
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    eval_batches: int = 4  # of batch_size x context characters, the same tokens every time
-    attack_rate: float = 0.04
-    attack_placeholder: str = "AAA"
-    attack_seed: int = 0
-    threads: int | None = None
-    # False: routers may couple the batch's tokens in training (SSR's Sinkhorn steps); evaluation
-    # is causal either way (smoe.models.CharLM)
-    causal_training: bool = True
-    # "pre_ln" (the leaderboard) or "post_ln" (MomentumSMoE's WikiText-103 block; see CharLM)
-    layout: str = "pre_ln"
-    # options of the MomentumMoE wrapper of a stack-level router ("momentum", "adam", ...)
-    momentum_options: dict[str, Any] = field(default_factory=dict)
-    # the experts: activation ("gelu", "relu", "swiglu"), biases, dropout inside each expert
-    activation: str = "gelu"
-    expert_bias: bool = False
-    expert_dropout: float = 0.0
-
-
-def quick_config(**overrides: Any) -> CharLMConfig:
-    """A run of a few seconds (the tests' and notebook's size)."""
-    base = dict(
-        d_model=32,
-        n_layers=2,
-        n_heads=2,
-        context=32,
-        num_experts=4,
-        batch_size=8,
-        steps=40,
-        warmup=5,
-        eval_every=10,
-        eval_batches=2,
-    )
-    return CharLMConfig(**{**base, **overrides})
-
-
-def parse_options(items: list[str]) -> dict[str, Any]:
-    """``["capacity_factor=1.25", "noisy=True"]`` -> ``{"capacity_factor": 1.25, "noisy": True}``
-    (values are Python literals; anything else stays a string)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--router-option must be key=value, got {item!r}")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
-
-
-def lr_at(cfg: CharLMConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr``."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def build_model(cfg: CharLMConfig, vocab_size: int) -> CharLM:
@@ -180,7 +101,7 @@ def train_step(
     (detached)."""
     logits, auxes = model(x, step=step)
     loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-    total = loss + sum((a.loss() for a in auxes), loss.new_zeros(()))
+    total = loss + sum((a.loss(cfg.aux_weights) for a in auxes), loss.new_zeros(()))
     opt.zero_grad(set_to_none=True)
     total.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
