@@ -147,9 +147,11 @@ def test_every_catalogue_entry_has_a_fixture():
 
 
 def test_fixtures_of_each_version_stay_small():
+    # 1 MiB a version: SMoEVAE's fixed conv stacks alone take 250 KB; every other entry is a
+    # few KB (a model with d <= 16), which leaves room for the router families still to come
     for folder in sorted(FIXTURES.glob("v*")):
         size = sum(p.stat().st_size for p in folder.iterdir())
-        assert size < 512 * 1024, f"{folder.name}'s fixtures take {size} bytes; keep them tiny"
+        assert size < 1024 * 1024, f"{folder.name}'s fixtures take {size} bytes; keep them tiny"
 
 
 @pytest.mark.parametrize("path", PT_FIXTURES, ids=_fixture_id)
