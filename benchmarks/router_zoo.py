@@ -13,7 +13,9 @@ Tasks (same backbone, widths, optimiser and steps for every router):
 - step time: every invocation times training steps of each router's char-LM in the same process,
   interleaved in rounds (so drift and load hit all alike), as a ratio to top-k's.
 - vit: the QuickDraw V-MoE ViT of ``smoe.models`` ("Every 2", E = 8, k = 2, groups of 8 images,
-  fresh experts): test accuracy, clean and with Gaussian pixel noise of std ``--noise-std``.
+  fresh experts): test accuracy, clean and with Gaussian pixel noise of std ``--noise-std``. The
+  stack-level methods (momentum, adam, robust_momentum) run their gate in a momentum stack
+  (``smoe.models.momentum_vit``: the V-MoE pre-LN layout of specs/momentum_smoe.md §6).
 
 Each run's JSON goes to ``--out`` (default ``benchmarks/results/router_zoo``, committed; with
 ``--quick``, ``benchmarks/out/``, which git ignores, and so do its table and plot). A task whose
@@ -53,7 +55,7 @@ from smoe.examples.charlm import (
     train_step,
 )
 from smoe.examples.charlm import run as charlm_run
-from smoe.models import quickdraw_vit, vmoe_vit
+from smoe.models import momentum_vit, quickdraw_vit, vmoe_vit
 from smoe.routing import available_routers, build_router, router_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,16 +88,22 @@ def runs_in_charlm(name: str) -> bool:
 
 
 def runs_in_vit(name: str) -> bool:
-    """Whether the V-MoE ViT can run the router: not a stack-level method (MomentumSMoE and its
-    kin), whose momentum state the ViT does not carry yet."""
-    return router_info(name).stack is None
+    """Whether the V-MoE ViT can run the router: every registered router but those that read
+    the block's attention probabilities (timm's fused attention does not return them); the
+    stack-level methods (MomentumSMoE and its kin) run as a momentum stack
+    (``smoe.models.momentum_vit``)."""
+    return not router_info(name).needs_attention
 
 
 def setup(task: str, name: str, quick: bool, noise_std: float) -> dict:
     """What a task's result depends on; a stored run with another setup is run again."""
     if task == "charlm":
         return asdict(charlm_config(name, quick))
-    return {"options": ZOO[name].vit, "epochs": vit_epochs(quick), "noise_std": noise_std}
+    out = {"options": ZOO[name].vit, "epochs": vit_epochs(quick), "noise_std": noise_std}
+    stack = router_info(name).stack
+    if stack is not None:  # only the stack rows carry the field: the others' runs stay valid
+        out["stack"] = stack
+    return out
 
 
 def run_charlm(name: str, seed: int, quick: bool, corpus) -> dict:
@@ -134,6 +142,9 @@ def run_vit(name: str, seed: int, quick: bool, data, noise_std: float) -> dict:
         router=name,
         **ZOO[name].vit,
     )
+    stack = router_info(name).stack
+    if stack is not None:  # the registered gate inside a momentum stack, at the paper's defaults
+        model = momentum_vit(model, stack)
     loss, sps = vit_train(
         name,
         model,
@@ -250,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
                     rec["charlm"] = None  # not causal as configured: never trained as a decoder
                     continue
                 if task == "vit" and not runs_in_vit(name):
-                    rec["vit"] = None  # a momentum stack: the ViT does not carry its state yet
+                    rec["vit"] = None  # reads attention probabilities the ViT does not hand on
                     continue
                 want = setup(task, name, args.quick, args.noise_std)
                 if rec.get(task) and same_setup(rec[task].get("setup"), want, _defaults(task)):

@@ -120,8 +120,8 @@ ZOO: dict[str, ZooEntry] = {
     "sinkhorn": ZooEntry(charlm_config={"causal_training": False}),
     # The stack-level momentum methods (Teo & Nguyen 2024, specs/momentum_smoe.md §12): the
     # reference gate (bias, no aux loss), the leaderboard's pre-LN blocks with every MoE layer
-    # wrapped in smoe.MomentumMoE at the paper's defaults. The ViT task is skipped for them: the
-    # V-MoE ViT does not carry the momentum state yet (router_zoo.py runs_in_vit).
+    # wrapped in smoe.MomentumMoE at the paper's defaults; in the ViT task the gate runs in a
+    # momentum stack (smoe.models.momentum_vit, V-MoE's pre-LN layout).
     "momentum": ZooEntry(
         claims=(
             Claim(

@@ -1,5 +1,6 @@
 """Models built on smoe's ops: SMoE-VAE (specs/smoe_vae_quickdraw.md) and V-MoE on timm's ViT
-(specs/vmoe.md; timm is imported only when a ViT is built)."""
+(specs/vmoe.md; timm is imported only when a ViT is built), and MomentumV-MoE / Robust
+MomentumV-MoE on it (specs/momentum_smoe.md §6)."""
 
 from smoe.models.vae import SMoEVAE, VAELoss, VAEOutput
 from smoe.models.vit import MoEMlp, moe_block_indices, quickdraw_vit, tokens_per_image, vmoe_vit
@@ -10,9 +11,12 @@ from smoe.models.vit_control import (
     set_batch_priority,
     set_capacity_factor,
 )
+from smoe.models.vit_momentum import MomentumBlock, MomentumViT, momentum_vit, momentum_vmoe_vit
 
 __all__ = [
     "MoEMlp",
+    "MomentumBlock",
+    "MomentumViT",
     "SMoEVAE",
     "VAELoss",
     "VAEOutput",
@@ -20,6 +24,8 @@ __all__ = [
     "moe_auxes",
     "moe_block_indices",
     "moe_blocks",
+    "momentum_vit",
+    "momentum_vmoe_vit",
     "quickdraw_vit",
     "set_batch_priority",
     "set_capacity_factor",

@@ -228,7 +228,10 @@ def vmoe_vit(
             (:class:`smoe.VMoERouter`: noisy top-k, capacity, BPR; §3), ``"expert_choice"``
             (``smoe.ExpertChoiceRouter``: each expert takes its top ``ceil(S c / E)`` tokens per
             group), ``"topk"``, ``"switch"``, ... Routers with a ``group_size`` option get the
-            image groups.
+            image groups. A stack-level name (``"momentum"``, ``"adam"``,
+            ``"robust_momentum"``) builds its gate only: wrap the result with
+            :func:`smoe.models.momentum_vit` (or build with
+            :func:`smoe.models.momentum_vmoe_vit`) for the momentum stack.
         group_images: images per routing group (§2, §6: 8), or None.
         upcycle: experts start as copies of the dense MLP (:meth:`MoELayer.from_dense`); else
             fresh, independently initialised experts.
