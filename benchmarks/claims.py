@@ -79,6 +79,7 @@ def run_one(cfg_dict: dict[str, Any], seed: int, threads: int | None) -> dict[st
         "bpc_attacked": f["val_bpc_attacked"],
         "max_vio": f["max_vio"],
         "cv": f["cv"],
+        "entropy": f.get("entropy", float("nan")),
         "step_s": f["step_time_s"],
         "router_stats": f.get("router_stats", {}),
         "max_vio_curve": [_mean(m["max_vio"] for m in ls.values()) for ls in layers],
@@ -173,6 +174,7 @@ METRICS = (
     "rc_late",
     "max_vio",
     "cv",
+    "entropy",
     "step_s",
 )
 

@@ -20,6 +20,7 @@ _COLUMNS = (
     ("bpc_attacked", "val bpc (attacked)", 1.0, 4),
     ("bpc_early", "val bpc, first quarter", 1.0, 4),
     ("cv", "load CV", 1.0, 3),
+    ("entropy", "routing entropy (nats)", 1.0, 3),
 )
 
 
@@ -104,8 +105,13 @@ def render(
         t = summary["timing"]
         lines += [
             "",
-            "Step time (an interleaved timing of every arm in one process after the runs; an "
-            "SSR arm's expected time is (1 − p) × its measured step + p × the always-on step):",
+            "Step time (an interleaved timing of every arm in one process after the runs"
+            + (
+                "; an SSR arm's expected time is (1 − p) × its measured step + p × the always-on "
+                "step):"
+                if any("expected_s" in v for v in t.values())
+                else "):"
+            ),
             "",
             "| arm | s / step | expected s / step |",
             "|---|---|---|",

@@ -184,4 +184,31 @@ STUDIES: dict[str, Study] = {
             "expert_dropout": 0.1,
         },
     ),
+    # specs/graph_routing.md §9's direction checks against a softmax-gated SMoE of the same
+    # backbone, top-2 (the leaderboard's top-k with its balance and z losses; the graph routers
+    # keep the same losses), the spec's §4 defaults (poe mixing, lambda 1, causal)
+    "graph": Study(
+        title="Similarity-Aware and Attention-Aware routing vs softmax top-2 SMoE",
+        spec="specs/graph_routing.md §6, §9",
+        arms={
+            "smoe": Arm("topk", {}, "SMoE (softmax top-2)"),
+            "similarity": Arm("similarity_aware", {}, "Similarity-Aware (poe, dot, lambda 1)"),
+            "attention": Arm("attention_aware", {}, "Attention-Aware (poe, head mean, lambda 1)"),
+        },
+        comparisons=tuple(
+            Comparison(arm, "smoe", Claim(f"{label}: {text}", metric, "lower"))
+            for arm, label in (("similarity", "Similarity-Aware"), ("attention", "Attention-Aware"))
+            for text, metric in (
+                ("lower late-stage routing fluctuation", "late_rf"),
+                ("lower validation loss (PPL)", "bpc"),
+                ("lower loss on word-swap-attacked text", "bpc_attacked"),
+                ("lower routing entropy (higher would be a red flag about mix)", "entropy"),
+            )
+        ),
+        timing=(
+            ("similarity", "smoe", "Similarity-Aware: step time within 10 % of SMoE", "<=", 1.1),
+            ("attention", "smoe", "Attention-Aware: almost no extra cost", "<=", 1.05),
+        ),
+        charlm={"steps": 600, "eval_every": 50},
+    ),
 }

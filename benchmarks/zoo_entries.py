@@ -155,4 +155,35 @@ ZOO: dict[str, ZooEntry] = {
             Claim("... and under corruption (ImageNet-C)", "vit_acc_noisy", "higher"),
         )
     ),
+    # Graph-of-tokens routing (Nguyen et al. 2025, arXiv 2505.00792; specs/graph_routing.md §9):
+    # the spec's defaults (poe mixing, lambda 1, dot similarity / head-mean attention, causal in
+    # the LM), the same balance and z losses as the top-k baseline
+    "similarity_aware": ZooEntry(
+        claims=(
+            Claim(
+                "Similarity-Aware SMoE (Nguyen et al. 2025): lower routing fluctuation than a "
+                "softmax-gated SMoE",
+                "late_rf",
+                "lower",
+            ),
+            Claim("... lower PPL", "bpc", "lower"),
+            Claim("... better on attacked text", "bpc_attacked", "lower"),
+            Claim("... (images) higher top-1", "vit_acc", "higher"),
+            Claim("... (images) higher accuracy under corruption", "vit_acc_noisy", "higher"),
+        )
+    ),
+    # needs the block's attention probabilities: the char-LM only (the V-MoE ViT does not hand
+    # its attention to the MoE layers)
+    "attention_aware": ZooEntry(
+        claims=(
+            Claim(
+                "Attention-Aware SMoE (Nguyen et al. 2025): lower routing fluctuation than a "
+                "softmax-gated SMoE",
+                "late_rf",
+                "lower",
+            ),
+            Claim("... lower PPL", "bpc", "lower"),
+            Claim("... better on attacked text", "bpc_attacked", "lower"),
+        )
+    ),
 }

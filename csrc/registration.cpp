@@ -56,6 +56,16 @@ TORCH_LIBRARY(smoe, m) {
       "col_mass=None, int check_every=10) -> (Tensor log_plan, Tensor f, Tensor g, Tensor "
       "iters_done, Tensor row_err, Tensor col_err, Tensor f_hist, Tensor g_hist)");
 
+  m.set_python_module("smoe.ops.graph");
+  // similarity- / attention-aware routing (specs/graph_routing.md §2, §5): per batch entry,
+  // out = self_coef x + lam A x' with x' = [cache; x] along dim 1 (x' = x without a cache); x
+  // [B, S, E], cache [B, C, E], A [B, S, C + S], one dtype; float32 math (float64 for float64).
+  // lam = 0 drops the graph term (out = self_coef x exactly). Inputs are made contiguous; returns
+  // [B, S, E] in x's dtype.
+  m.def(
+      "graph_mix(Tensor x, Tensor A, Tensor? cache=None, *, float self_coef=1., float lam=1.) -> "
+      "Tensor");
+
   // ---- dispatch ----
   m.set_python_module("smoe.ops.dispatch");
   // stable counting sort of the T*k slots by expert, with optional capacity dropping (rank-major);
@@ -117,6 +127,13 @@ TORCH_LIBRARY(smoe, m) {
   m.def(
       "sinkhorn_backward(Tensor grad_log_plan, Tensor grad_f, Tensor grad_g, Tensor scores, Tensor "
       "f_hist, Tensor g_hist, Tensor iters_done, float eps) -> Tensor");
+  m.set_python_module("smoe.ops.graph");
+  // d x [B, S, E] = self_coef g + lam A[:, :, C:]^T g and d A [B, S, C + S] = lam g x'^T of
+  // graph_mix (the cache gets no gradient); an output not asked for (need_x, need_A) is an empty
+  // [0] tensor, and an input it would have read (A; x and cache) is not read.
+  m.def(
+      "graph_mix_backward(Tensor grad, Tensor x, Tensor A, Tensor? cache, *, float self_coef=1., "
+      "float lam=1., bool need_x=True, bool need_A=True) -> (Tensor grad_x, Tensor grad_A)");
   m.set_python_module("smoe.ops.dispatch");
   // d x of permute: grad_x[t] = sum_j grad_out[row[t, j]]; [T, d].
   m.def("permute_backward(Tensor grad_out, Tensor row) -> Tensor");

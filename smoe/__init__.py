@@ -31,10 +31,12 @@ from smoe.ops import (
 )
 from smoe.routing import (
     MOMENTUM_ROUTERS,
+    AttentionAwareRouter,
     ExpertChoiceRouter,
     Routing,
     RoutingContext,
     SelectiveSinkhornRouter,
+    SimilarityAwareRouter,
     SinkhornRouter,
     TopKRouter,
     VMoERouter,
@@ -47,6 +49,7 @@ from smoe.routing import (
 )
 
 __all__ = [
+    "AttentionAwareRouter",
     "DEFAULT_LOSS_WEIGHTS",
     "ExpertChoice",
     "ExpertChoiceRouter",
@@ -61,6 +64,7 @@ __all__ = [
     "RoutingContext",
     "SMoEVAE",
     "SelectiveSinkhornRouter",
+    "SimilarityAwareRouter",
     "SinkhornRouter",
     "TopK",
     "TopKRouter",

@@ -12,6 +12,15 @@ import torch
 from torch import Tensor
 
 from smoe.ops import CosineScores, ExpertChoice, Plan, TopK
+from smoe.reference_graph import (  # noqa: F401 (re-exported)
+    GraphRouting,
+    attention_aware_routing,
+    attention_graph,
+    graph_mix,
+    mix_and_select,
+    similarity_aware_routing,
+    similarity_graph,
+)
 from smoe.reference_momentum import momentum_update  # noqa: F401 (re-exported)
 from smoe.reference_ot import plan_gates, sinkhorn, sinkhorn_scaling  # noqa: F401 (re-exported)
 

@@ -7,7 +7,9 @@ tokens, E = 8, k = 2, d = 64, and grouped_mm 6000 rows in uneven groups (one emp
 past offsets[E]) and 384 output columns, in fp32, bf16 and fp16; cosine_scores sees T = 700
 tokens, N = 16 experts, d_e = 8, d = 96, in fp32 and bf16; sinkhorn T = 1500, E = 16, 20
 iterations in fp32 and bf16; momentum_update [24, 4096] (12 CPU blocks) of every kind in fp32 and
-bf16; the layers route 1536 tokens.
+bf16; graph_mix B = 3 sequences of 200 tokens with 56 cached rows, E = 160 (13 row tiles, 2 column
+tiles, 4 grad_A column tiles per sequence) in fp32 and bf16; the layers route 1536 tokens
+(attention-aware routing with causal attention probabilities [6, 4, 256, 256]).
 
 Run as ``python -m tests.determinism_cases OUT N1 [N2 ...] [--layers-only]`` from the repository
 root, it saves ``{n: {case: results}}`` to OUT with :func:`torch.save`: every case (or only the
@@ -23,8 +25,8 @@ import torch
 from torch import Tensor
 
 import smoe  # noqa: F401  (loads the ops)
-from smoe import MoELayer
-from smoe.routing.registry import available_routers
+from smoe import MoELayer, RoutingContext
+from smoe.routing.registry import available_routers, router_info
 
 T, E, K, D = 3000, 8, 2, 64
 M, D_OUT = T * K, 384  # grouped_mm rows and output columns (column blocks of 256 and 128)
@@ -282,6 +284,40 @@ def _momentum_update_backward(device: str) -> Results:
     return out
 
 
+GM_B, GM_S, GM_E, GM_C = 3, 200, 160, 56  # graph_mix: batch, tokens, experts, cached rows
+GM_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _graph_inputs(device: str, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """x [3, 200, 160], A [3, 200, 256] (softmax rows), cache [3, 56, 160]."""
+    x = _randn(GM_B, GM_S, GM_E, salt=33, device=device, dtype=dtype)
+    logits = _randn(GM_B, GM_S, GM_C + GM_S, salt=34, device=device, scale=2.0)
+    cache = _randn(GM_B, GM_C, GM_E, salt=35, device=device, dtype=dtype)
+    return x, torch.softmax(logits, dim=-1).to(dtype), cache
+
+
+def _graph_mix(device: str) -> Results:
+    out = {}
+    for dtype in GM_DTYPES:
+        for lam in (1.0, 0.0):
+            res = torch.ops.smoe.graph_mix.default(
+                *_graph_inputs(device, dtype), self_coef=0.5, lam=lam
+            )
+            out[f"out_lam{lam}_{dtype}"] = res
+    return out
+
+
+def _graph_mix_backward(device: str) -> Results:
+    out = {}
+    for dtype in GM_DTYPES:
+        g = _randn(GM_B, GM_S, GM_E, salt=36, device=device, dtype=dtype)
+        grads = torch.ops.smoe.graph_mix_backward.default(
+            g, *_graph_inputs(device, dtype), self_coef=0.5, lam=1.5
+        )
+        out |= {f"grad_{n}_{dtype}": t for n, t in zip(("x", "A"), grads)}
+    return out
+
+
 OP_CASES: dict[str, Callable[[str], Results]] = {
     "topk_softmax": _topk_softmax,
     "topk_softmax_backward": _topk_softmax_backward,
@@ -302,17 +338,33 @@ OP_CASES: dict[str, Callable[[str], Results]] = {
     "sinkhorn_backward": _sinkhorn_backward,
     "momentum_update": _momentum_update,
     "momentum_update_backward": _momentum_update_backward,
+    "graph_mix": _graph_mix,
+    "graph_mix_backward": _graph_mix_backward,
 }
 
 
 # ---- MoELayer forward + backward, one case per registered router -----------------------------
+LAYER_B, LAYER_S, LAYER_H = 6, 256, 4  # the layer's x [B, S, D]; heads of the attention
+
+
+def _causal_attention(device: str) -> Tensor:
+    """Causal softmax probabilities [6, 4, 256, 256] (for a router that needs attention)."""
+    scores = _randn(LAYER_B, LAYER_H, LAYER_S, LAYER_S, salt=16, device=device, scale=2.0)
+    future = torch.ones(LAYER_S, LAYER_S, dtype=torch.bool, device=device).triu(1)
+    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+
+
 def layer_case(router: str, device: str) -> Results:
-    """MoELayer(64, 128, E=8, k=2, swiglu) in training mode on x [6, 256, 64] (3072 expert rows):
-    output, aux and every gradient."""
+    """MoELayer(64, 128, E=8, k=2, swiglu) in training mode on x [6, 256, 64] (3072 expert rows),
+    with a causal attention [6, 4, 256, 256] for a router that needs one: output, aux and every
+    gradient."""
     torch.manual_seed(SEED)  # parameters and the noisy routers' noise
     layer = MoELayer(D, 2 * D, E, K, activation="swiglu", router=router).to(device)
-    x = _randn(6, 256, D, salt=14, device=device).requires_grad_()
-    y, aux = layer(x)
+    x = _randn(LAYER_B, LAYER_S, D, salt=14, device=device).requires_grad_()
+    context = None
+    if router_info(router).needs_attention:
+        context = RoutingContext(attention=_causal_attention(device))
+    y, aux = layer(x, context)
     roots, grads = [y], [_randn(*y.shape, salt=15, device=device)]
     if aux.loss().requires_grad:  # expert choice has no auxiliary loss
         roots, grads = [y, aux.loss()], [grads[0], None]

@@ -9,6 +9,7 @@ wrapper, fake, autograd. The kernels live in csrc/; nothing numerical happens he
 - :mod:`smoe.ops.xmoe`: ``cosine_scores`` (X-MoE)
 - :mod:`smoe.ops.sinkhorn`: ``sinkhorn`` (SSR, S-BASE)
 - :mod:`smoe.ops.momentum`: ``momentum_update`` (MomentumSMoE, AdamSMoE, Robust MomentumSMoE)
+- :mod:`smoe.ops.graph`: ``graph_mix`` (Similarity-Aware and Attention-Aware routing)
 
 A new router family adds its own module here (and its csrc files), then re-exports it below.
 """
@@ -21,6 +22,7 @@ try:  # each family registers fakes and autograd for ops the compiled _C must de
     from smoe.ops._common import refuse_sparse
     from smoe.ops.dispatch import Plan, combine, make_plan, permute
     from smoe.ops.experts import grouped_mm, swiglu
+    from smoe.ops.graph import graph_mix
     from smoe.ops.momentum import (
         MomentumUpdate,
         RobustCoefficients,
@@ -51,6 +53,7 @@ __all__ = [
     "combine",
     "cosine_scores",
     "expert_choice",
+    "graph_mix",
     "grouped_mm",
     "make_plan",
     "momentum_update",

@@ -7,6 +7,7 @@ module; importing it here is what makes the name known.
 from smoe.routing.base import Routing
 from smoe.routing.context import RoutingContext
 from smoe.routing.expert_choice import ExpertChoiceRouter, expert_choice_capacity
+from smoe.routing.graph import AttentionAwareRouter, SimilarityAwareRouter
 from smoe.routing.momentum import MOMENTUM_ROUTERS
 from smoe.routing.registry import (
     RouterInfo,
@@ -22,12 +23,14 @@ from smoe.routing.vmoe import VMoERouter, vmoe_capacity
 from smoe.routing.xmoe import XMoERouter
 
 __all__ = [
+    "AttentionAwareRouter",
     "ExpertChoiceRouter",
     "MOMENTUM_ROUTERS",
     "RouterInfo",
     "Routing",
     "RoutingContext",
     "SelectiveSinkhornRouter",
+    "SimilarityAwareRouter",
     "SinkhornRouter",
     "TopKRouter",
     "VMoERouter",

@@ -27,13 +27,15 @@ forks one child per case, and must run no torch op before forking.
 The tables live beside this file, one per op family: ``cases_routing.py`` (topk_softmax,
 expert_choice), ``cases_dispatch.py`` (make_plan, permute, combine), ``cases_experts.py``
 (grouped_mm, swiglu, the Experts module), ``cases_xmoe.py`` (cosine_scores),
-``cases_sinkhorn.py`` (sinkhorn), ``cases_momentum.py`` (momentum_update),
-``cases_modules.py`` (MoELayer with each router, the routers' constructors) and
-``cases_models.py`` (smoe.models' constructors).
+``cases_sinkhorn.py`` (sinkhorn), ``cases_momentum.py`` (momentum_update), ``cases_graph.py``
+(graph_mix), ``cases_modules.py`` (MoELayer with each router, the routers' constructors),
+``cases_graph_routers.py`` (the graph-of-tokens routers, their context) and ``cases_models.py``
+(smoe.models' constructors).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -142,6 +144,20 @@ class Dev:
     def huge(self, rows: int, like: torch.Tensor) -> torch.Tensor:
         """``like``'s first row repeated ``rows`` times as a stride-0 view: no allocation."""
         return like[:1].expand(rows, *like.shape[1:])
+
+
+def context_for(d: Dev, router: str, x: torch.Tensor):
+    """The RoutingContext a router that needs attention gets with tokens ``x [..., d]``: causal
+    uniform probabilities ``[1, 1, T, T]`` on the device under test (x's T tokens, one
+    sequence); None for the other routers."""
+    from smoe import RoutingContext
+    from smoe.routing import router_info
+
+    if not router_info(router).needs_attention:
+        return None
+    T = math.prod(x.shape[:-1])
+    a = torch.ones(T, T, device=d.device).tril()
+    return RoutingContext(attention=(a / a.sum(-1, keepdim=True))[None, None])
 
 
 def arg(name: str) -> str:
@@ -254,6 +270,8 @@ def all_cases() -> list[Case]:
     from tests.bad_inputs import (
         cases_dispatch,
         cases_experts,
+        cases_graph,
+        cases_graph_routers,
         cases_models,
         cases_modules,
         cases_momentum,
@@ -269,7 +287,9 @@ def all_cases() -> list[Case]:
         *cases_xmoe.CASES,
         *cases_sinkhorn.CASES,
         *cases_momentum.CASES,
+        *cases_graph.CASES,
         *cases_modules.CASES,
+        *cases_graph_routers.CASES,
         *cases_models.CASES,
     ]
     seen: set[str] = set()

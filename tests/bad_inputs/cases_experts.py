@@ -206,7 +206,7 @@ _experts_cases = [
     _case(
         "activation unknown",
         "config",
-        lambda d: _experts(d, activation="relu"),
+        lambda d: _experts(d, activation="bogus"),
         error(arg("activation"), ValueError),
     ),
     _case(

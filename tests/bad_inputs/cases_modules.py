@@ -3,8 +3,9 @@ factories.
 
 ``ROUTER_ROWS`` lists every registered router by name, each with its own misconfigurations; every
 listed router also gets the shared rows (an unknown option, ``d_model = 0``, ``num_experts = 0``)
-and MoELayer rows (NaN tokens, a wrong token width, integer tokens, tokens on the other device).
-A router registered without an entry here fails ``test_matrix.py``'s gate.
+and MoELayer rows (NaN tokens, a wrong token width, integer tokens, tokens on the other device),
+with attention for a router that needs it. The graph-of-tokens routers' rows are in
+cases_graph_routers.py. A router registered without rows fails ``test_matrix.py``'s gate.
 
 NaN tokens: an error naming the router's ``logits`` (a NaN token makes a NaN logit row; the
 routing ops refuse it, CPU: RuntimeError, CUDA: the documented asynchronous device assert).
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 import smoe
-from tests.bad_inputs.cases import ASYNC_ASSERT, Case, Expect, arg, defined, error
+from tests.bad_inputs.cases import ASYNC_ASSERT, Case, Expect, arg, context_for, defined, error
 
 D_MODEL, D_FF, NUM_E, TOKENS = 8, 16, 4, 6
 
@@ -37,7 +38,8 @@ def _layer(d, **kw: Any) -> smoe.MoELayer:
 def _forward(router: str, make_x, **kw: Any):
     def fn(d):
         layer = _layer(d, router=router, **kw)
-        return layer(make_x(d))
+        x = make_x(d)
+        return layer(x, context_for(d, router, x))
 
     return fn
 
@@ -171,7 +173,9 @@ def _nan_case(layer: str, name: str) -> Case:
     )
 
 
-def _router_cases(name: str) -> list[Case]:
+def router_cases(name: str, own: list[tuple[str, dict[str, Any], str]]) -> list[Case]:
+    """The rows of router ``name``: the shared ones, then its ``own`` misconfigurations (label,
+    options, the argument the error names), then the shared MoELayer rows."""
     target = f"router:{name}"
     cases = [
         _case(
@@ -196,7 +200,7 @@ def _router_cases(name: str) -> list[Case]:
             error(arg("num_experts"), ValueError),
         ),
     ]
-    for label, options, pattern in ROUTER_ROWS[name]:
+    for label, options, pattern in own:
         opts = dict(options)
         k = opts.pop("k", 2)
         fn = _build(name, D_MODEL, NUM_E, k, **opts)
@@ -269,7 +273,7 @@ _moe_cases = [
         _MOE,
         "activation unknown",
         "config",
-        _moe(activation="relu"),
+        _moe(activation="bogus"),
         error(arg("activation"), ValueError),
     ),
     _case(
@@ -401,6 +405,6 @@ _moe_cases = [
 
 
 CASES: list[Case] = [
-    *(c for name in ROUTER_ROWS for c in _router_cases(name)),
+    *(c for name, own in ROUTER_ROWS.items() for c in router_cases(name, own)),
     *_moe_cases,
 ]

@@ -22,12 +22,15 @@ from torch import Tensor, nn
 import smoe.models
 from smoe import (
     MOMENTUM_ROUTERS,
+    AttentionAwareRouter,
     ExpertChoiceRouter,
     Experts,
     MoELayer,
     MomentumMoE,
     MomentumState,
+    RoutingContext,
     SelectiveSinkhornRouter,
+    SimilarityAwareRouter,
     SinkhornRouter,
     SMoEVAE,
     TopKRouter,
@@ -55,6 +58,8 @@ LAYER_ROUTERS: dict[str, dict[str, Any]] = {
     "xmoe_community": {},
     "ssr": {},
     "sinkhorn": {},
+    "similarity_aware": {},
+    "attention_aware": {},
     "momentum": {},
     "adam": {},
     "robust_momentum": {},
@@ -101,9 +106,23 @@ def _run_router(router: nn.Module, x: Tensor) -> Outputs:
     return {"expert": r.expert, "weight": r.weight, "logits": r.logits}
 
 
-def _run_layer(layer: nn.Module, x: Tensor) -> Outputs:
-    y, aux = layer(x)
+def _run_layer(layer: nn.Module, x: Tensor, attention: Tensor | None = None) -> Outputs:
+    y, aux = layer(x, None if attention is None else RoutingContext(attention=attention))
     return {"y": y, "tokens_per_expert": aux.tokens_per_expert}
+
+
+def _tokens_and_attention(g: torch.Generator) -> tuple[Tensor, ...]:
+    """x [2, 3, D] and causal attention probabilities [2, 2, 3, 3] (2 heads)."""
+    scores = torch.randn(2, 2, 3, 3, generator=g)
+    future = torch.ones(3, 3, dtype=torch.bool).triu(1)
+    return torch.randn(2, 3, D, generator=g), scores.masked_fill(future, -torch.inf).softmax(-1)
+
+
+def _run_graph_router(router: nn.Module, x: Tensor, attention: Tensor | None = None) -> Outputs:
+    """A graph-of-tokens router on x [2, 3, D] flattened: two causal sequences of 3 tokens."""
+    context = RoutingContext(batch_shape=(2, 3), causal=True, attention=attention)
+    r = router(x.reshape(-1, x.shape[-1]), context)
+    return {"expert": r.expert, "weight": r.weight, "logits": r.logits}
 
 
 def _run_momentum(layer: nn.Module, x: Tensor) -> Outputs:
@@ -113,10 +132,11 @@ def _run_momentum(layer: nn.Module, x: Tensor) -> Outputs:
 
 def _layer(router: str) -> Entry:
     options = LAYER_ROUTERS[router]
+    attention = registry.router_info(router).needs_attention
     return Entry(
         f"MoELayer-{router}",
         lambda: MoELayer(D, D_FF, E, K, router=router, router_options=options),
-        _tokens(2, 3, D),
+        _tokens_and_attention if attention else _tokens(2, 3, D),
         _run_layer,
         # the momentum routers' layers differ from top-k's by a bias: .pt only, to stay small
         safetensors=router not in MOMENTUM_ROUTERS,
@@ -128,6 +148,12 @@ def _build_vit() -> nn.Module:
 
     vit = quickdraw_vit(3, embed_dim=D, depth=2, num_heads=2, patch_size=4, img_size=8)
     return vmoe_vit(vit, E, K, every=2, group_images=2)
+
+
+def _build_momentum_vit() -> nn.Module:
+    from smoe.models import momentum_vit
+
+    return momentum_vit(_build_vit(), "robust")
 
 
 def _run_vit(vit: nn.Module, images: Tensor) -> Outputs:
@@ -164,8 +190,26 @@ CATALOGUE: dict[str, Entry] = {
             _run_router,
         ),
         Entry("SinkhornRouter", lambda: SinkhornRouter(D, E, K), _tokens(6, D), _run_router),
+        Entry(
+            "SimilarityAwareRouter",
+            lambda: SimilarityAwareRouter(D, E, K, bias=True),
+            _tokens(2, 3, D),
+            _run_graph_router,
+        ),
+        Entry(
+            "AttentionAwareRouter",
+            lambda: AttentionAwareRouter(D, E, K, bias=True),
+            _tokens_and_attention,
+            _run_graph_router,
+        ),
         *(_layer(name) for name in LAYER_ROUTERS),
         Entry("vmoe_vit", _build_vit, lambda g: (torch.randn(2, 1, 8, 8, generator=g),), _run_vit),
+        Entry(
+            "momentum_vit",
+            _build_momentum_vit,
+            lambda g: (torch.randn(2, 1, 8, 8, generator=g),),
+            _run_vit,
+        ),
         # The VAE's convolutional encoder has a fixed width (93 k parameters at any latent size):
         # its fixture is saved in bf16 and only as .pt, to keep the committed fixtures small.
         Entry(

@@ -15,6 +15,7 @@ import torch
 from hypothesis import strategies as st
 from torch import Tensor
 
+from tests.fuzz.strategies_graph import graph_cases
 from tests.fuzz.strategies_momentum import momentum_cases
 from tests.fuzz.strategies_sinkhorn import sinkhorn_cases
 from tests.fuzz.strategies_xmoe import cosine_scores_cases
@@ -358,6 +359,7 @@ OP_STRATEGIES = {
     "cosine_scores": cosine_scores_cases,
     "sinkhorn": sinkhorn_cases,  # tests/fuzz/strategies_sinkhorn.py
     "momentum_update": momentum_cases,  # tests/fuzz/strategies_momentum.py
+    "graph_mix": graph_cases,  # tests/fuzz/strategies_graph.py
 }
 
 # Each backward op -> the forward whose fuzz test exercises it.
@@ -371,6 +373,7 @@ BACKWARD_OF = {
     "cosine_scores_backward": "cosine_scores",
     "sinkhorn_backward": "sinkhorn",
     "momentum_update_backward": "momentum_update",
+    "graph_mix_backward": "graph_mix",
 }
 
 # Each registered router -> the reference its layer is checked against (test_fuzz_layer.py):
@@ -383,6 +386,8 @@ BACKWARD_OF = {
 # selected scores) + make_plan(capacity) + routed_moe, plus (1 - Σ kept g) x for mix="interpolate".
 # "ssr" (p in {0, 1}, so every draw is decided) and "sinkhorn" (S-BASE): the router's own
 # decisions, as "dispatch" (the op is fuzzed against reference.sinkhorn on its own).
+# "graph" (Similarity-/Attention-Aware): reference.similarity_aware_routing or
+# attention_aware_routing (z, A, the mix, top-k, the weights) + make_plan(capacity) + routed_moe.
 LAYER_ROUTERS = {
     "topk": "topk",
     "switch": "topk",
@@ -393,6 +398,8 @@ LAYER_ROUTERS = {
     "xmoe_community": "xmoe",
     "ssr": "ssr",
     "sinkhorn": "sinkhorn",
+    "similarity_aware": "graph",
+    "attention_aware": "graph",
     # the stack-level momentum methods' gate: a TopKRouter with a bias and no aux loss
     "momentum": "topk",
     "adam": "topk",

@@ -1,7 +1,8 @@
 """Layer-level fuzz: smoe.MoELayer with every registered router, drawn sizes (T = 0 and 1
 included), dtypes and options. Checked on each draw: the output's shape and dtype, finite output
 and aux losses, a bitwise rerun, float64 parity (output and gradients) with the reference path of
-the router (strategies.LAYER_ROUTERS), and a backward with finite gradients in every dtype."""
+the router (strategies.LAYER_ROUTERS; the reference: layer_reference.py), and a backward with
+finite gradients in every dtype."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import smoe
-from smoe import reference as ref
 from smoe.routing import RoutingContext
 from smoe.routing.registry import available_routers, router_info
+from tests.fuzz.layer_reference import reference_output
 from tests.fuzz.properties import assert_bitwise_equal, assert_values
 from tests.fuzz.strategies import LAYER_ROUTERS
 from tests.fuzz.values import Values, dtype_of, dtypes, fuzz_settings, materialize, values
@@ -27,7 +28,9 @@ LAYER_SPECIALS = ("zero", "neg_zero", "one", "neg_one", "subnormal", "neg_subnor
 
 class LayerCase(NamedTuple):
     """An ``smoe.MoELayer`` draw: x ``[B, S, d]`` (or flat ``[B*S, d]``), the layer's sizes and
-    options, the router's ``options`` (a tuple of pairs) and the seed of its parameters."""
+    options, the router's ``options`` (a tuple of pairs) and the seed of its parameters. A router
+    that needs attention gets softmax probabilities ``[B, heads, S, S]`` (``[B, S, S]`` at
+    heads = 0), causal ones if ``causal_attention``."""
 
     B: int
     S: int
@@ -44,12 +47,41 @@ class LayerCase(NamedTuple):
     training: bool
     seed: int
     x: Values
+    heads: int = 0
+    causal_attention: bool = False
+
+
+def _graph_options(draw, name: str, S: int) -> list[tuple[str, object]]:
+    """Similarity-/Attention-Aware: λ up to 2 for poe (1 for the convex mixes, 0 included: the
+    plain gate); window and top-m up to the sequence length S."""
+    mix = draw(st.sampled_from(["poe", "logits", "probs"]))
+    opts = [
+        ("mix", mix),
+        ("lam", draw(st.none() | st.just(0.0) | st.floats(0.0, 2.0 if mix == "poe" else 1.0))),
+        ("causal", draw(st.sampled_from([None, True, False]))),
+        ("detach_graph", draw(st.booleans())),
+        ("top1_weight", draw(st.sampled_from(["one", "prob"]))),
+        ("bias", draw(st.booleans())),
+    ]
+    if name == "attention_aware":
+        return [*opts, ("heads", draw(st.sampled_from(["mean", "max", 0])))]
+    near = st.none() | st.integers(1, max(S, 1))
+    return [
+        *opts,
+        ("sim", draw(st.sampled_from(["dot", "cosine", "router"]))),
+        ("tau", draw(st.sampled_from([0.1, 1.0, 10.0]))),
+        ("window", draw(near)),
+        ("topm", draw(near)),
+        ("fused", draw(st.booleans())),
+    ]
 
 
 def _router_options(
-    draw, kind: str, name: str, T: int, E: int, dtype: str
+    draw, kind: str, name: str, T: int, S: int, E: int, dtype: str
 ) -> tuple[tuple[str, object], ...]:
     groups = st.none() | st.integers(1, max(T, 1) + 1)
+    if kind == "graph":
+        return tuple(_graph_options(draw, name, S))
     if kind == "vmoe":
         return (
             ("capacity_factor", draw(st.sampled_from([None, 0.25, 1.05, 2.0]))),
@@ -104,10 +136,14 @@ def layer_cases(draw, router: str) -> LayerCase:
     B, S = draw(st.integers(1, 3)), draw(st.integers(0, 8))
     E = draw(st.integers(1, 8))
     dtype = draw(dtypes)
+    flat = draw(st.booleans())
+    attention = router_info(router).needs_attention
+    # the sequence a similarity graph spans: all tokens for flat x (one sequence)
+    seq = B * S if flat else S
     return LayerCase(
         B=B,
         S=S,
-        flat=draw(st.booleans()),
+        flat=flat,
         d=draw(st.integers(1, 16)),
         d_ff=draw(st.integers(1, 16)),
         E=E,
@@ -117,12 +153,16 @@ def layer_cases(draw, router: str) -> LayerCase:
         bias=draw(st.booleans()),
         # the layer's capacity: only for routers that leave the plan to it
         capacity_factor=(
-            draw(st.sampled_from([None, 0.5, 1.0, 2.0])) if kind in ("topk", "xmoe") else None
+            draw(st.sampled_from([None, 0.5, 1.0, 2.0]))
+            if kind in ("topk", "xmoe", "graph")
+            else None
         ),
-        options=_router_options(draw, kind, router, B * S, E, dtype),
+        options=_router_options(draw, kind, router, B * S, seq, E, dtype),
         training=draw(st.booleans()),
         seed=draw(st.integers(0, 2**31 - 1)),
         x=draw(values(LAYER_SPECIALS)),
+        heads=draw(st.integers(0, 3)) if attention else 0,
+        causal_attention=draw(st.booleans()) if attention else False,
     )
 
 
@@ -154,7 +194,11 @@ def build(name: str, case: LayerCase):
     attention = None
     if info.needs_attention:
         g = torch.Generator().manual_seed(case.seed)
-        scores = torch.randn(case.B, case.S, case.S, generator=g, dtype=torch.float64)
+        shape = (case.B, case.heads, case.S, case.S) if case.heads else (case.B, case.S, case.S)
+        scores = torch.randn(*shape, generator=g, dtype=torch.float64)
+        if case.causal_attention:
+            future = torch.ones(case.S, case.S, dtype=torch.bool).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
         attention = scores.softmax(-1).to(dt)
     return layer, x, RoutingContext(attention=attention)
 
@@ -162,130 +206,6 @@ def build(name: str, case: LayerCase):
 def run(layer, x, context, seed: int):
     torch.manual_seed(seed)  # the noise a router draws in training
     return layer(x, context)
-
-
-def xmoe_routing(router, flat):
-    """(expert, weight) of X-MoE in float64: reference.cosine_scores on the router's parameters,
-    then reference.xmoe_gate (paper) or the softmax over the k raw selected scores (community,
-    specs/xmoe.md §11). The top-k must be the router's up to float64 rounding of near-ties."""
-    with torch.no_grad():  # first: in training it re-projects E in place, as the layer did
-        mine = router(flat).expert
-    cos, _ = ref.cosine_scores(
-        flat,
-        router.proj,
-        router.expert_emb,
-        router.temperature,
-        normalize_tokens=not router.community,
-    )
-    tau = router.temperature.double().clamp_min(1e-4)
-    if router.community:
-        expert = torch.sort(-cos.detach(), dim=-1, stable=True).indices[:, : router.k]
-        expert = expert.to(torch.int32)
-    else:
-        expert, _ = ref.xmoe_gate(cos.detach(), tau.item(), router.k, gate=router.gate)
-    # the selection as the router made it, if it differs only where scores tie up to rounding
-    if not torch.equal(mine, expert):
-        picked, best = cos.gather(1, mine.long()), cos.gather(1, expert.long())
-        assert torch.allclose(picked, best, rtol=1e-12, atol=1e-12), "X-MoE chose others"
-        expert = mine
-    s = torch.gather(cos / tau, 1, expert.long())
-    if router.gate == "sigmoid":
-        weight = torch.sigmoid(s)
-    elif router.k == 1 and not router.community:
-        weight = torch.gather(torch.softmax(cos / tau, dim=-1), 1, expert.long())
-    else:
-        weight = torch.softmax(s, dim=-1)
-    return expert, weight
-
-
-def kept_and_weights(kind: str, layer, flat, context, seed, capacity):
-    """(expert, weight, kept) [T, *] of the reference routing of ``kind`` in float64."""
-    router, E, T = layer.router, layer.num_experts, flat.shape[0]
-    if kind == "xmoe":
-        expert, weight = xmoe_routing(router, flat)
-        return expert, weight, ref.make_plan(expert, E, capacity=capacity).kept
-    logits = flat @ router.weight.T
-    if getattr(router, "bias", None) is not None:  # TopKRouter(bias=True): the momentum gate
-        logits = logits + router.bias
-    if kind == "topk":
-        weight, expert = ref.topk_softmax(logits, router.k, renormalize=router.renormalize)
-        return expert, weight, ref.make_plan(expert, E, capacity=capacity).kept
-    if kind == "vmoe":
-        weight, expert = ref.topk_softmax(logits, router.k, renormalize=False)
-        prio = None
-        if router.batch_priority:
-            prio = weight[:, 0] if router.priority == "max" else weight.sum(1)
-        plan = ref.make_plan(
-            expert, E, capacity=router.capacity(T), priority=prio, group_size=router.group_size
-        )
-        if prio is not None:
-            # Priorities equal up to rounding (e.g. "sum_topk" at k = E sums to 1 +- ulp for
-            # every token) order tokens by summation-order noise: there, accept the router's own
-            # kept set if the tokens it keeps differently tie with each other within rounding.
-            torch.manual_seed(seed)
-            own = router(flat, context=context).plan.kept
-            differ = (own != plan.kept).any(dim=1)
-            if differ.any():
-                spread = prio[differ].max() - prio[differ].min()
-                if spread <= 64 * torch.finfo(prio.dtype).eps * prio.abs().max():
-                    return expert, weight, own
-        return expert, weight, plan.kept
-    if kind == "expert_choice":
-        weight, plan = ref.expert_choice(logits, router.capacity(T), group_size=router.group_size)
-        expert = torch.where(plan.kept, torch.arange(E, dtype=torch.int32), -1)
-        return expert, weight, plan.kept
-    # "dispatch": the router's own decisions (its noise redrawn from the same seed)
-    torch.manual_seed(seed)
-    routing = router(flat, context=context)
-    kept = routing.plan.kept if routing.plan is not None else None
-    if kept is None:
-        kept = ref.make_plan(routing.expert, E, capacity=capacity).kept
-    return routing.expert, routing.weight, kept
-
-
-def reference_output(kind: str, layer, x, context, seed):
-    """The float64 reference of the layer's output for routers of ``kind``."""
-    flat = x.reshape(-1, x.shape[-1])
-    capacity = None
-    if layer.capacity_factor is not None:
-        k, T = layer.router.k, flat.shape[0]
-        capacity = ref.capacity_for(T, k, layer.num_experts, layer.capacity_factor)
-    ex = layer.experts
-    if kind == "topk" and ex.b_in is None and not noisy(layer):
-        return ref.moe_layer(
-            x,
-            layer.router.weight,
-            ex.w_in,
-            ex.w_out,
-            layer.router.k,
-            activation=ex.activation,
-            renormalize=layer.router.renormalize,
-            capacity=capacity,
-        )
-    if noisy(layer):
-        kind = "dispatch"
-    context = context._replace(batch_shape=tuple(x.shape[:-1]))  # as the layer fills it in
-    expert, weight, kept = kept_and_weights(kind, layer, flat, context, seed, capacity)
-    out = ref.routed_moe(
-        flat,
-        expert,
-        weight,
-        kept,
-        ex.w_in,
-        ex.w_out,
-        activation=ex.activation,
-        b_in=ex.b_in,
-        b_out=ex.b_out,
-    )
-    if getattr(layer.router, "mix", "gate") == "interpolate":  # X-MoE: + (1 - Σ kept g) x
-        out = out + (1 - (weight.double() * kept).sum(-1, keepdim=True)) * flat.double()
-    return out.reshape(x.shape)
-
-
-def noisy(layer) -> bool:
-    """Whether the router draws noise now (then only its dispatch is compared)."""
-    r = layer.router
-    return layer.training and (getattr(r, "noisy", False) or getattr(r, "noise_std", 0) > 0)
 
 
 def check_layer(name: str, case: LayerCase) -> None:
@@ -388,6 +308,26 @@ EXAMPLES = {
             seed=0,
             x=Values(seed=1),
         )
+    ],
+    # Not found by the fuzz: derandomised draws of the ci profile are mostly E = 1 or λ = 0, where
+    # the graph does not change the output; these make every run compare a mixed routing.
+    "similarity_aware": [
+        EMPTY._replace(S=5, d=4, E=4, k=2, options=options, x=Values(3))
+        for options in (
+            (("mix", "poe"), ("causal", True), ("topm", 2), ("fused", False)),
+            (("mix", "probs"), ("sim", "cosine"), ("tau", 0.1), ("window", 2), ("bias", True)),
+            (("mix", "logits"), ("sim", "router"), ("lam", 0.7), ("detach_graph", True)),
+        )
+    ]
+    + [EMPTY._replace(S=4, flat=True, d=4, E=3, options=(("top1_weight", "prob"),), x=Values(4))],
+    "attention_aware": [
+        EMPTY._replace(S=4, d=4, E=4, k=2, heads=3, causal_attention=True, x=Values(5)),
+        EMPTY._replace(
+            S=4, flat=True, d=4, E=3, k=2, heads=2, options=(("heads", "max"), ("mix", "probs"))
+        ),
+        EMPTY._replace(
+            S=3, d=4, E=3, options=(("heads", 0), ("top1_weight", "prob"), ("lam", 1.5))
+        ),
     ],
 }
 

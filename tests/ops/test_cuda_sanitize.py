@@ -42,6 +42,8 @@ COVERED = {
     "sinkhorn_backward": "test_sinkhorn_forward_backward",
     "momentum_update": "test_momentum_update_forward_backward",
     "momentum_update_backward": "test_momentum_update_forward_backward",
+    "graph_mix": "test_graph_mix_forward_backward",
+    "graph_mix_backward": "test_graph_mix_forward_backward",
 }
 
 
@@ -137,4 +139,24 @@ def test_momentum_update_forward_backward(shape, dtype):
         (out.delta.float().square().sum() + out.m.sum()).backward()
     torch.cuda.synchronize()
     for g in (leaf.grad, m.grad, p.grad, v.grad):
+        assert torch.isfinite(g.float()).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.sanitize
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "B, S, E, C", [(0, 4, 3, None), (2, 0, 3, 2), (1, 1, 1, None), (2, 33, 20, 7), (2, 300, 40, 64)]
+)
+def test_graph_mix_forward_backward(B, S, E, C, dtype):
+    kw = {"device": "cuda", "dtype": dtype, "requires_grad": True}
+    wide = torch.randn(B, S, 2 * E, **kw)
+    x = wide[..., ::2]  # strided rows
+    A = torch.randn(B, S, S + (C or 0), **kw)
+    cache = torch.randn(B, C, E, device="cuda", dtype=dtype) if C is not None else None
+    for lam in (1.0, 0.0):  # lam = 0 reads neither A nor the cache
+        out = ops.graph_mix(x, A.softmax(dim=-1), self_coef=0.5, lam=lam, cache=cache)
+        (out.float().square().sum()).backward()
+    torch.cuda.synchronize()
+    for g in (wide.grad, A.grad):
         assert torch.isfinite(g.float()).all()

@@ -61,6 +61,12 @@ def momentum_update():  # Adam: its backward depends on u (heavy ball's is linea
     return u, ops.momentum_update(u, m, p, v, kind="adam").delta
 
 
+def graph_mix():  # linear in x, but d/dx of a square of it depends on x (the upstream 2y)
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    A = torch.rand(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    return x, ops.graph_mix(x, A, cache=torch.randn(2, 2, 3, dtype=torch.float64))
+
+
 MAKERS = [
     topk_softmax,
     expert_choice,
@@ -71,6 +77,7 @@ MAKERS = [
     cosine_scores,
     sinkhorn,
     momentum_update,
+    graph_mix,
 ]
 
 

@@ -1,0 +1,172 @@
+"""Graph ops: the token mixing of Similarity-Aware and Attention-Aware (S)MoE routing.
+
+One section per op, in schema order (csrc/registration.cpp): wrapper, fake, autograd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from smoe.ops._common import FLOATS, check_devices, refuse_double_backward
+
+__all__ = ["graph_mix"]
+
+_DEFAULTS = dict(self_coef=1.0, lam=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# graph_mix
+# ---------------------------------------------------------------------------------------------
+def _option_error(self_coef: float, lam: float) -> str | None:
+    """The first message on a bad option (the C++ checks' order), or None. NaN fails each."""
+    if not -math.inf < self_coef < math.inf:  # comparisons, not math.isfinite: dynamo traces them
+        return f"self_coef must be finite, got {self_coef}"
+    if not 0.0 <= lam < math.inf:
+        return f"lam must be >= 0 and finite, got {lam}"
+    return None
+
+
+def graph_mix(
+    x: Tensor,
+    A: Tensor,
+    *,
+    self_coef: float = 1.0,
+    lam: float = 1.0,
+    cache: Tensor | None = None,
+) -> Tensor:
+    """Mix per-token routing scores over a graph of the tokens of each sequence.
+
+    Spec: specs/graph_routing.md §2 (the mixing rules), §2.3 (``memory="cache"``), §5 (forward and
+    backward). Per batch entry b::
+
+        out[b] = self_coef · x[b] + lam · A[b] @ x'[b],   x' = cat(cache, x, dim=1)  (or x)
+
+    With x the router logits z, ``self_coef=1`` is the product-of-experts mix ("poe") and
+    ``self_coef=1-lam`` the geometric ("logits") one; with x the probabilities p, ``1-lam`` is the
+    arithmetic ("probs") one. ``lam=0`` drops the graph term: the result is exactly
+    ``self_coef · x`` (A and the cache are not read, so non-finite entries there do not leak).
+
+    Args:
+        x: [B, S, E] scores of the S tokens of each of B sequences; float32, float16, bfloat16 or
+            float64; may be strided.
+        A: [B, S, S'] the graph (row-stochastic in the routers, not required here), x's dtype and
+            device; S' = S, or C + S with a cache. Columns j < C weigh cached rows.
+        self_coef: the weight of each token's own scores, finite.
+        lam: the weight of the graph term, finite and >= 0.
+        cache: None, or [B, C, E] scores of C earlier tokens (x's dtype and device) that A's first
+            C columns refer to; it gets no gradient.
+
+    Returns:
+        Tensor: [B, S, E] in x's dtype, contiguous. Sums in float32 (float64 for float64).
+        Differentiable w.r.t. x and A (``graph_mix_backward``; double backward is refused).
+
+    Raises:
+        ValueError: a non-finite self_coef, or lam < 0 or non-finite. RuntimeError (from the op):
+            ranks, shapes (naming the expected one), dtypes or devices of x, A and cache.
+
+    Note:
+        Deterministic (every output is summed in a fixed order by one thread, no atomics) and
+        independent of the CPU thread count; no host sync on CUDA. The autograd saves A when x
+        needs a gradient, x and the cache when A does.
+    """
+    problem = _option_error(self_coef, lam)
+    if problem is not None:
+        raise ValueError(f"graph_mix: {problem}")
+    return torch.ops.smoe.graph_mix.default(x, A, cache, self_coef=self_coef, lam=lam)
+
+
+def _check_graph_inputs(op: str, x: Tensor, A: Tensor, cache: Tensor | None, kw: dict) -> None:
+    """The fakes' checks, in the C++ checks' order (messages name the argument)."""
+    check_devices(op, x=x, A=A, cache=cache)
+    torch._check(
+        x.dtype in FLOATS,
+        lambda: f"smoe::{op}: x must be float32, float64, float16 or bfloat16, got {x.dtype}",
+    )
+    for name, t in (("A", A), ("cache", cache)):
+        if t is not None:
+            torch._check(
+                t.dtype == x.dtype,
+                lambda name=name, t=t: f"smoe::{op}: {name} must have x's dtype, got {t.dtype}",
+            )
+    torch._check(x.dim() == 3, lambda: f"smoe::{op}: x must be 3-D [B, S, E], got {x.dim()}-D")
+    torch._check(A.dim() == 3, lambda: f"smoe::{op}: A must be 3-D [B, S, S'], got {A.dim()}-D")
+    B, S, E = x.shape
+    C = 0
+    if cache is not None:
+        torch._check(
+            cache.dim() == 3 and cache.shape[0] == B and cache.shape[2] == E,
+            lambda: (
+                f"smoe::{op}: cache must be [B, C, E] with B = {B} and E = {E} (x's), got "
+                f"shape {tuple(cache.shape)}"
+            ),
+        )
+        C = cache.shape[1]
+    torch._check(
+        A.shape[0] == B and A.shape[1] == S and A.shape[2] == C + S,
+        lambda: (
+            f"smoe::{op}: A must be [B, S, S'] = [{B}, {S}, {C + S}] (S' = C + S), got shape "
+            f"{tuple(A.shape)}"
+        ),
+    )
+    problem = _option_error(kw["self_coef"], kw["lam"])
+    torch._check(problem is None, lambda: f"smoe::{op}: {problem}")
+
+
+@torch.library.register_fake("smoe::graph_mix")
+def _graph_mix_fake(x: Tensor, A: Tensor, cache: Tensor | None = None, **kwargs) -> Tensor:
+    _check_graph_inputs("graph_mix", x, A, cache, _DEFAULTS | kwargs)
+    return x.new_empty(x.shape)
+
+
+def _setup_context_graph_mix(ctx, inputs, keyword_only_inputs, output) -> None:
+    x, A, cache = inputs
+    ctx.kw = _DEFAULTS | dict(keyword_only_inputs)
+    ctx.need_x, ctx.need_A = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    ctx.has_cache = cache is not None
+    ctx.cache_shape = cache.shape if cache is not None else None
+    # grad_x reads A; grad_A reads x and the cache. A's shape is always needed, so A is saved.
+    ctx.save_for_backward(A, *((x, cache) if ctx.need_A else ()))
+
+
+def _backward_graph_mix(ctx, grad):
+    if ctx.need_A:
+        A, x, cache = ctx.saved_tensors
+    else:  # x and the cache are not read: grad stands in for x (same metadata), zeros for cache
+        (A,) = ctx.saved_tensors
+        x = grad
+        cache = grad.new_zeros(()).expand(ctx.cache_shape) if ctx.has_cache else None
+    grad_x, grad_A = torch.ops.smoe.graph_mix_backward.default(
+        grad, x, A, cache, need_x=ctx.need_x, need_A=ctx.need_A, **ctx.kw
+    )
+    return grad_x if ctx.need_x else None, grad_A if ctx.need_A else None, None
+
+
+@torch.library.register_fake("smoe::graph_mix_backward")
+def _graph_mix_backward_fake(
+    grad: Tensor, x: Tensor, A: Tensor, cache: Tensor | None, **kwargs
+) -> tuple[Tensor, Tensor]:
+    op = "graph_mix_backward"
+    check_devices(op, x=x, grad=grad)
+    kw = dict(need_x=True, need_A=True) | _DEFAULTS | kwargs
+    _check_graph_inputs(op, x, A, cache, kw)
+    torch._check(
+        grad.dtype == x.dtype, lambda: f"smoe::{op}: grad must have x's dtype, got {grad.dtype}"
+    )
+    torch._check(
+        grad.shape == x.shape,
+        lambda: f"smoe::{op}: grad must have x's shape {tuple(x.shape)}, got {tuple(grad.shape)}",
+    )
+    grad_x = x.new_empty(x.shape) if kw["need_x"] else x.new_empty((0,))
+    grad_A = A.new_empty(A.shape) if kw["need_A"] else A.new_empty((0,))
+    return grad_x, grad_A
+
+
+torch.library.register_autograd(
+    "smoe::graph_mix", _backward_graph_mix, setup_context=_setup_context_graph_mix
+)
+
+
+refuse_double_backward("graph_mix")
