@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 import smoe.routing
 from smoe import ops
-from smoe.routing import ExpertChoiceRouter, TopKRouter, VMoERouter
+from smoe.routing import AttentionAwareRouter, ExpertChoiceRouter, TopKRouter, VMoERouter
 
 ROUTER_SHAPES = {"full": [(8192, 256, 8, 2), (8192, 256, 64, 8)], "quick": [(256, 32, 8, 2)]}
 
@@ -68,9 +68,16 @@ def bench_routers(shapes: list[tuple], dtypes: list[str], clock: Clock) -> list[
             contenders: dict[str, Callable[[Tensor], Tensor]] = {}
             for vname, router in router_variants(d, E, k).items():
                 router = router.to(dtype)
+                context = None
+                if isinstance(router, AttentionAwareRouter):
+                    # the block's attention probabilities: one sequence of T tokens, one head,
+                    # causal and uniform over each prefix (its values do not change the cost)
+                    causal = torch.ones(T, T).tril()
+                    attention = (causal / causal.sum(-1, keepdim=True)).view(1, 1, T, T)
+                    context = smoe.routing.RoutingContext(attention=attention.to(dtype))
 
-                def route(x: Tensor, router: nn.Module = router) -> Tensor:
-                    r = router(x)
+                def route(x: Tensor, router: nn.Module = router, context=context) -> Tensor:
+                    r = router(x, context) if context is not None else router(x)
                     return r.weight.sum() + sum(r.aux.values())
 
                 contenders[vname] = route
