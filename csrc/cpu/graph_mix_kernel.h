@@ -14,16 +14,9 @@
 #include <cstring>
 
 #include "common/dtype.h"
+#include "common/inline.h"
 
 namespace smoe::cpu {
-
-#ifndef SMOE_INLINE
-#if defined(__GNUC__)
-#define SMOE_INLINE inline __attribute__((always_inline))
-#else
-#define SMOE_INLINE inline
-#endif
-#endif
 
 constexpr int64_t kGraphRows = 64;  // output rows of one tile (one glue work item)
 constexpr int64_t kGraphK = 256;    // reduction steps packed at a time

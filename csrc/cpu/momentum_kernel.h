@@ -8,17 +8,9 @@
 #include <cstdint>
 
 #include "common/dtype.h"
+#include "common/inline.h"
 
 namespace smoe::cpu {
-
-// Forced inline so that each ISA clone below compiles its own copy of the loops.
-#ifndef SMOE_INLINE
-#if defined(__GNUC__)
-#define SMOE_INLINE inline __attribute__((always_inline))
-#else
-#define SMOE_INLINE inline
-#endif
-#endif
 
 // The kind codes (smoe::ops::MomentumKind).
 constexpr int kMomentumHeavyBall = 0;

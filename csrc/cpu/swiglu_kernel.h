@@ -5,16 +5,10 @@
 #include <cstdint>
 
 #include "common/dtype.h"
+#include "common/inline.h"
 #include "common/math.h"
 
 namespace smoe::cpu {
-
-// Forced inline so that each ISA clone below compiles its own copy of the loop.
-#if defined(__GNUC__)
-#define SMOE_INLINE inline __attribute__((always_inline))
-#else
-#define SMOE_INLINE inline
-#endif
 
 // out[r, c] = silu(h[r, c]) * h[r, f + c]
 template <typename T>
