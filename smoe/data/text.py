@@ -25,6 +25,7 @@ __all__ = [
     "eval_windows",
     "load_text",
     "random_batch",
+    "stream_batch",
     "tiny_shakespeare",
     "word_swap",
 ]
@@ -123,11 +124,37 @@ def random_batch(
     return win[:, :-1], win[:, 1:]
 
 
+def stream_batch(data: Tensor, batch_size: int, context: int, step: int) -> tuple[Tensor, Tensor]:
+    """Transformer-XL training batches: ``data`` cut into ``batch_size`` contiguous streams;
+    batch ``step`` holds the ``step``-th window of ``context`` characters of every stream, so row
+    r of batch t + 1 continues row r of batch t (cycling back to the start of the streams)."""
+    n = (data.numel() - 1) // batch_size  # characters per stream
+    per = n // context  # windows per stream
+    if per < 1:
+        raise ValueError(
+            f"stream_batch: need at least batch_size * context + 1 = "
+            f"{batch_size * context + 1} ids, got {data.numel()}"
+        )
+    start = torch.arange(batch_size) * n + (step % per) * context
+    idx = start.unsqueeze(1) + torch.arange(context + 1)
+    win = data[idx]
+    return win[:, :-1], win[:, 1:]
+
+
 def eval_windows(
-    data: Tensor, batch_size: int, context: int, *, max_batches: int | None = None
+    data: Tensor,
+    batch_size: int,
+    context: int,
+    *,
+    max_batches: int | None = None,
+    stream: bool = False,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Consecutive non-overlapping windows from the start of ``data``, in batches (the same every
-    call): inputs ``[B, S]`` and targets ``[B, S]``. A final partial batch is dropped."""
+    call): inputs ``[B, S]`` and targets ``[B, S]``. A final partial batch is dropped.
+
+    ``stream=False``: batch b holds windows bB … bB + B − 1. ``stream=True`` (for models with a
+    memory across batches): the same windows, arranged so that row r of batch b + 1 continues row
+    r of batch b (row r holds windows r·nb … r·nb + nb − 1 of the nb batches)."""
     n = (data.numel() - 1) // context
     windows = data[: n * context + 1]
     x = windows[:-1].reshape(n, context)
@@ -136,7 +163,10 @@ def eval_windows(
     if max_batches is not None:
         batches = min(batches, max_batches)
     for b in range(batches):
-        sl = slice(b * batch_size, (b + 1) * batch_size)
+        if stream:
+            sl = torch.arange(batch_size) * batches + b
+        else:
+            sl = slice(b * batch_size, (b + 1) * batch_size)
         yield x[sl], y[sl]
 
 

@@ -32,7 +32,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from smoe.data.text import CharCorpus, eval_windows, random_batch, tiny_shakespeare, word_swap
+from smoe.data.text import (
+    CharCorpus,
+    eval_windows,
+    random_batch,
+    stream_batch,
+    tiny_shakespeare,
+    word_swap,
+)
 from smoe.examples.charlm_config import CharLMConfig, lr_at, parse_options, quick_config
 from smoe.metrics import RoutingRecorder, fluctuation_series
 from smoe.models.charlm import LAYOUTS, CharLM
@@ -72,6 +79,9 @@ def build_model(cfg: CharLMConfig, vocab_size: int) -> CharLM:
         activation=cfg.activation,
         expert_bias=cfg.expert_bias,
         expert_dropout=cfg.expert_dropout,
+        attention=cfg.attention,
+        attn_span=cfg.attn_span,
+        xl_memory=cfg.xl_memory,
     )
 
 
@@ -121,7 +131,13 @@ def evaluate(
     try:
         if recorder is not None:
             recorder.attach()
-        for x, y in eval_windows(data, cfg.batch_size, cfg.context, max_batches=cfg.eval_batches):
+        stream = _streams(cfg)
+        if stream:
+            model.reset_memory()  # every evaluation starts from an empty memory
+        batches = eval_windows(
+            data, cfg.batch_size, cfg.context, max_batches=cfg.eval_batches, stream=stream
+        )
+        for x, y in batches:
             logits, _ = model(x)
             total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
             count += y.numel()
@@ -130,6 +146,11 @@ def evaluate(
             recorder.detach()
         model.train(was_training)
     return total / max(count, 1)
+
+
+def _streams(cfg: CharLMConfig) -> bool:
+    """Whether batches are streams (a Transformer-XL memory carried across batches)."""
+    return cfg.attention == "xl" and cfg.xl_memory
 
 
 def late_mean(values: list[float], fraction: float = 0.5) -> float:
@@ -209,7 +230,10 @@ def _run(
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
-        x, y = random_batch(corpus.train, cfg.batch_size, cfg.context, gen)
+        if _streams(cfg):  # Transformer-XL: consecutive segments of fixed streams
+            x, y = stream_batch(corpus.train, cfg.batch_size, cfg.context, step)
+        else:
+            x, y = random_batch(corpus.train, cfg.batch_size, cfg.context, gen)
         t0 = time.perf_counter()
         loss = train_step(model, opt, x, y, cfg, step)
         step_times.append(time.perf_counter() - t0)

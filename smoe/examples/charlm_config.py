@@ -50,6 +50,11 @@ class CharLMConfig:
     activation: str = "gelu"
     expert_bias: bool = False
     expert_dropout: float = 0.0
+    # "causal" (the leaderboard) or "xl": Transformer-XL attention over the previous attn_span
+    # tokens (None: context) with a memory carried across batches when xl_memory (see CharLM)
+    attention: str = "causal"
+    attn_span: int | None = None
+    xl_memory: bool = True
     # coefficients of the routers' auxiliary losses by name (MoEAux.loss; unnamed ones take
     # smoe.losses.DEFAULT_LOSS_WEIGHTS), e.g. {"balance": 0.01, "z": 0.0}
     aux_weights: dict[str, float] = field(default_factory=dict)

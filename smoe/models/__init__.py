@@ -1,6 +1,7 @@
 """Models built on smoe's ops: SMoE-VAE (specs/smoe_vae_quickdraw.md) and V-MoE on timm's ViT
 (specs/vmoe.md; timm is imported only when a ViT is built), and MomentumV-MoE / Robust
-MomentumV-MoE on it (specs/momentum_smoe.md §6)."""
+MomentumV-MoE on it (specs/momentum_smoe.md §6), and Transformer-XL attention (the char-LM's
+``attention="xl"``, specs/graph_routing.md §2.3)."""
 
 from smoe.models.vae import SMoEVAE, VAELoss, VAEOutput
 from smoe.models.vit import MoEMlp, moe_block_indices, quickdraw_vit, tokens_per_image, vmoe_vit
@@ -12,6 +13,7 @@ from smoe.models.vit_control import (
     set_capacity_factor,
 )
 from smoe.models.vit_momentum import MomentumBlock, MomentumViT, momentum_vit, momentum_vmoe_vit
+from smoe.models.xl import XLAttention
 
 __all__ = [
     "MoEMlp",
@@ -20,6 +22,7 @@ __all__ = [
     "SMoEVAE",
     "VAELoss",
     "VAEOutput",
+    "XLAttention",
     "moe_aux_loss",
     "moe_auxes",
     "moe_block_indices",

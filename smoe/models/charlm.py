@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smoe.layer import MoEAux, MoELayer
+from smoe.models.xl import XLAttention
 from smoe.momentum import MomentumMoE, MomentumState
 from smoe.routing.context import RoutingContext
 from smoe.routing.registry import registered_info, router_info
 
-__all__ = ["LAYOUTS", "CausalSelfAttention", "CharLM", "DenseFFN", "LMBlock"]
+__all__ = ["ATTENTIONS", "LAYOUTS", "CausalSelfAttention", "CharLM", "DenseFFN", "LMBlock"]
 
 
 class CausalSelfAttention(nn.Module):
@@ -74,6 +75,7 @@ class DenseFFN(nn.Module):
 
 
 LAYOUTS = ("pre_ln", "post_ln", "pre_ln_out")
+ATTENTIONS = ("causal", "xl")
 
 
 class LMBlock(nn.Module):
@@ -88,6 +90,12 @@ class LMBlock(nn.Module):
     moe_every=2)``). A :class:`smoe.momentum.MomentumMoE` adds its
     ``delta`` where a plain MoE layer adds u, and hands the momentum state on; other layers pass
     the state unchanged.
+
+    ``attn_span=None``: causal self-attention over the block (:class:`CausalSelfAttention`); an
+    int L: Transformer-XL attention over the previous L tokens (:class:`smoe.models.xl.
+    XLAttention`), whose memory ``xl=(h_cache, key_pe)`` the caller hands to ``forward``
+    (h_cache: the block inputs of the previous L tokens; the block applies its ln1 to them as to
+    x). An attention-aware router then gets probabilities ``[B, H, S, L + S]``.
     """
 
     _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
@@ -99,13 +107,17 @@ class LMBlock(nn.Module):
         ffn: nn.Module,
         dropout: float = 0.0,
         layout: str = "pre_ln",
+        attn_span: int | None = None,
     ) -> None:
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"LMBlock: layout must be one of {LAYOUTS}, got {layout!r}")
         self.layout = layout
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_heads, dropout)
+        if attn_span is None:
+            self.attn: nn.Module = CausalSelfAttention(d_model, n_heads, dropout)
+        else:
+            self.attn = XLAttention(d_model, n_heads, attn_span, dropout)
         self.ffn = ffn
         moe = isinstance(ffn, (MoELayer, MomentumMoE))
         self.ln_m = nn.LayerNorm(d_model) if layout == "post_ln" and moe else None
@@ -128,10 +140,23 @@ class LMBlock(nn.Module):
         return info is not None and info.needs_attention
 
     def forward(
-        self, x: Tensor, context: RoutingContext, state: MomentumState | None = None
+        self,
+        x: Tensor,
+        context: RoutingContext,
+        state: MomentumState | None = None,
+        xl: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, MoEAux | None, MomentumState | None]:
         post = self.layout == "post_ln"
-        a, probs = self.attn(x if post else self.ln1(x), need_weights=self.needs_attention())
+        if isinstance(self.attn, XLAttention):
+            if xl is None:
+                raise ValueError("LMBlock: Transformer-XL attention needs xl=(h_cache, key_pe)")
+            h_cache, key_pe = xl
+            a, probs = self.attn(
+                x if post else self.ln1(x), h_cache if post else self.ln1(h_cache), key_pe
+            )
+            probs = probs if self.needs_attention() else None
+        else:
+            a, probs = self.attn(x if post else self.ln1(x), need_weights=self.needs_attention())
         x = self.ln1(x + self.drop(a)) if post else x + self.drop(a)
         h = x if post else self.ln2(x)
         aux = None
@@ -184,6 +209,17 @@ class CharLM(nn.Module):
         activation, expert_bias, expert_dropout: the experts' activation (``"gelu"``,
             ``"relu"``, ``"swiglu"``), per-expert biases and dropout inside each expert
             (MomentumSMoE's reference experts: ``"relu"``, biases, dropout = the model's).
+        attention: ``"causal"`` (default: causal self-attention over the sequence, learned
+            absolute position embeddings) or ``"xl"`` (Transformer-XL attention over the previous
+            ``attn_span`` tokens with relative position logits ``key_pe`` shared by the layers and
+            no absolute positions: the fastmoe / MomentumSMoE backbone, specs/graph_routing.md
+            §2.3).
+        attn_span: L for ``attention="xl"`` (default ``context``).
+        xl_memory: with ``"xl"``, carry each layer's memory (its inputs of the last L tokens,
+            detached) from one forward to the next, as Transformer-XL does over consecutive
+            segments; it starts as zeros and is reset by :meth:`reset_memory`, by a change of
+            train/eval mode (``train()``/``eval()``), batch size, device or dtype. False: zeros
+            at every forward.
 
     ``forward(idx [B, S])`` returns ``(logits [B, S, vocab], [MoEAux per MoE layer])``.
     """
@@ -212,9 +248,20 @@ class CharLM(nn.Module):
         activation: str = "gelu",
         expert_bias: bool = False,
         expert_dropout: float = 0.0,
+        attention: str = "causal",
+        attn_span: int | None = None,
+        xl_memory: bool = True,
     ) -> None:
         super().__init__()
         self.causal_training = causal_training
+        if attention not in ATTENTIONS:
+            raise ValueError(f"CharLM: attention must be one of {ATTENTIONS}, got {attention!r}")
+        if attn_span is not None and attention != "xl":
+            raise ValueError("CharLM: attn_span applies to attention='xl' only")
+        self.attention, self.xl_memory = attention, bool(xl_memory)
+        span = (attn_span if attn_span is not None else context) if attention == "xl" else None
+        if span is not None and (isinstance(span, bool) or not isinstance(span, int) or span < 1):
+            raise ValueError(f"CharLM: attn_span must be an int >= 1, got {attn_span!r}")
         if layout not in LAYOUTS:
             raise ValueError(f"CharLM: layout must be one of {LAYOUTS}, got {layout!r}")
         self.stack = router_info(router).stack
@@ -233,7 +280,15 @@ class CharLM(nn.Module):
         self.context = context
         d_ff = d_ff if d_ff is not None else 4 * d_model // k
         self.tok = nn.Embedding(vocab_size, d_model)
-        self.pos = nn.Embedding(context, d_model)
+        if span is None:
+            self.pos = nn.Embedding(context, d_model)
+        else:
+            if n_heads < 1 or d_model % n_heads:
+                raise ValueError(f"CharLM: d_model={d_model} not divisible by n_heads={n_heads}")
+            # relative position logits shared by the layers, as in the reference (randn init)
+            self.key_pe = nn.Parameter(torch.randn(1, d_model // n_heads, span))
+        self._mems: list[Tensor] | None = None
+        self._mem_key: tuple | None = None
         blocks, moe_index = [], 0
         for i in range(n_layers):
             if (i + 1) % moe_every == 0:
@@ -254,7 +309,7 @@ class CharLM(nn.Module):
                 moe_index += 1
             else:
                 ffn = DenseFFN(d_model, 4 * d_model)
-            blocks.append(LMBlock(d_model, n_heads, ffn, dropout, layout))
+            blocks.append(LMBlock(d_model, n_heads, ffn, dropout, layout, span))
         self.blocks = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
@@ -272,18 +327,58 @@ class CharLM(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.moe for b in self.blocks if b.moe is not None]
 
+    # class-level defaults for models pickled before Transformer-XL attention existed
+    attention: str = "causal"
+    xl_memory: bool = True
+    _mems: list[Tensor] | None = None
+    _mem_key: tuple | None = None
+
+    def reset_memory(self) -> None:
+        """Forget the Transformer-XL memory and the routers' caches aligned with it (a router's
+        ``reset_memory``, e.g. AttentionAwareRouter's ``memory="cache"``)."""
+        self._mems, self._mem_key = None, None
+        for moe in self.moe_layers():
+            reset = getattr(moe.router, "reset_memory", None)
+            if reset is not None:
+                reset()
+
+    def train(self, mode: bool = True) -> CharLM:
+        if mode != self.training:  # training and evaluation never share a memory
+            self.reset_memory()
+        return super().train(mode)
+
+    def _memories(self, x: Tensor) -> list[Tensor]:
+        key = (x.shape[0], x.device, x.dtype)
+        if not self.xl_memory or self._mems is None or self._mem_key != key:
+            self.reset_memory()
+            self._mem_key = key
+            span = self.key_pe.shape[-1]
+            return [x.new_zeros(x.shape[0], span, x.shape[-1]) for _ in self.blocks]
+        return self._mems
+
     def forward(self, idx: Tensor, *, step: int | None = None) -> tuple[Tensor, list[MoEAux]]:
         B, S = idx.shape
         if S > self.context:
             raise ValueError(f"CharLM: sequence length {S} exceeds context={self.context}")
-        pos = torch.arange(S, device=idx.device)
-        x = self.tok(idx) + self.pos(pos)
+        xl = self.attention == "xl"
+        x = self.tok(idx)
+        if not xl:
+            x = x + self.pos(torch.arange(S, device=idx.device))
         causal = self.causal_training or not self.training
         context = RoutingContext(batch_shape=(B, S), causal=causal, step=step)
         auxes = []
         state = MomentumState.zeros(x, self.stack) if self.stack is not None else None
-        for block in self.blocks:
-            x, aux, state = block(x, context, state)
+        mems = self._memories(x) if xl else None
+        new_mems = []
+        for i, block in enumerate(self.blocks):
+            if mems is not None:
+                span = mems[i].shape[1]
+                new_mems.append(torch.cat([mems[i], x], dim=1)[:, -span:].detach())
+                x, aux, state = block(x, context, state, xl=(mems[i], self.key_pe))
+            else:
+                x, aux, state = block(x, context, state)
             if aux is not None:
                 auxes.append(aux)
+        if xl and self.xl_memory:
+            self._mems = new_mems
         return self.head(self.ln_f(x)), auxes

@@ -7,7 +7,8 @@ module; importing it here is what makes the name known.
 from smoe.routing.base import Routing
 from smoe.routing.context import RoutingContext
 from smoe.routing.expert_choice import ExpertChoiceRouter, expert_choice_capacity
-from smoe.routing.graph import AttentionAwareRouter, SimilarityAwareRouter
+from smoe.routing.graph import SimilarityAwareRouter
+from smoe.routing.graph_attention import AttentionAwareRouter
 from smoe.routing.momentum import MOMENTUM_ROUTERS
 from smoe.routing.registry import (
     RouterInfo,

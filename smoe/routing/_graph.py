@@ -13,6 +13,7 @@ from torch import Tensor
 from smoe.routing.context import RoutingContext
 
 MIXES = ("poe", "logits", "probs")
+MEMORIES = ("drop", "cache")
 SIMS = ("dot", "cosine", "router")
 HEADS = ("mean", "max")
 TOP1_WEIGHTS = ("one", "prob")
@@ -154,14 +155,15 @@ def attention_graph(
     dtype: torch.dtype,
     device: torch.device,
 ) -> Tensor:
-    """``A [B, S, S]`` in ``dtype`` from ``[B, H, S, S]`` (or ``[B, S, S]``, one head) attention
-    probabilities: the mean over heads (fp32 at least), the max renormalised per row, or head
-    ``heads``.
+    """``A [B, S, C + S]`` in ``dtype`` from ``[B, H, S, C + S]`` (or ``[B, S, C + S]``, one
+    head) attention probabilities: the mean over heads (fp32 at least), the max renormalised per
+    row, or head ``heads``. C = 0 for attention within the block; C > 0 memory columns first
+    (Transformer-XL, specs/graph_routing.md §2.3).
 
     Raises:
         ValueError: attention missing, not floating, on another device, of a shape that is not
-            ``[B, H, S, S]`` with B·S = T (and (B, S) = ``context.batch_shape`` when that is 2-D),
-            or ``heads`` not below H.
+            ``[B, H, S, C + S]`` with B·S = T (and (B, S) = ``context.batch_shape`` when that is
+            2-D), or ``heads`` not below H.
     """
     if attention is None:
         raise ValueError(
@@ -179,12 +181,12 @@ def attention_graph(
         )
     a = attention.unsqueeze(1) if attention.dim() == 3 else attention
     shape = tuple(attention.shape)
-    if a.dim() != 4 or a.shape[-1] != a.shape[-2] or a.shape[0] * a.shape[-1] != T:
+    if a.dim() != 4 or a.shape[-1] < a.shape[-2] or a.shape[0] * a.shape[-2] != T:
         raise ValueError(
-            f"{who}: context.attention must be [B, H, S, S] (or [B, S, S]) with B*S = {T} tokens, "
-            f"got shape {shape}"
+            f"{who}: context.attention must be [B, H, S, S] (or [B, S, S]; [B, H, S, C + S] with "
+            f"memory) with B*S = {T} tokens, got shape {shape}"
         )
-    B, H, S = a.shape[0], a.shape[1], a.shape[-1]
+    B, H, S = a.shape[0], a.shape[1], a.shape[-2]
     batch = None if context is None else context.batch_shape
     if batch is not None and len(batch) == 2 and (int(batch[0]), int(batch[1])) != (B, S):
         raise ValueError(
@@ -205,6 +207,21 @@ def attention_graph(
             f"{who}: heads={heads} is out of range for context.attention with H={H} heads"
         )
     return a[:, heads]
+
+
+def drop_memory(A: Tensor, causal: bool) -> Tensor:
+    """``memory="drop"`` (§2.3): keep the current-block columns of ``A [B, S, C + S]`` (the
+    entries j > i zeroed when causal) and set each diagonal entry to the row's mass off it,
+    ``Ã_ii = 1 − Σ_{j≠i} Ã_ij`` (clamped at 0 against rounding): rows sum to 1 again, and a token
+    whose attention lay on memory (token 0 of a block) keeps its own gate."""
+    S = A.shape[-2]
+    cur = A[..., A.shape[-1] - S :]
+    eye = torch.eye(S, dtype=torch.bool, device=A.device)
+    off = cur.masked_fill(eye, 0.0)
+    if causal:
+        off = off.tril()
+    own = (1.0 - off.sum(dim=-1)).clamp_min(0.0)
+    return off + torch.diag_embed(own)
 
 
 # --- entropy --------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Similarity-Aware and Attention-Aware routing with a graph of tokens (Nguyen, Tran, Nguyen and
 Baraniuk 2025, "Improving Routing in Sparse Mixture of Experts with Graph of Tokens",
 arXiv 2505.00792; specs/graph_routing.md). Every equation is the spec's inferred design (§2): the
-paper's body and code were not available. The graphs: smoe/routing/_graph.py."""
+paper's body and code were not available. The graphs: smoe/routing/_graph.py; the
+attention-aware router: smoe/routing/graph_attention.py."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from smoe.routing.base import Routing, gate_dtype
 from smoe.routing.context import RoutingContext
 from smoe.routing.registry import register_router
 
-__all__ = ["AttentionAwareRouter", "SimilarityAwareRouter"]
+__all__ = ["SimilarityAwareRouter"]
 
 _EPS = 1e-9  # in the renormalisation of p̃ over the selected experts (§2, §7)
 _FIXED = 2.0**-24  # the unit of the entropy sums of routing_stats()
@@ -281,84 +282,7 @@ class SimilarityAwareRouter(_GraphRouter):
         return ops.graph_mix(v, A, self_coef=self_coef, lam=self.lam)
 
 
-class AttentionAwareRouter(_GraphRouter):
-    """Attention-Aware (S)MoE (Nguyen et al. 2025, arXiv 2505.00792; specs/graph_routing.md): the
-    mix of :class:`SimilarityAwareRouter` over A = the attention probabilities of the block's own
-    attention layer, ``context.attention [B, H, S, S]`` (pre-dropout; ``[B, S, S]`` is one head).
-
-    ``heads="mean"``: A = the mean over heads (in fp32); ``"max"``: the max over heads, each row
-    renormalised; an int h: head h alone. The sequences are the attention's: flat tokens
-    ``[T, d]`` (T = B·S) are read row-major as ``[B, S, d]``. When causal (``causal``, or
-    ``context.causal`` when None) the entries j > i are zeroed (a no-op, bit for bit, on causal
-    attention; rows are not renormalised). A is mixed by :func:`smoe.ops.graph_mix`.
-    ``detach_graph``: no gradient into A, hence none into the attention's Q and K through the
-    routing.
-
-    Args: those of :class:`SimilarityAwareRouter` without sim, tau, window, topm and fused,
-    plus ``heads``. Errors at forward: attention missing, of the wrong shape for the tokens,
-    not floating, on another device, or ``heads`` >= H (each a ValueError naming it).
-    """
-
-    _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
-    who = "AttentionAwareRouter"
-
-    def __init__(
-        self,
-        d_model: int,
-        num_experts: int,
-        k: int = 2,
-        *,
-        mix: str = "poe",
-        lam: float | None = None,
-        heads: str | int = "mean",
-        causal: bool | None = None,
-        detach_graph: bool = False,
-        top1_weight: str = "one",
-        bias: bool = False,
-        aux: bool = True,
-        init_scale: float = 0.1,
-    ) -> None:
-        super().__init__(
-            d_model,
-            num_experts,
-            k,
-            mix=mix,
-            lam=lam,
-            causal=causal,
-            detach_graph=detach_graph,
-            top1_weight=top1_weight,
-            bias=bias,
-            aux=aux,
-            init_scale=init_scale,
-        )
-        if isinstance(heads, str):
-            valid = heads in G.HEADS
-        else:
-            valid = isinstance(heads, int) and not isinstance(heads, bool) and heads >= 0
-        if not valid:
-            raise ValueError(
-                f"{self.who}: heads must be 'mean', 'max' or a head index >= 0, got {heads!r}"
-            )
-        self.heads = heads
-
-    def extra_repr(self) -> str:
-        return f"{self._repr_common()}, heads={self.heads!r}"
-
-    def _propagate(self, u, z, v, self_coef, causal, context):
-        B, S = z.shape[0], z.shape[1]
-        attention = None if context is None else context.attention
-        A = G.attention_graph(self.who, attention, self.heads, B * S, context, z.dtype, z.device)
-        if A.shape[0] != B:  # no 2-D batch_shape: take the sequences from the attention
-            v = v.reshape(A.shape[0], A.shape[1], v.shape[-1])
-        if self.detach_graph:
-            A = A.detach()
-        ok = G.allowed(A.shape[1], causal, None, A.device)
-        if ok is not None:
-            A = A.masked_fill(~ok, 0.0)
-        return ops.graph_mix(v, A, self_coef=self_coef, lam=self.lam)
-
-
-def _graph_causal(router: nn.Module) -> bool:
+def graph_causal(router: nn.Module) -> bool:
     return router.causal is not False
 
 
@@ -367,15 +291,6 @@ register_router(
     SimilarityAwareRouter,
     description="Similarity-Aware SMoE (Nguyen et al. 2025, arXiv 2505.00792): gate logits mixed "
     "over a token-similarity graph, then top-k",
-    causal=_graph_causal,
-    aux_losses=("balance", "z"),
-)
-register_router(
-    "attention_aware",
-    AttentionAwareRouter,
-    description="Attention-Aware SMoE (Nguyen et al. 2025, arXiv 2505.00792): gate logits mixed "
-    "over the block's attention probabilities, then top-k",
-    causal=_graph_causal,
-    needs_attention=True,
+    causal=graph_causal,
     aux_losses=("balance", "z"),
 )

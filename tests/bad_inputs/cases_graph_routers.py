@@ -46,6 +46,7 @@ ROUTER_ROWS: dict[str, list[tuple[str, dict[str, Any], str]]] = {
         ("mix probs, lam = 1.5", {"mix": "probs", "lam": 1.5}, "lam"),
         ("heads 'min'", {"heads": "min"}, "heads"),
         ("heads = -1", {"heads": -1}, "heads"),
+        ("memory unknown", {"memory": "keep"}, "memory"),
     ],
 }
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 import smoe
+import smoe.models
 from tests.bad_inputs.cases import Case, Expect, arg, error
 
 
@@ -27,6 +28,17 @@ def _charlm(**kw: Any):
 
         config = dict(d_model=16, n_layers=1, n_heads=2, context=8, num_experts=2, k=1)
         return CharLM(11, **{**config, **kw})
+
+    return fn
+
+
+def _xl(span: int = 4, pe_span: int = 4):
+    def fn(d):
+        att = smoe.models.XLAttention(8, 2, 4).to(d.device)
+        x = torch.randn(2, 3, 8, device=d.device)
+        return att(
+            x, torch.zeros(2, span, 8, device=d.device), torch.zeros(1, 4, pe_span, device=d.device)
+        )
 
     return fn
 
@@ -108,6 +120,41 @@ CASES: list[Case] = [
             ("adam", "beta2", 1.0),
             ("robust_momentum", "kappa", 1.0),
             ("robust_momentum", "dropout", 1.0),
+        ]
+    ),
+    _case(
+        "CharLM",
+        "attention unknown",
+        "config",
+        _charlm(attention="local"),
+        error(arg("attention"), ValueError),
+    ),
+    _case(
+        "CharLM",
+        "attn_span without xl",
+        "config",
+        _charlm(attn_span=4),
+        error(arg("attn_span"), ValueError),
+    ),
+    _case(
+        "CharLM",
+        "attn_span = 0",
+        "config",
+        _charlm(attention="xl", attn_span=0),
+        error(arg("attn_span"), ValueError),
+    ),
+    _case(
+        "XLAttention",
+        "attn_span = 0",
+        "config",
+        lambda d: smoe.models.XLAttention(8, 2, 0),
+        error(arg("attn_span"), ValueError),
+    ),
+    *(
+        _case("XLAttention", label, "size", _xl(**change), error(arg(name), ValueError))
+        for label, name, change in [
+            ("h_cache too short", "h_cache", {"span": 3}),
+            ("key_pe of another span", "key_pe", {"pe_span": 5}),
         ]
     ),
     _case(

@@ -229,6 +229,26 @@ CATALOGUE: dict[str, Entry] = {
             lambda g: (torch.randint(0, VOCAB, (2, 6), generator=g),),
             _run_charlm,
         ),
+        # Transformer-XL attention (issue 24): key_pe, no position embeddings; without a
+        # carried memory, so that a forward is a function of its inputs.
+        Entry(
+            "CharLM-xl",
+            lambda: CharLM(
+                VOCAB,
+                d_model=D,
+                n_layers=2,
+                n_heads=2,
+                context=8,
+                num_experts=E,
+                k=K,
+                router="attention_aware",
+                attention="xl",
+                attn_span=4,
+                xl_memory=False,
+            ),
+            lambda g: (torch.randint(0, VOCAB, (2, 6), generator=g),),
+            _run_charlm,
+        ),
         # A momentum stack's layer (AdamSMoE, issue 23): no parameters of its own. .pt only, as
         # the momentum routers' MoELayer fixtures, to keep the committed fixtures small.
         Entry(
