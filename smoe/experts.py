@@ -104,8 +104,8 @@ class Experts(nn.Module):
         check_tokens("Experts", "x_sorted", x_sorted, self.d_model, self.w_in.device)
         h = ops.grouped_mm(x_sorted, self.w_in.transpose(1, 2), offsets)
         row_expert = self._row_expert(offsets, h.shape[0]) if self.b_in is not None else None
-        if self.b_in is not None:
-            h = h + self.b_in[row_expert]
+        if self.b_in is not None:  # in h's dtype: under autocast, that of the GEMM (as nn.Linear)
+            h = h + self.b_in[row_expert].to(h.dtype)
         if self.activation == "swiglu":
             a = ops.swiglu(h)
         else:
@@ -115,7 +115,7 @@ class Experts(nn.Module):
             a = drop(a)
         y = ops.grouped_mm(a, self.w_out.transpose(1, 2), offsets)
         if self.b_out is not None:
-            y = y + self.b_out[row_expert]
+            y = y + self.b_out[row_expert].to(y.dtype)
         return y
 
     def _row_expert(self, offsets: Tensor, rows: int) -> Tensor:

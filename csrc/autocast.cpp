@@ -1,0 +1,43 @@
+// Autocast rules of the ops that run matmuls, so that a model under torch.autocast runs its experts
+// in the autocast dtype as nn.Linear does (transformers' Trainer with bf16=True, say). Only
+// grouped_mm runs in lower precision: its floating inputs (float32; float64 is left alone, as
+// autocast does for aten::mm) are cast to the autocast dtype of the device, through autocast's
+// cache of casted weights. The routing ops keep their own fp32 rule (the routers disable autocast)
+// and the elementwise ops (swiglu, permute, combine) follow their inputs' dtype.
+#include <ATen/autocast_mode.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+namespace smoe::ops {
+namespace {
+
+at::Tensor call_grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("smoe::grouped_mm", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op.call(x, w, offsets);
+}
+
+template <c10::DeviceType device, c10::DispatchKey key>
+at::Tensor grouped_mm_autocast(const at::Tensor& x, const at::Tensor& w,
+                               const at::Tensor& offsets) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
+  const at::ScalarType dtype = at::autocast::get_autocast_dtype(device);
+  return call_grouped_mm(at::autocast::cached_cast(dtype, x, device),
+                         at::autocast::cached_cast(dtype, w, device), offsets);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(smoe, AutocastCPU, m) {
+  m.impl("grouped_mm", &grouped_mm_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
+}
+
+TORCH_LIBRARY_IMPL(smoe, AutocastCUDA, m) {
+  m.impl("grouped_mm", &grouped_mm_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
+}
+
+}  // namespace smoe::ops
