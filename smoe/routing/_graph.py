@@ -77,6 +77,38 @@ def groups(who: str, T: int, context: RoutingContext | None) -> tuple[int, int]:
     return B, S
 
 
+def padding_keep(who: str, context: RoutingContext | None, B: int, S: int, device) -> Tensor | None:
+    """``context.padding_mask`` as ``[B, S]`` bool (True: a real token), or None without one.
+
+    Raises:
+        ValueError: not a bool tensor, not ``B * S`` entries, or on another device.
+    """
+    mask = None if context is None else context.padding_mask
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise ValueError(
+            f"{who}: context.padding_mask must be a bool tensor (True for real tokens), got "
+            f"{getattr(mask, 'dtype', type(mask).__name__)}"
+        )
+    if mask.numel() != B * S:
+        raise ValueError(
+            f"{who}: context.padding_mask must hold one entry per token ({B} x {S}), got shape "
+            f"{tuple(mask.shape)}"
+        )
+    if mask.device != device:
+        raise ValueError(f"{who}: context.padding_mask is on {mask.device}, the tokens on {device}")
+    return mask.reshape(B, S)
+
+
+def keep_columns(keep: Tensor) -> Tensor:
+    """``[B, S, S]`` bool: column j is a neighbour of row i when j is a real token or j = i (a
+    padding token keeps only itself, so no row is empty)."""
+    S = keep.shape[1]
+    eye = torch.eye(S, dtype=torch.bool, device=keep.device)
+    return keep[:, None, :] | eye
+
+
 def is_causal(causal: bool | None, context: RoutingContext | None) -> bool:
     """The router's own ``causal`` when set, else ``context.causal`` (False without a context)."""
     if causal is not None:
@@ -114,17 +146,26 @@ def similarity_query(sim: str, u: Tensor, z: Tensor, tau: float) -> tuple[Tensor
 
 
 def similarity_graph(
-    q: Tensor, scale: float, *, causal: bool, window: int | None, topm: int | None
+    q: Tensor,
+    scale: float,
+    *,
+    causal: bool,
+    window: int | None,
+    topm: int | None,
+    keep: Tensor | None = None,
 ) -> Tensor:
     """``A [B, S, S]`` = softmax over N(i) of ``scale · q_i·q_j``; ``topm``: only the m largest
-    similarities of each row (ties at the m-th value are all kept) enter the softmax. Computed
-    in q's dtype (fp32 or fp64), the row max subtracted by the softmax; j = i is always allowed,
-    so no row is empty."""
+    similarities of each row (ties at the m-th value are all kept) enter the softmax; ``keep``
+    ``[B, S]``: padding tokens (False) are nobody's neighbour but their own. Computed in q's
+    dtype (fp32 or fp64), the row max subtracted by the softmax; j = i is always allowed, so no
+    row is empty."""
     S = q.shape[1]
     s = (q @ q.transpose(-2, -1)) * scale
     ok = allowed(S, causal, window, q.device)
     if ok is not None:
         s = s.masked_fill(~ok, float("-inf"))
+    if keep is not None:
+        s = s.masked_fill(~keep_columns(keep), float("-inf"))
     if topm is not None and topm < S:
         kth = s.topk(topm, dim=-1).values[..., -1:]
         s = s.masked_fill(s < kth, float("-inf"))

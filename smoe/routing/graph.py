@@ -194,8 +194,9 @@ class SimilarityAwareRouter(_GraphRouter):
 
     Sequences: ``context.batch_shape`` ``(B, S)`` (``(..., S)``: all leading dims are batch);
     without it, or 1-D, the T tokens are one sequence. λ = 0 is :class:`smoe.TopKRouter` bit for
-    bit (``renormalize=False`` at k = 1 with ``top1_weight="prob"``). ``context.padding_mask`` is
-    not used: padding tokens are graph nodes like the others.
+    bit (``renormalize=False`` at k = 1 with ``top1_weight="prob"``). ``context.padding_mask``
+    (``batch_shape`` bool, True for real tokens): a padding token is no other token's neighbour
+    (it keeps only itself); the graph is then built explicitly.
 
     Args:
         d_model: token width.
@@ -274,11 +275,14 @@ class SimilarityAwareRouter(_GraphRouter):
         q, scale = G.similarity_query(self.sim, u, z, self.tau)
         if self.detach_graph:
             q = q.detach()
-        if self.fused and self.window is None and self.topm is None:
+        keep = G.padding_keep(self.who, context, z.shape[0], z.shape[1], z.device)
+        if self.fused and self.window is None and self.topm is None and keep is None:
             return G.fused_similarity_mix(
                 q, scale, v, causal=causal, self_coef=self_coef, lam=self.lam
             )
-        A = G.similarity_graph(q, scale, causal=causal, window=self.window, topm=self.topm)
+        A = G.similarity_graph(
+            q, scale, causal=causal, window=self.window, topm=self.topm, keep=keep
+        )
         return ops.graph_mix(v, A, self_coef=self_coef, lam=self.lam)
 
 

@@ -38,6 +38,10 @@ class AttentionAwareRouter(_GraphRouter):
     aligned with the backbone's memory: :meth:`smoe.CharLM.reset_memory` resets both. Attention
     within the block (C = 0) ignores ``memory``.
 
+    ``context.padding_mask`` (True for real tokens): the columns of padding tokens are zeroed
+    (but a token's own), rows not renormalised (with ``memory="drop"`` the self-weight takes the
+    removed mass).
+
     Args: those of :class:`SimilarityAwareRouter` without sim, tau, window, topm and fused,
     plus ``heads`` and ``memory``. Errors at forward: attention missing, of the wrong shape for
     the tokens, not floating, on another device, or ``heads`` >= H (each a ValueError naming it).
@@ -120,6 +124,12 @@ class AttentionAwareRouter(_GraphRouter):
         if self.detach_graph:
             A = A.detach()
         S, C = A.shape[1], A.shape[2] - A.shape[1]
+        keep = G.padding_keep(self.who, context, A.shape[0], S, A.device)
+        if keep is not None:  # padding tokens are nobody's neighbour but their own
+            ok = G.keep_columns(keep)
+            if C:
+                ok = torch.cat([ok.new_ones(A.shape[0], S, C), ok], dim=2)
+            A = A.masked_fill(~ok, 0.0)
         if C and self.memory == "drop":
             return ops.graph_mix(v, G.drop_memory(A, causal), self_coef=self_coef, lam=self.lam)
         ok = G.allowed(S, causal, None, A.device)

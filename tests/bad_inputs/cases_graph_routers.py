@@ -71,7 +71,8 @@ def _router_forward(name: str, make_context, **options: Any):
 def _ctx(make_attention=None, **fields: Any):
     def make(d):
         attention = None if make_attention is None else make_attention(d)
-        return smoe.RoutingContext(attention=attention, **fields)
+        made = {k: v(d) if callable(v) else v for k, v in fields.items()}
+        return smoe.RoutingContext(attention=attention, **made)
 
     return make
 
@@ -100,10 +101,10 @@ _forward_cases = [
         _ctx(lambda d: _attention(d, B, H, 1, S, S)),
         error(_SHAPE, ValueError),
     ),
-    _att(
-        "attention not square",
+    _att(  # [B, H, S, C + S] is Transformer-XL attention with C memory columns; fewer is wrong
+        "attention with fewer columns than rows",
         "size",
-        _ctx(lambda d: _attention(d, B, H, S, S + 1)),
+        _ctx(lambda d: _attention(d, B, H, S, S - 1)),
         error(_SHAPE, ValueError),
     ),
     _att(
@@ -155,6 +156,28 @@ _forward_cases = [
         _ctx(lambda d: _attention(d, B, H, S, S).index_fill(-1, torch.tensor([0]), float("nan"))),
         error(r"\blogits\b.*finite", RuntimeError),
         cuda_expect=ASYNC_ASSERT,
+    ),
+    *(
+        Case(
+            f"{target}/padding_mask {label}",
+            target,
+            kind,
+            _router_forward(
+                target.removeprefix("router:"),
+                _ctx(att, batch_shape=(B, S), padding_mask=mask),
+            ),
+            error(r"context\.padding_mask", ValueError),
+        )
+        for target, att in [(_SIM, None), (_ATT, lambda d: _attention(d, B, H, S, S))]
+        for label, kind, mask in [
+            ("float", "dtype", lambda d: torch.ones(B, S, device=d.device)),
+            ("of another size", "size", lambda d: torch.ones(B, S + 1, dtype=torch.bool)),
+            (
+                "on the other device",
+                "device",
+                lambda d: torch.ones(B, S, dtype=torch.bool).to(d.other),
+            ),
+        ]
     ),
     Case(
         f"{_SIM}/batch_shape does not hold the tokens",
