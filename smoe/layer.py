@@ -7,6 +7,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from smoe import ops
@@ -54,6 +55,17 @@ def _takes_context(router: nn.Module) -> bool:
     )
 
 
+def _check_shared(n: object, d_ff: object, gate: object) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"MoELayer: shared_experts must be an int >= 0, got {n!r}")
+    if d_ff is not None and (isinstance(d_ff, bool) or not isinstance(d_ff, int) or d_ff < 1):
+        raise ValueError(f"MoELayer: shared_d_ff must be None or an int >= 1, got {d_ff!r}")
+    if gate not in (None, "sigmoid"):
+        raise ValueError(f"MoELayer: shared_gate must be None or 'sigmoid', got {gate!r}")
+    if not n and (d_ff is not None or gate is not None):
+        raise ValueError("MoELayer: shared_d_ff and shared_gate need shared_experts >= 1")
+
+
 class MoELayer(nn.Module):
     """A sparse MoE feed-forward layer, a drop-in replacement for a dense FFN.
 
@@ -83,6 +95,13 @@ class MoELayer(nn.Module):
         depth: sub-layers per expert with ``experts="base_stack"`` (3 in the X-MoE paper).
         expert_dropout: dropout on the experts' hidden activations, inside each expert
             (MomentumSMoE's reference experts; ``experts="ffn"`` only).
+        shared_experts: n >= 0 experts every token goes through besides its routed ones
+            (DeepSeek-MoE / V3, Qwen2-MoE): one dense FFN of width ``n * shared_d_ff`` (the
+            activation, biases and dropout of the routed experts) run by the same grouped GEMM
+            kernels, its output added to the routed mix.
+        shared_d_ff: hidden width of each shared expert (default ``d_ff``).
+        shared_gate: None (added as is, DeepSeek) or ``"sigmoid"`` (scaled by ``sigmoid(x ·
+            w_g)`` per token, a learned ``Linear(d_model, 1)`` without bias: Qwen2-MoE).
 
     ``forward(x, context=None)`` takes ``[..., d_model]`` and an optional
     :class:`smoe.RoutingContext`, fills in the context's ``batch_shape`` (``x.shape[:-1]``) and
@@ -109,8 +128,12 @@ class MoELayer(nn.Module):
         experts: str = "ffn",
         depth: int = 3,
         expert_dropout: float = 0.0,
+        shared_experts: int = 0,
+        shared_d_ff: int | None = None,
+        shared_gate: str | None = None,
     ) -> None:
         super().__init__()
+        _check_shared(shared_experts, shared_d_ff, shared_gate)
         if experts not in ("ffn", "base_stack"):
             raise ValueError(f"MoELayer: experts must be 'ffn' or 'base_stack', got {experts!r}")
         if not 0.0 <= expert_dropout < 1.0:  # also refuses NaN
@@ -157,12 +180,18 @@ class MoELayer(nn.Module):
             self.experts = Experts(
                 num_experts, d_model, d_ff, activation, bias=bias, dropout=expert_dropout
             )
+        if shared_experts:
+            width = shared_experts * (shared_d_ff if shared_d_ff is not None else d_ff)
+            self.shared = Experts(1, d_model, width, activation, bias=bias, dropout=expert_dropout)
+            if shared_gate == "sigmoid":
+                self.shared_gate = nn.Linear(d_model, 1, bias=False)
         if getattr(self.router, "frozen", False) is True:
             self.freeze()
 
     # Class-level defaults keep layers pickled whole before these attributes existed working.
     layer_index: int | None = None
     _router_takes_context: bool = True
+    # (shared and shared_gate are read with getattr: a class attribute would shadow the submodule)
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
@@ -184,6 +213,10 @@ class MoELayer(nn.Module):
     def reset_parameters(self) -> None:
         self.router.reset_parameters()
         self.experts.reset_parameters()
+        if getattr(self, "shared", None) is not None:
+            self.shared.reset_parameters()
+        if getattr(self, "shared_gate", None) is not None:
+            self.shared_gate.reset_parameters()
 
     def freeze(self) -> MoELayer:
         """Stop the router's and the experts' parameters from receiving gradient (X-MoE's frozen
@@ -196,6 +229,8 @@ class MoELayer(nn.Module):
         else:
             self.router.requires_grad_(False)
         self.experts.requires_grad_(False)
+        if getattr(self, "shared", None) is not None:
+            self.shared.requires_grad_(False)
         return self
 
     @classmethod
@@ -215,6 +250,15 @@ class MoELayer(nn.Module):
         if getattr(layer.router, "frozen", False) is True:
             layer.freeze()
         return layer.to(experts.w_in.device)
+
+    def _shared(self, shared: Experts, flat: Tensor) -> Tensor:
+        """The shared experts on every token: one group of all T rows (no host sync)."""
+        offsets = torch.arange(2, device=flat.device, dtype=torch.int64) * flat.shape[0]
+        out = shared(flat, offsets)
+        gate = getattr(self, "shared_gate", None)
+        if gate is not None:
+            out = out * torch.sigmoid(gate(flat)).to(out.dtype)
+        return out
 
     def _context(self, x: Tensor, context: RoutingContext | None) -> RoutingContext:
         if context is None:
@@ -283,6 +327,9 @@ class MoELayer(nn.Module):
         if routing.interpolate:
             kept_weight = (routing.weight * plan.kept).sum(dim=-1, keepdim=True)
             y = y + (1.0 - kept_weight).to(flat.dtype) * flat
+        shared = getattr(self, "shared", None)
+        if shared is not None:
+            y = y + self._shared(shared, flat).to(y.dtype)
         load = plan.tokens_per_expert()
         assigned = (routing.expert >= 0).sum()
         # (not 1 - kept / assigned: a call with no assignment, e.g. T = 0, drops nothing)

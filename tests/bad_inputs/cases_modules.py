@@ -260,6 +260,15 @@ def _moe_args(*args: Any, **kw: Any):
 
 _MOE = "MoELayer"
 _moe_cases = [
+    *(  # shared experts (DeepSeek, Qwen2-MoE)
+        _case(_MOE, label, "config", _moe(**kw), error(arg(name), ValueError))
+        for label, kw, name in [
+            ("shared_experts = -1", {"shared_experts": -1}, "shared_experts"),
+            ("shared_d_ff = 0", {"shared_experts": 1, "shared_d_ff": 0}, "shared_d_ff"),
+            ("shared_gate unknown", {"shared_experts": 1, "shared_gate": "tanh"}, "shared_gate"),
+            ("shared_gate without shared experts", {"shared_gate": "sigmoid"}, "shared_experts"),
+        ]
+    ),
     _case(_MOE, "router unknown name", "config", _moe(router="bogus"), error("bogus", ValueError)),
     _case(_MOE, "router an int", "config", _moe(router=3), error(arg("router"), TypeError)),
     _case(

@@ -203,6 +203,13 @@ CATALOGUE: dict[str, Entry] = {
             _run_graph_router,
         ),
         *(_layer(name) for name in LAYER_ROUTERS),
+        # shared experts (issue 26): a dense expert run by the grouped kernels, sigmoid-gated
+        Entry(
+            "MoELayer-shared",
+            lambda: MoELayer(D, D_FF, E, K, shared_experts=2, shared_gate="sigmoid"),
+            _tokens(2, 3, D),
+            _run_layer,
+        ),
         Entry("vmoe_vit", _build_vit, lambda g: (torch.randn(2, 1, 8, 8, generator=g),), _run_vit),
         Entry(
             "momentum_vit",
