@@ -1,0 +1,141 @@
+"""smoe as a transformers experts implementation: ``experts_implementation="smoe"``.
+
+    import smoe.integrations.transformers  # registers "smoe" (idempotent)
+
+    model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="smoe")
+    model.set_experts_implementation("smoe")       # or switch a loaded model
+    model.config._experts_implementation = "smoe"   # or set it on the config
+
+Every experts class of transformers decorated with ``@use_experts_implementation`` (Mixtral,
+Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, GPT-OSS, ... about 70 families in transformers 5.x) then runs
+its experts through smoe's dispatch: ``make_plan`` → ``permute`` → ``grouped_mm`` → gate →
+``grouped_mm`` → ``combine``, on the module's own parameters (transposed views, no weight copies).
+
+Honoured flags (set by the decorator): ``is_transposed``; ``has_gate`` (``gate_up_proj`` and a
+gate, else ``up_proj`` and ``act_fn``); ``has_bias`` (per-expert biases, added per row);
+``is_concatenated`` and a class's own ``_apply_gate`` (GPT-OSS's clamped, interleaved SwiGLU),
+called between the GEMMs, while the default gate with a SiLU activation on concatenated weights
+runs in smoe's fused ``swiglu`` kernel; ``has_post_expert_norm``; ``_is_expert_parallel``
+(expert ids >= ``num_experts`` are another rank's: no output, no gradient). Routing weights may
+be float32 with 16-bit activations; the combine accumulates in float32 and returns
+``hidden_states``' dtype. Under ``torch.autocast`` the GEMMs run in the autocast dtype (the
+``grouped_mm`` autocast rule). Deterministic; no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from smoe import ops
+
+__all__ = ["register", "smoe_experts_forward"]
+
+NAME = "smoe"
+
+
+def _row_expert(offsets: Tensor, rows: int, num_experts: int) -> Tensor:
+    """The expert of each grouped row (rows past offsets[E] map to the last; combine skips them)."""
+    r = torch.arange(rows, device=offsets.device)
+    return torch.searchsorted(offsets[1:], r, right=True).clamp_max(num_experts - 1)
+
+
+def _weight(w: Tensor, transposed: bool) -> Tensor:
+    """transformers' ``[E, d_out, d_in]`` (or ``[E, d_in, d_out]`` when ``is_transposed``) as
+    grouped_mm's ``[E, d_in, d_out]``: a transposed view, never a copy."""
+    return w if transposed else w.transpose(1, 2)
+
+
+def _fused_swiglu(module: nn.Module) -> bool:
+    """Whether the module's gate is transformers' default ``act_fn(gate) * up`` on concatenated
+    ``[gate; up]`` columns with a SiLU activation: smoe's swiglu kernel computes exactly that."""
+    from transformers.activations import SiLUActivation
+    from transformers.integrations.moe import _default_apply_gate
+
+    default_gate = getattr(type(module), "_apply_gate", None) is _default_apply_gate
+    silu = isinstance(getattr(module, "act_fn", None), (nn.SiLU, SiLUActivation))
+    return default_gate and silu and getattr(module, "is_concatenated", True)
+
+
+def _check(module: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor):
+    who = type(module).__name__
+    if hidden_states.dim() != 2:
+        raise ValueError(
+            f"{who} (experts_implementation='smoe'): hidden_states must be [T, d], got shape "
+            f"{tuple(hidden_states.shape)}"
+        )
+    T = hidden_states.shape[0]
+    if top_k_index.dim() != 2 or top_k_index.shape[0] != T:
+        raise ValueError(
+            f"{who} (experts_implementation='smoe'): top_k_index must be [T, k] with T = {T}, got "
+            f"shape {tuple(top_k_index.shape)}"
+        )
+    if top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
+        raise TypeError(
+            f"{who} (experts_implementation='smoe'): top_k_index must be an integer tensor, got "
+            f"{top_k_index.dtype}"
+        )
+    k, E = top_k_index.shape[1], module.num_experts
+    if (
+        top_k_weights.dim() != 2
+        or top_k_weights.shape[0] != T
+        or top_k_weights.shape[1]
+        not in (
+            k,
+            E,
+        )
+    ):
+        raise ValueError(
+            f"{who} (experts_implementation='smoe'): top_k_weights must be [T, k] = [{T}, {k}] "
+            f"(or [T, num_experts]), got shape {tuple(top_k_weights.shape)}"
+        )
+
+
+def smoe_experts_forward(
+    self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+) -> Tensor:
+    """The experts forward of transformers' interface: ``hidden_states [T, d]``, ``top_k_index
+    [T, k]`` (expert ids), ``top_k_weights [T, k]`` (or ``[T, num_experts]``, read at the chosen
+    ids) -> ``[T, d]`` in ``hidden_states``' dtype."""
+    _check(self, hidden_states, top_k_index, top_k_weights)
+    E, k = self.num_experts, top_k_index.shape[1]
+    expert = top_k_index.to(torch.int32)
+    if getattr(self, "_is_expert_parallel", False):
+        # another rank's experts (sentinel ids >= E): skipped by the plan, no output or gradient
+        expert = torch.where(expert < E, expert, torch.full_like(expert, -1))
+    weight = top_k_weights
+    if weight.shape[1] != k:  # full [T, E] routing weights: the chosen experts' entries
+        weight = weight.gather(1, expert.clamp(0, E - 1).long())
+    plan = ops.make_plan(expert, E)
+    x = ops.permute(hidden_states, plan)
+    transposed = bool(getattr(self, "is_transposed", False))
+    has_gate, has_bias = getattr(self, "has_gate", True), getattr(self, "has_bias", False)
+    w_in = self.gate_up_proj if has_gate else self.up_proj
+    h = ops.grouped_mm(x, _weight(w_in, transposed), plan.offsets)
+    row = _row_expert(plan.offsets, h.shape[0], E) if has_bias else None
+    if has_bias:
+        b_in = self.gate_up_proj_bias if has_gate else self.up_proj_bias
+        h = h + b_in[row].to(h.dtype)
+    if not has_gate:
+        a = self.act_fn(h)
+    elif _fused_swiglu(self):
+        a = ops.swiglu(h)
+    else:
+        a = self._apply_gate(h)
+    y = ops.grouped_mm(a.to(h.dtype), _weight(self.down_proj, transposed), plan.offsets)
+    if has_bias:
+        y = y + self.down_proj_bias[row].to(y.dtype)
+    if getattr(self, "has_post_expert_norm", False):
+        y = self.post_expert_norm(y)
+    out = ops.combine(y, weight.to(y.dtype), plan)
+    return out.to(hidden_states.dtype)
+
+
+def register() -> None:
+    """Register ``"smoe"`` with transformers' ``ExpertsInterface`` (idempotent; done on import)."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(NAME, smoe_experts_forward)
+
+
+register()
