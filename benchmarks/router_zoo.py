@@ -88,11 +88,12 @@ def runs_in_charlm(name: str) -> bool:
 
 
 def runs_in_vit(name: str) -> bool:
-    """Whether the V-MoE ViT can run the router: every registered router but those that read
-    the block's attention probabilities (timm's fused attention does not return them); the
-    stack-level methods (MomentumSMoE and its kin) run as a momentum stack
-    (``smoe.models.momentum_vit``)."""
-    return not router_info(name).needs_attention
+    """Whether the V-MoE ViT can run the router: every registered router. Those that read the
+    block's attention probabilities get them from the explicit attention of their blocks
+    (``smoe.models.vit_attention``); the stack-level methods (MomentumSMoE and its kin) run as a
+    momentum stack (``smoe.models.momentum_vit``)."""
+    router_info(name)  # an unknown name is a clear error
+    return True
 
 
 def setup(task: str, name: str, quick: bool, noise_std: float) -> dict:
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
                     rec["charlm"] = None  # not causal as configured: never trained as a decoder
                     continue
                 if task == "vit" and not runs_in_vit(name):
-                    rec["vit"] = None  # reads attention probabilities the ViT does not hand on
+                    rec["vit"] = None  # (every registered router runs in the ViT today)
                     continue
                 want = setup(task, name, args.quick, args.noise_std)
                 if rec.get(task) and same_setup(rec[task].get("setup"), want, _defaults(task)):

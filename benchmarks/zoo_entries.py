@@ -172,8 +172,6 @@ ZOO: dict[str, ZooEntry] = {
             Claim("... (images) higher accuracy under corruption", "vit_acc_noisy", "higher"),
         )
     ),
-    # needs the block's attention probabilities: the char-LM only (the V-MoE ViT does not hand
-    # its attention to the MoE layers)
     "attention_aware": ZooEntry(
         claims=(
             Claim(
@@ -184,6 +182,8 @@ ZOO: dict[str, ZooEntry] = {
             ),
             Claim("... lower PPL", "bpc", "lower"),
             Claim("... better on attacked text", "bpc_attacked", "lower"),
+            Claim("... (images) higher top-1", "vit_acc", "higher"),
+            Claim("... (images) higher accuracy under corruption", "vit_acc_noisy", "higher"),
         )
     ),
 }

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, nn
 
 from smoe.layer import MoEAux, MoELayer
+from smoe.models.vit_attention import AttentionMoEBlock, check_explicit_attention, needs_attention
+from smoe.routing.context import RoutingContext
 from smoe.routing.registry import available_routers, build_router, router_info
 
 if TYPE_CHECKING:
@@ -152,8 +154,9 @@ class MoEMlp(nn.Module):
         state["last_aux"] = None  # a graph cannot be deep-copied or pickled
         return state
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x [B, N, d]`` (or any ``[..., d]`` without the N check) -> same shape."""
+    def forward(self, x: Tensor, attention: Tensor | None = None) -> Tensor:
+        """``x [B, N, d]`` (or any ``[..., d]`` without the N check) -> same shape. ``attention
+        [B, H, N, N]``: for the router, in ``RoutingContext(batch_shape=(B, N), causal=False)``."""
         if self.tokens_per_image is not None and (
             x.dim() != 3 or x.shape[1] != self.tokens_per_image
         ):
@@ -162,7 +165,11 @@ class MoEMlp(nn.Module):
                 f"hold whole images, got shape {tuple(x.shape)} (dynamic image sizes are not "
                 "supported)"
             )
-        y, self.last_aux = self.moe(x)
+        if attention is None:
+            y, self.last_aux = self.moe(x)
+        else:
+            ctx = RoutingContext(batch_shape=tuple(x.shape[:-1]), attention=attention, causal=False)
+            y, self.last_aux = self.moe(x, ctx)
         return y
 
 
@@ -240,6 +247,10 @@ def vmoe_vit(
             ``capacity_factor=1.05``, ``eval_capacity_factor``, ``noise_std``,
             ``batch_priority`` for V-MoE (§6 defaults otherwise).
 
+    A block whose router reads the attention probabilities (``"attention_aware"``) becomes an
+    :class:`smoe.models.vit_attention.AttentionMoEBlock` (same keys) that computes its attention
+    explicitly and hands them on; every other block keeps timm's fused attention.
+
     Returns:
         The V-MoE (``vit`` itself unless ``copy_model``). Its state-dict keys for block i are
         ``blocks.{i}.mlp.moe.router.*`` and ``blocks.{i}.mlp.moe.experts.*``.
@@ -263,6 +274,9 @@ def vmoe_vit(
         )
     L = len(vit.blocks)
     indices = _placement(L, every, last, blocks)
+    if router_info(router).needs_attention:
+        for i in indices:
+            check_explicit_attention(vit.blocks[i].attn, f"vmoe_vit: block {i}")
     if copy_model:
         vit = copy.deepcopy(vit)
     N = tokens_per_image(vit)
@@ -290,6 +304,8 @@ def vmoe_vit(
             layer.experts.to(device=ref.device, dtype=ref.dtype)
             layer.router.to(device=ref.device)  # the router keeps float32 (spec §3: fp32 logits)
             block.mlp = MoEMlp(layer, N)
+        if needs_attention(block.mlp):  # explicit attention, its probabilities to the router
+            vit.blocks[i] = AttentionMoEBlock(block)
     return vit
 
 

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from smoe.layer import MoEAux
 from smoe.models.vit import MoEMlp, vmoe_vit
+from smoe.models.vit_attention import explicit_attention, needs_attention
 from smoe.models.vit_control import moe_blocks
 from smoe.momentum import MomentumMoE, MomentumState
 from smoe.ops.momentum import KINDS
@@ -58,8 +59,9 @@ class _MoEMlpCall(nn.Module):
 
     The MoEMlp stays registered as the block's ``mlp`` only (not here), so that the state dict
     holds it once and :mod:`smoe.models.vit_control` finds it where a V-MoE has it. The context is
-    not passed on: a ViT MoE layer routes in groups of whole images by its router's
-    ``group_size`` (specs/vmoe.md §2), as :class:`MoEMlp` always does.
+    not passed on, but for its attention probabilities (attention-aware routing): a ViT MoE layer
+    routes in groups of whole images by its router's ``group_size`` (specs/vmoe.md §2), as
+    :class:`MoEMlp` always does.
     """
 
     def __init__(self, mlp: MoEMlp) -> None:
@@ -70,7 +72,7 @@ class _MoEMlpCall(nn.Module):
         return "calls the block's mlp"
 
     def forward(self, x: Tensor, context: RoutingContext | None = None) -> tuple[Tensor, MoEAux]:
-        y = self.target(x)
+        y = self.target(x, attention=None if context is None else context.attention)
         assert self.target.last_aux is not None
         return y, self.target.last_aux
 
@@ -93,7 +95,9 @@ class MomentumBlock(nn.Module):
             one.
 
     ``forward(x [B, N, d], state)`` returns ``(x, state)``: the MoE block returns the new state,
-    a dense block the very ``state`` it got.
+    a dense block the very ``state`` it got. An MoE block whose router needs the attention
+    probabilities (attention-aware) computes its attention explicitly
+    (:func:`smoe.models.vit_attention.explicit_attention`) and hands them on.
     """
 
     _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
@@ -119,12 +123,17 @@ class MomentumBlock(nn.Module):
                 "MomentumBlock: state must be given (run the model through MomentumViT, which "
                 "creates the momentum state after the embeddings)"
             )
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        if self.momentum is not None and needs_attention(self.mlp):  # attention-aware routing
+            a, probs = explicit_attention(self.attn, self.norm1(x))
+            context = RoutingContext(attention=probs)
+        else:
+            a, context = self.attn(self.norm1(x)), None
+        x = x + self.drop_path1(self.ls1(a))
         h = self.norm2(x)
         if self.momentum is None:
             y = self.mlp(h)
         else:
-            y, state, _ = self.momentum(h, state)
+            y, state, _ = self.momentum(h, state, context)
         return self.norm_out(x + self.drop_path2(self.ls2(y))), state
 
 

@@ -150,6 +150,13 @@ def _build_vit() -> nn.Module:
     return vmoe_vit(vit, E, K, every=2, group_images=2)
 
 
+def _build_attention_vit() -> nn.Module:
+    from smoe.models import quickdraw_vit, vmoe_vit
+
+    vit = quickdraw_vit(3, embed_dim=D, depth=2, num_heads=2, patch_size=4, img_size=8)
+    return vmoe_vit(vit, E, K, every=2, group_images=2, router="attention_aware")
+
+
 def _build_momentum_vit() -> nn.Module:
     from smoe.models import momentum_vit
 
@@ -211,6 +218,13 @@ CATALOGUE: dict[str, Entry] = {
             _run_layer,
         ),
         Entry("vmoe_vit", _build_vit, lambda g: (torch.randn(2, 1, 8, 8, generator=g),), _run_vit),
+        # attention-aware routing in the ViT (issue 24): its block hands on explicit attention
+        Entry(
+            "attention_vit",
+            _build_attention_vit,
+            lambda g: (torch.randn(2, 1, 8, 8, generator=g),),
+            _run_vit,
+        ),
         Entry(
             "momentum_vit",
             _build_momentum_vit,
