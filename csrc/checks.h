@@ -75,6 +75,20 @@ inline void check_topk_softmax(const at::Tensor& logits, int64_t k) {
   check_int32_count("topk_softmax", "logits", logits.size(0) * k, "slots (T*k)");
 }
 
+// selection_bias of topk_softmax: [E] float32 on logits' device (finiteness: CPU glue / device
+// assert).
+inline void check_selection_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& logits) {
+  if (!bias.has_value()) return;
+  const at::Tensor& b = *bias;
+  TORCH_CHECK(b.scalar_type() == at::kFloat,
+              "smoe::topk_softmax: selection_bias must be float32, got ", b.scalar_type());
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == logits.size(1),
+              "smoe::topk_softmax: selection_bias must be [E] = [", logits.size(1), "], got ",
+              b.sizes());
+  TORCH_CHECK(b.device() == logits.device(), "smoe::topk_softmax: selection_bias must be on ",
+              logits.device(), " (logits' device), got ", b.device());
+}
+
 inline void check_topk_softmax_backward(const at::Tensor& grad_weight, const at::Tensor& logits,
                                         const at::Tensor& expert) {
   check_float("topk_softmax_backward", "logits", logits);

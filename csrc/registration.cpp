@@ -19,10 +19,12 @@ TORCH_LIBRARY(smoe, m) {
   // ---- routers ----
   m.set_python_module("smoe.ops.routing");
   // token-choice top-k: softmax over E experts (fp32 math), then the k largest, ties to the lower
-  // expert index; returns weight [T, k] (logits' dtype) and expert [T, k] int32.
+  // expert index; returns weight [T, k] (logits' dtype) and expert [T, k] int32. selection_bias
+  // [E] float32 (aux-loss-free balancing, DeepSeek-V3) is added to the logits for the selection
+  // only: the weights are the unbiased softmax's.
   m.def(
-      "topk_softmax(Tensor logits, int k, *, bool renormalize=True) -> (Tensor weight, Tensor "
-      "expert)");
+      "topk_softmax(Tensor logits, int k, Tensor? selection_bias=None, *, bool renormalize=True) "
+      "-> (Tensor weight, Tensor expert)");
 
   // expert choice (Zhou et al. 2022): softmax over E experts per token (fp32 math), then in every
   // group of group_size consecutive tokens (None: one group; the last may be shorter) each expert

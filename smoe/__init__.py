@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from smoe._info import info
+from smoe.balance import ExpertBiasUpdater
 from smoe.experts import Experts
 from smoe.layer import MoEAux, MoELayer
 from smoe.losses import (
@@ -47,15 +48,18 @@ from smoe.routing import (
     register_router,
     vmoe_capacity,
 )
+from smoe.upcycle import MoEFFN, moefy  # noqa: E402  (after the routers register)
 
 __all__ = [
     "AttentionAwareRouter",
     "DEFAULT_LOSS_WEIGHTS",
     "ExpertChoice",
     "ExpertChoiceRouter",
+    "ExpertBiasUpdater",
     "MOMENTUM_ROUTERS",
     "Experts",
     "MoEAux",
+    "MoEFFN",
     "MoELayer",
     "MomentumMoE",
     "MomentumState",
@@ -81,6 +85,7 @@ __all__ = [
     "info",
     "load_loss",
     "make_plan",
+    "moefy",
     "permute",
     "register_router",
     "router_z_loss",

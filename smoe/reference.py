@@ -25,12 +25,20 @@ from smoe.reference_momentum import momentum_update  # noqa: F401 (re-exported)
 from smoe.reference_ot import plan_gates, sinkhorn, sinkhorn_scaling  # noqa: F401 (re-exported)
 
 
-def topk_softmax(logits: Tensor, k: int, *, renormalize: bool = True) -> TopK:
-    """specs/classic_routers.md §2, §4, §6: softmax, top-k by logit (ties to the lower index)."""
+def topk_softmax(
+    logits: Tensor, k: int, *, renormalize: bool = True, selection_bias: Tensor | None = None
+) -> TopK:
+    """specs/classic_routers.md §2, §4, §6: softmax, top-k by logit (ties to the lower index);
+    with ``selection_bias``, top-k by logit + bias (summed in the op's accumulation type, float32
+    but for float64 logits), the weights from the unbiased logits (DeepSeek-V3)."""
     x = logits.double()
     probs = torch.softmax(x, dim=-1)
-    # A stable sort of -logits keeps the lower index first among equal logits.
-    expert = torch.sort(-x, dim=-1, stable=True).indices[:, :k]
+    rank = x
+    if selection_bias is not None:
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        rank = logits.to(acc) + selection_bias.to(acc)
+    # A stable sort of -rank keeps the lower index first among equal values.
+    expert = torch.sort(-rank, dim=-1, stable=True).indices[:, :k]
     if renormalize:
         weight = torch.softmax(torch.gather(x, 1, expert), dim=-1)
     else:

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <tuple>
 
 #include "checks.h"
@@ -27,9 +28,21 @@ void keep_first(std::atomic<int64_t>& first, int64_t row) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_softmax_cpu(const at::Tensor& logits_in, int64_t k,
-                                                    bool renormalize) {
+std::tuple<at::Tensor, at::Tensor> topk_softmax_cpu(
+    const at::Tensor& logits_in, int64_t k, const c10::optional<at::Tensor>& selection_bias,
+    bool renormalize) {
   check_topk_softmax(logits_in, k);
+  check_selection_bias(selection_bias, logits_in);
+  at::Tensor bias_t;
+  if (selection_bias.has_value()) {
+    bias_t = selection_bias->contiguous();
+    const float* b = bias_t.const_data_ptr<float>();
+    for (int64_t e = 0; e < bias_t.numel(); ++e) {
+      TORCH_CHECK(std::isfinite(b[e]), "smoe::topk_softmax: selection_bias must be finite, got ",
+                  b[e], " at expert ", e);
+    }
+  }
+  const float* bias = bias_t.defined() ? bias_t.const_data_ptr<float>() : nullptr;
   const at::Tensor logits = rows_dense(logits_in);
   const int64_t T = logits.size(0), E = logits.size(1);
   at::Tensor weight = at::empty({T, k}, logits.options());
@@ -44,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor> topk_softmax_cpu(const at::Tensor& logits_in,
         auto* ex = expert.mutable_data_ptr<int32_t>();
         at::parallel_for(0, T, grain_rows(E * k), [&](int64_t b, int64_t e) {
           const int64_t bad =
-              cpu::topk_softmax_rows<T_>(l, logits.stride(0), E, k, renormalize, b, e, w, ex);
+              cpu::topk_softmax_rows<T_>(l, logits.stride(0), E, k, renormalize, bias, b, e, w, ex);
           if (bad >= 0) keep_first(bad_row, bad);
         });
       });

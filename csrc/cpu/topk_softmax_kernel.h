@@ -19,14 +19,21 @@ constexpr int64_t kTopkStack = 32;
 
 // One pass over the row keeping the k best in a sorted buffer: O(E) when most entries fall
 // below the current k-th. Equal values keep index order because e only grows.
+// The value a row is ranked by: the logit, plus bias[e] when a selection bias is given (in the
+// accumulation type; the weights never see the bias).
 template <typename T>
-void select_topk_insertion(const T* l, int64_t E, int64_t k, int32_t* out) {
+inline acc_t<T> rank_value(const T* l, const float* bias, int64_t e) {
+  return bias == nullptr ? load(l[e]) : load(l[e]) + static_cast<acc_t<T>>(bias[e]);
+}
+
+template <typename T>
+void select_topk_insertion(const T* l, const float* bias, int64_t E, int64_t k, int32_t* out) {
   using A = acc_t<T>;
   A best_v[kTopkStack];
   int64_t best_i[kTopkStack];
   int64_t n = 0;
   for (int64_t e = 0; e < E; ++e) {
-    const A v = load(l[e]);
+    const A v = rank_value(l, bias, e);
     if (n == k && !topk_before(v, e, best_v[k - 1], best_i[k - 1])) continue;
     int64_t pos = n < k ? n++ : k - 1;
     while (pos > 0 && topk_before(v, e, best_v[pos - 1], best_i[pos - 1])) {
@@ -43,7 +50,7 @@ void select_topk_insertion(const T* l, int64_t E, int64_t k, int32_t* out) {
 // k passes, each taking the best entry strictly after the previous pick in top-k order
 // (O(k E), no buffer: for large k).
 template <typename T>
-void select_topk_passes(const T* l, int64_t E, int64_t k, int32_t* out) {
+void select_topk_passes(const T* l, const float* bias, int64_t E, int64_t k, int32_t* out) {
   using A = acc_t<T>;
   A prev_v = INFINITY;
   int64_t prev_i = -1;
@@ -51,7 +58,7 @@ void select_topk_passes(const T* l, int64_t E, int64_t k, int32_t* out) {
     A best_v = -INFINITY;
     int64_t best_i = -1;
     for (int64_t e = 0; e < E; ++e) {
-      const A v = load(l[e]);
+      const A v = rank_value(l, bias, e);
       if (topk_before(prev_v, prev_i, v, e) && (best_i < 0 || topk_before(v, e, best_v, best_i))) {
         best_v = v;
         best_i = e;
@@ -63,12 +70,13 @@ void select_topk_passes(const T* l, int64_t E, int64_t k, int32_t* out) {
   }
 }
 
-// Forward. Row-major logits [T, E] (row stride ld); weight, expert [T, k] contiguous.
-// Returns the first row (>= begin) holding a NaN or +inf or only -inf (no expert has a
-// probability), or -1 when all rows are valid.
+// Forward. Row-major logits [T, E] (row stride ld); weight, expert [T, k] contiguous; bias [E]
+// finite or nullptr (selection only). Returns the first row (>= begin) holding a NaN or +inf or
+// only -inf (no expert has a probability), or -1 when all rows are valid.
 template <typename T>
 int64_t topk_softmax_rows(const T* logits, int64_t ld, int64_t E, int64_t k, bool renormalize,
-                          int64_t begin, int64_t end, T* weight, int32_t* expert) {
+                          const float* bias, int64_t begin, int64_t end, T* weight,
+                          int32_t* expert) {
   using A = acc_t<T>;
   for (int64_t t = begin; t < end; ++t) {
     const T* l = logits + t * ld;
@@ -83,9 +91,9 @@ int64_t topk_softmax_rows(const T* logits, int64_t ld, int64_t E, int64_t k, boo
     for (int64_t e = 0; e < E; ++e) total += std::exp(load(l[e]) - m);
     A selected = 0;
     if (k <= kTopkStack) {
-      select_topk_insertion(l, E, k, expert + t * k);
+      select_topk_insertion(l, bias, E, k, expert + t * k);
     } else {
-      select_topk_passes(l, E, k, expert + t * k);
+      select_topk_passes(l, bias, E, k, expert + t * k);
     }
     for (int64_t j = 0; j < k; ++j) selected += std::exp(load(l[expert[t * k + j]]) - m);
     const A denom = renormalize ? selected : total;

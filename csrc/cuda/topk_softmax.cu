@@ -26,8 +26,9 @@ __device__ __forceinline__ bool topk_before(float va, int64_t a, float vb, int64
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     topk_softmax_kernel(const T* __restrict__ logits, int64_t ld, int64_t rows, int64_t E,
-                        int64_t k, bool renormalize, T* __restrict__ weight,
-                        int32_t* __restrict__ expert, int32_t* __restrict__ invalid) {
+                        int64_t k, bool renormalize, const float* __restrict__ bias,
+                        T* __restrict__ weight, int32_t* __restrict__ expert,
+                        int32_t* __restrict__ invalid) {
   const int lane = static_cast<int>(threadIdx.x % kWarp);
   // The row loop is warp-uniform, so the full-mask shuffles below see all 32 lanes.
   for (int64_t t = global_warp(); t < rows; t += warps_in_grid()) {
@@ -63,7 +64,7 @@ __global__ void __launch_bounds__(kThreads)
       float best_v = -INFINITY;
       int64_t best_i = -1;
       for (int64_t e = lane; e < E; e += kWarp) {
-        const float v = to_float(l[e]);
+        const float v = bias == nullptr ? to_float(l[e]) : to_float(l[e]) + bias[e];
         if (topk_before(prev_v, prev_i, v, e) &&
             (best_i < 0 || topk_before(v, e, best_v, best_i))) {
           best_v = v;
@@ -81,7 +82,8 @@ __global__ void __launch_bounds__(kThreads)
       }
       // The lane that writes expert[j] is the one that reads it back below: no cross-lane hazard.
       if (lane == j % kWarp) expert[t * k + j] = static_cast<int32_t>(best_i);
-      selected += expf(best_v - m);
+      // (with a bias best_v is the biased rank value; the weights use the logit itself)
+      selected += expf((bias == nullptr ? best_v : to_float(l[best_i])) - m);
       prev_v = best_v;
       prev_i = best_i;
     }
@@ -163,12 +165,12 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T>
 cudaError_t topk_softmax(const T* logits, int64_t ld, int64_t rows, int64_t E, int64_t k,
-                         bool renormalize, T* weight, int32_t* expert, int32_t* invalid,
-                         cudaStream_t stream) {
+                         bool renormalize, const float* bias, T* weight, int32_t* expert,
+                         int32_t* invalid, cudaStream_t stream) {
   if (rows <= 0 || k <= 0) return cudaSuccess;
   const int64_t blocks = blocks_for_rows(rows);
   topk_softmax_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      logits, ld, rows, E, k, renormalize, weight, expert, invalid);
+      logits, ld, rows, E, k, renormalize, bias, weight, expert, invalid);
   return cudaGetLastError();
 }
 
@@ -183,11 +185,11 @@ cudaError_t topk_softmax_backward(const T* grad_weight, const T* logits, int64_t
   return cudaGetLastError();
 }
 
-#define SMOE_INSTANTIATE(T)                                                                    \
-  template cudaError_t topk_softmax<T>(const T*, int64_t, int64_t, int64_t, int64_t, bool, T*, \
-                                       int32_t*, int32_t*, cudaStream_t);                      \
-  template cudaError_t topk_softmax_backward<T>(const T*, const T*, int64_t, const int32_t*,   \
-                                                int64_t, int64_t, int64_t, bool, T*,           \
+#define SMOE_INSTANTIATE(T)                                                                  \
+  template cudaError_t topk_softmax<T>(const T*, int64_t, int64_t, int64_t, int64_t, bool,   \
+                                       const float*, T*, int32_t*, int32_t*, cudaStream_t);  \
+  template cudaError_t topk_softmax_backward<T>(const T*, const T*, int64_t, const int32_t*, \
+                                                int64_t, int64_t, int64_t, bool, T*,         \
                                                 cudaStream_t);
 SMOE_INSTANTIATE(float)
 SMOE_INSTANTIATE(__half)

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_assert_async.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/isfinite.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -19,13 +20,21 @@
 namespace smoe::ops {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> topk_softmax_cuda(const at::Tensor& logits_in, int64_t k,
-                                                     bool renormalize) {
+std::tuple<at::Tensor, at::Tensor> topk_softmax_cuda(
+    const at::Tensor& logits_in, int64_t k, const c10::optional<at::Tensor>& selection_bias,
+    bool renormalize) {
   check_topk_softmax(logits_in, k);
   check_not_double("topk_softmax", logits_in);
+  check_selection_bias(selection_bias, logits_in);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   check_device_arch(logits_in.device());
   const at::Tensor logits = rows_dense(logits_in);
+  at::Tensor bias_t;
+  if (selection_bias.has_value()) {
+    bias_t = selection_bias->contiguous();
+    at::_assert_async(at::isfinite(bias_t).all(),
+                      "smoe::topk_softmax: selection_bias must be finite");
+  }
   const int64_t T = logits.size(0), E = logits.size(1);
   at::Tensor weight = at::empty({T, k}, logits.options());
   at::Tensor expert = at::empty({T, k}, logits.options().dtype(at::kInt));
@@ -36,7 +45,8 @@ std::tuple<at::Tensor, at::Tensor> topk_softmax_cuda(const at::Tensor& logits_in
     using T_ = typename cuda_type<scalar_t>::type;
     C10_CUDA_CHECK(cuda::topk_softmax<T_>(
         reinterpret_cast<const T_*>(logits.const_data_ptr<scalar_t>()), logits.stride(0), T, E, k,
-        renormalize, reinterpret_cast<T_*>(weight.mutable_data_ptr<scalar_t>()),
+        renormalize, bias_t.defined() ? bias_t.const_data_ptr<float>() : nullptr,
+        reinterpret_cast<T_*>(weight.mutable_data_ptr<scalar_t>()),
         expert.mutable_data_ptr<int32_t>(), invalid.mutable_data_ptr<int32_t>(), stream));
   });
   at::_assert_async(invalid.eq(0),

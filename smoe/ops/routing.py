@@ -26,7 +26,9 @@ class TopK(NamedTuple):
     expert: Tensor
 
 
-def topk_softmax(logits: Tensor, k: int, *, renormalize: bool = True) -> TopK:
+def topk_softmax(
+    logits: Tensor, k: int, *, renormalize: bool = True, selection_bias: Tensor | None = None
+) -> TopK:
     """Softmax over the experts, then the k largest (token-choice routing).
 
     Spec: specs/classic_routers.md §2, §4 and §6.
@@ -37,6 +39,9 @@ def topk_softmax(logits: Tensor, k: int, *, renormalize: bool = True) -> TopK:
         renormalize: if True the k weights sum to 1 (Mixtral; equal, value and gradient, to a
             softmax over the top-k logits); if False they are the raw softmax probabilities
             (Switch, V-MoE).
+        selection_bias: None, or ``[E]`` float32 finite, on logits' device: added to the logits
+            for the selection only (aux-loss-free balancing, DeepSeek-V3 / Wang et al. 2024); the
+            weights are those of the unbiased softmax, and the bias gets no gradient.
 
     Returns:
         TopK: ``weight [T, k]`` in logits' dtype, ``expert [T, k]`` int32, best first.
@@ -55,23 +60,35 @@ def topk_softmax(logits: Tensor, k: int, *, renormalize: bool = True) -> TopK:
         raise TypeError(f"topk_softmax: k must be an int, got {type(k).__name__}")
     if logits.dim() == 2 and not 1 <= k <= logits.shape[1]:
         raise ValueError(f"topk_softmax: k must be in [1, E] = [1, {logits.shape[1]}], got {k}")
-    weight, expert = torch.ops.smoe.topk_softmax.default(logits, k, renormalize=renormalize)
+    weight, expert = torch.ops.smoe.topk_softmax.default(
+        logits, k, selection_bias, renormalize=renormalize
+    )
     return TopK(weight, expert)
 
 
 @torch.library.register_fake("smoe::topk_softmax")
 def _topk_softmax_fake(
-    logits: Tensor, k: int, *, renormalize: bool = True
+    logits: Tensor, k: int, selection_bias: Tensor | None = None, *, renormalize: bool = True
 ) -> tuple[Tensor, Tensor]:
     torch._check(logits.dim() == 2, lambda: "smoe::topk_softmax: logits must be 2-D [T, E]")
     torch._check(logits.dtype in FLOATS, lambda: "smoe::topk_softmax: logits must be floating")
     torch._check(1 <= k <= logits.shape[1], lambda: "smoe::topk_softmax: k must be in [1, E]")
+    if selection_bias is not None:
+        check_devices("topk_softmax", logits=logits, selection_bias=selection_bias)
+        torch._check(
+            selection_bias.dtype == torch.float32 and selection_bias.dim() == 1,
+            lambda: "smoe::topk_softmax: selection_bias must be float32 [E]",
+        )
+        torch._check(
+            selection_bias.shape[0] == logits.shape[1],
+            lambda: "smoe::topk_softmax: selection_bias must be [E]",
+        )
     T = logits.shape[0]
     return logits.new_empty((T, k)), logits.new_empty((T, k), dtype=torch.int32)
 
 
 def _setup_context_topk_softmax(ctx, inputs, keyword_only_inputs, output) -> None:
-    logits, _k = inputs
+    logits, _k, _bias = inputs
     _weight, expert = output
     ctx.mark_non_differentiable(expert)
     ctx.renormalize = keyword_only_inputs.get("renormalize", True)
@@ -83,7 +100,7 @@ def _backward_topk_softmax(ctx, grad_weight: Tensor, _grad_expert: Tensor | None
     grad = torch.ops.smoe.topk_softmax_backward.default(
         grad_weight.contiguous(), logits, expert, ctx.renormalize
     )
-    return grad, None
+    return grad, None, None  # the selection bias gets no gradient
 
 
 @torch.library.register_fake("smoe::topk_softmax_backward")

@@ -42,6 +42,12 @@ class TopKRouter(nn.Module):
             holds no ``bias`` key.
         aux: return the balance and z losses in ``Routing.aux`` (False: none, the reference
             MomentumSMoE gate trains without an auxiliary loss).
+        expert_bias: aux-loss-free balancing (DeepSeek-V3; Wang et al. 2024, arXiv 2408.15664):
+            a per-expert bias buffer ``expert_bias [E]`` (float32, saved in the state_dict) added
+            to the scores for the selection only, never to the weights; in training the forward
+            counts each expert's assignments in ``expert_counts`` (no gradient, no host sync).
+            :class:`smoe.ExpertBiasUpdater` moves the bias at each optimizer step. Usually with
+            ``aux=False``.
     """
 
     _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
@@ -61,6 +67,7 @@ class TopKRouter(nn.Module):
         init_scale: float = 0.1,
         bias: bool = False,
         aux: bool = True,
+        expert_bias: bool = False,
     ) -> None:
         super().__init__()
         if num_experts < 1:
@@ -86,6 +93,9 @@ class TopKRouter(nn.Module):
         self.noise_weight = nn.Parameter(torch.empty(num_experts, d_model)) if noisy else None
         self.bias = nn.Parameter(torch.empty(num_experts)) if bias else None
         self.aux = aux
+        if expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(num_experts))
+            self.register_buffer("expert_counts", torch.zeros(num_experts), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -100,8 +110,26 @@ class TopKRouter(nn.Module):
         return (
             f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}, "
             f"renormalize={self.renormalize}, gate={self.gate}, noisy={self.noisy}, "
-            f"jitter={self.jitter}, bias={self.bias is not None}, aux={self.aux}"
+            f"jitter={self.jitter}, bias={self.bias is not None}, aux={self.aux}, "
+            f"expert_bias={self._selection_bias() is not None}"
         )
+
+    # state kept in float32 whatever the module's dtype (tests/checkpoint reads this)
+    keep_float32: tuple[str, ...] = ("expert_bias", "expert_counts")
+
+    def _apply(self, fn, recurse=True):
+        # .half() / .bfloat16() of a model: the balancing buffers stay float32 (bf16 would drop
+        # updates of 1e-3 on a bias of 0.5, and count inexactly past 256)
+        super()._apply(fn, recurse)
+        for name in self.keep_float32:
+            buf = self._buffers.get(name)
+            if buf is not None and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
+    def _selection_bias(self) -> Tensor | None:
+        # (a buffer registered only with expert_bias=True; routers pickled before have none)
+        return self._buffers.get("expert_bias")
 
     def forward(self, x: Tensor, context: RoutingContext | None = None) -> Routing:
         """Route ``x [T, d_model]``; returns :class:`Routing`.
@@ -122,7 +150,14 @@ class TopKRouter(nn.Module):
                 assert self.noise_weight is not None
                 std = F.softplus(F.linear(h, self.noise_weight.to(dt))) + self.noise_epsilon
                 selection = logits + torch.randn_like(logits) * std
-            weight, expert = ops.topk_softmax(selection, self.k, renormalize=self.renormalize)
+            sel_bias = self._selection_bias()
+            weight, expert = ops.topk_softmax(
+                selection, self.k, renormalize=self.renormalize, selection_bias=sel_bias
+            )
+            if sel_bias is not None and self.training:
+                with torch.no_grad():  # the loads ExpertBiasUpdater reads at the optimizer step
+                    ones = torch.ones(expert.numel(), device=expert.device)
+                    self.expert_counts.scatter_add_(0, expert.reshape(-1).long(), ones)
             if self.gate == "sigmoid":
                 weight = torch.sigmoid(torch.gather(logits, 1, expert.long()))
             aux: dict[str, Tensor] = {}

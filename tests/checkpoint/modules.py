@@ -25,6 +25,7 @@ from smoe import (
     AttentionAwareRouter,
     ExpertChoiceRouter,
     Experts,
+    MoEFFN,
     MoELayer,
     MomentumMoE,
     MomentumState,
@@ -188,6 +189,20 @@ CATALOGUE: dict[str, Entry] = {
         ),
         Entry("TopKRouter", lambda: TopKRouter(D, E, K), _tokens(6, D), _run_router),
         Entry("VMoERouter", lambda: VMoERouter(D, E, K), _tokens(6, D), _run_router),
+        # aux-loss-free balancing (issue 26): the expert_bias buffer is saved
+        Entry(
+            "TopKRouter-expert_bias",
+            lambda: TopKRouter(D, E, K, expert_bias=True, aux=False),
+            _tokens(6, D),
+            _run_router,
+        ),
+        # smoe.moefy's drop-in FFN (issue 26): a MoELayer returning a tensor
+        Entry(
+            "MoEFFN",
+            lambda: MoEFFN(MoELayer(D, D_FF, E, K)),
+            _tokens(2, 3, D),
+            lambda m, x: {"y": m(x)},
+        ),
         Entry("ExpertChoiceRouter", lambda: ExpertChoiceRouter(D, E), _tokens(6, D), _run_router),
         Entry("XMoERouter", lambda: XMoERouter(D, E, K), _tokens(6, D), _run_router),
         Entry(

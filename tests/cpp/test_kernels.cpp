@@ -19,8 +19,9 @@ TEST(TopkSoftmax, PicksLargestWithLowerIndexOnTies) {
   const std::vector<float> logits = {0.f, 1.f, 1.f, 0.f, 1.f};
   std::vector<float> w(3);
   std::vector<int32_t> e(3);
-  EXPECT_EQ(smoe::cpu::topk_softmax_rows(logits.data(), 5, 5, 3, true, 0, 1, w.data(), e.data()),
-            -1);
+  EXPECT_EQ(
+      smoe::cpu::topk_softmax_rows(logits.data(), 5, 5, 3, true, nullptr, 0, 1, w.data(), e.data()),
+      -1);
   EXPECT_EQ(e, (std::vector<int32_t>{1, 2, 4}));
   for (float v : w) EXPECT_NEAR(v, 1.0f / 3, 1e-6);
 }
@@ -29,18 +30,32 @@ TEST(TopkSoftmax, RawProbabilitiesWithoutRenormalize) {
   const std::vector<double> logits = {std::log(1.0), std::log(3.0), std::log(6.0)};
   std::vector<double> w(2);
   std::vector<int32_t> e(2);
-  smoe::cpu::topk_softmax_rows(logits.data(), 3, 3, 2, false, 0, 1, w.data(), e.data());
+  smoe::cpu::topk_softmax_rows(logits.data(), 3, 3, 2, false, nullptr, 0, 1, w.data(), e.data());
   EXPECT_EQ(e, (std::vector<int32_t>{2, 1}));
   EXPECT_NEAR(w[0], 0.6, 1e-12);
   EXPECT_NEAR(w[1], 0.3, 1e-12);
+}
+
+TEST(TopkSoftmax, SelectionBiasPicksButDoesNotWeigh) {
+  // Logits favour experts 2, 1; the bias moves expert 0 to the top. Weights: the unbiased
+  // softmax over the selected {0, 2} (renormalised), so exp(0) : exp(2).
+  const std::vector<double> logits = {0.0, 1.0, 2.0};
+  const std::vector<float> bias = {5.f, 0.f, 0.f};
+  std::vector<double> w(2);
+  std::vector<int32_t> e(2);
+  smoe::cpu::topk_softmax_rows(logits.data(), 3, 3, 2, true, bias.data(), 0, 1, w.data(), e.data());
+  EXPECT_EQ(e, (std::vector<int32_t>{0, 2}));
+  EXPECT_NEAR(w[0], 1.0 / (1.0 + std::exp(2.0)), 1e-12);
+  EXPECT_NEAR(w[1], std::exp(2.0) / (1.0 + std::exp(2.0)), 1e-12);
 }
 
 TEST(TopkSoftmax, ReportsTheFirstNanRow) {
   const std::vector<float> logits = {0.f, 1.f, 2.f, NAN, 5.f, 6.f};
   std::vector<float> w(2);
   std::vector<int32_t> e(2);
-  EXPECT_EQ(smoe::cpu::topk_softmax_rows(logits.data(), 2, 2, 1, true, 0, 3, w.data(), e.data()),
-            1);
+  EXPECT_EQ(
+      smoe::cpu::topk_softmax_rows(logits.data(), 2, 2, 1, true, nullptr, 0, 3, w.data(), e.data()),
+      1);
 }
 
 TEST(TopkSoftmax, BackwardOfRenormalizedWeights) {
