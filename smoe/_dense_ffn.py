@@ -72,13 +72,11 @@ def _need(cls: str, what: str, act: object, gated: bool) -> str:
             )
         return "swiglu"
     if kind is None or kind == "silu":
-        raise ValueError(f"moefy: {cls}.{what} is {act!r}; smoe.Experts has exact GELU and ReLU")
-    if kind not in ACTIVATIONS:  # "gelu_tanh" (GPT-2's gelu_new) until Experts has it
         raise ValueError(
-            f"moefy: {cls}.{what} is {act!r}, the tanh-approximated GELU; smoe.Experts has "
-            f"{ACTIVATIONS} (exact-erf 'gelu'): build the model with exact GELU (GPT-2: "
-            "activation_function='gelu')"
+            f"moefy: {cls}.{what} is {act!r}; smoe.Experts has GELU (exact or tanh) and ReLU"
         )
+    if kind not in ACTIVATIONS:
+        raise ValueError(f"moefy: {cls}.{what} is {act!r}; smoe.Experts has {ACTIVATIONS}")
     return kind
 
 

@@ -10,7 +10,12 @@ from torch import Tensor, nn
 
 from smoe import ops
 
-ACTIVATIONS = ("gelu", "swiglu", "relu")
+ACTIVATIONS = ("gelu", "swiglu", "relu", "gelu_tanh")
+_ACT = {
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+}
 
 
 def check_tokens(owner: str, name: str, x: Tensor, d_model: int, device: torch.device) -> None:
@@ -39,7 +44,8 @@ class Experts(nn.Module):
         num_experts: E.
         d_model: input and output width.
         d_ff: hidden width of each expert.
-        activation: ``"gelu"`` (``W_out gelu(W_in x)``), ``"relu"`` (the fastmoe experts of
+        activation: ``"gelu"`` (``W_out gelu(W_in x)``, exact erf GELU), ``"gelu_tanh"`` (its
+            tanh approximation: GPT-2's ``gelu_new``), ``"relu"`` (the fastmoe experts of
             MomentumSMoE's reference code) or ``"swiglu"`` (``W_out (silu(W_gate x) * W_up x)``,
             gate rows first in ``w_in``).
         bias: add per-expert biases (needed to upcycle FFNs that have them, e.g. ViT MLPs).
@@ -109,7 +115,7 @@ class Experts(nn.Module):
         if self.activation == "swiglu":
             a = ops.swiglu(h)
         else:
-            a = F.relu(h) if self.activation == "relu" else F.gelu(h)
+            a = _ACT[self.activation](h)
         drop = getattr(self, "drop", None)  # experts pickled before dropout have none
         if drop is not None:
             a = drop(a)

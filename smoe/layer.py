@@ -74,7 +74,8 @@ class MoELayer(nn.Module):
         d_ff: hidden width of each expert.
         num_experts: E.
         k: experts per token, handed to a router built by name (a router module decides itself).
-        activation: ``"gelu"``, ``"relu"`` or ``"swiglu"`` (see :class:`smoe.Experts`).
+        activation: ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` or ``"swiglu"`` (see
+            :class:`smoe.Experts`).
         router: a registered router name (:func:`smoe.routing.available_routers`: ``"topk"``,
             ``"switch"``, ``"noisy_topk"``, ``"vmoe"``, ``"expert_choice"``, ...) built with
             :func:`smoe.routing.build_router`, or any module mapping ``(x [T, d_model],

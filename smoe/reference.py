@@ -205,6 +205,8 @@ def expert_ffn(
         h = torch.nn.functional.silu(gate) * up
     elif activation == "relu":
         h = torch.relu(h)
+    elif activation == "gelu_tanh":
+        h = torch.nn.functional.gelu(h, approximate="tanh")
     else:
         h = torch.nn.functional.gelu(h)
     y = h @ w_out.T

@@ -21,7 +21,7 @@ def reference_output(layer: MoELayer, x: torch.Tensor, capacity=None):
     )
 
 
-@pytest.mark.parametrize("activation", ["gelu", "swiglu", "relu"])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu", "relu", "gelu_tanh"])
 @pytest.mark.parametrize(
     "T,E,k", [(0, 4, 2), (1, 1, 1), (9, 4, 2), (9, 4, 4), (33, 16, 3)], ids=lambda v: str(v)
 )
