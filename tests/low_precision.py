@@ -48,11 +48,15 @@ FLOOR_EPS = 1.0
 # ---------------------------------------------------------------------------------------------
 # torch-ops versions of the numeric ops (same signatures as smoe.ops)
 # ---------------------------------------------------------------------------------------------
-def topk_softmax(logits: Tensor, k: int, *, renormalize: bool = True) -> TopK:
-    """Mixtral's routing in plain torch: softmax, top-k, divide by the sum of the k."""
+def topk_softmax(
+    logits: Tensor, k: int, *, renormalize: bool = True, selection_bias: Tensor | None = None
+) -> TopK:
+    """Mixtral's routing in plain torch: softmax, top-k, divide by the sum of the k (with a
+    selection bias: top-k of logits + bias, weights from the unbiased softmax)."""
     probs = torch.softmax(logits, dim=-1)
-    # A stable sort of -logits: top-k by logit, ties to the lower index (smoe's selection rule).
-    expert = torch.sort(-logits, dim=-1, stable=True).indices[:, :k]
+    rank = logits if selection_bias is None else logits.float() + selection_bias
+    # A stable sort of -rank: top-k by logit, ties to the lower index (smoe's selection rule).
+    expert = torch.sort(-rank, dim=-1, stable=True).indices[:, :k]
     weight = torch.gather(probs, 1, expert)
     if renormalize:
         weight = weight / weight.sum(dim=-1, keepdim=True)
@@ -120,8 +124,11 @@ class _PairwiseSoftmax(torch.autograd.Function):
         return p * ((g.unsqueeze(-1) - g.unsqueeze(-2)) * p.unsqueeze(-2)).sum(-1)
 
 
-def topk_softmax_oracle(logits: Tensor, k: int, *, renormalize: bool = True) -> TopK:
-    expert = torch.sort(-logits, dim=-1, stable=True).indices[:, :k]
+def topk_softmax_oracle(
+    logits: Tensor, k: int, *, renormalize: bool = True, selection_bias: Tensor | None = None
+) -> TopK:
+    rank = logits if selection_bias is None else logits + selection_bias.to(logits.dtype)
+    expert = torch.sort(-rank, dim=-1, stable=True).indices[:, :k]
     if renormalize:
         weight = _PairwiseSoftmax.apply(torch.gather(logits, 1, expert))
     else:

@@ -205,31 +205,6 @@ _ec_rows = [
         "nan", "logits +inf", arg("logits"), logits=lambda d, a: _with(d, a, "logits", 2, 1, INF)
     ),
     value_row("nan", "logits row of only -inf", arg("logits"), logits=_all_neg_inf),
-    # selection_bias (aux-loss-free balancing): float32 [E] on logits' device, finite
-    row(
-        "dtype",
-        "selection_bias float64",
-        arg("selection_bias"),
-        selection_bias=lambda d, a: torch.zeros(E, dtype=torch.float64, device=d.device),
-    ),
-    row(
-        "size",
-        "selection_bias [E+1]",
-        arg("selection_bias"),
-        selection_bias=lambda d, a: torch.zeros(E + 1, device=d.device),
-    ),
-    row(
-        "device",
-        "selection_bias on the other device",
-        arg("selection_bias"),
-        selection_bias=lambda d, a: torch.zeros(E, device=d.other),
-    ),
-    value_row(
-        "nan",
-        "selection_bias NaN",
-        arg("selection_bias"),
-        selection_bias=lambda d, a: torch.full((E,), NAN, device=d.device),
-    ),
     row(
         "meta", "meta logits 1-D", arg("logits"), logits=lambda d, a: torch.empty(T, device="meta")
     ),
