@@ -34,6 +34,23 @@ class ZooEntry:
     charlm_config: dict[str, Any] = field(default_factory=dict)
 
 
+def _graph_claims(method: str) -> tuple[Claim, ...]:
+    """The graph-of-tokens paper's claims (specs/graph_routing.md §9), the same for both of its
+    routers."""
+    return (
+        Claim(
+            f"{method} SMoE (Nguyen et al. 2025): lower routing fluctuation than a softmax-gated "
+            "SMoE",
+            "late_rf",
+            "lower",
+        ),
+        Claim("... lower PPL", "bpc", "lower"),
+        Claim("... better on attacked text", "bpc_attacked", "lower"),
+        Claim("... (images) higher top-1", "vit_acc", "higher"),
+        Claim("... (images) higher accuracy under corruption", "vit_acc_noisy", "higher"),
+    )
+
+
 ZOO: dict[str, ZooEntry] = {
     "topk": ZooEntry(),  # the baseline: GShard/Mixtral top-2, renormalised weights
     "switch": ZooEntry(
@@ -158,32 +175,6 @@ ZOO: dict[str, ZooEntry] = {
     # Graph-of-tokens routing (Nguyen et al. 2025, arXiv 2505.00792; specs/graph_routing.md §9):
     # the spec's defaults (poe mixing, lambda 1, dot similarity / head-mean attention, causal in
     # the LM), the same balance and z losses as the top-k baseline
-    "similarity_aware": ZooEntry(
-        claims=(
-            Claim(
-                "Similarity-Aware SMoE (Nguyen et al. 2025): lower routing fluctuation than a "
-                "softmax-gated SMoE",
-                "late_rf",
-                "lower",
-            ),
-            Claim("... lower PPL", "bpc", "lower"),
-            Claim("... better on attacked text", "bpc_attacked", "lower"),
-            Claim("... (images) higher top-1", "vit_acc", "higher"),
-            Claim("... (images) higher accuracy under corruption", "vit_acc_noisy", "higher"),
-        )
-    ),
-    "attention_aware": ZooEntry(
-        claims=(
-            Claim(
-                "Attention-Aware SMoE (Nguyen et al. 2025): lower routing fluctuation than a "
-                "softmax-gated SMoE",
-                "late_rf",
-                "lower",
-            ),
-            Claim("... lower PPL", "bpc", "lower"),
-            Claim("... better on attacked text", "bpc_attacked", "lower"),
-            Claim("... (images) higher top-1", "vit_acc", "higher"),
-            Claim("... (images) higher accuracy under corruption", "vit_acc_noisy", "higher"),
-        )
-    ),
+    "similarity_aware": ZooEntry(claims=_graph_claims("Similarity-Aware")),
+    "attention_aware": ZooEntry(claims=_graph_claims("Attention-Aware")),
 }

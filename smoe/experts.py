@@ -33,6 +33,13 @@ def check_tokens(owner: str, name: str, x: Tensor, d_model: int, device: torch.d
         raise ValueError(f"{owner}: {name} must be on the module's device {device}, got {x.device}")
 
 
+def row_expert(offsets: Tensor, rows: int, num_experts: int) -> Tensor:
+    """The expert of each of ``rows`` grouped rows (``offsets [E+1]``); padding rows past
+    ``offsets[E]`` map to the last expert (combine ignores them)."""
+    r = torch.arange(rows, device=offsets.device)
+    return torch.searchsorted(offsets[1:], r, right=True).clamp_max(num_experts - 1)
+
+
 class Experts(nn.Module):
     """E feed-forward experts applied to rows grouped by expert.
 
@@ -125,9 +132,7 @@ class Experts(nn.Module):
         return y
 
     def _row_expert(self, offsets: Tensor, rows: int) -> Tensor:
-        # Expert of each sorted row (padding rows map to the last expert; combine ignores them).
-        r = torch.arange(rows, device=offsets.device)
-        return torch.searchsorted(offsets[1:], r, right=True).clamp_max(self.num_experts - 1)
+        return row_expert(offsets, rows, self.num_experts)
 
     @classmethod
     def from_dense(cls, ffn: nn.Module, num_experts: int) -> Experts:

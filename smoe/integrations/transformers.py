@@ -28,16 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from smoe import ops
+from smoe.experts import row_expert
 
 __all__ = ["register", "smoe_experts_forward"]
 
 NAME = "smoe"
-
-
-def _row_expert(offsets: Tensor, rows: int, num_experts: int) -> Tensor:
-    """The expert of each grouped row (rows past offsets[E] map to the last; combine skips them)."""
-    r = torch.arange(rows, device=offsets.device)
-    return torch.searchsorted(offsets[1:], r, right=True).clamp_max(num_experts - 1)
 
 
 def _weight(w: Tensor, transposed: bool) -> Tensor:
@@ -112,7 +107,7 @@ def smoe_experts_forward(
     has_gate, has_bias = getattr(self, "has_gate", True), getattr(self, "has_bias", False)
     w_in = self.gate_up_proj if has_gate else self.up_proj
     h = ops.grouped_mm(x, _weight(w_in, transposed), plan.offsets)
-    row = _row_expert(plan.offsets, h.shape[0], E) if has_bias else None
+    row = row_expert(plan.offsets, h.shape[0], E) if has_bias else None
     if has_bias:
         b_in = self.gate_up_proj_bias if has_gate else self.up_proj_bias
         h = h + b_in[row].to(h.dtype)

@@ -89,6 +89,9 @@ class XLAttention(nn.Module):
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L + M, Dh]
         scores = unskew(q @ k.transpose(-2, -1)) + q @ key_pe  # [B, H, M, L]
         rel = torch.softmax(scores / math.sqrt(Dh), dim=-1)
-        dropped = F.dropout(rel, self.dropout, self.training)
-        y = skew(dropped) @ v  # [B, H, M, Dh]
-        return self.proj(y.transpose(1, 2).reshape(B, M, d)), skew(rel)
+        probs = skew(rel)
+        if self.training and self.dropout > 0:
+            y = skew(F.dropout(rel, self.dropout)) @ v  # [B, H, M, Dh]
+        else:
+            y = probs @ v
+        return self.proj(y.transpose(1, 2).reshape(B, M, d)), probs

@@ -126,23 +126,26 @@ class AttentionAwareRouter(_GraphRouter):
         S, C = A.shape[1], A.shape[2] - A.shape[1]
         keep = G.padding_keep(self.who, context, A.shape[0], S, A.device)
         if keep is not None:  # padding tokens are nobody's neighbour but their own
-            ok = G.keep_columns(keep)
-            if C:
-                ok = torch.cat([ok.new_ones(A.shape[0], S, C), ok], dim=2)
-            A = A.masked_fill(~ok, 0.0)
+            A = _mask_block(A, G.keep_columns(keep))
         if C and self.memory == "drop":
             return ops.graph_mix(v, G.drop_memory(A, causal), self_coef=self_coef, lam=self.lam)
         ok = G.allowed(S, causal, None, A.device)
         if ok is not None:
-            if C:
-                ok = torch.cat([ok.new_ones(S, C), ok], dim=1)
-            A = A.masked_fill(~ok, 0.0)
+            A = _mask_block(A, ok)
         if not C:
             return ops.graph_mix(v, A, self_coef=self_coef, lam=self.lam)
         cache = self._cached(z.detach().reshape(A.shape[0], S, -1), C)
         if self.mix == "probs":
             cache = torch.softmax(cache, dim=-1)
         return ops.graph_mix(v, A, self_coef=self_coef, lam=self.lam, cache=cache)
+
+
+def _mask_block(A: Tensor, ok: Tensor) -> Tensor:
+    """Zero the current-block entries of ``A [B, S, C + S]`` where ``ok`` (``[S, S]`` or
+    ``[B, S, S]``) is False; the C memory columns are left as they are."""
+    C = A.shape[-1] - A.shape[-2]
+    block = A[..., C:].masked_fill(~ok, 0.0)
+    return torch.cat([A[..., :C], block], dim=-1) if C else block
 
 
 register_router(
