@@ -184,3 +184,20 @@ def test_counts_are_all_reduced_over_two_gloo_ranks():
     # summed counts [4, 0, 0, 0, 0, 8], mean 2: experts 0 and 5 over, the rest under
     want = torch.tensor([-1.0, 1.0, 1.0, 1.0, 1.0, -1.0])
     assert torch.equal(out[0], want) and torch.equal(out[1], want)
+
+
+@pytest.mark.parametrize(
+    "T,E_,k,strided",
+    [(0, 4, 2, False), (5, 1, 1, False), (7, 4, 4, False), (9, 6, 2, True)],
+    ids=["0 tokens", "1 expert", "k = E", "non-contiguous"],
+)
+def test_selection_bias_over_the_shape_table(T, E_, k, strided):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(T, 2 * E_ if strided else E_, generator=g)
+    if strided:
+        logits = logits[:, ::2]
+    bias = torch.randn(E_, generator=g)
+    got = ops.topk_softmax(logits, k, selection_bias=bias)
+    want = reference.topk_softmax(logits, k, selection_bias=bias)
+    assert torch.equal(got.expert, want.expert)
+    torch.testing.assert_close(got.weight, want.weight)
