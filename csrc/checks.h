@@ -77,16 +77,29 @@ inline void check_topk_softmax(const at::Tensor& logits, int64_t k) {
 
 // selection_bias of topk_softmax: [E] float32 on logits' device (finiteness: CPU glue / device
 // assert).
-inline void check_selection_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& logits) {
+inline void check_selection_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& logits,
+                                 const char* op = "topk_softmax") {
   if (!bias.has_value()) return;
   const at::Tensor& b = *bias;
-  TORCH_CHECK(b.scalar_type() == at::kFloat,
-              "smoe::topk_softmax: selection_bias must be float32, got ", b.scalar_type());
-  TORCH_CHECK(b.dim() == 1 && b.size(0) == logits.size(1),
-              "smoe::topk_softmax: selection_bias must be [E] = [", logits.size(1), "], got ",
-              b.sizes());
-  TORCH_CHECK(b.device() == logits.device(), "smoe::topk_softmax: selection_bias must be on ",
+  TORCH_CHECK(b.scalar_type() == at::kFloat, "smoe::", op, ": selection_bias must be float32, got ",
+              b.scalar_type());
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == logits.size(1), "smoe::", op,
+              ": selection_bias must be [E] = [", logits.size(1), "], got ", b.sizes());
+  TORCH_CHECK(b.device() == logits.device(), "smoe::", op, ": selection_bias must be on ",
               logits.device(), " (logits' device), got ", b.device());
+}
+
+// The selection_bias of a CPU call made contiguous after checking that it is finite (undefined
+// when None); the CUDA glue asserts finiteness on the device instead.
+inline at::Tensor finite_bias_cpu(const c10::optional<at::Tensor>& bias, const char* op) {
+  if (!bias.has_value()) return at::Tensor();
+  at::Tensor b = bias->contiguous();
+  const float* v = b.const_data_ptr<float>();
+  for (int64_t e = 0; e < b.numel(); ++e) {
+    TORCH_CHECK(std::isfinite(v[e]), "smoe::", op, ": selection_bias must be finite, got ", v[e],
+                " at expert ", e);
+  }
+  return b;
 }
 
 inline void check_topk_softmax_backward(const at::Tensor& grad_weight, const at::Tensor& logits,

@@ -26,6 +26,16 @@ TORCH_LIBRARY(smoe, m) {
       "topk_softmax(Tensor logits, int k, Tensor? selection_bias=None, *, bool renormalize=True) "
       "-> (Tensor weight, Tensor expert)");
 
+  // token-choice top-k on sigmoid scores (DeepSeek-V3): s = sigmoid(logits) (fp32 math); experts
+  // chosen by s + selection_bias, within the topk_group (None: all) best of n_group consecutive
+  // expert groups (a group scores the sum of its two best s + bias), ties to the lower index;
+  // weight = s of the chosen (never the bias), divided by their sum + 1e-20 when renormalize, times
+  // scale. Returns weight [T, k] (logits' dtype) and expert [T, k] int32, best first.
+  m.def(
+      "topk_sigmoid(Tensor logits, int k, Tensor? selection_bias=None, *, int n_group=1, int? "
+      "topk_group=None, bool renormalize=False, float scale=1.0) -> (Tensor weight, Tensor "
+      "expert)");
+
   // expert choice (Zhou et al. 2022): softmax over E experts per token (fp32 math), then in every
   // group of group_size consecutive tokens (None: one group; the last may be shorter) each expert
   // takes its `capacity` most probable tokens (clamped to the group size; ties to the lower token
@@ -113,6 +123,10 @@ TORCH_LIBRARY(smoe, m) {
       "topk_softmax_backward(Tensor grad_weight, Tensor logits, Tensor expert, bool renormalize) "
       "-> "
       "Tensor");
+  // d logits of topk_sigmoid, recomputing the sigmoid from the logits in fp32; [T, E].
+  m.def(
+      "topk_sigmoid_backward(Tensor grad_weight, Tensor logits, Tensor expert, bool renormalize, "
+      "float scale) -> Tensor");
   // d logits of expert_choice, recomputing the softmax from the logits in fp32; [T, E].
   m.def("expert_choice_backward(Tensor grad_weight, Tensor logits, Tensor row) -> Tensor");
   m.set_python_module("smoe.ops.xmoe");

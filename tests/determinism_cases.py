@@ -96,6 +96,29 @@ def _topk_softmax_backward(device: str) -> Results:
     }
 
 
+def _topk_sigmoid(device: str) -> Results:
+    out = {}
+    bias = _randn(E, salt=6, device=device, scale=0.1)
+    for renorm, b in ((True, bias), (False, None)):
+        w, ex = torch.ops.smoe.topk_sigmoid.default(
+            _logits(device), K, b, n_group=4, topk_group=2, renormalize=renorm, scale=2.5
+        )
+        out |= {f"weight_{renorm}": w, f"expert_{renorm}": ex}
+    return out
+
+
+def _topk_sigmoid_backward(device: str) -> Results:
+    logits = _logits(device)
+    _, expert = torch.ops.smoe.topk_sigmoid.default(logits, K, n_group=4, topk_group=2)
+    g = _randn(T, K, salt=4, device=device)
+    return {
+        f"grad_{renorm}": torch.ops.smoe.topk_sigmoid_backward.default(
+            g, logits, expert, renorm, 2.5
+        )
+        for renorm in (True, False)
+    }
+
+
 def _expert_choice(device: str) -> Results:
     out = {}
     for group in (None, 1000):
@@ -321,6 +344,8 @@ def _graph_mix_backward(device: str) -> Results:
 OP_CASES: dict[str, Callable[[str], Results]] = {
     "topk_softmax": _topk_softmax,
     "topk_softmax_backward": _topk_softmax_backward,
+    "topk_sigmoid": _topk_sigmoid,
+    "topk_sigmoid_backward": _topk_sigmoid_backward,
     "expert_choice": _expert_choice,
     "expert_choice_backward": _expert_choice_backward,
     "make_plan": _make_plan,

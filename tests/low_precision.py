@@ -3,24 +3,25 @@
 In fp16/bf16 an smoe op's error against the float64 reference must be at most 3x the error of
 the same computation written with torch's own ops in that precision. This module holds:
 
-- the torch-ops versions of smoe's numeric ops (``topk_softmax``, ``expert_choice``, ``permute``,
-  ``combine``, ``grouped_mm``, ``swiglu``). ``smoe.reference`` cannot serve here: each of its
-  functions upcasts to float64 and rounds once at the end, so on fp16/bf16 inputs it returns the
-  correctly rounded answer, not what PyTorch code in that precision computes. The versions below
-  keep every intermediate in the input's dtype, as plain PyTorch code would (torch's kernels then
-  decide their internal accumulation, e.g. fp32 inside CPU matmuls and reductions); their
-  backward is torch's autograd. Run on float64 inputs they are float64 math, and
-  tests/test_low_precision.py checks that they then equal ``smoe.reference``.
-- ``oracle_ops``: the float64 reference, the same functions but with a softmax backward that
-  does not cancel when one probability is ~1 (autograd's does, even in float64).
+- the torch-ops versions of smoe's numeric ops (``topk_softmax``, ``topk_sigmoid``,
+  ``expert_choice``, ``permute``, ``combine``, ``grouped_mm``, ``swiglu``). ``smoe.reference``
+  cannot serve here: each of its functions upcasts to float64 and rounds once at the end, so on
+  fp16/bf16 inputs it returns the correctly rounded answer, not what PyTorch code in that
+  precision computes. The versions below keep every intermediate in the input's dtype, as plain
+  PyTorch code would (torch's kernels then decide their internal accumulation, e.g. fp32 inside
+  CPU matmuls and reductions); their backward is torch's autograd. Run on float64 inputs they are
+  float64 math, and tests/test_low_precision.py checks that they then equal ``smoe.reference``.
+- ``oracle_ops``: the float64 reference, the same functions but with a softmax (sigmoid) backward
+  that does not cancel when one probability (s) is ~1 (autograd's does, even in float64).
 - :func:`use_torch_ops` (:func:`use_ops`), a switch under which smoe's modules (``MoELayer``,
   ``Experts``, the routers) call these instead of ``torch.ops.smoe``: "the same model with
   torch's ops".
 - :func:`max_abs_error` and :func:`check_rule`, the metric and the bound.
 
 Discrete choices are shared with smoe so that only arithmetic differs: top-k selects by logit
-with ties to the lower index (smoe's rule), ``expert_choice`` keeps smoe's plan and only
-recomputes the weights, and ``make_plan`` (integers only) is not replaced.
+with ties to the lower index (smoe's rule), ``topk_sigmoid`` and ``expert_choice`` keep smoe's
+choice of experts (plan) and only recompute the weights, and ``make_plan`` (integers only) is not
+replaced.
 """
 
 from __future__ import annotations
@@ -61,6 +62,34 @@ def topk_softmax(
     if renormalize:
         weight = weight / weight.sum(dim=-1, keepdim=True)
     return TopK(weight, expert.to(torch.int32))
+
+
+def topk_sigmoid(
+    logits: Tensor,
+    k: int,
+    *,
+    selection_bias: Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int | None = None,
+    renormalize: bool = False,
+    scale: float = 1.0,
+) -> TopK:
+    """smoe's experts (the group-limited top-k of sigmoid + bias), DeepSeek-V3's weights in torch:
+    sigmoid, gather, divide by the sum + 1e-20, times scale."""
+    args = (logits, k, selection_bias, n_group, topk_group, renormalize, scale)
+    return _topk_sigmoid(torch.sigmoid, *args)
+
+
+def _topk_sigmoid(sigmoid, logits, k, selection_bias, n_group, topk_group, renormalize, scale):
+    x, bias = logits.detach(), selection_bias
+    if x.dtype == torch.float64 and x.is_cuda:  # the oracle's: smoe's CUDA kernels take no float64
+        x, bias = x.cpu(), None if bias is None else bias.cpu()
+    kw = dict(selection_bias=bias, n_group=n_group, topk_group=topk_group)
+    expert = smoe_ops["topk_sigmoid"](x, k, **kw).expert.to(logits.device)
+    weight = torch.gather(sigmoid(logits), 1, expert.long())
+    if renormalize:
+        weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
+    return TopK(weight * scale, expert)
 
 
 def expert_choice(logits: Tensor, capacity: int, *, group_size: int | None = None) -> ExpertChoice:
@@ -136,6 +165,35 @@ def topk_softmax_oracle(
     return TopK(weight, expert.to(torch.int32))
 
 
+class _StableSigmoid(torch.autograd.Function):
+    """sigmoid whose backward is ``g s sigmoid(-x)``: autograd's ``g s (1 - s)`` is 0 once s
+    rounds to 1 in float64 (x over ~37), where smoe's kernels, which use sigmoid(-x), are not."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return g * torch.sigmoid(x) * torch.sigmoid(-x)
+
+
+def topk_sigmoid_oracle(
+    logits: Tensor,
+    k: int,
+    *,
+    selection_bias: Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int | None = None,
+    renormalize: bool = False,
+    scale: float = 1.0,
+) -> TopK:
+    args = (logits, k, selection_bias, n_group, topk_group, renormalize, scale)
+    return _topk_sigmoid(_StableSigmoid.apply, *args)
+
+
 def expert_choice_oracle(
     logits: Tensor, capacity: int, *, group_size: int | None = None
 ) -> ExpertChoice:
@@ -143,7 +201,15 @@ def expert_choice_oracle(
     return ExpertChoice(torch.where(plan.row >= 0, _PairwiseSoftmax.apply(logits), 0.0), plan)
 
 
-NUMERIC_OPS = ("topk_softmax", "expert_choice", "permute", "combine", "grouped_mm", "swiglu")
+NUMERIC_OPS = (
+    "topk_softmax",
+    "topk_sigmoid",
+    "expert_choice",
+    "permute",
+    "combine",
+    "grouped_mm",
+    "swiglu",
+)
 #: smoe's own wrappers, kept whatever the switch does.
 smoe_ops = {name: getattr(smoe.ops, name) for name in NUMERIC_OPS}
 #: the torch-ops baseline (run in fp16/bf16).
@@ -152,6 +218,7 @@ torch_ops = {name: globals()[name] for name in NUMERIC_OPS}
 oracle_ops = {
     **torch_ops,
     "topk_softmax": topk_softmax_oracle,
+    "topk_sigmoid": topk_sigmoid_oracle,
     "expert_choice": expert_choice_oracle,
 }
 

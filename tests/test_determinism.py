@@ -158,12 +158,15 @@ def test_layer_is_bitwise_equal_across_threads_with_strict_mkl(tmp_path):
             assert_bitwise_equal(child[n][case], results, where)
 
 
-@pytest.mark.parametrize("op", ["topk_softmax", "expert_choice"])
+@pytest.mark.parametrize("op", ["topk_softmax", "topk_sigmoid", "expert_choice"])
 def test_router_error_names_the_first_bad_row_at_any_thread_count(op, restore_threads):
     logits = torch.randn(5000, 8)
     logits[[100, 2600, 4900], 3] = float("nan")  # in different chunks of the row loop
     call = {
         "topk_softmax": lambda: torch.ops.smoe.topk_softmax.default(logits, 2),
+        "topk_sigmoid": lambda: torch.ops.smoe.topk_sigmoid.default(
+            logits, 2, n_group=4, topk_group=2
+        ),
         "expert_choice": lambda: torch.ops.smoe.expert_choice.default(logits, 1000),
     }[op]
     for n in THREADS:

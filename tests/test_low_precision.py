@@ -18,10 +18,10 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from smoe import ops
+from smoe import ops, reference_sigmoid
 from smoe import reference as ref
 from tests.helpers import spaced_logits
 from tests.low_precision import check_rule, ci_settings, oracle_ops, smoe_ops, torch_ops
@@ -94,6 +94,47 @@ def test_topk_softmax_low_precision_error_within_3x_torch(dtype, device, data):
         return (o["topk_softmax"](lg, k, renormalize=renormalize).weight,)
 
     run_rule(fn, [logits], dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW)
+@ci_settings(15)
+@given(data=st.data())
+def test_topk_sigmoid_low_precision_error_within_3x_torch(dtype, device, data):
+    n_group, G = data.draw(st.integers(1, 4), label="n_group"), data.draw(st.integers(1, 4))
+    topk_group = data.draw(st.integers(1, n_group), label="topk_group")
+    T, E = data.draw(st.integers(0, 48), label="T"), n_group * G
+    k = data.draw(st.integers(1, topk_group * G), label="k")
+    kw = dict(
+        n_group=n_group,
+        topk_group=topk_group,
+        renormalize=data.draw(st.booleans(), label="renormalize"),
+        scale=data.draw(st.sampled_from([1.0, 2.5]), label="scale"),
+    )
+    torch.manual_seed(data.draw(st.integers(0, 2**31), label="seed"))
+    if data.draw(st.booleans(), label="selection_bias"):
+        kw["selection_bias"] = (torch.randn(E) * 0.1).to(device)
+    # Spaced logits in [-spread, spread]: |logit| <= 12 keeps sigmoid off its fp32 saturation.
+    spread = 10.0 ** data.draw(st.floats(-2.0, math.log10(12.0)), label="log10(spread)")
+    logits = ((spaced_logits(T, E) / (0.15 * E) - 1) * spread).to(device)
+    chosen = ops.topk_sigmoid(logits.to(dtype), k, **kw).expert
+    # fp32 ranking agrees with float64 unless two sums of s + bias are within rounding: skip those
+    assume(
+        torch.equal(
+            chosen.cpu(),
+            reference_sigmoid.topk_sigmoid(logits.to(dtype).cpu(), k, **_cpu(kw)).expert,
+        )
+    )
+
+    def fn(o, lg):
+        return (o["topk_sigmoid"](lg, k, **kw).weight,)
+
+    run_rule(fn, [logits], dtype)
+
+
+def _cpu(kw: dict) -> dict:
+    bias = kw.get("selection_bias")
+    return kw if bias is None else {**kw, "selection_bias": bias.cpu()}
 
 
 def separated_logits(T: int, E: int, sigma: float, dtype: torch.dtype, margin=1e-5):
@@ -225,7 +266,12 @@ def test_torch_ops_baseline_in_float64_matches_reference(renormalize):
         torch_ops["grouped_mm"](y, wm, plan.offsets), ref.grouped_mm(y, wm, plan.offsets)
     )
     torch.testing.assert_close(torch_ops["swiglu"](y[:, :6]), ref.swiglu(y[:, :6]))
-    # the oracle's softmax backward is autograd's, rearranged
+    kw = dict(selection_bias=torch.randn(E) * 0.1, renormalize=renormalize, scale=2.5)
+    got = torch_ops["topk_sigmoid"](logits, k, **kw)
+    want = reference_sigmoid.topk_sigmoid(logits, k, **kw)
+    assert torch.equal(got.expert, want.expert)
+    torch.testing.assert_close(got.weight, want.weight)
+    # the oracle's softmax (sigmoid) backward is autograd's, rearranged
     lg = logits.clone().requires_grad_()
     g = torch.randn(T, k, dtype=torch.float64)
     for fn in (torch_ops, oracle_ops):
@@ -233,6 +279,10 @@ def test_torch_ops_baseline_in_float64_matches_reference(renormalize):
         torch.testing.assert_close(w, rw)
         grad = torch.autograd.grad(w, lg, g)[0]
         want = torch.autograd.grad(ref.topk_softmax(lg, k, renormalize=renormalize).weight, lg, g)
+        torch.testing.assert_close(grad, want[0])
+        w = fn["topk_sigmoid"](lg, k, **kw).weight
+        grad = torch.autograd.grad(w, lg, g)[0]
+        want = torch.autograd.grad(reference_sigmoid.topk_sigmoid(lg, k, **kw).weight, lg, g)
         torch.testing.assert_close(grad, want[0])
         w = fn["expert_choice"](lg, 3).weight
         grad = torch.autograd.grad(w, lg, g[:, :1].expand(T, E))[0]
@@ -261,3 +311,46 @@ def test_topk_softmax_backward_keeps_relative_accuracy_when_one_weight_dominates
     assert (want[:, :2].abs() > 0).all()
     rel = ((got.cpu().double() - want).abs() / want.abs().clamp_min(1e-300)).max().item()
     assert rel <= 2 * torch.finfo(dtype).eps, f"relative error {rel}: {got} vs {want}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_topk_sigmoid_backward_keeps_relative_accuracy_when_s_is_near_1(renormalize, dtype, device):
+    # s = sigmoid(40) = 1 - 4e-18: s (1 - s) rounds to 0 through 1 - s, in float64 too; the kernel
+    # takes 1 - s as sigmoid(-x). fp16 cannot hold 4e-18: there x = 9, 1 - s = 1.2e-4.
+    top = 9.0 if dtype == torch.float16 else 40.0
+    logits = torch.tensor([[top, 0.5, -1.0]], dtype=torch.float64).to(dtype)
+    grad = torch.tensor([[1.0, -2.0]], dtype=torch.float64).to(dtype)
+    lg = logits.to(device).requires_grad_()
+    weight = ops.topk_sigmoid(lg, 2, renormalize=renormalize, scale=2.5).weight
+    (got,) = torch.autograd.grad(weight, lg, grad.to(device))
+    l64 = logits.double().requires_grad_()
+    w64 = oracle_ops["topk_sigmoid"](l64, 2, renormalize=renormalize, scale=2.5).weight
+    (want,) = torch.autograd.grad(w64, l64, grad.double())
+    assert (want[:, :2].abs() > 0).all()
+    rel = ((got.cpu().double() - want).abs() / want.abs().clamp_min(1e-300)).max().item()
+    assert rel <= 4 * torch.finfo(dtype).eps, f"relative error {rel}: {got} vs {want}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+# (not float16: its smallest subnormal, 6e-8, is far above the 9.5e-14 gradient)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_sigmoid_backward_keeps_relative_accuracy_when_one_weight_dominates(dtype, device):
+    # s = (0.88, 9.4e-14): w_0 = 1 - 1e-13; d l_0 = 9.5e-14 (c (g_j / S - dot / S^2) gave 0 in
+    # fp32: the kernels sum the non-cancelling form sum_{l != j} s_l (g_j - g_l) + g_j 1e-20)
+    logits = torch.tensor([[2.0, -30.0, -40.0]], dtype=torch.float64).to(dtype)
+    grad = torch.tensor([[1.0, -2.0]], dtype=torch.float64).to(dtype)
+    lg = logits.to(device).requires_grad_()
+    weight = ops.topk_sigmoid(lg, 2, renormalize=True, scale=2.5).weight
+    (got,) = torch.autograd.grad(weight, lg, grad.to(device))
+    l64 = logits.double().requires_grad_()
+    s = torch.sigmoid(l64[:, :2])
+    want = (
+        s[0, 1] * (grad[0, 0] - grad[0, 1]).double() / s.sum() ** 2 * 2.5 * s[0, 0] * (1 - s[0, 0])
+    )
+    got0 = got[0, 0].cpu().double()
+    rel = ((got0 - want).abs() / want.abs()).item()
+    assert rel <= 4 * torch.finfo(dtype).eps, (
+        f"relative error {rel}: {got0.item()} vs {want.item()}"
+    )

@@ -12,22 +12,11 @@
 #include <tuple>
 
 #include "checks.h"
+#include "common/rows.h"
 #include "cpu/expert_choice_kernel.h"
 
 namespace smoe::ops {
 namespace {
-
-int64_t grain_rows(int64_t per_row_work) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_row_work));
-}
-
-// Keeps the lowest bad row over all chunks, so that the error names the same row at any thread
-// count (each chunk reports its first).
-void keep_first(std::atomic<int64_t>& first, int64_t row) {
-  int64_t cur = first.load();
-  while ((cur < 0 || row < cur) && !first.compare_exchange_weak(cur, row)) {
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_choice_cpu(
     const at::Tensor& logits_in, int64_t capacity, std::optional<int64_t> group_size) {

@@ -11,37 +11,18 @@
 #include <tuple>
 
 #include "checks.h"
+#include "common/rows.h"
 #include "cpu/topk_softmax_kernel.h"
 
 namespace smoe::ops {
 namespace {
 
-int64_t grain_rows(int64_t per_row_work) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_row_work));
-}
-
-// Keeps the lowest bad row over all chunks, so that the error names the same row at any thread
-// count (each chunk reports its first).
-void keep_first(std::atomic<int64_t>& first, int64_t row) {
-  int64_t cur = first.load();
-  while ((cur < 0 || row < cur) && !first.compare_exchange_weak(cur, row)) {
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor> topk_softmax_cpu(
-    const at::Tensor& logits_in, int64_t k, const c10::optional<at::Tensor>& selection_bias,
-    bool renormalize) {
+std::tuple<at::Tensor, at::Tensor> topk_softmax_cpu(const at::Tensor& logits_in, int64_t k,
+                                                    const c10::optional<at::Tensor>& selection_bias,
+                                                    bool renormalize) {
   check_topk_softmax(logits_in, k);
   check_selection_bias(selection_bias, logits_in);
-  at::Tensor bias_t;
-  if (selection_bias.has_value()) {
-    bias_t = selection_bias->contiguous();
-    const float* b = bias_t.const_data_ptr<float>();
-    for (int64_t e = 0; e < bias_t.numel(); ++e) {
-      TORCH_CHECK(std::isfinite(b[e]), "smoe::topk_softmax: selection_bias must be finite, got ",
-                  b[e], " at expert ", e);
-    }
-  }
+  const at::Tensor bias_t = finite_bias_cpu(selection_bias, "topk_softmax");
   const float* bias = bias_t.defined() ? bias_t.const_data_ptr<float>() : nullptr;
   const at::Tensor logits = rows_dense(logits_in);
   const int64_t T = logits.size(0), E = logits.size(1);

@@ -26,14 +26,14 @@ inline acc_t<T> rank_value(const T* l, const float* bias, int64_t e) {
   return bias == nullptr ? load(l[e]) : load(l[e]) + static_cast<acc_t<T>>(bias[e]);
 }
 
-template <typename T>
-void select_topk_insertion(const T* l, const float* bias, int64_t E, int64_t k, int32_t* out) {
-  using A = acc_t<T>;
+// rank(e) gives the value expert e is ranked by, of type A (topk_sigmoid reuses these).
+template <typename A, typename Rank>
+void select_topk_insertion(Rank rank, int64_t E, int64_t k, int32_t* out) {
   A best_v[kTopkStack];
   int64_t best_i[kTopkStack];
   int64_t n = 0;
   for (int64_t e = 0; e < E; ++e) {
-    const A v = rank_value(l, bias, e);
+    const A v = rank(e);
     if (n == k && !topk_before(v, e, best_v[k - 1], best_i[k - 1])) continue;
     int64_t pos = n < k ? n++ : k - 1;
     while (pos > 0 && topk_before(v, e, best_v[pos - 1], best_i[pos - 1])) {
@@ -49,16 +49,15 @@ void select_topk_insertion(const T* l, const float* bias, int64_t E, int64_t k, 
 
 // k passes, each taking the best entry strictly after the previous pick in top-k order
 // (O(k E), no buffer: for large k).
-template <typename T>
-void select_topk_passes(const T* l, const float* bias, int64_t E, int64_t k, int32_t* out) {
-  using A = acc_t<T>;
+template <typename A, typename Rank>
+void select_topk_passes(Rank rank, int64_t E, int64_t k, int32_t* out) {
   A prev_v = INFINITY;
   int64_t prev_i = -1;
   for (int64_t j = 0; j < k; ++j) {
     A best_v = -INFINITY;
     int64_t best_i = -1;
     for (int64_t e = 0; e < E; ++e) {
-      const A v = rank_value(l, bias, e);
+      const A v = rank(e);
       if (topk_before(prev_v, prev_i, v, e) && (best_i < 0 || topk_before(v, e, best_v, best_i))) {
         best_v = v;
         best_i = e;
@@ -90,10 +89,11 @@ int64_t topk_softmax_rows(const T* logits, int64_t ld, int64_t E, int64_t k, boo
     A total = 0;
     for (int64_t e = 0; e < E; ++e) total += std::exp(load(l[e]) - m);
     A selected = 0;
+    const auto rank = [&](int64_t e) { return rank_value(l, bias, e); };
     if (k <= kTopkStack) {
-      select_topk_insertion(l, bias, E, k, expert + t * k);
+      select_topk_insertion<A>(rank, E, k, expert + t * k);
     } else {
-      select_topk_passes(l, bias, E, k, expert + t * k);
+      select_topk_passes<A>(rank, E, k, expert + t * k);
     }
     for (int64_t j = 0; j < k; ++j) selected += std::exp(load(l[expert[t * k + j]]) - m);
     const A denom = renormalize ? selected : total;

@@ -3,7 +3,7 @@
 One module per op family, each with one section per op in schema order (csrc/registration.cpp):
 wrapper, fake, autograd. The kernels live in csrc/; nothing numerical happens here.
 
-- :mod:`smoe.ops.routing`: ``topk_softmax``, ``expert_choice``
+- :mod:`smoe.ops.routing`: ``topk_softmax``, ``topk_sigmoid``, ``expert_choice``
 - :mod:`smoe.ops.dispatch`: ``make_plan``, ``permute``, ``combine`` (and :class:`Plan`)
 - :mod:`smoe.ops.experts`: ``grouped_mm``, ``swiglu``
 - :mod:`smoe.ops.xmoe`: ``cosine_scores`` (X-MoE)
@@ -29,7 +29,7 @@ try:  # each family registers fakes and autograd for ops the compiled _C must de
         momentum_update,
         robust_coefficients,
     )
-    from smoe.ops.routing import ExpertChoice, TopK, expert_choice, topk_softmax
+    from smoe.ops.routing import ExpertChoice, TopK, expert_choice, topk_sigmoid, topk_softmax
     from smoe.ops.sinkhorn import Sinkhorn, sinkhorn
     from smoe.ops.xmoe import CosineScores, cosine_scores
 except RuntimeError as e:
@@ -61,5 +61,6 @@ __all__ = [
     "robust_coefficients",
     "sinkhorn",
     "swiglu",
+    "topk_sigmoid",
     "topk_softmax",
 ]

@@ -1,10 +1,11 @@
-"""Routing ops: token-choice top-k softmax and expert choice.
+"""Routing ops: token-choice top-k softmax, top-k sigmoid (DeepSeek-V3) and expert choice.
 
 One section per op, in schema order (csrc/registration.cpp): wrapper, fake, autograd.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -13,7 +14,7 @@ from torch import Tensor
 from smoe.ops._common import FLOATS, check_devices, refuse_double_backward
 from smoe.ops.dispatch import Plan
 
-__all__ = ["ExpertChoice", "TopK", "expert_choice", "topk_softmax"]
+__all__ = ["ExpertChoice", "TopK", "expert_choice", "topk_sigmoid", "topk_softmax"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +121,123 @@ torch.library.register_autograd(
 
 
 # ---------------------------------------------------------------------------------------------
+# topk_sigmoid
+# ---------------------------------------------------------------------------------------------
+def topk_sigmoid(
+    logits: Tensor,
+    k: int,
+    *,
+    selection_bias: Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int | None = None,
+    renormalize: bool = False,
+    scale: float = 1.0,
+) -> TopK:
+    """Sigmoid scores, group-limited top-k (DeepSeek-V3's router, transformers'
+    ``DeepseekV3TopkRouter``).
+
+    ``s = sigmoid(logits)``; the experts are ranked by ``s + selection_bias``, only within the
+    ``topk_group`` best of ``n_group`` consecutive groups of ``E / n_group`` experts (a group
+    scores the sum of its two best ranked values, its best when a group has one expert); ties go
+    to the lower index. The weights are ``s`` of the chosen experts (never the bias), divided by
+    their sum + 1e-20 when ``renormalize``, times ``scale`` (``routed_scaling_factor``).
+
+    Args:
+        logits: ``[T, E]`` float router logits.
+        k: experts per token, ``1 <= k <= topk_group * E / n_group``.
+        selection_bias: None, or ``[E]`` float32 finite on logits' device, for the selection
+            only (``e_score_correction_bias``; :class:`smoe.ExpertBiasUpdater` trains it).
+        n_group: expert groups (must divide E); 1 turns group limiting off.
+        topk_group: groups kept per token, in ``[1, n_group]`` (default: all of them).
+        renormalize: DeepSeek-V3's ``norm_topk_prob``.
+        scale: finite factor on the weights.
+
+    Returns:
+        TopK: ``weight [T, k]`` in logits' dtype, ``expert [T, k]`` int32, best first.
+
+    Note:
+        fp32 math for 16-bit logits; deterministic; no host sync. NaN logits are an error (on
+        CUDA an asynchronous device assert). The gradient flows to the logits only.
+    """
+    for name, value in (("k", k), ("n_group", n_group), ("topk_group", topk_group)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise TypeError(f"topk_sigmoid: {name} must be an int, got {type(value).__name__}")
+    weight, expert = torch.ops.smoe.topk_sigmoid.default(
+        logits,
+        k,
+        selection_bias,
+        n_group=n_group,
+        topk_group=topk_group,
+        renormalize=renormalize,
+        scale=float(scale),
+    )
+    return TopK(weight, expert)
+
+
+@torch.library.register_fake("smoe::topk_sigmoid")
+def _topk_sigmoid_fake(
+    logits: Tensor,
+    k: int,
+    selection_bias: Tensor | None = None,
+    *,
+    n_group: int = 1,
+    topk_group: int | None = None,
+    renormalize: bool = False,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    op = "smoe::topk_sigmoid"
+    torch._check(logits.dim() == 2, lambda: f"{op}: logits must be 2-D [T, E]")
+    torch._check(logits.dtype in FLOATS, lambda: f"{op}: logits must be floating")
+    torch._check(math.isfinite(scale), lambda: f"{op}: scale must be finite")
+    topk_group = n_group if topk_group is None else topk_group
+    E = logits.shape[1]
+    torch._check(n_group >= 1 and E % n_group == 0, lambda: f"{op}: n_group must divide E")
+    torch._check(1 <= topk_group <= n_group, lambda: f"{op}: topk_group must be in [1, n_group]")
+    torch._check(1 <= k <= topk_group * (E // n_group), lambda: f"{op}: k out of range")
+    if selection_bias is not None:
+        check_devices("topk_sigmoid", logits=logits, selection_bias=selection_bias)
+        torch._check(
+            selection_bias.dtype == torch.float32 and selection_bias.dim() == 1,
+            lambda: f"{op}: selection_bias must be float32 [E]",
+        )
+        torch._check(selection_bias.shape[0] == E, lambda: f"{op}: selection_bias must be [E]")
+    T = logits.shape[0]
+    return logits.new_empty((T, k)), logits.new_empty((T, k), dtype=torch.int32)
+
+
+def _setup_context_topk_sigmoid(ctx, inputs, keyword_only_inputs, output) -> None:
+    logits, _k, _bias = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.renormalize = keyword_only_inputs.get("renormalize", False)
+    ctx.scale = keyword_only_inputs.get("scale", 1.0)
+    ctx.save_for_backward(logits, output[1])
+
+
+def _backward_topk_sigmoid(ctx, grad_weight: Tensor, _grad_expert: Tensor | None):
+    logits, expert = ctx.saved_tensors
+    grad = torch.ops.smoe.topk_sigmoid_backward.default(
+        grad_weight.contiguous(), logits, expert, ctx.renormalize, ctx.scale
+    )
+    return grad, None, None  # the selection bias gets no gradient
+
+
+@torch.library.register_fake("smoe::topk_sigmoid_backward")
+def _topk_sigmoid_backward_fake(
+    grad_weight: Tensor, logits: Tensor, expert: Tensor, renormalize: bool, scale: float
+) -> Tensor:
+    op = "topk_sigmoid_backward"
+    check_devices(op, logits=logits, grad_weight=grad_weight, expert=expert)
+    torch._check(logits.dim() == 2, lambda: f"smoe::{op}: logits must be 2-D [T, E]")
+    torch._check(grad_weight.dim() == 2, lambda: f"smoe::{op}: grad_weight must be 2-D [T, k]")
+    return logits.new_empty(logits.shape)
+
+
+torch.library.register_autograd(
+    "smoe::topk_sigmoid", _backward_topk_sigmoid, setup_context=_setup_context_topk_sigmoid
+)
+
+
+# ---------------------------------------------------------------------------------------------
 # expert_choice
 # ---------------------------------------------------------------------------------------------
 class ExpertChoice(NamedTuple):
@@ -222,4 +340,4 @@ torch.library.register_autograd(
 )
 
 
-refuse_double_backward("topk_softmax", "expert_choice")
+refuse_double_backward("topk_softmax", "topk_sigmoid", "expert_choice")

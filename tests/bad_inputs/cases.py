@@ -25,12 +25,12 @@ Nothing here builds a tensor at import time: the runner's parent process imports
 forks one child per case, and must run no torch op before forking.
 
 The tables live beside this file, one per op family: ``cases_routing.py`` (topk_softmax,
-expert_choice), ``cases_dispatch.py`` (make_plan, permute, combine), ``cases_experts.py``
-(grouped_mm, swiglu, the Experts module), ``cases_xmoe.py`` (cosine_scores),
-``cases_sinkhorn.py`` (sinkhorn), ``cases_momentum.py`` (momentum_update), ``cases_graph.py``
-(graph_mix), ``cases_modules.py`` (MoELayer with each router, the routers' constructors),
-``cases_graph_routers.py`` (the graph-of-tokens routers, their context) and ``cases_models.py``
-(smoe.models' constructors).
+expert_choice), ``cases_sigmoid.py`` (topk_sigmoid), ``cases_dispatch.py`` (make_plan, permute,
+combine), ``cases_experts.py`` (grouped_mm, swiglu, the Experts module), ``cases_xmoe.py``
+(cosine_scores), ``cases_sinkhorn.py`` (sinkhorn), ``cases_momentum.py`` (momentum_update),
+``cases_graph.py`` (graph_mix), ``cases_modules.py`` (MoELayer with each router, the routers'
+constructors), ``cases_graph_routers.py`` (the graph-of-tokens routers, their context) and
+``cases_models.py`` (smoe.models' constructors).
 """
 
 from __future__ import annotations
@@ -276,12 +276,14 @@ def all_cases() -> list[Case]:
         cases_modules,
         cases_momentum,
         cases_routing,
+        cases_sigmoid,
         cases_sinkhorn,
         cases_xmoe,
     )
 
     cases = [
         *cases_routing.CASES,
+        *cases_sigmoid.CASES,
         *cases_dispatch.CASES,
         *cases_experts.CASES,
         *cases_xmoe.CASES,

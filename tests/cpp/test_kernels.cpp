@@ -9,6 +9,7 @@
 #include "cpu/expert_choice_kernel.h"
 #include "cpu/make_plan_kernel.h"
 #include "cpu/permute_kernel.h"
+#include "cpu/topk_sigmoid_kernel.h"
 #include "cpu/topk_softmax_kernel.h"
 
 namespace {
@@ -70,6 +71,83 @@ TEST(TopkSoftmax, BackwardOfRenormalizedWeights) {
   EXPECT_NEAR(out[1], w1 * (1.0 - w1), 1e-12);
   EXPECT_NEAR(out[0], -w0 * w1, 1e-12);
   EXPECT_EQ(out[2], 0.0);
+}
+
+double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+TEST(TopkSigmoid, GroupsLimitTheChoice) {
+  // Group 0 (experts 0..3) holds the best expert, group 1 the two next-best: one group kept,
+  // group 1 wins on its top-2 sum. Weights: raw s times scale.
+  const std::vector<float> logits = {4.f, -5.f, -5.f, -5.f, 3.f, 3.f, -5.f, -5.f};
+  std::vector<float> w(2);
+  std::vector<int32_t> e(2);
+  EXPECT_EQ(smoe::cpu::topk_sigmoid_rows(logits.data(), 8, 8, 2, 2, 1, false, 2.5, nullptr, 0, 1,
+                                         w.data(), e.data()),
+            -1);
+  EXPECT_EQ(e, (std::vector<int32_t>{4, 5}));
+  for (float v : w) EXPECT_NEAR(v, 2.5 * sigmoid(3.0), 1e-6);
+  smoe::cpu::topk_sigmoid_rows(logits.data(), 8, 8, 2, 1, 1, false, 2.5, nullptr, 0, 1, w.data(),
+                               e.data());
+  EXPECT_EQ(e, (std::vector<int32_t>{0, 4}));  // without groups the best expert comes first
+}
+
+TEST(TopkSigmoid, SelectionBiasPicksButDoesNotWeigh) {
+  // s favours experts 2, 1; the bias moves expert 0 to the top. Weights: s of {0, 2} over their
+  // sum + 1e-20.
+  const std::vector<double> logits = {0.0, 1.0, 2.0};
+  const std::vector<float> bias = {5.f, 0.f, 0.f};
+  std::vector<double> w(2);
+  std::vector<int32_t> e(2);
+  smoe::cpu::topk_sigmoid_rows(logits.data(), 3, 3, 2, 1, 1, true, 1.0, bias.data(), 0, 1, w.data(),
+                               e.data());
+  EXPECT_EQ(e, (std::vector<int32_t>{0, 2}));
+  const double S = sigmoid(0.0) + sigmoid(2.0);
+  EXPECT_NEAR(w[0], sigmoid(0.0) / S, 1e-12);
+  EXPECT_NEAR(w[1], sigmoid(2.0) / S, 1e-12);
+}
+
+TEST(TopkSigmoid, MultiPassSelectionTiesToLowerIndex) {
+  // k = 33 and topk_group = 34 of 40 one-expert groups: past the single-pass buffer of 32.
+  std::vector<float> logits(40, 0.f);
+  logits[7] = 1.f;
+  std::vector<float> w(33);
+  std::vector<int32_t> e(33);
+  smoe::cpu::topk_sigmoid_rows(logits.data(), 40, 40, 33, 40, 34, false, 1.0, nullptr, 0, 1,
+                               w.data(), e.data());
+  std::vector<int32_t> want = {7};
+  for (int32_t i = 0; static_cast<int64_t>(want.size()) < 33; ++i) {
+    if (i != 7) want.push_back(i);
+  }
+  EXPECT_EQ(e, want);
+}
+
+TEST(TopkSigmoid, ReportsTheFirstNanRow) {
+  const std::vector<float> logits = {0.f, 1.f, 2.f, NAN, 5.f, NAN};
+  std::vector<float> w(3);
+  std::vector<int32_t> e(3);
+  EXPECT_EQ(smoe::cpu::topk_sigmoid_rows(logits.data(), 2, 2, 1, 1, 1, true, 1.0, nullptr, 0, 3,
+                                         w.data(), e.data()),
+            1);
+}
+
+TEST(TopkSigmoid, BackwardOfRenormalizedAndRawWeights) {
+  // w_j = c s_j / S: d l_i = c (g_j / S - <g, s> / S^2) s_i (1 - s_i); raw: c g_j s_i (1 - s_i).
+  const std::vector<double> logits = {0.5, -1.0, 2.0};
+  const std::vector<int32_t> e = {2, 0};
+  const std::vector<double> g = {1.0, -0.5};
+  const double c = 2.0, s0 = sigmoid(0.5), s2 = sigmoid(2.0), S = s0 + s2;
+  const double dot = g[0] * s2 + g[1] * s0;
+  std::vector<double> out(3);
+  smoe::cpu::topk_sigmoid_backward_rows(g.data(), logits.data(), 3, e.data(), 3, 2, true, c, 0, 1,
+                                        out.data());
+  EXPECT_NEAR(out[2], c * (g[0] / S - dot / (S * S)) * s2 * (1 - s2), 1e-12);
+  EXPECT_NEAR(out[0], c * (g[1] / S - dot / (S * S)) * s0 * (1 - s0), 1e-12);
+  EXPECT_EQ(out[1], 0.0);
+  smoe::cpu::topk_sigmoid_backward_rows(g.data(), logits.data(), 3, e.data(), 3, 2, false, c, 0, 1,
+                                        out.data());
+  EXPECT_NEAR(out[2], c * g[0] * s2 * (1 - s2), 1e-12);
+  EXPECT_NEAR(out[0], c * g[1] * s0 * (1 - s0), 1e-12);
+  EXPECT_EQ(out[1], 0.0);
 }
 
 struct PlanOut {

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from tests.fuzz.strategies_graph import graph_cases
 from tests.fuzz.strategies_momentum import momentum_cases
+from tests.fuzz.strategies_sigmoid import topk_sigmoid_cases
 from tests.fuzz.strategies_sinkhorn import sinkhorn_cases
 from tests.fuzz.strategies_xmoe import cosine_scores_cases
 from tests.fuzz.values import (
@@ -350,6 +351,7 @@ swiglu_cases = st.builds(
 # (for a differentiable op) its backward op on every draw.
 OP_STRATEGIES = {
     "topk_softmax": topk_cases,
+    "topk_sigmoid": topk_sigmoid_cases,  # tests/fuzz/strategies_sigmoid.py
     "expert_choice": expert_choice_cases,
     "make_plan": make_plan_cases,
     "permute": permute_cases,
@@ -365,6 +367,7 @@ OP_STRATEGIES = {
 # Each backward op -> the forward whose fuzz test exercises it.
 BACKWARD_OF = {
     "topk_softmax_backward": "topk_softmax",
+    "topk_sigmoid_backward": "topk_sigmoid",
     "expert_choice_backward": "expert_choice",
     "permute_backward": "permute",
     "combine_backward": "combine",

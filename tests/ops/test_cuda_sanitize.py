@@ -34,6 +34,8 @@ COVERED = {
     "grouped_mm_backward": "test_routing_dispatch_experts_forward_backward",
     "swiglu": "test_routing_dispatch_experts_forward_backward",
     "swiglu_backward": "test_routing_dispatch_experts_forward_backward",
+    "topk_sigmoid": "test_topk_sigmoid_forward_backward",
+    "topk_sigmoid_backward": "test_topk_sigmoid_forward_backward",
     "expert_choice": "test_expert_choice_forward_backward",
     "expert_choice_backward": "test_expert_choice_forward_backward",
     "cosine_scores": "test_cosine_scores_forward_backward",
@@ -86,6 +88,32 @@ def test_expert_choice_forward_backward(T, E, group_size, dtype):
         (routed.weight.float() * torch.arange(E, device="cuda")).sum().backward()
     torch.cuda.synchronize()
     assert torch.isfinite(logits.grad.float()).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.sanitize
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "T, E, k, n_group, topk_group",
+    [
+        (0, 4, 2, 2, 1),
+        (1, 1, 1, 1, 1),
+        (33, 16, 5, 4, 2),
+        (300, 64, 8, 8, 4),  # DeepSeek-V3's grouping, scaled down
+        (7, 40, 33, 1, 1),  # k past the single-pass selection
+        (5, 40, 33, 40, 34),  # topk_group past it too
+    ],
+)
+def test_topk_sigmoid_forward_backward(T, E, k, n_group, topk_group, dtype):
+    wide = torch.randn(T, 2 * E, device="cuda", dtype=dtype, requires_grad=True)
+    logits = wide[:, ::2]  # strided rows
+    bias = torch.randn(E, device="cuda") * 0.1
+    for renormalize, b in ((True, bias), (False, None)):
+        kw = dict(n_group=n_group, topk_group=topk_group, renormalize=renormalize, scale=2.5)
+        weight, _ = ops.topk_sigmoid(logits, k, selection_bias=b, **kw)
+        (weight.float() * torch.arange(k, device="cuda")).sum().backward()
+    torch.cuda.synchronize()
+    assert torch.isfinite(wide.grad.float()).all()
 
 
 @pytest.mark.cuda

@@ -17,6 +17,11 @@ def topk_softmax():
     return x, ops.topk_softmax(x, 2).weight
 
 
+def topk_sigmoid():
+    x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    return x, ops.topk_sigmoid(x, 3, n_group=4, topk_group=2, renormalize=True, scale=2.5).weight
+
+
 def expert_choice():
     x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     return x, ops.expert_choice(x, 3).weight
@@ -69,6 +74,7 @@ def graph_mix():  # linear in x, but d/dx of a square of it depends on x (the up
 
 MAKERS = [
     topk_softmax,
+    topk_sigmoid,
     expert_choice,
     permute,
     combine,
