@@ -28,6 +28,7 @@ from smoe.ops import (
     make_plan,
     permute,
     swiglu,
+    topk_sigmoid,
     topk_softmax,
 )
 from smoe.routing import (
@@ -77,6 +78,7 @@ __all__ = [
     "available_routers",
     "build_router",
     "combine",
+    "convert",
     "cosine_scores",
     "expert_choice",
     "expert_choice_capacity",
@@ -91,8 +93,26 @@ __all__ = [
     "router_z_loss",
     "swiglu",
     "switch_balance_loss",
+    "topk_sigmoid",
     "topk_softmax",
+    "unconvert",
     "vmoe_capacity",
     "xmoe_balance_loss",
     "xmoe_community_balance_loss",
 ]
+
+
+def convert(model, router=None, **options):
+    """Replace the MoE blocks of a transformers model (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3,
+    GPT-OSS) by smoe layers, in place: see :func:`smoe.integrations.convert.convert` (imported
+    on first use: ``import smoe`` never imports transformers)."""
+    from smoe.integrations.convert import convert as _convert
+
+    return _convert(model, router, **options)
+
+
+def unconvert(model):
+    """Undo :func:`convert`: see :func:`smoe.integrations.convert.unconvert`."""
+    from smoe.integrations.convert import unconvert as _unconvert
+
+    return _unconvert(model)

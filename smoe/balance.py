@@ -17,6 +17,13 @@ from torch import nn
 __all__ = ["ExpertBiasUpdater"]
 
 
+def _bias_name(module: nn.Module) -> str:
+    """The buffer a router keeps its selection bias in: ``expert_bias`` (smoe's routers), or the
+    name it declares in ``expert_bias_buffer`` (``e_score_correction_bias`` of a converted
+    DeepSeek-V3 block)."""
+    return getattr(module, "expert_bias_buffer", "expert_bias")
+
+
 class ExpertBiasUpdater:
     """Moves every ``expert_bias`` buffer of ``model`` by ``coeff · sign(mean load − load)``.
 
@@ -28,7 +35,9 @@ class ExpertBiasUpdater:
     zero mean; ``center=False`` is the paper's form. The counts are zeroed after each update.
 
     Args:
-        model: a module holding routers with ``expert_bias=True`` (:class:`smoe.TopKRouter`).
+        model: a module holding routers with ``expert_bias=True`` (:class:`smoe.TopKRouter`), or
+            DeepSeek-V3 blocks converted by :func:`smoe.convert` (their
+            ``e_score_correction_bias``).
         coeff: the update rate u (1e-3 in the paper).
         center: subtract the mean of each update.
         process_group: the data-parallel group of the all-reduce.
@@ -50,7 +59,7 @@ class ExpertBiasUpdater:
         self.routers = [
             m
             for m in model.modules()
-            if isinstance(m._buffers.get("expert_bias"), torch.Tensor)
+            if isinstance(m._buffers.get(_bias_name(m)), torch.Tensor)
             and isinstance(m._buffers.get("expert_counts"), torch.Tensor)
         ]
         if not self.routers:
@@ -71,7 +80,7 @@ class ExpertBiasUpdater:
             delta = self.coeff * torch.sign(counts.mean() - counts)
             if self.center:
                 delta = delta - delta.mean()
-            router.expert_bias.add_(delta)
+            getattr(router, _bias_name(router)).add_(delta)
             counts.zero_()
 
     def attach(self, optimizer: torch.optim.Optimizer):

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from smoe import ops
 from smoe.experts import row_expert
 
-__all__ = ["register", "smoe_experts_forward"]
+__all__ = ["register", "run_experts", "smoe_experts_forward"]
 
 NAME = "smoe"
 
@@ -101,27 +101,35 @@ def smoe_experts_forward(
     weight = top_k_weights
     if weight.shape[1] != k:  # full [T, E] routing weights: the chosen experts' entries
         weight = weight.gather(1, expert.clamp(0, E - 1).long())
-    plan = ops.make_plan(expert, E)
+    return run_experts(self, hidden_states, ops.make_plan(expert, E), weight)
+
+
+def run_experts(module: nn.Module, hidden_states: Tensor, plan: ops.Plan, weight: Tensor) -> Tensor:
+    """A transformers experts module's experts on a dispatch plan: permute → grouped_mm → gate →
+    grouped_mm → combine with ``weight [T, k]``; ``[T, d]`` in ``hidden_states``' dtype. Also the
+    experts path of the blocks :func:`smoe.convert` builds (whose routers may make their own
+    plans)."""
+    E = module.num_experts
     x = ops.permute(hidden_states, plan)
-    transposed = bool(getattr(self, "is_transposed", False))
-    has_gate, has_bias = getattr(self, "has_gate", True), getattr(self, "has_bias", False)
-    w_in = self.gate_up_proj if has_gate else self.up_proj
+    transposed = bool(getattr(module, "is_transposed", False))
+    has_gate, has_bias = getattr(module, "has_gate", True), getattr(module, "has_bias", False)
+    w_in = module.gate_up_proj if has_gate else module.up_proj
     h = ops.grouped_mm(x, _weight(w_in, transposed), plan.offsets)
     row = row_expert(plan.offsets, h.shape[0], E) if has_bias else None
     if has_bias:
-        b_in = self.gate_up_proj_bias if has_gate else self.up_proj_bias
+        b_in = module.gate_up_proj_bias if has_gate else module.up_proj_bias
         h = h + b_in[row].to(h.dtype)
     if not has_gate:
-        a = self.act_fn(h)
-    elif _fused_swiglu(self):
+        a = module.act_fn(h)
+    elif _fused_swiglu(module):
         a = ops.swiglu(h)
     else:
-        a = self._apply_gate(h)
-    y = ops.grouped_mm(a.to(h.dtype), _weight(self.down_proj, transposed), plan.offsets)
+        a = module._apply_gate(h)
+    y = ops.grouped_mm(a.to(h.dtype), _weight(module.down_proj, transposed), plan.offsets)
     if has_bias:
-        y = y + self.down_proj_bias[row].to(y.dtype)
-    if getattr(self, "has_post_expert_norm", False):
-        y = self.post_expert_norm(y)
+        y = y + module.down_proj_bias[row].to(y.dtype)
+    if getattr(module, "has_post_expert_norm", False):
+        y = module.post_expert_norm(y)
     out = ops.combine(y, weight.to(y.dtype), plan)
     return out.to(hidden_states.dtype)
 

@@ -39,3 +39,19 @@ def gate_dtype(x: Tensor) -> torch.dtype:
     """The dtype routers compute their gate in: at least float32 (16-bit inputs are upcast, as
     Switch's "selective precision" asks), float64 stays float64 (gradcheck, reference runs)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class Float32Buffers:
+    """Mixin of an ``nn.Module`` whose buffers named in ``keep_float32`` stay float32 through
+    ``.half()`` / ``.bfloat16()`` / ``.to(dtype)`` of a model (balancing state: bf16 would drop
+    updates of 1e-3 on a bias of 0.5 and count inexactly past 256)."""
+
+    keep_float32: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name in self.keep_float32:
+            buf = self._buffers.get(name)
+            if buf is not None and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self

@@ -10,12 +10,12 @@ from torch import Tensor, nn
 
 from smoe import ops
 from smoe.losses import router_z_loss, switch_balance_loss
-from smoe.routing.base import Routing, gate_dtype
+from smoe.routing.base import Float32Buffers, Routing, gate_dtype
 from smoe.routing.context import RoutingContext
 from smoe.routing.registry import register_router
 
 
-class TopKRouter(nn.Module):
+class TopKRouter(Float32Buffers, nn.Module):
     """Linear gate + softmax + top-k, computed in float32 (also under autocast; float64 input
     stays float64).
 
@@ -116,16 +116,6 @@ class TopKRouter(nn.Module):
 
     # state kept in float32 whatever the module's dtype (tests/checkpoint reads this)
     keep_float32: tuple[str, ...] = ("expert_bias", "expert_counts")
-
-    def _apply(self, fn, recurse=True):
-        # .half() / .bfloat16() of a model: the balancing buffers stay float32 (bf16 would drop
-        # updates of 1e-3 on a bias of 0.5, and count inexactly past 256)
-        super()._apply(fn, recurse)
-        for name in self.keep_float32:
-            buf = self._buffers.get(name)
-            if buf is not None and buf.dtype != torch.float32:
-                self._buffers[name] = buf.float()
-        return self
 
     def _selection_bias(self) -> Tensor | None:
         # (a buffer registered only with expert_bias=True; routers pickled before have none)

@@ -17,52 +17,12 @@ import torch
 
 pytest.importorskip("transformers")
 
-import transformers  # noqa: E402, I001
 from transformers.integrations import moe  # noqa: E402
 
 import smoe.integrations.transformers  # noqa: E402, F401  (registers "smoe")
 from smoe import ops  # noqa: E402
+from tests.integrations.tiny_models import MODELS, PLAIN_LOADER, build  # noqa: E402
 
-COMMON = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=24,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_experts_per_tok=2,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
-    initializer_range=0.1,  # O(1) logits, so that 1e-4 relative to them means something
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
-QWEN = dict(num_experts=4, moe_intermediate_size=16, decoder_sparse_step=1, mlp_only_layers=[])
-MODELS = {
-    "mixtral": ("Mixtral", dict(num_local_experts=4)),
-    "qwen2_moe": ("Qwen2Moe", dict(QWEN, shared_expert_intermediate_size=16)),
-    "qwen3_moe": ("Qwen3Moe", dict(QWEN, head_dim=8)),
-    "olmoe": ("Olmoe", dict(num_experts=4)),
-    "deepseek_v3": (
-        "DeepseekV3",
-        dict(
-            n_routed_experts=4,
-            moe_intermediate_size=16,
-            n_shared_experts=1,
-            n_group=1,
-            topk_group=1,
-            first_k_dense_replace=0,  # both layers MoE
-            num_key_value_heads=4,
-            q_lora_rank=16,
-            kv_lora_rank=16,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=8,
-        ),
-    ),
-    "gpt_oss": ("GptOss", dict(num_local_experts=4, head_dim=8, sliding_window=8)),
-}
 NAMES = list(MODELS)
 
 
@@ -76,11 +36,7 @@ def _one_thread():
 
 
 def _build(name: str, impl: str = "eager"):
-    prefix, kw = MODELS[name]
-    cfg_cls = getattr(transformers, f"{prefix}Config")
-    model_cls = getattr(transformers, f"{prefix}ForCausalLM")
-    torch.manual_seed(0)
-    model = model_cls(cfg_cls(**{**COMMON, **kw})).eval()
+    model = build(name)
     model.set_experts_implementation(impl)
     return model
 
@@ -202,20 +158,6 @@ def test_generate_with_cache_matches_eager(name, make_plan_calls):
     assert torch.equal(got, want), (name, got.tolist(), want.tolist())
 
 
-_PLAIN = """
-import sys, torch
-from transformers import AutoModelForCausalLM
-root = sys.argv[1]
-ids = torch.load(f"{root}/ids.pt")
-out = {}
-for name in sys.argv[2:]:
-    model = AutoModelForCausalLM.from_pretrained(f"{root}/{name}").eval()
-    out[name] = (model.config._experts_implementation, model(ids).logits.detach())
-assert "smoe" not in sys.modules, "the plain process imported smoe"
-torch.save(out, f"{root}/plain.pt")
-"""
-
-
 def test_save_load_round_trip_into_plain_transformers(tmp_path):
     """Models running smoe save checkpoints that a process without smoe loads, with equal logits."""
     torch.save(_ids(), tmp_path / "ids.pt")
@@ -228,7 +170,7 @@ def test_save_load_round_trip_into_plain_transformers(tmp_path):
         with open(tmp_path / name / "config.json") as f:
             assert "smoe" not in json.dumps(json.load(f)), f"{name}: smoe leaked into config.json"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    cmd = [sys.executable, "-c", _PLAIN, str(tmp_path), *NAMES]
+    cmd = [sys.executable, "-c", PLAIN_LOADER, str(tmp_path), *NAMES]
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     got = torch.load(tmp_path / "plain.pt")
