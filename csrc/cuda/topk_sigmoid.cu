@@ -110,7 +110,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t t = global_warp(); t < rows; t += warps_in_grid()) {  // warp-uniform
     const T* l = logits + t * ld;
     bool bad = false;
-    for (int64_t e = lane; e < E; e += kWarp) bad = bad || isnan(to_float(l[e]));
+    // (a NaN bias fails the glue's device assert; its row must not select from fewer than k)
+    for (int64_t e = lane; e < E; e += kWarp) {
+      bad = bad || isnan(to_float(l[e])) || (bias != nullptr && isnan(bias[e]));
+    }
     if (__any_sync(kFullMask, bad)) {  // the CPU op raises for this row; write placeholders
       if (lane == 0) *invalid = 1;
       for (int64_t j = lane; j < k; j += kWarp) {
@@ -156,13 +159,13 @@ __global__ void __launch_bounds__(kThreads)
     const T* l = logits + t * ld;
     const T* g = grad_weight + t * k;
     const int32_t* ex = expert + t * k;
-    float S = 0.f;
+    float S = 0.f;  // every lane sums in j order, as the CPU does
     if (renormalize) {
-      for (int64_t j = lane; j < k; j += kWarp) {
+      for (int64_t j = 0; j < k; ++j) {
         const int64_t e = ex[j];
         if (e >= 0 && e < E) S += sigmoid_of(to_float(l[e]));
       }
-      S = warp_sum(S) + kRenormEps;
+      S += kRenormEps;
     }
     for (int64_t e = lane; e < E; e += kWarp) {
       float acc = 0.f;
