@@ -5,11 +5,12 @@
 Every step is a forward, backward and AdamW step of a residual stack of ``smoe.MoELayer`` (2
 layers, d = 32, E = 8). The step rotates through the router variants (every router in
 ``smoe.routing.available_routers()`` with its defaults, plus top-k with a capacity, Switch at
-k = 1, V-MoE with Batch Prioritized Routing and grouped expert choice), the token count T (0 and 1
-included) and the load (balanced, skewed: half the tokens pushed towards expert 0, degenerate:
-every token the same, so all go to the same experts). Every ``--compile-every``-th step runs the
-same stack under ``torch.compile(dynamic=True)`` instead; every ``--parity-every``-th step
-compares a float64 copy of one stack, layer by layer, with ``smoe.reference``.
+k = 1, V-MoE with Batch Prioritized Routing, grouped expert choice and USMoE in groups of 16 with a
+fractional budget), the token count T (0 and 1 included) and the load (balanced, skewed: half the
+tokens pushed towards expert 0, degenerate: every token the same, so all go to the same
+experts). Every ``--compile-every``-th step runs the same stack under
+``torch.compile(dynamic=True)`` instead; every ``--parity-every``-th step compares a float64 copy
+of one stack, layer by layer, with ``smoe.reference``.
 
 After each step it samples memory (RSS from /proc/self/status on CPU, or
 ``torch.cuda.memory_allocated`` on CUDA), open file descriptors, threads and dynamo's compile
@@ -73,6 +74,12 @@ VARIANTS = (
     Spec("switch-k1+capacity", "switch", k=1, capacity_factor=1.25),
     Spec("vmoe+bpr", "vmoe", options=(("batch_priority", True), ("group_size", 16))),
     Spec("expert_choice-g16", "expert_choice", options=(("group_size", 16),)),
+    # USMoE in groups of 16 tokens (the last one padded), a fractional budget, the token softmax
+    Spec(
+        "usmoe-g16",
+        "usmoe",
+        options=(("group", 16), ("budget", 1.5), ("expert_score", "token_softmax")),
+    ),
 )
 
 

@@ -177,4 +177,21 @@ ZOO: dict[str, ZooEntry] = {
     # the LM), the same balance and z losses as the top-k baseline
     "similarity_aware": ZooEntry(claims=_graph_claims("Similarity-Aware")),
     "attention_aware": ZooEntry(claims=_graph_claims("Attention-Aware")),
+    # USMoE (Do, Le & Tran 2025, specs/usmoe.md §11) at the reference code's defaults (alpha 0.5,
+    # sigmoid expert score, budget k, no aux loss). Its joint top-N over a sequence is not causal:
+    # no charlm row, as expert choice. In the ViT each image's tokens (patches and class token)
+    # compete: group "sequence" over the [B, N] batch the V-MoE blocks hand on.
+    "usmoe": ZooEntry(
+        vit={"group": "sequence"},
+        claims=(
+            Claim(
+                "USMoE (Do et al. 2025, abstract): better than both token choice and expert choice "
+                "at equal active expert compute (up to 10 % over them training-free on MTEB; the "
+                "later versions add vision tasks)",
+                "vit_acc",
+                "higher",
+            ),
+            Claim("... also on corrupted inputs (later versions)", "vit_acc_noisy", "higher"),
+        ),
+    ),
 }

@@ -78,6 +78,23 @@ TORCH_LIBRARY(smoe, m) {
       "graph_mix(Tensor x, Tensor A, Tensor? cache=None, *, float self_coef=1., float lam=1.) -> "
       "Tensor");
 
+  m.set_python_module("smoe.ops.usmoe");
+  // USMoE's unified competitive selection (specs/usmoe.md §3, §8): per group g of scores [G, L]
+  // (L = S * E, flat index s * E + e), the n largest scores, ties to the lower flat index;
+  // counts [G] int64 (None: n everywhere) takes only counts[g] <= n in group g. Returns indices
+  // [G, n] int64, the chosen flat indices in ascending order, -1 past the group's count. NaN
+  // scores are an error; -inf scores (padding) rank last.
+  m.def("unified_topk(Tensor scores, int n, Tensor? counts=None) -> Tensor");
+
+  m.set_python_module("smoe.ops.s2moe");
+  // S2MoE's Gaussian perturbation (specs/s2moe.md §2.2, §5): out = (1 + s_mul n1) x + (mu + s_add
+  // n2), n1 and n2 x's shape (drawn by the caller), mu, s_mul, s_add one value each or broadcast
+  // over one run of consecutive dims of x (DSU's [B, 1, d], [T, 1], [1, d]); one dtype; math in
+  // float32 (float64 for float64). Returns x's shape, contiguous.
+  m.def(
+      "s2moe_perturb(Tensor x, Tensor n1, Tensor n2, Tensor mu, Tensor s_mul, Tensor s_add) -> "
+      "Tensor");
+
   // ---- dispatch ----
   m.set_python_module("smoe.ops.dispatch");
   // stable counting sort of the T*k slots by expert, with optional capacity dropping (rank-major);
@@ -150,6 +167,15 @@ TORCH_LIBRARY(smoe, m) {
   m.def(
       "graph_mix_backward(Tensor grad, Tensor x, Tensor A, Tensor? cache, *, float self_coef=1., "
       "float lam=1., bool need_x=True, bool need_A=True) -> (Tensor grad_x, Tensor grad_A)");
+  m.set_python_module("smoe.ops.s2moe");
+  // d x = g (1 + s_mul n1), d mu = sum g, d s_mul = sum g n1 x, d s_add = sum g n2 of
+  // s2moe_perturb, each statistic's sum over the dims it is broadcast over, in a fixed order;
+  // output_mask (x, mu, s_mul, s_add) skips the others (an empty [0] tensor). No gradient for
+  // the noise.
+  m.def(
+      "s2moe_perturb_backward(Tensor grad, Tensor x, Tensor n1, Tensor n2, Tensor mu, Tensor "
+      "s_mul, Tensor s_add, bool[4] output_mask) -> (Tensor grad_x, Tensor grad_mu, Tensor "
+      "grad_s_mul, Tensor grad_s_add)");
   m.set_python_module("smoe.ops.dispatch");
   // d x of permute: grad_x[t] = sum_j grad_out[row[t, j]]; [T, d].
   m.def("permute_backward(Tensor grad_out, Tensor row) -> Tensor");

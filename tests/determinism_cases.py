@@ -8,7 +8,9 @@ past offsets[E]) and 384 output columns, in fp32, bf16 and fp16; cosine_scores s
 tokens, N = 16 experts, d_e = 8, d = 96, in fp32 and bf16; sinkhorn T = 1500, E = 16, 20
 iterations in fp32 and bf16; momentum_update [24, 4096] (12 CPU blocks) of every kind in fp32 and
 bf16; graph_mix B = 3 sequences of 200 tokens with 56 cached rows, E = 160 (13 row tiles, 2 column
-tiles, 4 grad_A column tiles per sequence) in fp32 and bf16; the layers route 1536 tokens
+tiles, 4 grad_A column tiles per sequence) in fp32 and bf16; unified_topk 48 groups of 512 tied
+scores (tests/determinism_cases_usmoe.py); s2moe_perturb 262144 elements with sequence, token,
+batch and scalar statistics (tests/determinism_cases_s2moe.py); the layers route 1536 tokens
 (attention-aware routing with causal attention probabilities [6, 4, 256, 256]).
 
 Run as ``python -m tests.determinism_cases OUT N1 [N2 ...] [--layers-only]`` from the repository
@@ -27,6 +29,8 @@ from torch import Tensor
 import smoe  # noqa: F401  (loads the ops)
 from smoe import MoELayer, RoutingContext
 from smoe.routing.registry import available_routers, router_info
+from tests.determinism_cases_s2moe import OP_CASES as S2MOE_CASES
+from tests.determinism_cases_usmoe import OP_CASES as USMOE_CASES
 
 T, E, K, D = 3000, 8, 2, 64
 M, D_OUT = T * K, 384  # grouped_mm rows and output columns (column blocks of 256 and 128)
@@ -365,6 +369,8 @@ OP_CASES: dict[str, Callable[[str], Results]] = {
     "momentum_update_backward": _momentum_update_backward,
     "graph_mix": _graph_mix,
     "graph_mix_backward": _graph_mix_backward,
+    **USMOE_CASES,  # tests/determinism_cases_usmoe.py
+    **S2MOE_CASES,  # tests/determinism_cases_s2moe.py
 }
 
 

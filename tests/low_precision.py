@@ -4,13 +4,14 @@ In fp16/bf16 an smoe op's error against the float64 reference must be at most 3x
 the same computation written with torch's own ops in that precision. This module holds:
 
 - the torch-ops versions of smoe's numeric ops (``topk_softmax``, ``topk_sigmoid``,
-  ``expert_choice``, ``permute``, ``combine``, ``grouped_mm``, ``swiglu``). ``smoe.reference``
-  cannot serve here: each of its functions upcasts to float64 and rounds once at the end, so on
-  fp16/bf16 inputs it returns the correctly rounded answer, not what PyTorch code in that
-  precision computes. The versions below keep every intermediate in the input's dtype, as plain
-  PyTorch code would (torch's kernels then decide their internal accumulation, e.g. fp32 inside
-  CPU matmuls and reductions); their backward is torch's autograd. Run on float64 inputs they are
-  float64 math, and tests/test_low_precision.py checks that they then equal ``smoe.reference``.
+  ``expert_choice``, ``permute``, ``combine``, ``grouped_mm``, ``swiglu``, ``s2moe_perturb``).
+  ``smoe.reference`` cannot serve here: each of its functions upcasts to float64 and rounds once
+  at the end, so on fp16/bf16 inputs it returns the correctly rounded answer, not what PyTorch
+  code in that precision computes. The versions below keep every intermediate in the input's
+  dtype, as plain PyTorch code would (torch's kernels then decide their internal accumulation,
+  e.g. fp32 inside CPU matmuls and reductions); their backward is torch's autograd. Run on
+  float64 inputs they are float64 math, and tests/test_low_precision.py checks that they then
+  equal ``smoe.reference`` (``reference_s2moe`` for ``s2moe_perturb``).
 - ``oracle_ops``: the float64 reference, the same functions but with a softmax (sigmoid) backward
   that does not cancel when one probability (s) is ~1 (autograd's does, even in float64).
 - :func:`use_torch_ops` (:func:`use_ops`), a switch under which smoe's modules (``MoELayer``,
@@ -20,8 +21,8 @@ the same computation written with torch's own ops in that precision. This module
 
 Discrete choices are shared with smoe so that only arithmetic differs: top-k selects by logit
 with ties to the lower index (smoe's rule), ``topk_sigmoid`` and ``expert_choice`` keep smoe's
-choice of experts (plan) and only recompute the weights, and ``make_plan`` (integers only) is not
-replaced.
+choice of experts (plan) and only recompute the weights, and ``make_plan`` and ``unified_topk``
+(integers out, only comparisons inside) are not replaced.
 """
 
 from __future__ import annotations
@@ -132,6 +133,14 @@ def swiglu(h: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+def s2moe_perturb(
+    x: Tensor, n1: Tensor, n2: Tensor, mu: Tensor, s_mul: Tensor, s_add: Tensor
+) -> Tensor:
+    """S2MoE's ``(1 + s_mul n1) x + (mu + s_add n2)`` with torch broadcasting; the statistics'
+    gradients are autograd's sums over the broadcast dims."""
+    return (1 + s_mul * n1) * x + (mu + s_add * n2)
+
+
 # ---------------------------------------------------------------------------------------------
 # the float64 oracle: the torch-ops versions, with a softmax backward free of cancellation
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +218,7 @@ NUMERIC_OPS = (
     "combine",
     "grouped_mm",
     "swiglu",
+    "s2moe_perturb",
 )
 #: smoe's own wrappers, kept whatever the switch does.
 smoe_ops = {name: getattr(smoe.ops, name) for name in NUMERIC_OPS}

@@ -59,6 +59,13 @@ CAUSAL_CASES = [
     for name in available_routers()
     for options in ({}, {"capacity_factor": None}, {"capacity_factor": 1.0, "multiple_of": None})
     if name != "expert_choice" and (name == "vmoe" or not options)
+] + [  # USMoE is causal only when each token routes alone (per token, sigmoid expert score)
+    pytest.param("usmoe", {"selection": "per_token"}, id="usmoe-per_token"),
+    pytest.param(  # the softmax over the sequence's tokens: refused
+        "usmoe",
+        {"selection": "per_token", "expert_score": "token_softmax"},
+        id="usmoe-per_token-token_softmax",
+    ),
 ]
 
 
@@ -129,9 +136,11 @@ def test_charlm_hands_attention_to_a_router_that_needs_it():
         registry._REGISTRY.pop(name, None)
 
 
-def test_charlm_refuses_a_non_causal_router():
-    model = CharLM(20, d_model=16, n_layers=1, n_heads=2, context=8, router="expert_choice")
-    with pytest.raises(ValueError, match="not causal"):
+@pytest.mark.parametrize("name", ["expert_choice", "usmoe"])
+def test_charlm_refuses_a_non_causal_router(name):
+    # expert choice, and USMoE's joint top-N over each sequence: later tokens take the slots
+    model = CharLM(20, d_model=16, n_layers=1, n_heads=2, context=8, router=name)
+    with pytest.raises(ValueError, match=rf"router '{name}' as configured is not causal"):
         model(torch.randint(0, 20, (2, 8)))
 
 

@@ -158,7 +158,7 @@ def test_layer_is_bitwise_equal_across_threads_with_strict_mkl(tmp_path):
             assert_bitwise_equal(child[n][case], results, where)
 
 
-@pytest.mark.parametrize("op", ["topk_softmax", "topk_sigmoid", "expert_choice"])
+@pytest.mark.parametrize("op", ["topk_softmax", "topk_sigmoid", "expert_choice", "unified_topk"])
 def test_router_error_names_the_first_bad_row_at_any_thread_count(op, restore_threads):
     logits = torch.randn(5000, 8)
     logits[[100, 2600, 4900], 3] = float("nan")  # in different chunks of the row loop
@@ -168,10 +168,12 @@ def test_router_error_names_the_first_bad_row_at_any_thread_count(op, restore_th
             logits, 2, n_group=4, topk_group=2
         ),
         "expert_choice": lambda: torch.ops.smoe.expert_choice.default(logits, 1000),
+        "unified_topk": lambda: torch.ops.smoe.unified_topk.default(logits, 2),  # rows = groups
     }[op]
+    where = r"in group 100\b" if op == "unified_topk" else r"in row 100\b"
     for n in THREADS:
         torch.set_num_threads(n)
-        with pytest.raises(RuntimeError, match=r"in row 100\b"):
+        with pytest.raises(RuntimeError, match=where):
             call()
 
 

@@ -7,9 +7,9 @@ torch's error is 0, e.g. exact gathers); see tests/low_precision.py. Shapes and 
 drawn by hypothesis: activations up to 1e2 in fp16 and 1e4 in bf16, down to 1e-2. Discrete
 choices are held fixed: logits have clear margins, so smoe's selection in low precision equals
 the float64 one (asserted), and the torch-ops baseline uses the same selection rule or plan.
-``make_plan`` is integer-only and has no numeric error; its float priorities are checked to give
-the same plan in every precision. The fp16-overflow cases, the MoELayer and NaN propagation are
-in tests/test_low_precision_layer.py.
+``make_plan`` and ``unified_topk`` are integer-only and have no numeric error; their float
+priorities (scores) are checked to give the same plan (indices) in every precision. The
+fp16-overflow cases, the MoELayer and NaN propagation are in tests/test_low_precision_layer.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from smoe import ops, reference_sigmoid
+from smoe import ops, reference_s2moe, reference_sigmoid
 from smoe import reference as ref
 from tests.helpers import spaced_logits
 from tests.low_precision import check_rule, ci_settings, oracle_ops, smoe_ops, torch_ops
@@ -244,6 +244,63 @@ def test_make_plan_low_precision_priority_gives_the_float64_plan(dtype):
     want = ops.make_plan(expert, 8, capacity=6, priority=priority.double())
     for name in got._fields:
         assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW)
+def test_unified_topk_low_precision_scores_give_the_float64_selection(dtype, device):
+    # unified_topk only compares scores (indices out, no arithmetic): 16-bit scores, most of them
+    # tied after rounding, must select what the same (rounded) values select in float64.
+    scores = (torch.randn(6, 500, dtype=torch.float64) * 3).to(dtype)
+    scores[::2, -40:] = -torch.inf  # padding
+    counts = torch.tensor([0, 7, 100, 250, 250, 31])
+    for c in (None, counts):
+        got = ops.unified_topk(scores.to(device), 250, counts=None if c is None else c.to(device))
+        assert torch.equal(got.cpu(), ops.unified_topk(scores.double(), 250, counts=c))
+
+
+# s2moe_perturb's statistics patterns: name -> (x's shape, statistics' shape) from (B, S, d)
+S2MOE_STATS = {
+    "sequence": lambda B, S, d: ((B, S, d), (B, 1, d)),
+    "time_major": lambda B, S, d: ((S, B, d), (1, B, d)),
+    "token": lambda B, S, d: ((B * S, d), (B * S, 1)),
+    "batch": lambda B, S, d: ((B * S, d), (1, d)),
+    "scalars": lambda B, S, d: ((B, S, d), ()),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW)
+@ci_settings(15)
+@given(data=st.data())
+def test_s2moe_perturb_low_precision_error_within_3x_torch(dtype, device, data):
+    pattern = data.draw(st.sampled_from(sorted(S2MOE_STATS)), label="statistics")
+    B, S = data.draw(st.integers(0, 4), label="B"), data.draw(st.integers(1, 48), label="S")
+    shape, stat = S2MOE_STATS[pattern](B, S, data.draw(st.integers(1, 32), label="d"))
+    torch.manual_seed(data.draw(st.integers(0, 2**31), label="seed"))
+    scale = draw_scale(data, dtype)
+    x = torch.randn(shape, dtype=torch.float64, device=device) * scale
+    mu = torch.randn(stat, dtype=torch.float64, device=device) * scale
+    s_mul, s_add = (torch.rand(stat, dtype=torch.float64, device=device) + 0.1 for _ in range(2))
+    s_add = s_add * scale
+    # the noise: fixed (no gradient), rounded to dtype once so that every run sees its values
+    n1, n2 = (torch.randn(shape, device=device).to(dtype) for _ in range(2))
+
+    def fn(o, x, mu, s_mul, s_add):
+        return (o["s2moe_perturb"](x, n1.to(x.dtype), n2.to(x.dtype), mu, s_mul, s_add),)
+
+    run_rule(fn, [x, mu, s_mul, s_add], dtype)
+
+
+def test_s2moe_perturb_torch_ops_baseline_in_float64_matches_reference():
+    x, n1, n2 = (torch.randn(3, 7, 8, dtype=torch.float64) for _ in range(3))
+    stats = [torch.rand(3, 1, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    got = torch_ops["s2moe_perturb"](x, n1, n2, *stats)
+    want = reference_s2moe.s2moe_perturb(x, n1, n2, *stats)
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(x)
+    for a, b in zip(torch.autograd.grad(got, stats, g), torch.autograd.grad(want, stats, g)):
+        torch.testing.assert_close(a, b)
 
 
 # ---- the baseline itself: in float64 it is the reference's math ----

@@ -138,12 +138,33 @@ def test_build_router_rejects_unknown_option():
         pytest.param("topk", {"k": 0}, "TopKRouter: k must be", id="topk-k0"),
         pytest.param("vmoe", {"capacity_factor": -1}, "capacity_factor must be > 0", id="vmoe-c"),
         pytest.param("expert_choice", {"capacity_factor": -1}, "capacity_factor", id="ec-c"),
+        pytest.param("usmoe", {"alpha": 2.0}, "alpha must be in", id="usmoe-alpha"),
     ],
 )
 def test_build_router_bad_option_value_raises_the_routers_error(name, options, match):
     k = options.pop("k", K)
     with pytest.raises(ValueError, match=match):
         build_router(name, D, E, k, **options)
+
+
+def test_usmoe_is_unified_and_causal_only_when_each_token_routes_alone():
+    info = router_info("usmoe")
+    assert info.selection == "unified" and not info.needs_sequence and info.aux_losses == ()
+    causal = {
+        (selection, score, alpha): info.is_causal(
+            build_router("usmoe", D, E, K, selection=selection, expert_score=score, alpha=alpha)
+        )
+        for selection in ("joint", "per_token", "per_expert")
+        for score in ("sigmoid", "token_softmax")
+        for alpha in (0.0, 0.5)
+    }
+    # per token: the sigmoid score, or none of the token-softmax one (α = 0), reads one token
+    assert {key for key, yes in causal.items() if yes} == {
+        ("per_token", "sigmoid", 0.0),
+        ("per_token", "sigmoid", 0.5),
+        ("per_token", "token_softmax", 0.0),
+    }
+    assert not info.is_causal(build_router("usmoe", D, E, K))  # joint by default
 
 
 def test_registry_defaults_apply_and_can_be_overridden():

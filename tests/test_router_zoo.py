@@ -135,3 +135,33 @@ def test_every_zoo_entry_is_a_registered_router():
 
     assert set(router_zoo.ZOO) <= set(available_routers())
     assert set(available_routers()) <= set(router_zoo.ZOO)  # a new router must add its row
+
+
+def test_usmoe_runs_in_the_vit_with_each_image_competing_alone_and_not_in_the_decoder():
+    import torch
+
+    from smoe.models import quickdraw_vit, vmoe_vit
+    from smoe.models.vit import tokens_per_image
+
+    assert not router_zoo.runs_in_charlm("usmoe")  # joint top-N over a sequence: not causal
+    assert router_zoo.runs_in_vit("usmoe")
+    torch.manual_seed(0)
+    vit = quickdraw_vit(9, embed_dim=16, depth=2, num_heads=2)
+    N = tokens_per_image(vit)
+    model = vmoe_vit(
+        vit, 8, 2, every=2, upcycle=False, router="usmoe", **router_zoo.ZOO["usmoe"].vit
+    )
+    kept = []
+    for block in model.blocks:
+        if hasattr(block.mlp, "moe"):
+            block.mlp.moe.router.register_forward_hook(lambda m, a, out: kept.append(out.plan.kept))
+    images = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    changed = images.clone()
+    changed[0] = -images[0]
+    with torch.no_grad():
+        model.eval()(images)
+        model(changed)
+    assert len(kept) == 2
+    first, again = (k.view(3, N, 8) for k in kept)
+    assert first.sum(dim=(1, 2)).tolist() == [2 * N] * 3  # budget k: 2 N pairs per image
+    assert torch.equal(first[1:], again[1:]) and not torch.equal(first[0], again[0])

@@ -91,8 +91,8 @@ class ConvertedMoE(MoELayer):
     Its children are the original block's, under the same names; the router (``gate``, GPT-OSS's
     ``router``) is an smoe router: with ``router=None`` one that aliases the original router's
     tensors. ``forward(hidden_states [B, S, d])`` returns what the original block returned. The
-    routing context is causal (these blocks sit in decoders), so a router that would see later
-    tokens is refused at conversion.
+    routing context is causal (these blocks sit in decoders) unless converted with
+    ``causal=False``; a router that would see later tokens is refused at conversion otherwise.
     """
 
     def __init__(self, block: nn.Module, name: str, router: nn.Module, native: bool) -> None:
@@ -106,6 +106,7 @@ class ConvertedMoE(MoELayer):
         self.num_experts = int(block.experts.num_experts)
         self.capacity_factor, self.layer_index = None, None
         self.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
+        self.causal = True  # the routing context's (convert(..., causal=False) clears it)
         self.block_class, self.native = name, native
         self._spec = spec
         self.__dict__["_original"] = block  # not a submodule: unconvert puts it back
@@ -146,7 +147,7 @@ class ConvertedMoE(MoELayer):
         if self.native:
             routing = self.router(flat)
         else:
-            context = self._context(hidden_states, RoutingContext(causal=True))
+            context = self._context(hidden_states, RoutingContext(causal=self.causal))
             routing = self.router(flat, context=context)
         _record_router_logits(routing.logits)
         plan = routing.plan
@@ -214,15 +215,30 @@ def _native_router(block: nn.Module, spec: _Block) -> nn.Module:
     return SoftmaxTopKGate(gate, renormalize=renormalize, float32_weights=spec.float32_weights)
 
 
-def _new_router(block: nn.Module, spec: _Block, router: Any, options: dict) -> nn.Module:
+def _takes_gate_weight(module: nn.Module, gate: nn.Module) -> bool:
+    """Whether a router built by name has exactly the block router's parameters: one ``weight``
+    of its shape (top-k, Switch, expert choice, USMoE) and the block's router has no bias."""
+    params = dict(module.named_parameters())
+    return (
+        set(params) == {"weight"}
+        and params["weight"].shape == gate.weight.shape
+        and getattr(gate, "bias", None) is None
+    )
+
+
+def _new_router(
+    block: nn.Module, spec: _Block, router: Any, options: dict, causal: bool
+) -> nn.Module:
     gate = getattr(block, spec.router_attr)
     E, k = int(gate.num_experts), int(gate.top_k)
     d = int(gate.weight.shape[1])
     if isinstance(router, str):
         module = build_router(router, d, E, k, **options)
+        module = module.to(device=gate.weight.device, dtype=gate.weight.dtype)
+        if _takes_gate_weight(module, gate):  # the trained router weight: a training-free swap
+            module.weight = gate.weight
     else:
-        module = copy.deepcopy(router)
-    module = module.to(device=gate.weight.device, dtype=gate.weight.dtype)
+        module = copy.deepcopy(router).to(device=gate.weight.device, dtype=gate.weight.dtype)
     info = registered_info(module)
     if info is not None:
         why = None
@@ -231,8 +247,12 @@ def _new_router(block: nn.Module, spec: _Block, router: Any, options: dict) -> n
                 f"it is a stack-level method ({info.stack!r}) whose state runs across the "
                 "layers; smoe.convert replaces one block at a time"
             )
-        elif not info.is_causal(module):
-            why = "it is not causal as configured (a token's experts depend on later tokens)"
+        elif causal and not info.is_causal(module):
+            why = (
+                "it is not causal as configured (a token's experts depend on later tokens); "
+                "convert(..., causal=False) allows it where no token is generated (embeddings, "
+                "scoring)"
+            )
         elif info.needs_attention:
             why = (
                 "it needs the block's attention probabilities, which a transformers block does "
@@ -241,7 +261,7 @@ def _new_router(block: nn.Module, spec: _Block, router: Any, options: dict) -> n
         if why is not None:
             raise ValueError(
                 f"smoe.convert: router {info.name!r} cannot replace the router of "
-                f"{type(block).__name__} in a causal decoder: {why}"
+                f"{type(block).__name__}: {why}"
             )
     return module
 
@@ -252,6 +272,7 @@ def convert(
     *,
     momentum: str | None = None,
     momentum_options: dict[str, Any] | None = None,
+    causal: bool = True,
     **options: Any,
 ) -> nn.Module:
     """Replace every supported transformers MoE block of ``model`` (see the module docstring) by
@@ -265,9 +286,12 @@ def convert(
             DeepSeek-V3: sigmoid, ``e_score_correction_bias``, group-limited top-k,
             ``routed_scaling_factor``; GPT-OSS: biased logits, softmax over the top-k). A
             registered router's name (:func:`smoe.routing.available_routers`) builds a new
-            router per block with the block's d, E and k, and ``options``; a router module is
-            deep-copied into each block. Either way the new router's parameters appear under
-            the block's router name (``gate.*``) and are freshly initialised.
+            router per block with the block's d, E and k, and ``options``; one whose only
+            parameter is a ``weight [E, d]`` (``"topk"``, ``"switch"``, ``"expert_choice"``,
+            ``"usmoe"``) takes the block router's weight (aliased: a training-free swap, keys
+            unchanged, unless the block's router has a bias), the others start fresh. A router
+            module is deep-copied into each block. The new router's parameters appear under the
+            block's router name (``gate.*``).
         momentum: None, or a stack-level method across the converted blocks (issue 23,
             specs/momentum_smoe.md): ``"heavy_ball"`` (MomentumSMoE), ``"adam"`` (AdamSMoE) or
             ``"robust"`` (Robust MomentumSMoE). Each block's output u (routed + shared experts)
@@ -275,6 +299,10 @@ def convert(
             to block in model order: one state per model forward, reset by a forward pre-hook
             on ``model``, never a parameter or a buffer. ``sign`` defaults to +1 here, so that
             ``mu=0, gamma=1`` reproduces the unconverted model.
+        causal: the blocks sit in a decoder that generates (default): routers that would let
+            a token's experts depend on later tokens (expert choice, USMoE's joint selection)
+            are refused. False allows them, for models used without generation (embeddings,
+            scoring: USMoE's training-free protocol).
         momentum_options: MomentumMoE's options (``mu``, ``gamma``, ``sign``, ``beta1``, ...,
             ``rho``, ``kappa``, ``dropout``).
         **options: keyword options of a router built by name.
@@ -322,7 +350,10 @@ def convert(
         if router is None:
             new = ConvertedMoE(block, name, _native_router(block, spec), native=True)
         else:
-            new = ConvertedMoE(block, name, _new_router(block, spec, router, options), False)
+            new = ConvertedMoE(
+                block, name, _new_router(block, spec, router, options, causal), False
+            )
+            new.causal = bool(causal)
         new.train(block.training)
         blocks.append(new)
         if parent is None:

@@ -10,6 +10,8 @@ wrapper, fake, autograd. The kernels live in csrc/; nothing numerical happens he
 - :mod:`smoe.ops.sinkhorn`: ``sinkhorn`` (SSR, S-BASE)
 - :mod:`smoe.ops.momentum`: ``momentum_update`` (MomentumSMoE, AdamSMoE, Robust MomentumSMoE)
 - :mod:`smoe.ops.graph`: ``graph_mix`` (Similarity-Aware and Attention-Aware routing)
+- :mod:`smoe.ops.usmoe`: ``unified_topk`` (USMoE)
+- :mod:`smoe.ops.s2moe`: ``s2moe_perturb`` (S2MoE)
 
 A new router family adds its own module here (and its csrc files), then re-exports it below.
 """
@@ -30,7 +32,9 @@ try:  # each family registers fakes and autograd for ops the compiled _C must de
         robust_coefficients,
     )
     from smoe.ops.routing import ExpertChoice, TopK, expert_choice, topk_sigmoid, topk_softmax
+    from smoe.ops.s2moe import s2moe_perturb
     from smoe.ops.sinkhorn import Sinkhorn, sinkhorn
+    from smoe.ops.usmoe import unified_topk
     from smoe.ops.xmoe import CosineScores, cosine_scores
 except RuntimeError as e:
     if "does not exist" not in str(e):
@@ -59,8 +63,10 @@ __all__ = [
     "momentum_update",
     "permute",
     "robust_coefficients",
+    "s2moe_perturb",
     "sinkhorn",
     "swiglu",
     "topk_sigmoid",
     "topk_softmax",
+    "unified_topk",
 ]

@@ -20,6 +20,7 @@ from smoe.routing.registry import (
 from smoe.routing.sbase import SinkhornRouter
 from smoe.routing.sinkhorn import SelectiveSinkhornRouter
 from smoe.routing.topk import TopKRouter
+from smoe.routing.usmoe import USMoERouter
 from smoe.routing.vmoe import VMoERouter, vmoe_capacity
 from smoe.routing.xmoe import XMoERouter
 
@@ -34,6 +35,7 @@ __all__ = [
     "SimilarityAwareRouter",
     "SinkhornRouter",
     "TopKRouter",
+    "USMoERouter",
     "VMoERouter",
     "XMoERouter",
     "available_routers",

@@ -33,7 +33,7 @@ __all__ = [
     "router_info",
 ]
 
-_SELECTIONS = ("token_choice", "expert_choice")
+_SELECTIONS = ("token_choice", "expert_choice", "unified")
 _STACKS = ("heavy_ball", "adam", "robust")  # smoe.ops.momentum.KINDS (routing sits below ops)
 
 
@@ -46,8 +46,9 @@ class RouterInfo:
         factory: ``factory(d_model, num_experts, k, **options) -> nn.Module``; the module's
             ``forward(x [T, d], context=None)`` returns a :class:`smoe.Routing`.
         description: one line for :func:`available_routers`.
-        selection: ``"token_choice"`` (each token picks k experts) or ``"expert_choice"`` (each
-            expert picks its tokens).
+        selection: ``"token_choice"`` (each token picks k experts), ``"expert_choice"`` (each
+            expert picks its tokens) or ``"unified"`` (the best token-expert pairs of a group,
+            either axis: USMoE).
         causal: safe in an autoregressive decoder (a token's routing never depends on later
             tokens). Expert choice is not. A callable ``causal(router) -> bool`` decides on the
             built router module as it is configured now (V-MoE: not with Batch Prioritized

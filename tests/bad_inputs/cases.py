@@ -28,9 +28,11 @@ The tables live beside this file, one per op family: ``cases_routing.py`` (topk_
 expert_choice), ``cases_sigmoid.py`` (topk_sigmoid), ``cases_dispatch.py`` (make_plan, permute,
 combine), ``cases_experts.py`` (grouped_mm, swiglu, the Experts module), ``cases_xmoe.py``
 (cosine_scores), ``cases_sinkhorn.py`` (sinkhorn), ``cases_momentum.py`` (momentum_update),
-``cases_graph.py`` (graph_mix), ``cases_modules.py`` (MoELayer with each router, the routers'
-constructors), ``cases_graph_routers.py`` (the graph-of-tokens routers, their context) and
-``cases_models.py`` (smoe.models' constructors).
+``cases_graph.py`` (graph_mix), ``cases_usmoe.py`` (unified_topk), ``cases_s2moe.py``
+(s2moe_perturb), ``cases_modules.py`` (MoELayer with each router, the routers' constructors),
+``cases_graph_routers.py`` (the graph-of-tokens routers, their context), ``cases_usmoe_router.py``
+(USMoE's router: options, sequences, padding) and ``cases_models.py`` (smoe.models'
+constructors).
 """
 
 from __future__ import annotations
@@ -276,8 +278,11 @@ def all_cases() -> list[Case]:
         cases_modules,
         cases_momentum,
         cases_routing,
+        cases_s2moe,
         cases_sigmoid,
         cases_sinkhorn,
+        cases_usmoe,
+        cases_usmoe_router,
         cases_xmoe,
     )
 
@@ -290,8 +295,11 @@ def all_cases() -> list[Case]:
         *cases_sinkhorn.CASES,
         *cases_momentum.CASES,
         *cases_graph.CASES,
+        *cases_usmoe.CASES,
+        *cases_s2moe.CASES,
         *cases_modules.CASES,
         *cases_graph_routers.CASES,
+        *cases_usmoe_router.CASES,
         *cases_models.CASES,
     ]
     seen: set[str] = set()

@@ -35,6 +35,7 @@ from smoe import (
     SinkhornRouter,
     SMoEVAE,
     TopKRouter,
+    USMoERouter,
     VMoERouter,
     XMoERouter,
 )
@@ -61,6 +62,7 @@ LAYER_ROUTERS: dict[str, dict[str, Any]] = {
     "sinkhorn": {},
     "similarity_aware": {},
     "attention_aware": {},
+    "usmoe": {},
     "momentum": {},
     "adam": {},
     "robust_momentum": {},
@@ -123,6 +125,13 @@ def _run_graph_router(router: nn.Module, x: Tensor, attention: Tensor | None = N
     """A graph-of-tokens router on x [2, 3, D] flattened: two causal sequences of 3 tokens."""
     context = RoutingContext(batch_shape=(2, 3), causal=True, attention=attention)
     r = router(x.reshape(-1, x.shape[-1]), context)
+    return {"expert": r.expert, "weight": r.weight, "logits": r.logits}
+
+
+def _run_sequences(router: nn.Module, x: Tensor) -> Outputs:
+    """A router that groups tokens per sequence (USMoE) on x [2, 3, D] flattened: two sequences
+    of 3 tokens."""
+    r = router(x.reshape(-1, x.shape[-1]), RoutingContext(batch_shape=(2, 3)))
     return {"expert": r.expert, "weight": r.weight, "logits": r.logits}
 
 
@@ -224,6 +233,7 @@ CATALOGUE: dict[str, Entry] = {
             _tokens_and_attention,
             _run_graph_router,
         ),
+        Entry("USMoERouter", lambda: USMoERouter(D, E, K), _tokens(2, 3, D), _run_sequences),
         *(_layer(name) for name in LAYER_ROUTERS),
         # shared experts (issue 26): a dense expert run by the grouped kernels, sigmoid-gated
         Entry(

@@ -11,6 +11,7 @@
 #include "cpu/permute_kernel.h"
 #include "cpu/topk_sigmoid_kernel.h"
 #include "cpu/topk_softmax_kernel.h"
+#include "cpu/unified_topk_kernel.h"
 
 namespace {
 
@@ -148,6 +149,58 @@ TEST(TopkSigmoid, BackwardOfRenormalizedAndRawWeights) {
   EXPECT_NEAR(out[2], c * g[0] * s2 * (1 - s2), 1e-12);
   EXPECT_NEAR(out[0], c * g[1] * s0 * (1 - s0), 1e-12);
   EXPECT_EQ(out[1], 0.0);
+}
+
+// unified_topk over groups [0, G) of rows with stride ld: the indices, or the first NaN group.
+template <typename T>
+std::pair<std::vector<int64_t>, int64_t> run_unified(const std::vector<T>& s, int64_t G, int64_t ld,
+                                                     int64_t L, int64_t n,
+                                                     const int64_t* counts = nullptr) {
+  std::vector<int64_t> out(G * n, 7);
+  const int64_t bad = smoe::cpu::unified_topk_rows(s.data(), ld, L, n, counts, 0, G, out.data());
+  return {out, bad};
+}
+
+TEST(UnifiedTopk, TiesAndSignedZerosGoToTheLowerIndexInAscendingOrder) {
+  // Row 0: the 2s, then the first two of the tied 1s. Row 1: -0 == +0, index order decides.
+  const std::vector<float> s = {0.f, 2.f, 1.f, 2.f, 1.f, 1.f, -0.f, 0.f, -0.f, -1.f, 0.f, -2.f};
+  EXPECT_EQ(run_unified(s, 2, 6, 6, 4),
+            std::make_pair(std::vector<int64_t>{1, 2, 3, 4, 0, 1, 2, 4}, int64_t(-1)));
+  // bf16 and double: the same choice through the storage types' loads.
+  std::vector<smoe::bfloat16_t> b;
+  for (float v : s) b.push_back(smoe::to_bfloat16(v));
+  EXPECT_EQ(run_unified(b, 2, 6, 6, 4).first, (std::vector<int64_t>{1, 2, 3, 4, 0, 1, 2, 4}));
+  // double keeps 1 + 2^-52 above 1 (float would tie them and take index 0)
+  EXPECT_EQ(run_unified(std::vector<double>{1.0, 1.0 + 0x1.0p-52}, 1, 2, 2, 1).first,
+            (std::vector<int64_t>{1}));
+}
+
+TEST(UnifiedTopk, PlusInfFirstMinusInfLastAndAnAllPaddingGroup) {
+  const float inf = INFINITY;
+  const std::vector<float> s = {-inf, -5.f, inf, -inf, -7.f, -inf, -inf, -inf, -inf, -inf};
+  EXPECT_EQ(run_unified(s, 2, 5, 5, 4),
+            std::make_pair(std::vector<int64_t>{0, 1, 2, 4, 0, 1, 2, 3}, int64_t(-1)));
+}
+
+TEST(UnifiedTopk, CountsCutEachGroupAndReadOnlyLOfEachRow) {
+  // Rows of L = 4 with stride 5: the NaN past L is not a score. counts {0, 2, 3} of n = 3.
+  const std::vector<float> s = {3.f, 2.f, 1.f, 0.f, NAN, 0.f, 5.f, 5.f,
+                                9.f, NAN, 1.f, 1.f, 1.f, 1.f, NAN};
+  const std::vector<int64_t> counts = {0, 2, 3};
+  EXPECT_EQ(run_unified(s, 3, 5, 4, 3, counts.data()),
+            std::make_pair(std::vector<int64_t>{-1, -1, -1, 1, 3, -1, 0, 1, 2}, int64_t(-1)));
+  EXPECT_EQ(run_unified(s, 3, 5, 4, 0).first.size(), 0u);  // n = 0 writes nothing
+}
+
+TEST(UnifiedTopk, ReportsTheFirstNanGroupOfItsRange) {
+  // Groups 1 (count 0: still an error) and 2 hold a NaN.
+  const std::vector<float> s = {1.f, 2.f, 0.f, NAN, 3.f, 4.f, NAN, 5.f, 6.f};
+  const std::vector<int64_t> counts = {1, 0, 1};
+  std::vector<int64_t> out(3);
+  EXPECT_EQ(smoe::cpu::unified_topk_rows(s.data(), 3, 3, 1, counts.data(), 0, 3, out.data()), 1);
+  EXPECT_EQ(smoe::cpu::unified_topk_rows(s.data(), 3, 3, 1, counts.data(), 2, 3, out.data()), 2);
+  EXPECT_EQ(smoe::cpu::unified_topk_rows(s.data(), 3, 3, 1, counts.data(), 0, 1, out.data()), -1);
+  EXPECT_EQ(out[0], 1);
 }
 
 struct PlanOut {

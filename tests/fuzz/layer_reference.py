@@ -8,6 +8,7 @@ import torch
 
 from smoe import reference as ref
 from smoe.routing import AttentionAwareRouter
+from tests.fuzz.layer_reference_usmoe import usmoe_routing
 
 
 def xmoe_routing(router, flat):
@@ -99,6 +100,8 @@ def graph_routing(router, flat, context):
 def kept_and_weights(kind: str, layer, flat, context, seed, capacity):
     """(expert, weight, kept) [T, *] of the reference routing of ``kind`` in float64."""
     router, E, T = layer.router, layer.num_experts, flat.shape[0]
+    if kind == "usmoe":  # layer_reference_usmoe.py (its own plan: no layer capacity)
+        return usmoe_routing(router, flat, context)
     if kind in ("xmoe", "graph"):
         if kind == "xmoe":
             expert, weight = xmoe_routing(router, flat)

@@ -17,8 +17,10 @@ from torch import Tensor
 
 from tests.fuzz.strategies_graph import graph_cases
 from tests.fuzz.strategies_momentum import momentum_cases
+from tests.fuzz.strategies_s2moe import s2moe_cases
 from tests.fuzz.strategies_sigmoid import topk_sigmoid_cases
 from tests.fuzz.strategies_sinkhorn import sinkhorn_cases
+from tests.fuzz.strategies_usmoe import unified_topk_cases
 from tests.fuzz.strategies_xmoe import cosine_scores_cases
 from tests.fuzz.values import (
     SOFTMAX_SPECIALS,
@@ -362,6 +364,8 @@ OP_STRATEGIES = {
     "sinkhorn": sinkhorn_cases,  # tests/fuzz/strategies_sinkhorn.py
     "momentum_update": momentum_cases,  # tests/fuzz/strategies_momentum.py
     "graph_mix": graph_cases,  # tests/fuzz/strategies_graph.py
+    "s2moe_perturb": s2moe_cases,  # tests/fuzz/strategies_s2moe.py
+    "unified_topk": unified_topk_cases,  # tests/fuzz/strategies_usmoe.py (index-only: no backward)
 }
 
 # Each backward op -> the forward whose fuzz test exercises it.
@@ -377,6 +381,7 @@ BACKWARD_OF = {
     "sinkhorn_backward": "sinkhorn",
     "momentum_update_backward": "momentum_update",
     "graph_mix_backward": "graph_mix",
+    "s2moe_perturb_backward": "s2moe_perturb",
 }
 
 # Each registered router -> the reference its layer is checked against (test_fuzz_layer.py):
@@ -391,6 +396,9 @@ BACKWARD_OF = {
 # decisions, as "dispatch" (the op is fuzzed against reference.sinkhorn on its own).
 # "graph" (Similarity-/Attention-Aware): reference.similarity_aware_routing or
 # attention_aware_routing (z, A, the mix, top-k, the weights) + make_plan(capacity) + routed_moe.
+# "usmoe": layer_reference_usmoe.usmoe_routing (U, each group's competition through
+# reference_usmoe.unified_topk, the router's plan checked to be the expert-choice layout) +
+# routed_moe.
 LAYER_ROUTERS = {
     "topk": "topk",
     "switch": "topk",
@@ -403,6 +411,7 @@ LAYER_ROUTERS = {
     "sinkhorn": "sinkhorn",
     "similarity_aware": "graph",
     "attention_aware": "graph",
+    "usmoe": "usmoe",
     # the stack-level momentum methods' gate: a TopKRouter with a bias and no aux loss
     "momentum": "topk",
     "adam": "topk",

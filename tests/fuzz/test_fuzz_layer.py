@@ -76,12 +76,29 @@ def _graph_options(draw, name: str, S: int) -> list[tuple[str, object]]:
     ]
 
 
+def _usmoe_options(draw, T: int, E: int, flat: bool) -> list[tuple[str, object]]:
+    """USMoE: α over [0, 1] (the ends: pure token / expert side), a budget in (0, E] (fractional
+    included), each selection and expert score, and groups: per sequence (not for flat x, whose
+    batch_shape is 1-D), the whole batch, or any size up to T + 1."""
+    group = st.sampled_from(["batch"] if flat else ["sequence", "batch"])
+    return [
+        ("alpha", draw(st.sampled_from([0.0, 0.5, 1.0]) | st.floats(0.0, 1.0))),
+        ("expert_score", draw(st.sampled_from(["sigmoid", "token_softmax"]))),
+        ("budget", draw(st.none() | st.sampled_from([0.5, 1.0, float(E)]) | st.floats(0.05, E))),
+        ("group", draw(group | st.integers(1, max(T, 1) + 1))),
+        ("selection", draw(st.sampled_from(["joint", "per_token", "per_expert"]))),
+        ("norm_topk_prob", draw(st.booleans())),
+    ]
+
+
 def _router_options(
-    draw, kind: str, name: str, T: int, S: int, E: int, dtype: str
+    draw, kind: str, name: str, T: int, S: int, E: int, dtype: str, flat: bool = False
 ) -> tuple[tuple[str, object], ...]:
     groups = st.none() | st.integers(1, max(T, 1) + 1)
     if kind == "graph":
         return tuple(_graph_options(draw, name, S))
+    if kind == "usmoe":
+        return tuple(_usmoe_options(draw, T, E, flat))
     if kind == "vmoe":
         return (
             ("capacity_factor", draw(st.sampled_from([None, 0.25, 1.05, 2.0]))),
@@ -157,7 +174,7 @@ def layer_cases(draw, router: str) -> LayerCase:
             if kind in ("topk", "xmoe", "graph")
             else None
         ),
-        options=_router_options(draw, kind, router, B * S, seq, E, dtype),
+        options=_router_options(draw, kind, router, B * S, seq, E, dtype, flat),
         training=draw(st.booleans()),
         seed=draw(st.integers(0, 2**31 - 1)),
         x=draw(values(LAYER_SPECIALS)),
@@ -328,6 +345,21 @@ EXAMPLES = {
         EMPTY._replace(
             S=3, d=4, E=3, options=(("heads", 0), ("top1_weight", "prob"), ("lam", 1.5))
         ),
+    ],
+    # Not found by the fuzz: every selection, score and grouping compared in float64 on each run
+    # (a fractional budget, padding of the last int group, one-token sequences: per token).
+    "usmoe": [
+        EMPTY._replace(S=5, d=4, E=4, k=2, x=Values(3), options=options)
+        for options in (
+            (),
+            (("expert_score", "token_softmax"), ("selection", "per_expert"), ("budget", 1.5)),
+            (("alpha", 0.0), ("selection", "per_token"), ("norm_topk_prob", True)),
+            (("alpha", 1.0), ("expert_score", "token_softmax"), ("group", "batch")),
+        )
+    ]
+    + [
+        EMPTY._replace(S=5, flat=True, d=4, E=3, k=2, options=(("group", 3), ("budget", 0.7))),
+        EMPTY._replace(B=3, S=1, d=4, E=4, k=2, x=Values(4)),
     ],
 }
 

@@ -309,3 +309,33 @@ def test_momentum_errors():
     assert len(_blocks(model)) == 2  # nothing converted
     with pytest.raises(ValueError, match="momentum runs across the blocks of a model"):
         smoe.convert(_blocks(model)[0], momentum="heavy_ball")
+
+
+def test_a_router_built_by_name_takes_the_block_router_weight():
+    model = _model("mixtral")
+    want = _run(model)
+    # "topk" (softmax, top-k, renormalised) on Mixtral's own router weight: the same model
+    smoe.convert(model, router="topk")
+    gates = [m.gate for m in model.modules() if isinstance(m, ConvertedMoE)]
+    originals = [m.gate for m in _blocks(_model("mixtral"))]
+    assert all(torch.equal(g.weight, o.weight) for g, o in zip(gates, originals))
+    got = _run(model)
+    _close(got[0], want[0], "logits")
+    assert list(model.state_dict()) == list(_model("mixtral").state_dict())
+    # a router with other parameters starts fresh (and GPT-OSS's biased router is not aliased)
+    fresh = smoe.convert(_model("gpt_oss"), router="topk")
+    assert not any(
+        torch.equal(m.router.weight, o.router.weight)
+        for m, o in zip(
+            [m for m in fresh.modules() if isinstance(m, ConvertedMoE)], _blocks(_model("gpt_oss"))
+        )
+    )
+
+
+def test_causal_false_allows_routers_that_see_the_sequence():
+    model = _model("olmoe")
+    with pytest.raises(ValueError, match=r"causal=False\) allows it"):
+        smoe.convert(model, router="expert_choice")
+    smoe.convert(model, router="expert_choice", causal=False)
+    logits, loss, _, grads = _run(model)
+    assert torch.isfinite(logits).all() and any(".gate." in k for k in grads)

@@ -46,6 +46,9 @@ COVERED = {
     "momentum_update_backward": "test_momentum_update_forward_backward",
     "graph_mix": "test_graph_mix_forward_backward",
     "graph_mix_backward": "test_graph_mix_forward_backward",
+    "unified_topk": "test_unified_topk_forward",  # index-only: no backward
+    "s2moe_perturb": "test_s2moe_perturb_forward_backward",
+    "s2moe_perturb_backward": "test_s2moe_perturb_forward_backward",
 }
 
 
@@ -187,4 +190,71 @@ def test_graph_mix_forward_backward(B, S, E, C, dtype):
         (out.float().square().sum()).backward()
     torch.cuda.synchronize()
     for g in (wide.grad, A.grad):
+        assert torch.isfinite(g.float()).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.sanitize
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "G, L, n",
+    [
+        (0, 8, 3),
+        (1, 1, 1),
+        (3, 16, 0),
+        (4, 40, 40),  # n = L
+        (5, 300, 40),  # more scores than threads of a block
+        (2, 1030, 1029),  # several tiles of the compaction, all but one chosen
+    ],
+)
+def test_unified_topk_forward(G, L, n, dtype):
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.round(torch.randn(G, L, generator=g) * 2) / 2).to(dtype)  # many exact ties
+    scores[::2, L // 2 :] = -torch.inf  # padding
+    counts = torch.randint(0, n + 1, (G,), generator=g)
+    offset = torch.zeros(G, L + 3, device="cuda", dtype=dtype)
+    offset[:, :L] = scores.cuda()
+    strided = torch.zeros(G, 2 * L, device="cuda", dtype=dtype)
+    strided[:, ::2] = scores.cuda()
+    for view in (offset[:, :L], strided[:, ::2]):  # row stride L + 3 (read in place); a copy
+        for c in (None, counts):
+            got = ops.unified_topk(view, n, counts=None if c is None else c.cuda())
+            assert torch.equal(got.cpu(), ops.unified_topk(scores, n, counts=c))
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+@pytest.mark.sanitize
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape, stat",
+    [
+        ((0, 7, 8), (0, 1, 8)),  # empty
+        ((3, 0, 8), (3, 1, 8)),  # empty x, statistics not: zero gradients
+        ((1,), ()),  # one element, scalars
+        ((3, 33, 40), (3, 1, 40)),  # DSU sequence statistics
+        ((33, 3, 40), (1, 3, 40)),  # time-major
+        ((300, 257), (300, 1)),  # token
+        ((300, 257), (1, 257)),  # batch: one thread per feature sums 300 tokens
+        ((4, 300, 257), ()),  # scalars: the one-block reduction over A * C > its threads
+        ((2, 5, 3, 4), (2, 1, 1, 4)),  # a run of two dims
+    ],
+    ids=str,
+)
+def test_s2moe_perturb_forward_backward(shape, stat, dtype):
+    kw = {"device": "cuda", "dtype": dtype}
+    wide = torch.randn(*shape[:-1], 2 * shape[-1], requires_grad=True, **kw)
+    x = wide[..., ::2]  # strided rows
+    n1, n2 = torch.randn(shape, **kw), torch.randn(shape, **kw)
+    mu = torch.randn(stat, requires_grad=True, **kw)
+    s_mul, s_add = (torch.rand(stat, **kw).add(0.1).requires_grad_() for _ in range(2))
+    for s_first in (s_mul, torch.tensor(0.5, **kw)):  # s_mul broadcast, then one value
+        out = ops.s2moe_perturb(x, n1, n2, mu, s_first, s_add)
+        out.float().square().sum().backward()
+    grads = torch.ops.smoe.s2moe_perturb_backward.default(
+        torch.randn(shape, **kw), x.detach(), n1, n2, mu, s_mul, s_add, [False, True, False, True]
+    )
+    torch.cuda.synchronize()
+    assert grads[0].numel() == 0 and grads[2].numel() == 0
+    for g in (wide.grad, mu.grad, s_mul.grad, s_add.grad, grads[1], grads[3]):
         assert torch.isfinite(g.float()).all()

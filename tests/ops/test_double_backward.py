@@ -1,5 +1,7 @@
 """Every op's backward is itself not differentiable: a second derivative raises a clear error
-naming the op (STYLE.md §8), never autograd's "not used in the graph" or a silent None."""
+naming the op (STYLE.md §8), never autograd's "not used in the graph" or a silent None. The ops
+without a backward (index outputs only: make_plan, unified_topk) have no first derivative either:
+their outputs are integers outside the graph, even for inputs that require grad."""
 
 import pytest
 import torch
@@ -72,6 +74,13 @@ def graph_mix():  # linear in x, but d/dx of a square of it depends on x (the up
     return x, ops.graph_mix(x, A, cache=torch.randn(2, 2, 3, dtype=torch.float64))
 
 
+def s2moe_perturb():  # linear in x, as graph_mix: the upstream 2y of the square carries x
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    n1, n2 = torch.randn_like(x), torch.randn_like(x)
+    mu, s_mul, s_add = (torch.rand(2, 1, 3, dtype=torch.float64) for _ in range(3))
+    return x, ops.s2moe_perturb(x, n1, n2, mu, s_mul, s_add)
+
+
 MAKERS = [
     topk_softmax,
     topk_sigmoid,
@@ -84,6 +93,7 @@ MAKERS = [
     sinkhorn,
     momentum_update,
     graph_mix,
+    s2moe_perturb,
 ]
 
 
@@ -103,3 +113,27 @@ def test_double_backward_errors_clearly(make, allow_unused):
     assert g.requires_grad  # the first derivative depends on x through the op's backward
     with pytest.raises(RuntimeError, match=rf"smoe::{make.__name__}: double backward is not"):
         torch.autograd.grad(g.square().sum(), x, allow_unused=allow_unused)
+
+
+# Ops without a backward op -> a call on float inputs that require grad, returning its outputs.
+NO_BACKWARD = {
+    "make_plan": lambda x: ops.make_plan(random_experts(6, 2, 3), 3, capacity=2, priority=x[:, 0]),
+    "unified_topk": lambda x: ops.unified_topk(x, 5, counts=torch.tensor([0, 5, 3, 1, 2, 4])),
+}
+
+
+def test_every_op_without_a_backward_is_listed():
+    from smoe import _loader
+
+    ops_ = set(_loader.registered_ops())
+    with_backward = {op for op in ops_ if op.endswith("_backward")}
+    with_backward |= {op.removesuffix("_backward") for op in with_backward}
+    assert ops_ - with_backward == set(NO_BACKWARD)
+
+
+@pytest.mark.parametrize("op", sorted(NO_BACKWARD))
+def test_ops_without_a_backward_return_integers_outside_the_graph(op):
+    x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    out = NO_BACKWARD[op](x)
+    for t in out if isinstance(out, tuple) else (out,):
+        assert not t.is_floating_point() and not t.requires_grad and t.grad_fn is None

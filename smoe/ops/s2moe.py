@@ -1,0 +1,124 @@
+"""S2MoE's op: ``s2moe_perturb``, the fused Gaussian perturbation of the stochastic path.
+
+One section per op, in schema order (csrc/registration.cpp): wrapper, fake, autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from smoe.ops._common import FLOATS, check_devices, refuse_double_backward
+
+__all__ = ["s2moe_perturb"]
+
+
+# ---------------------------------------------------------------------------------------------
+# s2moe_perturb
+# ---------------------------------------------------------------------------------------------
+def s2moe_perturb(
+    x: Tensor, n1: Tensor, n2: Tensor, mu: Tensor, s_mul: Tensor, s_add: Tensor
+) -> Tensor:
+    """``(1 + s_mul ⊙ n1) ⊙ x + (mu + s_add ⊙ n2)`` in one pass (specs/s2moe.md §2.2, §5).
+
+    Args:
+        x: the MoE input, any shape, float.
+        n1, n2: standard normal noise of x's shape (drawn by the caller with torch's RNG, so
+            that seeds and generators behave); they get no gradient.
+        mu, s_mul, s_add: one value each, or broadcast over one run of consecutive dims of x,
+            the same for all three (DSU "sequence" statistics ``[B, 1, d]``, "token" ``[T, 1]``,
+            "batch" ``[1, d]``; InstanceNorm's scalars α, β). x's dtype.
+
+    Returns:
+        x's shape and dtype (contiguous); math in float32 (float64 for float64).
+
+    Note:
+        Backward op: d x = g ⊙ (1 + s_mul ⊙ n1), and each statistic's gradient summed over the
+        dims it is broadcast over, in a fixed order (deterministic at any thread count, no
+        atomics on CUDA).
+    """
+    return torch.ops.smoe.s2moe_perturb.default(x, n1, n2, mu, s_mul, s_add)
+
+
+def _check_inputs(op: str, x: Tensor, n1: Tensor, n2: Tensor, stats: dict[str, Tensor]) -> None:
+    """The checks of csrc/checks_s2moe.h on metadata (the fakes' half of them)."""
+    check_devices(op, x=x, n1=n1, n2=n2, **stats)
+    torch._check(x.dtype in FLOATS, lambda: f"smoe::{op}: x must be floating")
+    for name, t in {"n1": n1, "n2": n2, **stats}.items():
+        torch._check(t.dtype == x.dtype, lambda n=name: f"smoe::{op}: {n} must have x's dtype")
+    torch._check(x.dim() >= 1, lambda: f"smoe::{op}: x must have at least one dim")
+    for name, t in (("n1", n1), ("n2", n2)):
+        torch._check(t.shape == x.shape, lambda n=name: f"smoe::{op}: {n} must have x's shape")
+    run = None  # the broadcast run [p, q) shared by the statistics that are not one value
+    for name, t in stats.items():
+        if t.numel() == 1:
+            continue
+        torch._check(t.dim() == x.dim(), lambda n=name: f"smoe::{op}: {n} must have x's rank")
+        dims = []
+        for d in range(x.dim()):
+            broadcast = t.shape[d] == 1 and x.shape[d] != 1
+            torch._check(
+                broadcast or t.shape[d] == x.shape[d],
+                lambda n=name: f"smoe::{op}: {n} must broadcast to x's shape",
+            )
+            if broadcast:
+                dims.append(d)
+        p, q = (dims[0], dims[-1] + 1) if dims else (x.dim(), x.dim())
+        torch._check(
+            all(t.shape[d] == 1 or x.shape[d] == 1 for d in range(p, q)),
+            lambda n=name: f"smoe::{op}: {n} must be broadcast over one run of consecutive dims",
+        )
+        run = (p, q) if run is None else run
+        torch._check(
+            run == (p, q),
+            lambda: f"smoe::{op}: mu, s_mul and s_add must be broadcast over the same dims of x",
+        )
+
+
+@torch.library.register_fake("smoe::s2moe_perturb")
+def _s2moe_perturb_fake(x, n1, n2, mu, s_mul, s_add) -> Tensor:
+    _check_inputs("s2moe_perturb", x, n1, n2, {"mu": mu, "s_mul": s_mul, "s_add": s_add})
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup_context_s2moe_perturb(ctx, inputs, output) -> None:
+    x, n1, n2, mu, s_mul, s_add = inputs
+    ctx.save_for_backward(x, n1, n2, mu, s_mul, s_add)
+    ctx.need = [x.requires_grad, mu.requires_grad, s_mul.requires_grad, s_add.requires_grad]
+
+
+def _backward_s2moe_perturb(ctx, grad: Tensor):
+    x, n1, n2, mu, s_mul, s_add = ctx.saved_tensors
+    gx, gmu, gmul, gadd = torch.ops.smoe.s2moe_perturb_backward.default(
+        grad.contiguous(), x, n1, n2, mu, s_mul, s_add, ctx.need
+    )
+    need = ctx.need
+    return (
+        gx if need[0] else None,
+        None,  # the noise gets no gradient
+        None,
+        gmu if need[1] else None,
+        gmul if need[2] else None,
+        gadd if need[3] else None,
+    )
+
+
+@torch.library.register_fake("smoe::s2moe_perturb_backward")
+def _s2moe_perturb_backward_fake(grad, x, n1, n2, mu, s_mul, s_add, output_mask):
+    op = "s2moe_perturb_backward"
+    _check_inputs(op, x, n1, n2, {"mu": mu, "s_mul": s_mul, "s_add": s_add})
+    check_devices(op, x=x, grad=grad)
+    torch._check(
+        grad.shape == x.shape and grad.dtype == x.dtype,
+        lambda: f"smoe::{op}: grad must match x's shape, dtype and device",
+    )
+    outs = [torch.empty_like(x, memory_format=torch.contiguous_format)]
+    outs += [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (mu, s_mul, s_add)]
+    return tuple(o if m else x.new_empty((0,)) for o, m in zip(outs, output_mask))
+
+
+torch.library.register_autograd(
+    "smoe::s2moe_perturb", _backward_s2moe_perturb, setup_context=_setup_context_s2moe_perturb
+)
+
+refuse_double_backward("s2moe_perturb")
