@@ -75,6 +75,9 @@ def bench_routers(shapes: list[tuple], dtypes: list[str], clock: Clock) -> list[
                     causal = torch.ones(T, T).tril()
                     attention = (causal / causal.sum(-1, keepdim=True)).view(1, 1, T, T)
                     context = smoe.routing.RoutingContext(attention=attention.to(dtype))
+                elif isinstance(router, smoe.routing.USMoERouter):
+                    # its pairs compete per sequence: the T tokens are one sequence
+                    context = smoe.routing.RoutingContext(batch_shape=(1, T))
 
                 def route(x: Tensor, router: nn.Module = router, context=context) -> Tensor:
                     r = router(x, context) if context is not None else router(x)
