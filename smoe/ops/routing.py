@@ -17,6 +17,29 @@ from smoe.ops.dispatch import Plan
 __all__ = ["ExpertChoice", "TopK", "expert_choice", "topk_sigmoid", "topk_softmax"]
 
 
+def _check_selection_bias_fake(op: str, logits: Tensor, selection_bias: Tensor | None) -> None:
+    """The metadata checks of a token-choice op's selection_bias (csrc/checks.h)."""
+    if selection_bias is None:
+        return
+    check_devices(op, logits=logits, selection_bias=selection_bias)
+    torch._check(
+        selection_bias.dtype == torch.float32 and selection_bias.dim() == 1,
+        lambda: f"smoe::{op}: selection_bias must be float32 [E]",
+    )
+    torch._check(
+        selection_bias.shape[0] == logits.shape[1],
+        lambda: f"smoe::{op}: selection_bias must be [E]",
+    )
+
+
+def _topk_backward_fake(op: str, grad_weight: Tensor, logits: Tensor, expert: Tensor) -> Tensor:
+    """The fake of topk_softmax_backward and topk_sigmoid_backward: d logits [T, E]."""
+    check_devices(op, logits=logits, grad_weight=grad_weight, expert=expert)
+    torch._check(logits.dim() == 2, lambda: f"smoe::{op}: logits must be 2-D [T, E]")
+    torch._check(grad_weight.dim() == 2, lambda: f"smoe::{op}: grad_weight must be 2-D [T, k]")
+    return logits.new_empty(logits.shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # topk_softmax
 # ---------------------------------------------------------------------------------------------
@@ -74,16 +97,7 @@ def _topk_softmax_fake(
     torch._check(logits.dim() == 2, lambda: "smoe::topk_softmax: logits must be 2-D [T, E]")
     torch._check(logits.dtype in FLOATS, lambda: "smoe::topk_softmax: logits must be floating")
     torch._check(1 <= k <= logits.shape[1], lambda: "smoe::topk_softmax: k must be in [1, E]")
-    if selection_bias is not None:
-        check_devices("topk_softmax", logits=logits, selection_bias=selection_bias)
-        torch._check(
-            selection_bias.dtype == torch.float32 and selection_bias.dim() == 1,
-            lambda: "smoe::topk_softmax: selection_bias must be float32 [E]",
-        )
-        torch._check(
-            selection_bias.shape[0] == logits.shape[1],
-            lambda: "smoe::topk_softmax: selection_bias must be [E]",
-        )
+    _check_selection_bias_fake("topk_softmax", logits, selection_bias)
     T = logits.shape[0]
     return logits.new_empty((T, k)), logits.new_empty((T, k), dtype=torch.int32)
 
@@ -108,11 +122,7 @@ def _backward_topk_softmax(ctx, grad_weight: Tensor, _grad_expert: Tensor | None
 def _topk_softmax_backward_fake(
     grad_weight: Tensor, logits: Tensor, expert: Tensor, renormalize: bool
 ) -> Tensor:
-    op = "topk_softmax_backward"
-    check_devices(op, logits=logits, grad_weight=grad_weight, expert=expert)
-    torch._check(logits.dim() == 2, lambda: f"smoe::{op}: logits must be 2-D [T, E]")
-    torch._check(grad_weight.dim() == 2, lambda: f"smoe::{op}: grad_weight must be 2-D [T, k]")
-    return logits.new_empty(logits.shape)
+    return _topk_backward_fake("topk_softmax_backward", grad_weight, logits, expert)
 
 
 torch.library.register_autograd(
@@ -194,13 +204,7 @@ def _topk_sigmoid_fake(
     torch._check(n_group >= 1 and E % n_group == 0, lambda: f"{op}: n_group must divide E")
     torch._check(1 <= topk_group <= n_group, lambda: f"{op}: topk_group must be in [1, n_group]")
     torch._check(1 <= k <= topk_group * (E // n_group), lambda: f"{op}: k out of range")
-    if selection_bias is not None:
-        check_devices("topk_sigmoid", logits=logits, selection_bias=selection_bias)
-        torch._check(
-            selection_bias.dtype == torch.float32 and selection_bias.dim() == 1,
-            lambda: f"{op}: selection_bias must be float32 [E]",
-        )
-        torch._check(selection_bias.shape[0] == E, lambda: f"{op}: selection_bias must be [E]")
+    _check_selection_bias_fake("topk_sigmoid", logits, selection_bias)
     T = logits.shape[0]
     return logits.new_empty((T, k)), logits.new_empty((T, k), dtype=torch.int32)
 
@@ -225,11 +229,7 @@ def _backward_topk_sigmoid(ctx, grad_weight: Tensor, _grad_expert: Tensor | None
 def _topk_sigmoid_backward_fake(
     grad_weight: Tensor, logits: Tensor, expert: Tensor, renormalize: bool, scale: float
 ) -> Tensor:
-    op = "topk_sigmoid_backward"
-    check_devices(op, logits=logits, grad_weight=grad_weight, expert=expert)
-    torch._check(logits.dim() == 2, lambda: f"smoe::{op}: logits must be 2-D [T, E]")
-    torch._check(grad_weight.dim() == 2, lambda: f"smoe::{op}: grad_weight must be 2-D [T, k]")
-    return logits.new_empty(logits.shape)
+    return _topk_backward_fake("topk_sigmoid_backward", grad_weight, logits, expert)
 
 
 torch.library.register_autograd(
