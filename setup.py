@@ -10,6 +10,7 @@ import glob
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -94,6 +95,28 @@ defines = [
 cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", *defines]
 cxx_flags += ["-g"] if debug else []
 link_flags = ["-fopenmp"]
+
+
+def _libstdcxx_link_flags() -> list[str]:
+    """``-l:libstdc++.so.6`` where the compiler driver would link libstdc++ statically.
+
+    A driver that finds only ``libstdc++.a`` (no ``libstdc++.so`` development link) copies parts
+    of libstdc++ into _C.so; that second copy in a process whose torch uses the shared one
+    crashed on the first number formatted into a string (seen on a GPU machine's image: a
+    segfault inside ``std::ostream::operator<<(long)``). Naming the runtime library keeps one
+    copy. tests/test_info.py checks the built extension for it.
+    """
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        found = subprocess.run(
+            [cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True, timeout=60
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [] if os.path.isabs(found) and os.path.exists(found) else ["-l:libstdc++.so.6"]
+
+
+link_flags += _libstdcxx_link_flags()
 include_dirs = [os.path.join(ROOT, "csrc")]
 if with_cuda:
     cxx_flags.append("-DSMOE_WITH_CUDA")
@@ -138,7 +161,8 @@ with open(os.path.join(ROOT, "smoe", "_build_info.py"), "w") as f:
 # 6. One summary line.
 print(
     f"smoe build: torch {torch.__version__}, torch CUDA {torch.version.cuda}, nvcc root {cuda_home}, "
-    f"archs '{archs}', with_cuda={with_cuda}, MAX_JOBS={os.environ['MAX_JOBS']}",
+    f"archs '{archs}', with_cuda={with_cuda}, MAX_JOBS={os.environ['MAX_JOBS']}, "
+    f"link {' '.join(link_flags)}",
     flush=True,
 )
 

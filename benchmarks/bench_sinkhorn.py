@@ -83,6 +83,17 @@ def bench_one(T: int, E: int, device: str, clock: Clock, measure_100: bool) -> d
     return row
 
 
+def _load_note(meta: dict) -> str:
+    """Says when the machine was busy (load above the threads used); quiet otherwise."""
+    threads = meta.get("threads")
+    if isinstance(threads, int) and meta["load"] <= threads:
+        return ""
+    return (
+        " (above the thread count: a shared machine, every figure noisy; the ratios come from "
+        "one process, so load hits both sides)"
+    )
+
+
 def render(rows: list[dict], meta: dict, quick: bool) -> str:
     size = "quick (not a measurement)" if quick else "full"
     lines = [
@@ -91,8 +102,7 @@ def render(rows: list[dict], meta: dict, quick: bool) -> str:
         "",
         f"Commit `{meta['commit']}` on {meta.get('cpu', '?')}, {meta.get('threads', '?')} threads"
         f"{', ' + meta['gpu'] if meta.get('gpu') else ''}, load average {meta['load']:.1f} at the "
-        "start (above the thread count: a shared machine, every figure noisy; the ratios come "
-        "from one process, so load hits both sides). Router width d = {D}, k = {K}; every "
+        f"start{_load_note(meta)}. Router width d = {D}, k = {K}; every "
         "time is forward + backward, as a ratio to TopKRouter's (the first column, in ms). "
         "`ssr avg` is the expected cost at the default p = 0.001: (1 − p) t(p = 0) + p t(p = 1); "
         "the target is ≤ 1.2. `@100` marked * is 1 iteration + 99 measured slopes.",

@@ -98,3 +98,23 @@ def test_stale_build_is_one_clear_import_error():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "older than its Python sources" in out.stdout, out.stdout + out.stderr
     assert "smoe::cosine_scores" in out.stdout and "pip install --no-build-isolation" in out.stdout
+
+
+def _tool_output(*cmd: str) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"{cmd[0]} is not available")
+
+
+def test_extension_uses_the_shared_libstdcxx():
+    # A libstdc++ copied into _C.so (a toolchain with only libstdc++.a) crashed the first
+    # ostream << long of a process whose torch uses the shared one (setup.py links it by name).
+    import glob
+    import os
+
+    (so,) = glob.glob(os.path.join(os.path.dirname(smoe.__file__), "_C*.so"))
+    needed = _tool_output("readelf", "-d", so)
+    assert "libstdc++.so.6" in needed
+    defined = _tool_output("nm", "--defined-only", so)
+    assert "_ZNSt6locale7classicEv" not in defined  # std::locale::classic(): libstdc++'s own

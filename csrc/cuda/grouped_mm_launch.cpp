@@ -11,7 +11,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <string>
 #include <tuple>
 
 #include "checks.h"
@@ -27,9 +26,9 @@ void assert_offsets_async(const at::Tensor& offsets, int64_t M) {
   at::_assert_async(offsets.select(0, 0).eq(0), "smoe::grouped_mm: offsets[0] must be 0");
   at::_assert_async(offsets.slice(0, 1).ge(offsets.slice(0, 0, E)).all(),
                     "smoe::grouped_mm: offsets must be non-decreasing");
-  const std::string msg =
-      c10::str("smoe::grouped_mm: offsets[E] (rows in use) must be <= x.size(0) = ", M);
-  at::_assert_async(offsets.select(0, E).le(M), msg);
+  // A literal message: formatting M here would cost a string build on every call.
+  at::_assert_async(offsets.select(0, E).le(M),
+                    "smoe::grouped_mm: offsets[E] (rows in use) must be <= x.size(0)");
 }
 
 // out [M, d_out] = per-group x @ w[e], rows past offsets[E] zero; x has dense rows. With
