@@ -98,22 +98,24 @@ link_flags = ["-fopenmp"]
 
 
 def _libstdcxx_link_flags() -> list[str]:
-    """``-l:libstdc++.so.6`` where the compiler driver would link libstdc++ statically.
+    """The shared libstdc++ by path, so that no part of libstdc++ is copied into _C.so.
 
-    A driver that finds only ``libstdc++.a`` (no ``libstdc++.so`` development link) copies parts
-    of libstdc++ into _C.so; that second copy in a process whose torch uses the shared one
-    crashed on the first number formatted into a string (seen on a GPU machine's image: a
-    segfault inside ``std::ostream::operator<<(long)``). Naming the runtime library keeps one
-    copy. tests/test_info.py checks the built extension for it.
+    A driver that finds only ``libstdc++.a`` (no ``libstdc++.so`` development link), or flags
+    such as ``-static-libstdc++`` in the environment, copy parts of libstdc++ into the
+    extension; that second copy, in a process whose torch uses the shared one, crashed on the
+    first number formatted into a string (a GPU machine's image, 2026-12-04: a segfault inside
+    ``std::ostream::operator<<(long)``). Naming the runtime library ahead of the driver's own
+    ``-lstdc++`` resolves every symbol there; elsewhere it changes nothing.
+    tests/test_info.py checks the built extension.
     """
     cxx = os.environ.get("CXX", "c++")
     try:
         found = subprocess.run(
-            [cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True, timeout=60
+            [cxx, "-print-file-name=libstdc++.so.6"], capture_output=True, text=True, timeout=60
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return []
-    return [] if os.path.isabs(found) and os.path.exists(found) else ["-l:libstdc++.so.6"]
+    return [found] if os.path.isabs(found) and os.path.exists(found) else []
 
 
 link_flags += _libstdcxx_link_flags()
