@@ -72,8 +72,11 @@ CAUSAL_CASES = [
 @pytest.mark.parametrize("name, options", CAUSAL_CASES)
 def test_charlm_outputs_never_depend_on_later_tokens(name, options):
     # For every router the layer accepts in a decoder, changing positions >= 5 leaves the
-    # logits of positions < 5 bitwise unchanged, over several seeds (a capacity filled
-    # rank-major at k = 2 would fail this; the layer refuses it, checked below).
+    # routing of positions < 5 bitwise unchanged and their logits unchanged up to rounding, over
+    # several seeds (a capacity filled rank-major at k = 2 would fail this; the layer refuses
+    # it, checked below). Rounding, not bits: the experts' GEMM rounds a row according to the
+    # size and memory offset of its expert group, which later tokens change (MKL on AMD EPYC;
+    # on the Xeons of earlier runs the logits were bitwise equal).
     for seed in range(4):
         torch.manual_seed(seed)
         model = CharLM(
@@ -94,9 +97,19 @@ def test_charlm_outputs_never_depend_on_later_tokens(name, options):
         idx = torch.randint(0, 20, (4, 8))
         changed = idx.clone()
         changed[:, 5:] = (changed[:, 5:] + 1 + seed) % 20
+        routed = []
+        hooks = [
+            m.router.register_forward_hook(lambda m, i, o: routed.append(o.expert))
+            for m in model.moe_layers()
+        ]
         a, _ = model(idx)
         b, _ = model(changed)
-        torch.testing.assert_close(a[:, :5], b[:, :5], rtol=0, atol=0)
+        for h in hooks:
+            h.remove()
+        half = len(routed) // 2
+        for ea, eb in zip(routed[:half], routed[half:]):
+            assert torch.equal(ea.reshape(4, 8, -1)[:, :5], eb.reshape(4, 8, -1)[:, :5])
+        torch.testing.assert_close(a[:, :5], b[:, :5], rtol=1e-5, atol=1e-6)
 
 
 def test_charlm_hands_attention_to_a_router_that_needs_it():
