@@ -49,7 +49,12 @@ DEFAULT_RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 
 def charlm_config(study: Study, arm: Arm, quick: bool) -> CharLMConfig:
-    base = {**study.charlm, "router": arm.router, "router_options": dict(arm.options)}
+    base = {
+        **study.charlm,
+        **arm.charlm,
+        "router": arm.router,
+        "router_options": dict(arm.options),
+    }
     if quick:
         return quick_config(**{**base, "steps": 20, "eval_every": 5})
     return CharLMConfig(**base)

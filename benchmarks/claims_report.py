@@ -24,10 +24,13 @@ _COLUMNS = (
 )
 
 
-def _experts(cfg: dict) -> str:
+def _experts(cfg: dict, one_k: bool = True) -> str:
     """The expert and block setup of a study's char-LM, as the table's text gives it."""
     width = f"expert width {cfg['d_ff']}" if cfg.get("d_ff") else "expert width 4d/k"
-    parts = [f"{width} (equal active expert compute in every arm)"]
+    if one_k:
+        parts = [f"{width} (equal active expert compute in every arm)"]
+    else:  # the same experts in every arm: compute scales with each arm's k
+        parts = [f"{width} in every arm (the same experts: active expert compute scales with k)"]
     if cfg.get("activation", "gelu") != "gelu" or cfg.get("expert_bias"):
         bias = " with biases" if cfg.get("expert_bias") else ""
         parts.append(f"{cfg.get('activation', 'gelu')} experts{bias}")
@@ -38,6 +41,48 @@ def _experts(cfg: dict) -> str:
     if cfg.get("layout", "pre_ln") != "pre_ln":
         parts.append(f"{cfg['layout']} blocks")
     return ", ".join(parts)
+
+
+def charlm_inference_flops(cfg: dict) -> tuple[float, float]:
+    """(whole model, MoE layers' share) multiply-add FLOPs x 2 per generated token of the
+    char-LM of ``smoe.examples.charlm`` with setup ``cfg``, at a full context (attention over
+    ``context`` / 2 earlier tokens on average): the attention projections (8 d²) and scores and
+    values (4 d · context/2) per block, each MoE layer's router (2 d E) and k experts (two GEMMs,
+    three with swiglu), a dense block's FFN (16 d²) and the tied output head (2 d V, V = 65).
+    Layer norms, softmaxes and activations are left out (a few % at most). An S2MoE layer at
+    inference (``eval_output="clean"``) is its SMoE: no noise, no second path, no gate.
+    """
+    d, n, k = cfg["d_model"], cfg["n_layers"], cfg["k"]
+    d_ff = cfg.get("d_ff") or 4 * d // k
+    gemms = 3 if cfg.get("activation", "gelu") == "swiglu" else 2
+    attn = 8 * d * d + 4 * d * cfg["context"] / 2
+    moe = 2 * d * cfg["num_experts"] + k * gemms * 2 * d * d_ff
+    every = cfg.get("moe_every", 1)
+    n_moe = sum(1 for i in range(n) if (i + 1) % every == 0)
+    total = n * attn + n_moe * moe + (n - n_moe) * 16 * d * d + 2 * d * 65
+    return total, n_moe * moe
+
+
+def _flops_lines(study: Any, runs: dict[str, list[dict]]) -> list[str]:
+    rows = {a: rs[0]["setup"] for a, rs in runs.items() if rs}
+    if not rows:
+        return []
+    flops = {a: charlm_inference_flops(cfg) for a, cfg in rows.items()}
+    top = max(t for t, _ in flops.values())
+    lines = [
+        "",
+        "Inference FLOPs per token (`charlm_inference_flops`: whole model, the MoE layers' share; "
+        "relative to the costliest arm):",
+        "",
+        "| arm | k | MFLOPs / token | MoE layers | vs costliest |",
+        "|---|---|---|---|---|",
+    ]
+    for a, (total, moe) in flops.items():
+        lines.append(
+            f"| {study.arms[a].label} | {rows[a]['k']} | {total / 1e6:.2f} | "
+            f"{moe / 1e6:.2f} ({100 * moe / total:.0f} %) | {total / top:.3f} |"
+        )
+    return lines
 
 
 def render(
@@ -57,6 +102,8 @@ def render(
     first = next((r for rs in runs.values() for r in rs), None)
     cfg = first["setup"] if first else {}
     seeds = sorted({r["seed"] for rs in runs.values() for r in rs})
+    ks = sorted({r["setup"]["k"] for rs in runs.values() for r in rs})
+    k_text = str(ks[0]) if len(ks) == 1 else "per arm (below)"
     minutes = sum(r["seconds"] for rs in runs.values() for r in rs) / 60
     shown = [
         c for c in _COLUMNS if any(not math.isnan(r[c[0]][0]) for r in summary["table"].values())
@@ -67,7 +114,7 @@ def render(
         f"Spec: {study.spec}. Char-LM of `smoe.examples.charlm` on Tiny Shakespeare: "
         f"{cfg.get('n_layers')} MoE layers, d = {cfg.get('d_model')}, "
         f"E = {cfg.get('num_experts')}, "
-        f"k = {cfg.get('k')}, {_experts(cfg)}, {cfg.get('steps')} "
+        f"k = {k_text}, {_experts(cfg, len(ks) == 1)}, {cfg.get('steps')} "
         f"steps of {cfg.get('batch_size')} x {cfg.get('context')} characters, evaluated every "
         f"{cfg.get('eval_every')}; each arm with its router's default auxiliary-loss weights. "
         f"Seeds {seeds}, mean ± std over seeds. Written at commit `{m['commit']}` on "
@@ -79,7 +126,7 @@ def render(
     ]
     for arm, row in summary["table"].items():
         a = study.arms[arm]
-        opts = ", ".join(f"{k}={v}" for k, v in a.options.items()) or "defaults"
+        opts = ", ".join(f"{k}={v}" for k, v in {**a.options, **a.charlm}.items()) or "defaults"
         cells = [_pm(row[key], scale, digits) for key, _, scale, digits in shown]
         lines.append(
             f"| {a.label} (n = {row['n']}) | `{a.router}` ({opts}) | " + " | ".join(cells) + " |"
@@ -101,6 +148,8 @@ def render(
             "A claim measured against zero (a trend: rises, declines) compares one arm's mean "
             "with 0 by the same rule.",
         ]
+    if getattr(study, "flops", False):
+        lines += _flops_lines(study, runs)
     if summary.get("timing_verdicts"):
         t = summary["timing"]
         lines += [

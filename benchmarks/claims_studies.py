@@ -16,6 +16,7 @@ class Arm:
     router: str
     options: dict[str, Any] = field(default_factory=dict)
     label: str = ""
+    charlm: dict[str, Any] = field(default_factory=dict)  # this arm's CharLMConfig overrides (k)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Study:
     # step-time claims: (arm, baseline, text, "<=" or ">=", ratio), from an interleaved timing
     # of all arms in one process (expected ratios: p x the Sinkhorn step + (1 - p) x the plain)
     timing: tuple[tuple[str, str, str, str, float], ...] = ()
+    flops: bool = False  # add the arms' whole-model inference FLOPs per token (claims_report)
 
 
 STUDIES: dict[str, Study] = {
@@ -210,5 +212,57 @@ STUDIES: dict[str, Study] = {
             ("attention", "smoe", "Attention-Aware: almost no extra cost", "<=", 1.05),
         ),
         charlm={"steps": 600, "eval_every": 50},
+    ),
+    # specs/s2moe.md §8's direction check, on Tiny Shakespeare in place of enwik8 / text8 (the
+    # spec names those; the char-LM stands in). One set of experts for every arm (width 256 =
+    # the leaderboard's 4d/k at k = 2), so a k = 1 arm runs half the routed-expert compute of a
+    # k = 2 arm; the baselines at k = 2 are the fastmoe community gates of the paper's tables.
+    "s2moe": Study(
+        title="S2MoE at top-1 vs SMoE top-1 / top-2 and the XMoE and StableMoE gates at top-2",
+        spec="specs/s2moe.md §8",
+        arms={
+            "s2moe_k1": Arm("s2moe", {}, "S2MoE, k = 1", {"k": 1}),
+            "smoe_k1": Arm("topk", {}, "SMoE, k = 1", {"k": 1}),
+            "smoe_k2": Arm("topk", {}, "SMoE, k = 2", {"k": 2}),
+            "xmoe_k2": Arm("xmoe_community", {}, "XMoE (fastmoe gate), k = 2", {"k": 2}),
+            "stablemoe_k2": Arm(
+                "stablemoe_community", {}, "StableMoE (fastmoe gate), k = 2", {"k": 2}
+            ),
+        },
+        comparisons=(
+            Comparison(
+                "s2moe_k1",
+                "smoe_k1",
+                Claim("direction check: clearly better than SMoE at k = 1 (BPC)", "bpc", "lower"),
+            ),
+            *(
+                Comparison(
+                    "s2moe_k1",
+                    base,
+                    Claim(
+                        f"top-1 S2MoE matches or beats {label} at top-2 (BPC, within 0.02)",
+                        "bpc",
+                        "same",
+                        0.02,
+                    ),
+                )
+                for base, label in (
+                    ("smoe_k2", "SMoE"),
+                    ("xmoe_k2", "XMoE"),
+                    ("stablemoe_k2", "StableMoE"),
+                )
+            ),
+            Comparison(
+                "s2moe_k1",
+                "smoe_k1",
+                Claim(
+                    "robust (the title's word; no number in the spec): lower bpc on attacked text",
+                    "bpc_attacked",
+                    "lower",
+                ),
+            ),
+        ),
+        charlm={"steps": 600, "eval_every": 50, "d_ff": 256},
+        flops=True,
     ),
 }

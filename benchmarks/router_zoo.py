@@ -15,7 +15,9 @@ Tasks (same backbone, widths, optimiser and steps for every router):
 - vit: the QuickDraw V-MoE ViT of ``smoe.models`` ("Every 2", E = 8, k = 2, groups of 8 images,
   fresh experts): test accuracy, clean and with Gaussian pixel noise of std ``--noise-std``. The
   stack-level methods (momentum, adam, robust_momentum) run their gate in a momentum stack
-  (``smoe.models.momentum_vit``: the V-MoE pre-LN layout of specs/momentum_smoe.md §6).
+  (``smoe.models.momentum_vit``: the V-MoE pre-LN layout of specs/momentum_smoe.md §6); the
+  layer-level S2MoE runs its gate inside S2MoE layers (``smoe.models.s2moe_vit``; in the LM,
+  ``smoe.models.moe_layer``).
 
 Each run's JSON goes to ``--out`` (default ``benchmarks/results/router_zoo``, committed; with
 ``--quick``, ``benchmarks/out/``, which git ignores, and so do its table and plot). A task whose
@@ -55,7 +57,7 @@ from smoe.examples.charlm import (
     train_step,
 )
 from smoe.examples.charlm import run as charlm_run
-from smoe.models import momentum_vit, quickdraw_vit, vmoe_vit
+from smoe.models import momentum_vit, quickdraw_vit, s2moe_vit, vmoe_vit
 from smoe.routing import available_routers, build_router, router_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,9 +103,11 @@ def setup(task: str, name: str, quick: bool, noise_std: float) -> dict:
     if task == "charlm":
         return asdict(charlm_config(name, quick))
     out = {"options": ZOO[name].vit, "epochs": vit_epochs(quick), "noise_std": noise_std}
-    stack = router_info(name).stack
+    stack, layer = router_info(name).stack, router_info(name).layer
     if stack is not None:  # only the stack rows carry the field: the others' runs stay valid
         out["stack"] = stack
+    if layer is not None:  # likewise for the layer-level methods (S2MoE)
+        out["layer"] = layer
     return out
 
 
@@ -146,6 +150,8 @@ def run_vit(name: str, seed: int, quick: bool, data, noise_std: float) -> dict:
     stack = router_info(name).stack
     if stack is not None:  # the registered gate inside a momentum stack, at the paper's defaults
         model = momentum_vit(model, stack)
+    if router_info(name).layer == "s2moe":  # the gate inside S2MoE layers, at the spec's defaults
+        model = s2moe_vit(model)
     loss, sps = vit_train(
         name,
         model,

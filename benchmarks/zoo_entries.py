@@ -117,6 +117,9 @@ ZOO: dict[str, ZooEntry] = {
     ),
     # fastmoe's "XMoE" gate, the baseline row of the S2MoE / USMoE papers: no claim of its own
     "xmoe_community": ZooEntry(),
+    # fastmoe's "StableMoE" gate, the other S2MoE / USMoE baseline row (k = 2 as the leaderboard;
+    # its balance loss off, as in those runs): no claim of its own
+    "stablemoe_community": ZooEntry(),
     # SSR at its defaults (p = 0.001 per layer, no aux loss). Its Sinkhorn steps couple the
     # batch's tokens in training, as in the paper's LM; evaluation routes causally.
     "ssr": ZooEntry(
@@ -170,6 +173,25 @@ ZOO: dict[str, ZooEntry] = {
                 "higher",
             ),
             Claim("... and under corruption (ImageNet-C)", "vit_acc_noisy", "higher"),
+        )
+    ),
+    # S2MoE (Do, Le & Tran 2025, specs/s2moe.md §8) at the spec's defaults (dsu noise with
+    # sequence statistics, the noisy path routed on its own, InfoNCE 0.1 at tau 0.1, Switch
+    # balance), at the leaderboard's k = 2 like every row; its top-1 vs top-2 claim is
+    # claims.py s2moe's
+    "s2moe": ZooEntry(
+        claims=(
+            Claim(
+                "S2MoE (Do et al. 2025, abstract): top-1 S2MoE matches top-2 SMoE, so at equal k "
+                "it should beat it (lower LM loss)",
+                "bpc",
+                "lower",
+            ),
+            Claim(
+                "... robust (the title): higher accuracy under pixel noise",
+                "vit_acc_noisy",
+                "higher",
+            ),
         )
     ),
     # Graph-of-tokens routing (Nguyen et al. 2025, arXiv 2505.00792; specs/graph_routing.md §9):

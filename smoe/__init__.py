@@ -42,6 +42,7 @@ from smoe.routing import (
     SelectiveSinkhornRouter,
     SimilarityAwareRouter,
     SinkhornRouter,
+    StableMoECommunityRouter,
     TopKRouter,
     USMoERouter,
     VMoERouter,
@@ -52,6 +53,7 @@ from smoe.routing import (
     register_router,
     vmoe_capacity,
 )
+from smoe.s2moe import S2MoELayer
 from smoe.upcycle import MoEFFN, moefy  # noqa: E402  (after the routers register)
 
 __all__ = [
@@ -70,10 +72,12 @@ __all__ = [
     "Plan",
     "Routing",
     "RoutingContext",
+    "S2MoELayer",
     "SMoEVAE",
     "SelectiveSinkhornRouter",
     "SimilarityAwareRouter",
     "SinkhornRouter",
+    "StableMoECommunityRouter",
     "TopK",
     "TopKRouter",
     "USMoERouter",

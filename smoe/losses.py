@@ -181,4 +181,7 @@ DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
     "z": 1e-3,
     "importance": 5e-3,
     "load": 5e-3,
+    # S2MoE (specs/s2moe.md §4): InfoNCE β_unc 0.1, s2moe_implement's KL-to-uniform balance 1e-2
+    "s2moe_unc": 0.1,
+    "kl_uniform": 1e-2,
 }

@@ -76,6 +76,7 @@ def build_model(cfg: CharLMConfig, vocab_size: int) -> CharLM:
         causal_training=cfg.causal_training,
         layout=cfg.layout,
         momentum_options=cfg.momentum_options,
+        layer_options=cfg.layer_options,
         activation=cfg.activation,
         expert_bias=cfg.expert_bias,
         expert_dropout=cfg.expert_dropout,
@@ -318,6 +319,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--router", default="topk", help="a name from smoe.routing.available_routers()")
     p.add_argument("--router-option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--momentum-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--layer-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="options of a layer-level router's layer (s2moe: noise_form=instnorm, ...)",
+    )
     p.add_argument("--layout", choices=LAYOUTS)
     p.add_argument(
         "--set",
@@ -360,6 +368,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     overrides.update(router=args.router, router_options=parse_options(args.router_option))
     if args.momentum_option:
         overrides["momentum_options"] = parse_options(args.momentum_option)
+    if args.layer_option:
+        overrides["layer_options"] = parse_options(args.layer_option)
     extra = parse_options(args.set)
     unknown = sorted(set(extra) - {f.name for f in fields(CharLMConfig)})
     if unknown:

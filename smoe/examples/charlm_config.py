@@ -46,6 +46,8 @@ class CharLMConfig:
     layout: str = "pre_ln"
     # options of the MomentumMoE wrapper of a stack-level router ("momentum", "adam", ...)
     momentum_options: dict[str, Any] = field(default_factory=dict)
+    # options of the layer of a layer-level router ("s2moe": smoe.S2MoELayer's; see CharLM)
+    layer_options: dict[str, Any] = field(default_factory=dict)
     # the experts: activation ("gelu", "relu", "swiglu"), biases, dropout inside each expert
     activation: str = "gelu"
     expert_bias: bool = False

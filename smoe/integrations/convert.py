@@ -3,6 +3,7 @@
     smoe.convert(model)                       # the model's own routers, on smoe's ops
     smoe.convert(model, router="xmoe")        # or a registered router (fresh weights) ...
     smoe.convert(model, router=my_router)     # ... or a router module (one deep copy per block)
+    smoe.convert(model, layer="s2moe")        # S2MoE around the block (convert_s2moe.py)
     smoe.unconvert(model)                     # the original blocks back
 
 Blocks: ``MixtralSparseMoeBlock``, ``Qwen2MoeSparseMoeBlock``, ``Qwen3MoeSparseMoeBlock``,
@@ -242,7 +243,12 @@ def _new_router(
     info = registered_info(module)
     if info is not None:
         why = None
-        if info.stack is not None:
+        if info.layer is not None:
+            why = (
+                f"it is a layer-level method; pass layer={info.layer!r} (with router=None the "
+                "block keeps its own router)"
+            )
+        elif info.stack is not None:
             why = (
                 f"it is a stack-level method ({info.stack!r}) whose state runs across the "
                 "layers; smoe.convert replaces one block at a time"
@@ -273,6 +279,8 @@ def convert(
     momentum: str | None = None,
     momentum_options: dict[str, Any] | None = None,
     causal: bool = True,
+    layer: str | None = None,
+    layer_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> nn.Module:
     """Replace every supported transformers MoE block of ``model`` (see the module docstring) by
@@ -305,6 +313,13 @@ def convert(
             scoring: USMoE's training-free protocol).
         momentum_options: MomentumMoE's options (``mu``, ``gamma``, ``sign``, ``beta1``, ...,
             ``rho``, ``kappa``, ``dropout``).
+        layer: None, or ``"s2moe"``: each block becomes a
+            :class:`smoe.integrations.convert_s2moe.ConvertedS2MoE`, S2MoE (specs/s2moe.md)
+            around its router (the one chosen by ``router``) and experts: a noisy second path
+            and a learned gate in training, the converted block in eval. Add
+            :func:`smoe.integrations.convert_s2moe.s2moe_loss` (InfoNCE) to the training loss.
+        layer_options: S2MoE's options (noise_form, noise_stats, route_noisy, eval_output,
+            unc_pair, unc_temperature, ...; not balance: the model's own loss stays).
         **options: keyword options of a router built by name.
 
     Raises:
@@ -340,6 +355,17 @@ def convert(
         raise ValueError(
             "smoe.convert: momentum_options need momentum='heavy_ball'|'adam'|'robust'"
         )
+    if layer not in (None, "s2moe"):
+        raise ValueError(f"smoe.convert: layer must be None or 's2moe', got {layer!r}")
+    if layer is None and layer_options is not None:
+        raise ValueError("smoe.convert: layer_options need layer='s2moe'")
+    if layer is not None and momentum is not None:
+        raise ValueError("smoe.convert: layer='s2moe' and momentum are not combined")
+    block_cls, s2moe_kw = ConvertedMoE, {}
+    if layer == "s2moe":
+        from smoe.integrations.convert_s2moe import ConvertedS2MoE, check_s2moe_options
+
+        block_cls, s2moe_kw = ConvertedS2MoE, check_s2moe_options(dict(layer_options or {}))
     if momentum is not None and type(model) in classes:
         raise ValueError("smoe.convert: momentum runs across the blocks of a model; give the model")
     momentum_kw = _momentum_options(momentum, dict(momentum_options or {})) if momentum else {}
@@ -348,12 +374,12 @@ def convert(
         name = classes[type(block)]
         spec = _BLOCKS[name]
         if router is None:
-            new = ConvertedMoE(block, name, _native_router(block, spec), native=True)
+            new = block_cls(block, name, _native_router(block, spec), native=True)
         else:
-            new = ConvertedMoE(
-                block, name, _new_router(block, spec, router, options, causal), False
-            )
+            new = block_cls(block, name, _new_router(block, spec, router, options, causal), False)
             new.causal = bool(causal)
+        if s2moe_kw:
+            new._setup_s2moe(s2moe_kw)
         new.train(block.training)
         blocks.append(new)
         if parent is None:
@@ -378,7 +404,7 @@ def unconvert(model: nn.Module) -> nn.Module:
             carrier.handle.remove()  # (idempotent: once per model)
         block = new._original
         for child_name, child in new.named_children():
-            if child_name != new._spec.router_attr:
+            if child_name != new._spec.router_attr and not child_name.startswith("s2moe_"):
                 setattr(block, child_name, child)
         if new.native:
             gate, adapter = getattr(block, new._spec.router_attr), new.router

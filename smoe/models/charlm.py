@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smoe.layer import MoEAux, MoELayer
+from smoe.models.moe_factory import moe_layer
 from smoe.models.xl import XLAttention
 from smoe.momentum import MomentumMoE, MomentumState
 from smoe.routing.context import RoutingContext
@@ -206,6 +207,12 @@ class CharLM(nn.Module):
             every MoE layer is wrapped in (mu, gamma, sign, ...; its dropout defaults to
             ``dropout``). The momentum state starts as zeros after the embeddings at every
             forward and passes through the blocks.
+        layer_options: for a layer-level router (``router_info(router).layer``: "s2moe"), the
+            options of the layer built in place of :class:`smoe.MoELayer`
+            (:class:`smoe.S2MoELayer`'s noise form, statistics, noisy routing, eval output,
+            InfoNCE temperature, ...). S2MoE's "sequence" noise statistics span a training
+            sequence, later tokens too (both re-implementations do this); evaluation draws no
+            noise, so validation stays causal.
         activation, expert_bias, expert_dropout: the experts' activation (``"gelu"``,
             ``"relu"``, ``"swiglu"``), per-expert biases and dropout inside each expert
             (MomentumSMoE's reference experts: ``"relu"``, biases, dropout = the model's).
@@ -245,6 +252,7 @@ class CharLM(nn.Module):
         causal_training: bool = True,
         layout: str = "pre_ln",
         momentum_options: Mapping[str, Any] | None = None,
+        layer_options: Mapping[str, Any] | None = None,
         activation: str = "gelu",
         expert_bias: bool = False,
         expert_dropout: float = 0.0,
@@ -270,6 +278,10 @@ class CharLM(nn.Module):
                 f"CharLM: momentum_options apply to a stack-level router (momentum, adam, "
                 f"robust_momentum), not {router!r}"
             )
+        if layer_options and router_info(router).layer is None:
+            raise ValueError(
+                f"CharLM: layer_options apply to a layer-level router (s2moe), not {router!r}"
+            )
         momentum = {"dropout": dropout, **dict(momentum_options or {})}
         if "kind" in momentum or "moe_index" in momentum:
             raise ValueError("CharLM: momentum_options must not set kind or moe_index")
@@ -292,13 +304,14 @@ class CharLM(nn.Module):
         blocks, moe_index = [], 0
         for i in range(n_layers):
             if (i + 1) % moe_every == 0:
-                ffn: nn.Module = MoELayer(
+                ffn: nn.Module = moe_layer(
                     d_model,
                     d_ff,
                     num_experts,
                     k,
                     router=router,
                     router_options=router_options,
+                    layer_options=layer_options,
                     layer_index=i,
                     activation=activation,
                     bias=expert_bias,

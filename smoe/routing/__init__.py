@@ -4,6 +4,7 @@ Every router family registers itself by name (:mod:`smoe.routing.registry`) at t
 module; importing it here is what makes the name known.
 """
 
+from smoe.routing import s2moe as _s2moe  # noqa: F401  (registers "s2moe")
 from smoe.routing.base import Routing
 from smoe.routing.context import RoutingContext
 from smoe.routing.expert_choice import ExpertChoiceRouter, expert_choice_capacity
@@ -19,6 +20,7 @@ from smoe.routing.registry import (
 )
 from smoe.routing.sbase import SinkhornRouter
 from smoe.routing.sinkhorn import SelectiveSinkhornRouter
+from smoe.routing.stablemoe import StableMoECommunityRouter
 from smoe.routing.topk import TopKRouter
 from smoe.routing.usmoe import USMoERouter
 from smoe.routing.vmoe import VMoERouter, vmoe_capacity
@@ -34,6 +36,7 @@ __all__ = [
     "SelectiveSinkhornRouter",
     "SimilarityAwareRouter",
     "SinkhornRouter",
+    "StableMoECommunityRouter",
     "TopKRouter",
     "USMoERouter",
     "VMoERouter",

@@ -35,6 +35,7 @@ __all__ = [
 
 _SELECTIONS = ("token_choice", "expert_choice", "unified")
 _STACKS = ("heavy_ball", "adam", "robust")  # smoe.ops.momentum.KINDS (routing sits below ops)
+_LAYERS = ("s2moe",)  # layer-level methods: the layer class a model builds (smoe.models.moe_layer)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,10 @@ class RouterInfo:
         stack: None for a router on its own; a stack-level method names the
             :class:`smoe.momentum.MomentumMoE` kind (``"heavy_ball"``, ``"adam"``, ``"robust"``)
             a model wraps each of its MoE layers in, the router inside being this entry's.
+        layer: None for a router on its own; a layer-level method names the layer a model builds
+            in place of :class:`smoe.MoELayer` (``"s2moe"``: :class:`smoe.S2MoELayer`, two
+            paths and a gate around one router and one set of experts), the router inside
+            being this entry's. :func:`smoe.models.moe_layer` builds either.
     """
 
     name: str
@@ -76,6 +81,7 @@ class RouterInfo:
     compiles: bool = True
     defaults: Mapping[str, Any] = field(default_factory=dict)
     stack: str | None = None
+    layer: str | None = None
 
     def is_causal(self, router: nn.Module | None = None) -> bool:
         """Whether ``router`` (a module this entry built) is causal as configured now; without a
@@ -109,6 +115,7 @@ def register_router(
     compiles: bool = True,
     defaults: Mapping[str, Any] | None = None,
     stack: str | None = None,
+    layer: str | None = None,
     replace: bool = False,
 ) -> RouterInfo:
     """Register a router factory under ``name`` (see :class:`RouterInfo` for the fields).
@@ -118,7 +125,7 @@ def register_router(
 
     Raises:
         ValueError: an empty or taken name (unless ``replace``), an unknown ``selection`` or
-            ``stack``, a
+            ``stack`` or ``layer``, a
             factory that does not take ``(d_model, num_experts, k, ...)``, an aux loss without a
             default weight, or a weight that contradicts an existing one.
         TypeError: a factory that is not callable.
@@ -160,6 +167,10 @@ def register_router(
         )
     if stack is not None and stack not in _STACKS:
         raise ValueError(f"register_router: stack must be None or one of {_STACKS}, got {stack!r}")
+    if layer is not None and layer not in _LAYERS:
+        raise ValueError(f"register_router: layer must be None or one of {_LAYERS}, got {layer!r}")
+    if layer is not None and stack is not None:
+        raise ValueError("register_router: a method is stack-level or layer-level, not both")
     DEFAULT_LOSS_WEIGHTS.update(weights)
     info = RouterInfo(
         name,
@@ -173,6 +184,7 @@ def register_router(
         compiles,
         dict(defaults or {}),
         stack,
+        layer,
     )
     _REGISTRY[name] = info
     return info

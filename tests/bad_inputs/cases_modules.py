@@ -98,6 +98,7 @@ ROUTER_ROWS: dict[str, list[tuple[str, dict[str, Any], str]]] = {
         ("gate sigmoid", {"gate": "sigmoid"}, "gate"),
         ("temperature_init given", {"temperature_init": 0.3}, "temperature_init"),
     ],
+    "stablemoe_community": [("k > E", {"k": NUM_E + 1}, "k"), ("k = 0", {"k": 0}, "k")],
     "ssr": [
         ("k > E", {"k": NUM_E + 1}, "k"),
         ("k = 0", {"k": 0}, "k"),
@@ -124,6 +125,8 @@ ROUTER_ROWS: dict[str, list[tuple[str, dict[str, Any], str]]] = {
         ("balance_weight = 0.01", {"balance_weight": 0.01}, "balance_weight"),
         ("scope unknown", {"scope": "node"}, "scope"),
     ],
+    # S2MoE's gate (a layer-level method: its router is the plain TopKRouter)
+    "s2moe": [*_TOPK_OWN, ("k > E", {"k": NUM_E + 1}, "k"), ("k = 0", {"k": 0}, "k")],
     # the stack-level momentum methods' gate (TopKRouter with a bias, no aux loss)
     **{name: [*_TOPK_OWN, ("k > E", {"k": NUM_E + 1}, "k")] for name in smoe.MOMENTUM_ROUTERS},
     "expert_choice": [
@@ -136,10 +139,10 @@ ROUTER_ROWS: dict[str, list[tuple[str, dict[str, Any], str]]] = {
 }
 
 
-# Routers whose scores stay finite for a NaN token (cosine_scores replaces a non-finite score by
-# the smallest finite one of its row, 0 when none): the NaN token's logits are 0, the others'
-# are those of the same tokens without it. A defined row, not an error.
-NAN_TOKENS_ROUTE = {"xmoe", "xmoe_community"}
+# Routers whose scores stay finite for a NaN token (cosine_scores, and the StableMoE gate likewise,
+# replace a non-finite score by the smallest finite one of its row, 0 when none): the NaN token's
+# logits are 0, the others' are those of the same tokens without it. A defined row, not an error.
+NAN_TOKENS_ROUTE = {"xmoe", "xmoe_community", "stablemoe_community"}
 
 
 def _nan_token_logits_zero(name: str):
@@ -413,7 +416,41 @@ _moe_cases = [
 ]
 
 
+# ---- S2MoELayer's own options (specs/s2moe.md): at construction, or at a training forward ------
+def _s2moe(shape: tuple[int, ...] | None = None, **kw: Any):
+    """Builds an S2MoELayer; with ``shape``, runs a training forward on tokens of that shape."""
+
+    def fn(d):
+        layer = smoe.S2MoELayer(D_MODEL, D_FF, NUM_E, **kw).to(d.device)
+        return layer if shape is None else layer(d.f(*shape))
+
+    return fn
+
+
+_S2 = "S2MoELayer"
+_s2moe_cases = [
+    _case(_S2, label, "config", _s2moe(shape, **kw), error(arg(name), ValueError))
+    for label, shape, kw, name in [
+        *((f"{n} unknown", None, {n: "bogus"}, n) for n in smoe.s2moe._CHOICES),
+        ("seq_dim a float", None, {"seq_dim": 1.0}, "seq_dim"),
+        ("eps = 0", None, {"eps": 0.0}, "eps"),
+        ("eps NaN", None, {"eps": float("nan")}, "eps"),
+        ("unc_temperature = 0", None, {"unc_temperature": 0.0}, "unc_temperature"),
+        ("unc_temperature = -1", None, {"unc_temperature": -1.0}, "unc_temperature"),
+        ("unc_max_tokens = 1", None, {"unc_max_tokens": 1}, "unc_max_tokens"),
+        ("router expert_choice", None, {"router": "expert_choice"}, "router"),
+        ("router vmoe (its own plan)", (2, 3, D_MODEL), {"router": "vmoe"}, "router"),
+        ("x 2-D with sequence statistics", (TOKENS, D_MODEL), {}, "noise_stats"),
+        ("x 2-D with instnorm", (TOKENS, D_MODEL), {"noise_form": "instnorm"}, "noise_form"),
+        ("seq_dim = 3 for a 3-D x", (2, 3, D_MODEL), {"seq_dim": 3}, "seq_dim"),
+        ("seq_dim = -1 (the features)", (2, 3, D_MODEL), {"seq_dim": -1}, "seq_dim"),
+        ("x of the wrong width", (2, 3, D_MODEL + 1), {}, "d_model"),
+    ]
+]
+
+
 CASES: list[Case] = [
     *(c for name, own in ROUTER_ROWS.items() for c in router_cases(name, own)),
     *_moe_cases,
+    *_s2moe_cases,
 ]

@@ -30,6 +30,7 @@ from smoe import (
     MomentumMoE,
     MomentumState,
     RoutingContext,
+    S2MoELayer,
     SelectiveSinkhornRouter,
     SimilarityAwareRouter,
     SinkhornRouter,
@@ -58,11 +59,13 @@ LAYER_ROUTERS: dict[str, dict[str, Any]] = {
     "expert_choice": {},
     "xmoe": {},
     "xmoe_community": {},
+    "stablemoe_community": {},
     "ssr": {},
     "sinkhorn": {},
     "similarity_aware": {},
     "attention_aware": {},
     "usmoe": {},
+    "s2moe": {},
     "momentum": {},
     "adam": {},
     "robust_momentum": {},
@@ -239,6 +242,14 @@ CATALOGUE: dict[str, Entry] = {
         Entry(
             "MoELayer-shared",
             lambda: MoELayer(D, D_FF, E, K, shared_experts=2, shared_gate="sigmoid"),
+            _tokens(2, 3, D),
+            _run_layer,
+        ),
+        # S2MoE (issue 27): the gate acts in eval with eval_output="gated"; "instnorm" adds
+        # InstanceNorm's affine and the noise scales alpha, beta
+        Entry(
+            "S2MoELayer",
+            lambda: S2MoELayer(D, D_FF, E, 1, noise_form="instnorm", eval_output="gated"),
             _tokens(2, 3, D),
             _run_layer,
         ),

@@ -45,6 +45,25 @@ def xmoe_routing(router, flat):
     return expert, weight
 
 
+def stablemoe_routing(router, flat):
+    """(expert, weight) of fastmoe's StableMoE gate in float64 (specs/s2moe.md §8):
+    reference.cosine_scores with W = I, τ = 1 and the token not normalised, the top-k (the
+    router's where only float64 rounding of near-ties differs), the softmax over the k raw
+    selected scores."""
+    with torch.no_grad():
+        mine = router(flat).expert
+    eye = torch.eye(flat.shape[-1], dtype=torch.float64)
+    s, _ = ref.cosine_scores(
+        flat, eye, router.expert_emb, torch.ones((), dtype=torch.float64), normalize_tokens=False
+    )
+    expert = torch.sort(-s.detach(), dim=-1, stable=True).indices[:, : router.k].to(torch.int32)
+    if not torch.equal(mine, expert):
+        picked, best = s.gather(1, mine.long()), s.gather(1, expert.long())
+        assert torch.allclose(picked, best, rtol=1e-12, atol=1e-12), "StableMoE chose others"
+        expert = mine
+    return expert, torch.softmax(torch.gather(s, 1, expert.long()), dim=-1)
+
+
 def graph_routing(router, flat, context):
     """(expert, weight) of a Similarity-/Attention-Aware router in float64:
     reference.similarity_aware_routing / attention_aware_routing on the router's parameters (z,
@@ -102,9 +121,11 @@ def kept_and_weights(kind: str, layer, flat, context, seed, capacity):
     router, E, T = layer.router, layer.num_experts, flat.shape[0]
     if kind == "usmoe":  # layer_reference_usmoe.py (its own plan: no layer capacity)
         return usmoe_routing(router, flat, context)
-    if kind in ("xmoe", "graph"):
+    if kind in ("xmoe", "stablemoe", "graph"):
         if kind == "xmoe":
             expert, weight = xmoe_routing(router, flat)
+        elif kind == "stablemoe":
+            expert, weight = stablemoe_routing(router, flat)
         else:
             expert, weight = graph_routing(router, flat, context)
         return expert, weight, ref.make_plan(expert, E, capacity=capacity).kept

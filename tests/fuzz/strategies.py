@@ -392,6 +392,8 @@ BACKWARD_OF = {
 # routing only for being finite and reproducible. Noise drawn in training is always checked so.
 # "xmoe": reference.cosine_scores + reference.xmoe_gate (community: the softmax over the k raw
 # selected scores) + make_plan(capacity) + routed_moe, plus (1 - Σ kept g) x for mix="interpolate".
+# "stablemoe" (fastmoe's StableMoE gate): reference.cosine_scores with W = I and raw tokens, the
+# softmax over the k raw selected scores + make_plan(capacity) + routed_moe.
 # "ssr" (p in {0, 1}, so every draw is decided) and "sinkhorn" (S-BASE): the router's own
 # decisions, as "dispatch" (the op is fuzzed against reference.sinkhorn on its own).
 # "graph" (Similarity-/Attention-Aware): reference.similarity_aware_routing or
@@ -407,11 +409,14 @@ LAYER_ROUTERS = {
     "expert_choice": "expert_choice",
     "xmoe": "xmoe",
     "xmoe_community": "xmoe",
+    "stablemoe_community": "stablemoe",
     "ssr": "ssr",
     "sinkhorn": "sinkhorn",
     "similarity_aware": "graph",
     "attention_aware": "graph",
     "usmoe": "usmoe",
+    # the layer-level S2MoE's gate: the plain TopKRouter
+    "s2moe": "topk",
     # the stack-level momentum methods' gate: a TopKRouter with a bias and no aux loss
     "momentum": "topk",
     "adam": "topk",

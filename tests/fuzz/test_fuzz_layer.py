@@ -171,7 +171,7 @@ def layer_cases(draw, router: str) -> LayerCase:
         # the layer's capacity: only for routers that leave the plan to it
         capacity_factor=(
             draw(st.sampled_from([None, 0.5, 1.0, 2.0]))
-            if kind in ("topk", "xmoe", "graph")
+            if kind in ("topk", "xmoe", "stablemoe", "graph")
             else None
         ),
         options=_router_options(draw, kind, router, B * S, seq, E, dtype, flat),
@@ -345,6 +345,12 @@ EXAMPLES = {
         EMPTY._replace(
             S=3, d=4, E=3, options=(("heads", 0), ("top1_weight", "prob"), ("lam", 1.5))
         ),
+    ],
+    # Not found by the fuzz: a k = 2 routing (with and without a tight capacity) compared in
+    # float64 on each run
+    "stablemoe_community": [
+        EMPTY._replace(S=5, d=4, E=4, k=2, x=Values(3)),
+        EMPTY._replace(S=6, flat=True, d=4, E=3, k=2, capacity_factor=0.5, x=Values(4)),
     ],
     # Not found by the fuzz: every selection, score and grouping compared in float64 on each run
     # (a fractional budget, padding of the last int group, one-token sequences: per token).
