@@ -30,11 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from smoe import ops
+from smoe.integrations.convert_momentum import add_momentum, momentum_options_checked
 from smoe.integrations.hf_routers import SigmoidGroupGate, SoftmaxTopKGate
 from smoe.integrations.transformers import run_experts  # (imports transformers)
 from smoe.layer import MoELayer
-from smoe.momentum import MomentumMoE
-from smoe.ops.momentum import KINDS
 from smoe.routing.context import RoutingContext
 from smoe.routing.registry import build_router, registered_info
 
@@ -163,49 +162,6 @@ class ConvertedMoE(MoELayer):
             out = out + shared.to(out.dtype)
         out = out.reshape(shape)
         return (out, routing.weight) if self._spec.returns_scores else out
-
-
-class _BlockAsMoE(nn.Module):
-    """A converted block's routed + shared output as MomentumMoE's ``moe(h, context) -> (u,
-    aux)`` (aux: GPT-OSS's router scores, else None). The block is held unregistered, so the
-    momentum wrapper never enters the model's module tree or state_dict."""
-
-    def __init__(self, block: ConvertedMoE) -> None:
-        super().__init__()
-        self.__dict__["block"] = block
-
-    def forward(self, h: Tensor, context=None):
-        out = self.block._moe_forward(h)
-        return out if isinstance(out, tuple) else (out, None)
-
-
-class _MomentumCarrier:
-    """The one momentum state of a model forward, handed from converted block to block; the
-    model's forward pre-hook resets it, so nothing carries over between forwards."""
-
-    def __init__(self) -> None:
-        self.state, self.handle = None, None
-
-    def reset(self, *args) -> None:
-        self.state = None
-
-
-def _momentum_options(kind: str, options: dict) -> dict:
-    """MomentumMoE's options with this module's default sign, checked before any block is
-    converted (a bad option leaves the model as it was)."""
-    if kind not in KINDS:
-        raise ValueError(f"smoe.convert: momentum must be None or one of {KINDS}, got {kind!r}")
-    options = {"sign": 1.0, **options}
-    MomentumMoE(nn.Identity(), kind=kind, **options)  # raises on a bad option, naming it
-    return options
-
-
-def _add_momentum(model: nn.Module, blocks: list, kind: str, options: dict) -> None:
-    carrier = _MomentumCarrier()
-    carrier.handle = model.register_forward_pre_hook(carrier.reset)
-    for index, block in enumerate(blocks):
-        wrapper = MomentumMoE(_BlockAsMoE(block), kind=kind, moe_index=index, **options)
-        block.__dict__["_momentum"], block.__dict__["_carrier"] = wrapper, carrier
 
 
 def _native_router(block: nn.Module, spec: _Block) -> nn.Module:
@@ -368,7 +324,9 @@ def convert(
         block_cls, s2moe_kw = ConvertedS2MoE, check_s2moe_options(dict(layer_options or {}))
     if momentum is not None and type(model) in classes:
         raise ValueError("smoe.convert: momentum runs across the blocks of a model; give the model")
-    momentum_kw = _momentum_options(momentum, dict(momentum_options or {})) if momentum else {}
+    momentum_kw = {}
+    if momentum is not None:
+        momentum_kw = momentum_options_checked(momentum, dict(momentum_options or {}))
     converted, blocks = model, []
     for parent, child_name, block in targets:
         name = classes[type(block)]
@@ -387,7 +345,7 @@ def convert(
         else:
             setattr(parent, child_name, new)
     if momentum is not None:
-        _add_momentum(model, blocks, momentum, momentum_kw)
+        add_momentum(model, blocks, momentum, momentum_kw)
     return converted
 
 
