@@ -99,7 +99,7 @@ def test_charlm_outputs_never_depend_on_later_tokens(name, options):
         changed[:, 5:] = (changed[:, 5:] + 1 + seed) % 20
         routed = []
         hooks = [
-            m.router.register_forward_hook(lambda m, i, o: routed.append(o.expert))
+            m.router.register_forward_hook(lambda m, i, o, seen=routed: seen.append(o.expert))
             for m in model.moe_layers()
         ]
         a, _ = model(idx)
