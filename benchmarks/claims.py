@@ -225,6 +225,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--results", type=Path, default=None, help=f"default {DEFAULT_RESULTS}")
     p.add_argument("--plot", type=Path, default=None)
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: render the stored runs (an unfinished study's partial table)",
+    )
     args = p.parse_args(argv)
     if args.jobs < 1:
         raise SystemExit(f"claims: --jobs must be >= 1, got {args.jobs}")
@@ -261,6 +266,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 runs[a].append(json.loads(path.read_text()))
             else:
                 todo.append((a, seed, cfg, path))
+    if todo and args.report_only:
+        missing = ", ".join(f"{a} seed {seed}" for a, seed, _, _ in todo)
+        print(f"claims: --report-only: not run: {missing}")
+        todo = []
     if todo:
         ctx = get_context("spawn")  # no forked OpenMP/MKL state in the workers
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:

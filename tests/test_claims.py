@@ -144,3 +144,16 @@ def test_a_stored_setup_lacking_a_new_field_still_matches_at_its_default():
     assert not same_setup({"steps": 600}, {"steps": 600, "causal_training": False}, current)
     assert not same_setup({"steps": 500}, current, current)
     assert not same_setup(None, current, current)
+
+
+def test_report_only_renders_the_stored_runs_and_trains_nothing(tmp_path):
+    # the s2moe study (per-arm k, inference FLOPs): one arm trained, the other left for later
+    r = _run(tmp_path, "s2moe", "--arms", "smoe_k1")
+    assert r.returncode == 0, r.stderr
+    r = _run(tmp_path, "s2moe", "--arms", "smoe_k1", "smoe_k2", "--report-only")
+    assert r.returncode == 0, r.stderr
+    assert "not run: smoe_k2 seed 0, smoe_k2 seed 1" in r.stdout
+    assert not list((tmp_path / "runs").glob("smoe_k2_*"))
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "k = per arm" not in text  # one arm has runs: its k
+    assert "| SMoE, k = 1 | 1 |" in text  # the FLOPs table row of the trained arm
