@@ -6,7 +6,10 @@
 
 Per seed, the leaderboard's token-choice ViT (``router_zoo.py``'s: ``quickdraw_vit(9)``, "Every
 2", E = 8, k = 2, routing groups of 8 images, fresh experts, 2 epochs, no noise in training) is
-trained once with the top-k router (TC). Then, with every weight unchanged, each MoE layer's
+trained once with the top-k router (TC), its weights the softmax probabilities of the top-2
+(not renormalised: OLMoE's ``norm_topk_prob=False``, as in the paper's models; with
+``--tc-renormalize`` they sum to 1, the library's default, and the results go to their own
+folder and RESULTS.md section). Then, with every weight unchanged, each MoE layer's
 router is replaced by one that reads the same router weight W [E, d]:
 
 - ``tc``: the trained model as it is (softmax top-2, renormalised);
@@ -57,12 +60,20 @@ E, K, NOISE_STD = 8, 2, 0.5
 METRICS = ("acc", "acc_noisy", "evals")
 
 
-def trained_tc(seed: int, quick: bool, data) -> torch.nn.Module:
-    """The leaderboard's top-k ViT, trained (router_zoo.run_vit's setup)."""
+def trained_tc(seed: int, quick: bool, data, renormalize: bool = False) -> torch.nn.Module:
+    """The leaderboard's top-k ViT, trained (router_zoo.run_vit's setup), its top-k weights
+    renormalised or not."""
     (x, y), _ = data
     torch.manual_seed(seed)
     model = vmoe_vit(
-        quickdraw_vit(9), num_experts=E, k=K, every=2, group_images=8, upcycle=False, router="topk"
+        quickdraw_vit(9),
+        num_experts=E,
+        k=K,
+        every=2,
+        group_images=8,
+        upcycle=False,
+        router="topk",
+        renormalize=renormalize,
     )
     epochs = 1 if quick else 2
     vit_train("topk", model, x, y, epochs=epochs, batch_size=128, lr=2e-3, seed=seed,
@@ -102,7 +113,7 @@ def evaluate(model: torch.nn.Module, images, labels, batch_size: int = 400) -> t
 
 def arms(budgets: list[float]) -> dict[str, tuple[str, dict[str, Any], str]]:
     out = {
-        "tc": ("topk", {}, "TC (trained top-2)"),
+        "tc": ("topk", {}, "TC (as trained)"),
         "ec": (
             "expert_choice",
             {"capacity_factor": float(K), "group_size": "image"},
@@ -120,7 +131,7 @@ def arms(budgets: list[float]) -> dict[str, tuple[str, dict[str, Any], str]]:
 
 def run_seed(seed: int, args: argparse.Namespace, data) -> dict[str, Any]:
     t0 = time.perf_counter()
-    model = trained_tc(seed, args.quick, data)
+    model = trained_tc(seed, args.quick, data, args.tc_renormalize)
     _, (tx, ty) = data
     g = torch.Generator().manual_seed(1234)  # the leaderboard's noise
     noisy = tx + NOISE_STD * torch.randn(tx.shape, generator=g)
@@ -153,13 +164,21 @@ def render(runs: list[dict], args: argparse.Namespace, out: Path) -> str:
     m = runs[0]["machine"] if runs else machine()
     shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
     size = "quick (CI-sized, not a measurement)" if args.quick else "full"
+    title = " (TC weights renormalised)" if args.tc_renormalize else ""
+    weights = (
+        "its top-2 weights renormalised to sum 1 (the library's default; every swapped router's "
+        "weights are not, so the routed output shrinks)"
+        if args.tc_renormalize
+        else "its top-2 weights the softmax probabilities, not renormalised (OLMoE's "
+        "norm_topk_prob=False, the paper's models; the swapped routers' weights likewise)"
+    )
     lines = [
-        f"## USMoE swapped into a trained token-choice ViT, training-free "
+        f"## USMoE swapped into a trained token-choice ViT, training-free{title} "
         f"({datetime.date.today().isoformat()}, `usmoe_study.py`, {size})",
         "",
         "Spec: specs/usmoe.md §6, §11, at the router lab's scale: the leaderboard's QuickDraw "
         f"V-MoE ViT (E = {E}, k = {K}, {1 if args.quick else 2} epochs) trained with top-k, "
-        "then every router swapped "
+        f"{weights}; then every router swapped "
         "for one reading the same weights, nothing retrained. Images stand in for MTEB sentences "
         "(USMoE's joint selection per image). Seeds "
         f"{sorted(r['seed'] for r in runs)}, mean ± std; written at commit `{m['commit']}` on "
@@ -200,6 +219,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.86, 0.7])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="256 training images, 1 epoch (a test)")
+    p.add_argument(
+        "--tc-renormalize",
+        action="store_true",
+        help="train TC with its top-k weights renormalised (default: not, as OLMoE)",
+    )
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--results", type=Path, default=None)
     args = p.parse_args(argv)
@@ -208,7 +232,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     scratch = ROOT / "benchmarks" / "out"
-    out = args.out or (scratch / "usmoe_study_quick" if args.quick else DEFAULT_OUT)
+    variant = "_renorm" if args.tc_renormalize else ""
+    out = args.out or (
+        scratch / f"usmoe_study{variant}_quick"
+        if args.quick
+        else DEFAULT_OUT.with_name(DEFAULT_OUT.name + variant)
+    )
     results = args.results or (
         scratch / "RESULTS_usmoe_study_quick.md" if args.quick else DEFAULT_RESULTS
     )
@@ -220,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "E": E,
         "k": K,
         "noise_std": NOISE_STD,
+        "tc_renormalize": args.tc_renormalize,
     }
     runs = []
     for seed in args.seeds:
@@ -233,7 +263,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"usmoe_study: seed {seed}: " + ", ".join(
             f"{a} {100 * v['acc']:.1f}%" for a, v in rec["arms"].items()), flush=True)  # fmt: skip
     block = render(runs, args, out)
-    write_block(results, block, BEGIN, END)
+    tag = "-renorm" if args.tc_renormalize else ""
+    write_block(
+        results, block, BEGIN.replace("study", "study" + tag), END.replace("study", "study" + tag)
+    )
     print(block)
     return {"runs": runs, "results": str(results)}
 
