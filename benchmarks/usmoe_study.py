@@ -24,9 +24,10 @@ router is replaced by one that reads the same router weight W [E, d]:
 Metrics: test accuracy, clean and with Gaussian pixel noise (std 0.5, the leaderboard's), and the
 expert evaluations per token (routed token-expert pairs the experts computed, over tokens, mean
 over the MoE layers). The paper's expectations (§11): (i) USMoE(N = S k) ≥ TC ≥/≈ EC; (ii) USMoE
-at N ≈ 0.86 S k ≈ TC. Verdicts use ``router_zoo.verdict`` (a difference must exceed two
-standard errors over seeds). The from-scratch comparison (TC vs EC vs USMoE trained with their
-own routers) is the leaderboard's ViT columns.
+at N ≈ 0.86 S k ≈ TC. Verdicts use ``router_zoo.verdict`` on the per-seed differences (paired:
+a seed's arms share one trained model; a difference must exceed two standard errors of them).
+The from-scratch comparison (TC vs EC vs USMoE trained with their own routers) is the
+leaderboard's ViT columns.
 
 Each seed's JSON goes to ``benchmarks/results/usmoe_study/`` (``--quick``: ``benchmarks/out/``);
 a seed whose JSON exists with the same setup is reused. The table goes into
@@ -199,14 +200,18 @@ def render(runs: list[dict], args: argparse.Namespace, out: Path) -> str:
     for arm, base, claim in CLAIMS:
         if arm not in table:
             continue
-        row = {claim.metric: table[arm][claim.metric]}
-        v = verdict(claim, row, {claim.metric: table[base][claim.metric]}, len(runs))
+        # paired over seeds: every arm of a seed is the same trained model, so the seed-to-seed
+        # spread of training cancels in the per-seed differences
+        diffs = [r["arms"][arm][claim.metric] - r["arms"][base][claim.metric] for r in runs]
+        row = {claim.metric: mean_std(diffs)}
+        v = verdict(claim, row, {claim.metric: (0.0, 0.0)}, len(runs))
         measured = "–" if v["delta"] is None else f"{100 * v['delta']:+.1f} ± {100 * v['se']:.1f}"
         lines.append(f"| {claim.text} | {measured} points | **{v['verdict']}** |")
     lines += [
         "",
-        "Verdict rule: a difference counts when it exceeds two standard errors over seeds; "
-        "otherwise inconclusive at this scale. Not the paper's setting (OLMoE-1B-7B on MTEB: "
+        "Verdict rule: a difference counts when it exceeds two standard errors of the per-seed "
+        "differences (paired: each seed's arms share one trained model); otherwise inconclusive "
+        "at this scale; '≈' claims allow 1 point. Not the paper's setting (OLMoE-1B-7B on MTEB: "
         "`benchmarks/usmoe_mteb.py`, which needs the weights on disk).",
         "",
     ]
