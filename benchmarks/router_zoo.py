@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
         (out / "timing.json").write_text(
             json.dumps({"timing": timing, "machine": machine()}, indent=1)
         )
+    elif (out / "timing.json").exists():  # no LM run now: the stored ratios stay in the table
+        timing = json.loads((out / "timing.json").read_text())["timing"]
     # the table shows every router with stored runs of the current setup, not only those run now
     for name in ZOO:
         if name in runs:
@@ -314,6 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
                 stored[seed] = rec
         if stored:
             runs[name] = stored
+    runs = {name: runs[name] for name in [*ZOO, *runs] if name in runs}  # the zoo's order
     table = summarize(runs, ZOO, timing)
     block = render(
         table, ZOO, runs, seeds=seeds, noise_std=args.noise_std, quick=args.quick, out=out
@@ -335,6 +338,8 @@ def summarize(
     for name, by_seed in runs.items():
         lm = {s: r.get("charlm") for s, r in by_seed.items()}
         row: dict[str, Any] = {"n": len(by_seed), "in_lm": any(lm.values())}
+        # why a row has no LM columns: a router that cannot run in a decoder, or one not run yet
+        row["lm_missing"] = "not run yet" if runs_in_charlm(name) else "not causal"
         for m in metrics:
             row[m] = mean_std([v[m] for v in lm.values() if v])
         t = (timing or {}).get(name)

@@ -78,7 +78,7 @@ def render(
     for name, row in table.items():
         lm = row["in_lm"]
         cells = [
-            _pm(row["bpc"]) if lm else "not causal",
+            _pm(row["bpc"]) if lm else row.get("lm_missing", "not causal"),
             _pm(row["bpc_attacked"]) if lm else "–",
             _pm(row["late_rf"], digits=4) if lm else "–",
             _pm(row["max_vio"]) if lm else "–",
