@@ -329,6 +329,14 @@ class S2MoELayer(MoELayer):
     def _gate(self, flat: Tensor, like: Tensor) -> Tensor:
         return torch.sigmoid(self.s2moe_gate(flat)).to(like.dtype)
 
+    def _unc_loss(self, flat: Tensor, x_hat: Tensor, y: Tensor, y_hat: Tensor) -> Tensor:
+        """InfoNCE of the ``unc_pair`` over at most ``unc_max_tokens`` tokens (every
+        ``ceil(T / max)``-th one)."""
+        q, k = (flat, x_hat) if self.unc_pair == "inputs" else (y, y_hat)
+        T = q.shape[0]
+        stride = -(-T // self.unc_max_tokens) if T > self.unc_max_tokens else 1
+        return info_nce(q[::stride], k[::stride], self.unc_temperature)
+
     def _losses(self, routing: Routing) -> dict[str, Tensor]:
         losses = dict(routing.aux)
         if self.balance == "kl_uniform":
@@ -370,9 +378,7 @@ class S2MoELayer(MoELayer):
         out = g * y + (1.0 - g) * y_hat
         if shared is not None:
             out = out + self._shared(shared, flat).to(out.dtype)
-        pair = (flat, x_hat) if self.unc_pair == "inputs" else (y, y_hat)
-        stride = -(-T // self.unc_max_tokens) if T > self.unc_max_tokens else 1
-        losses["s2moe_unc"] = info_nce(pair[0][::stride], pair[1][::stride], self.unc_temperature)
+        losses["s2moe_unc"] = self._unc_loss(flat, x_hat, y, y_hat)
         kept = plan.kept[:T].long().reshape(-1)
         index = routing.expert.clamp_min(0).long().reshape(-1)
         load = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)

@@ -25,7 +25,7 @@ from smoe.integrations.transformers import run_experts
 from smoe.losses import DEFAULT_LOSS_WEIGHTS
 from smoe.routing.base import Routing
 from smoe.routing.context import RoutingContext
-from smoe.s2moe import S2MoELayer, info_nce
+from smoe.s2moe import S2MoELayer
 
 __all__ = ["ConvertedS2MoE", "s2moe_loss"]
 
@@ -117,11 +117,7 @@ class ConvertedS2MoE(ConvertedMoE, S2MoELayer):
             y, y_hat = both[:T], both[T:]
             g = self._gate(flat, y)
             out = g * y + (1.0 - g) * y_hat
-            pair = (flat, x_hat) if self.unc_pair == "inputs" else (y, y_hat)
-            stride = -(-T // self.unc_max_tokens) if T > self.unc_max_tokens else 1
-            self.last_s2moe_loss = info_nce(
-                pair[0][::stride], pair[1][::stride], self.unc_temperature
-            )
+            self.last_s2moe_loss = self._unc_loss(flat, x_hat, y, y_hat)
         else:
             out = self._run(flat, routing.expert, routing.weight, routing.interpolate)
             if self.eval_output == "gated":
