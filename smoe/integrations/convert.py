@@ -136,13 +136,18 @@ class ConvertedMoE(MoELayer):
         delta, carrier.state, scores = momentum(hidden_states, carrier.state)
         return (delta, scores) if self._spec.returns_scores else delta
 
-    def _moe_forward(self, hidden_states: Tensor):
-        shape = hidden_states.shape
-        if self.training and self.jitter_noise > 0:  # Mixtral's router jitter
+    def _jitter(self, hidden_states: Tensor) -> Tensor:
+        """Mixtral's router jitter in training (a uniform factor in 1 ± jitter_noise)."""
+        if self.training and self.jitter_noise > 0:
             noise = torch.empty_like(hidden_states).uniform_(
                 1.0 - self.jitter_noise, 1.0 + self.jitter_noise
             )
             hidden_states = hidden_states * noise
+        return hidden_states
+
+    def _moe_forward(self, hidden_states: Tensor):
+        shape = hidden_states.shape
+        hidden_states = self._jitter(hidden_states)
         flat = hidden_states.reshape(-1, shape[-1])
         if self.native:
             routing = self.router(flat)

@@ -93,11 +93,7 @@ class ConvertedS2MoE(ConvertedMoE, S2MoELayer):
 
     def _moe_forward(self, hidden_states: Tensor):
         shape = hidden_states.shape
-        if self.training and self.jitter_noise > 0:  # Mixtral's router jitter, as converted
-            noise = torch.empty_like(hidden_states).uniform_(
-                1.0 - self.jitter_noise, 1.0 + self.jitter_noise
-            )
-            hidden_states = hidden_states * noise
+        hidden_states = self._jitter(hidden_states)  # Mixtral's router jitter, as converted
         flat = hidden_states.reshape(-1, shape[-1])
         routing = self._route_block(flat, hidden_states)
         _record_router_logits(routing.logits)  # the clean path's only (§2.4)
