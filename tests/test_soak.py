@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import sys
 from pathlib import Path
 
@@ -101,7 +102,12 @@ def test_run_soak_fails_on_a_real_leak(monkeypatch):
     forward = soak.Stack.forward
 
     def leaky(self, x, context):
-        kept.append(torch.ones(MB // 4))  # 1 MB a step, never freed
+        # 1 MB a step, never freed. The pages come from a fresh anonymous mapping, written once:
+        # a tensor from torch's allocator can land in heap that earlier tests freed but glibc kept
+        # resident, and RSS would not move (the flake this replaced, a leak missed after the suite)
+        pages = mmap.mmap(-1, MB)
+        pages.write(b"\x01" * MB)
+        kept.append(torch.frombuffer(pages, dtype=torch.uint8))
         return forward(self, x, context)
 
     monkeypatch.setattr(soak.Stack, "forward", leaky)
