@@ -10,24 +10,29 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <optional>
+
 namespace smoe::ops {
 namespace {
 
-at::Tensor call_grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("smoe::grouped_mm", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
-  return op.call(x, w, offsets);
+at::Tensor call_grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets,
+                           const std::optional<at::Tensor>& bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("smoe::grouped_mm", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const std::optional<at::Tensor>&)>();
+  return op.call(x, w, offsets, bias);
 }
 
 template <c10::DeviceType device, c10::DispatchKey key>
-at::Tensor grouped_mm_autocast(const at::Tensor& x, const at::Tensor& w,
-                               const at::Tensor& offsets) {
+at::Tensor grouped_mm_autocast(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets,
+                               const std::optional<at::Tensor>& bias) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device);
+  std::optional<at::Tensor> cast_bias;
+  if (bias.has_value()) cast_bias = at::autocast::cached_cast(dtype, *bias, device);
   return call_grouped_mm(at::autocast::cached_cast(dtype, x, device),
-                         at::autocast::cached_cast(dtype, w, device), offsets);
+                         at::autocast::cached_cast(dtype, w, device), offsets, cast_bias);
 }
 
 }  // namespace

@@ -112,9 +112,10 @@ TORCH_LIBRARY(smoe, m) {
 
   // ---- experts ----
   m.set_python_module("smoe.ops.experts");
-  // one GEMM per expert group: out[r] = x[r] @ w[e] for offsets[e] <= r < offsets[e+1], zero rows
-  // past offsets[E]; w [E, d_in, d_out] may be a transposed view of [E, d_out, d_in] (no copy).
-  m.def("grouped_mm(Tensor x, Tensor w, Tensor offsets) -> Tensor");
+  // one GEMM per expert group: out[r] = x[r] @ w[e] (+ bias[e]) for offsets[e] <= r <
+  // offsets[e+1], zero rows past offsets[E]; w [E, d_in, d_out] may be a transposed view of
+  // [E, d_out, d_in] (no copy); bias [E, d_out] is added in the GEMM's epilogue.
+  m.def("grouped_mm(Tensor x, Tensor w, Tensor offsets, Tensor? bias=None) -> Tensor");
   // SwiGLU on a fused gate/up projection h [M, 2f] (gate columns first, transformers' gate_up_proj
   // layout): silu(gate) * up in one pass; returns [M, f].
   m.def("swiglu(Tensor h) -> Tensor");
@@ -191,6 +192,8 @@ TORCH_LIBRARY(smoe, m) {
   m.def(
       "grouped_mm_backward(Tensor grad_out, Tensor x, Tensor w, Tensor offsets, bool need_x, bool "
       "need_w) -> (Tensor grad_x, Tensor grad_w)");
+  // d bias [E, d_out] of grouped_mm: each group's rows of grad_out summed in row order.
+  m.def("grouped_mm_bias_backward(Tensor grad_out, Tensor offsets) -> Tensor");
   m.set_python_module("smoe.ops.momentum");
   // d u (u's dtype), d m, d p, d v (state dtype; d p, d v empty [0] unless adam) of
   // momentum_update from the gradients of its four outputs (zeros for unused ones; grad_p, grad_v

@@ -115,10 +115,8 @@ class Experts(nn.Module):
     def forward(self, x_sorted: Tensor, offsets: Tensor) -> Tensor:
         """``x_sorted [M, d_model]`` grouped by ``offsets [E+1]`` -> ``[M, d_model]``."""
         check_tokens("Experts", "x_sorted", x_sorted, self.d_model, self.w_in.device)
-        h = ops.grouped_mm(x_sorted, self.w_in.transpose(1, 2), offsets)
-        row_expert = self._row_expert(offsets, h.shape[0]) if self.b_in is not None else None
-        if self.b_in is not None:  # in h's dtype: under autocast, that of the GEMM (as nn.Linear)
-            h = h + self.b_in[row_expert].to(h.dtype)
+        # biases fused into the GEMMs (under autocast cast with the weights, as nn.Linear's)
+        h = ops.grouped_mm(x_sorted, self.w_in.transpose(1, 2), offsets, self.b_in)
         if self.activation == "swiglu":
             a = ops.swiglu(h)
         else:
@@ -126,10 +124,7 @@ class Experts(nn.Module):
         drop = getattr(self, "drop", None)  # experts pickled before dropout have none
         if drop is not None:
             a = drop(a)
-        y = ops.grouped_mm(a, self.w_out.transpose(1, 2), offsets)
-        if self.b_out is not None:
-            y = y + self.b_out[row_expert].to(y.dtype)
-        return y
+        return ops.grouped_mm(a, self.w_out.transpose(1, 2), offsets, self.b_out)
 
     def _row_expert(self, offsets: Tensor, rows: int) -> Tensor:
         return row_expert(offsets, rows, self.num_experts)

@@ -154,12 +154,14 @@ def combine(y_sorted: Tensor, weight: Tensor, plan: Plan) -> Tensor:
     return out.to(y_sorted.dtype)
 
 
-def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
-    """out[r] = x[r] @ w[e] for rows of group e; rows past offsets[E] are zero."""
+def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None = None) -> Tensor:
+    """out[r] = x[r] @ w[e] (+ bias[e]) for rows of group e; rows past offsets[E] are zero."""
     out = torch.zeros(x.shape[0], w.shape[2], dtype=torch.float64, device=x.device)
     off = offsets.tolist()
     for e in range(w.shape[0]):
         out[off[e] : off[e + 1]] = x[off[e] : off[e + 1]].double() @ w[e].double()
+        if bias is not None:
+            out[off[e] : off[e + 1]] += bias[e].double()
     return out.to(x.dtype)
 
 

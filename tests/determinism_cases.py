@@ -177,6 +177,16 @@ def _grouped_mm(device: str) -> Results:
         x = _randn(M, D, salt=10, device=device, dtype=dtype)
         for layout, w in _weights(device, dtype).items():
             out[f"{layout}_{dtype}"] = torch.ops.smoe.grouped_mm.default(x, w, _offsets(device))
+        b = _randn(w.shape[0], D_OUT, salt=13, device=device, dtype=dtype)
+        out[f"bias_{dtype}"] = torch.ops.smoe.grouped_mm.default(x, w, _offsets(device), b)
+    return out
+
+
+def _grouped_mm_bias_backward(device: str) -> Results:
+    out = {}
+    for dtype in GEMM_DTYPES:
+        g = _randn(M, D_OUT, salt=11, device=device, dtype=dtype)
+        out[str(dtype)] = torch.ops.smoe.grouped_mm_bias_backward.default(g, _offsets(device))
     return out
 
 
@@ -359,6 +369,7 @@ OP_CASES: dict[str, Callable[[str], Results]] = {
     "combine_backward": _combine_backward,
     "grouped_mm": _grouped_mm,
     "grouped_mm_backward": _grouped_mm_backward,
+    "grouped_mm_bias_backward": _grouped_mm_bias_backward,
     "swiglu": _swiglu,
     "swiglu_backward": _swiglu_backward,
     "cosine_scores": _cosine_scores,

@@ -119,10 +119,16 @@ def combine(y_sorted: Tensor, weight: Tensor, plan: Plan) -> Tensor:
     return terms.sum(dim=1)
 
 
-def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
-    """One ``@`` per expert group (host loop over the offsets); rows past offsets[E] are 0."""
+def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None = None) -> Tensor:
+    """One ``@`` (``addmm`` with a bias) per expert group (host loop over the offsets); rows past
+    offsets[E] are 0."""
     off = offsets.tolist()
-    parts = [x[off[e] : off[e + 1]] @ w[e] for e in range(w.shape[0])]
+    parts = [
+        x[off[e] : off[e + 1]] @ w[e]
+        if bias is None
+        else torch.addmm(bias[e], x[off[e] : off[e + 1]], w[e])
+        for e in range(w.shape[0])
+    ]
     parts.append(x.new_zeros(x.shape[0] - off[-1], w.shape[2]))
     return torch.cat(parts)
 

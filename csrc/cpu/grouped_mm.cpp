@@ -3,16 +3,20 @@
 // shapes, never from the thread count, and no item reduces into another's output, so results are
 // bitwise equal for every torch.set_num_threads (tests/test_determinism.py); a big expert is still
 // many items, so it keeps every core busy.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty_strided.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -27,17 +31,19 @@ extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 namespace smoe::ops {
 namespace {
 
-void check_offsets_cpu(const at::Tensor& offsets, int64_t M) {
+// The offsets' values; M is the row count of `rows` (x, or grad_out for the bias gradient).
+void check_offsets_cpu(const at::Tensor& offsets, int64_t M, const char* op = "grouped_mm",
+                       const char* rows = "x") {
   const int64_t* off = offsets.const_data_ptr<int64_t>();
   const int64_t E = offsets.size(0) - 1;
-  TORCH_CHECK(off[0] == 0, "smoe::grouped_mm: offsets[0] must be 0, got ", off[0]);
+  TORCH_CHECK(off[0] == 0, "smoe::", op, ": offsets[0] must be 0, got ", off[0]);
   for (int64_t e = 0; e < E; ++e) {
-    TORCH_CHECK(off[e + 1] >= off[e],
-                "smoe::grouped_mm: offsets must be non-decreasing, got offsets[", e + 1,
-                "] = ", off[e + 1], " < offsets[", e, "] = ", off[e]);
+    TORCH_CHECK(off[e + 1] >= off[e], "smoe::", op,
+                ": offsets must be non-decreasing, got offsets[", e + 1, "] = ", off[e + 1],
+                " < offsets[", e, "] = ", off[e]);
   }
-  TORCH_CHECK(off[E] <= M, "smoe::grouped_mm: offsets[E] (rows in use) must be <= x.size(0) = ", M,
-              ", got ", off[E]);
+  TORCH_CHECK(off[E] <= M, "smoe::", op, ": offsets[E] (rows in use) must be <= ", rows,
+              ".size(0) = ", M, ", got ", off[E]);
 }
 
 // Work-item sizes, set by the shapes alone, so that the partition (and with it every GEMM's shape,
@@ -114,14 +120,17 @@ void for_each_block(int64_t n, const F& fn) {
   });
 }
 
-// out [M, d_out] = per-group x @ w[e]; rows past offsets[E] are zero.
-at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets) {
+// out [M, d_out] = per-group x @ w[e] (+ bias[e]); rows past offsets[E] are zero. The bias is the
+// GEMM's own beta = 1 input (addmm: the block starts as the broadcast bias row and the product
+// accumulates onto it), not a second pass over the output.
+at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets,
+                           const std::optional<at::Tensor>& bias = std::nullopt) {
   const int64_t M = x.size(0), E = w.size(0), d_out = w.size(2);
   const int64_t* off = offsets.const_data_ptr<int64_t>();
   at::Tensor out = at::empty({M, d_out}, x.options());
   if (off[E] < M) out.narrow(0, off[E], M - off[E]).zero_();
   if (off[E] == 0 || d_out == 0) return out;
-  if (x.size(1) == 0) {
+  if (x.size(1) == 0 && !bias.has_value()) {
     out.zero_();
     return out;
   }
@@ -129,17 +138,60 @@ at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w, const at::T
   for_each_block(static_cast<int64_t>(blocks.size()), [&](int64_t i) {
     const Block& b = blocks[i];
     at::Tensor o = out.narrow(0, b.begin, b.rows).narrow(1, b.col, b.cols);
-    at::mm_out(o, x.narrow(0, b.begin, b.rows), w.select(0, b.expert).narrow(1, b.col, b.cols));
+    const at::Tensor xs = x.narrow(0, b.begin, b.rows);
+    const at::Tensor ws = w.select(0, b.expert).narrow(1, b.col, b.cols);
+    if (bias.has_value()) {
+      at::addmm_out(o, bias->select(0, b.expert).narrow(0, b.col, b.cols), xs, ws);
+    } else {
+      at::mm_out(o, xs, ws);
+    }
   });
   return out;
 }
 
-at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& w,
-                          const at::Tensor& offsets_in) {
+at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& offsets_in,
+                          const std::optional<at::Tensor>& bias) {
   check_grouped_mm(x_in, w, offsets_in);
+  check_grouped_mm_bias(w, bias);
   const at::Tensor offsets = offsets_in.contiguous();  // read through a plain pointer
   check_offsets_cpu(offsets, x_in.size(0));
-  return grouped_mm_impl(rows_dense(x_in), w, offsets);
+  return grouped_mm_impl(rows_dense(x_in), w, offsets, bias);
+}
+
+// grad_bias [E, d_out]: each group's rows of grad_out summed in row order, in the accumulation
+// type (float for 16-bit grads), one item per (expert, column block): no reduction crosses items,
+// so the bits do not depend on the thread count.
+at::Tensor grouped_mm_bias_backward_cpu(const at::Tensor& grad_in, const at::Tensor& offsets_in) {
+  check_grouped_mm_bias_backward(grad_in, offsets_in);
+  const at::Tensor offsets = offsets_in.contiguous();
+  const int64_t M = grad_in.size(0), d = grad_in.size(1), E = offsets.size(0) - 1;
+  check_offsets_cpu(offsets, M, "grouped_mm_bias_backward", "grad_out");
+  const at::Tensor grad = rows_dense(grad_in);
+  at::Tensor out = at::empty({E, d}, grad.options());
+  if (out.numel() == 0) return out;
+  const int64_t* off = offsets.const_data_ptr<int64_t>();
+  const int64_t n_col = (d + kColBlock - 1) / kColBlock;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                  "grouped_mm_bias_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const int64_t ld = grad.stride(0);
+    at::parallel_for(0, E * n_col, 1, [&](int64_t b, int64_t end) {
+      std::vector<acc_t> acc(kColBlock);
+      for (int64_t i = b; i < end; ++i) {
+        const int64_t e = i / n_col, c0 = (i % n_col) * kColBlock;
+        const int64_t nc = std::min(kColBlock, d - c0);
+        std::fill(acc.begin(), acc.begin() + nc, acc_t(0));
+        for (int64_t r = off[e]; r < off[e + 1]; ++r) {
+          const scalar_t* row = g + r * ld + c0;
+          for (int64_t c = 0; c < nc; ++c) acc[c] += static_cast<acc_t>(row[c]);
+        }
+        for (int64_t c = 0; c < nc; ++c) o[e * d + c0 + c] = static_cast<scalar_t>(acc[c]);
+      }
+    });
+  });
+  return out;
 }
 
 // grad_w[e] = x[g]^T @ grad[g], written in w's layout (transposed when w is a transposed view, so
@@ -200,6 +252,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
 TORCH_LIBRARY_IMPL(smoe, CPU, m) {
   m.impl("grouped_mm", &grouped_mm_cpu);
   m.impl("grouped_mm_backward", &grouped_mm_backward_cpu);
+  m.impl("grouped_mm_bias_backward", &grouped_mm_bias_backward_cpu);
 }
 
 }  // namespace smoe::ops

@@ -92,8 +92,9 @@ __device__ __forceinline__ bool find_tile(const int64_t* __restrict__ offsets, i
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     grouped_mm_kernel(const T* __restrict__ a, int64_t lda, const T* __restrict__ b, int64_t sb_e,
-                      int64_t sb_k, int64_t sb_n, const int64_t* __restrict__ offsets, int64_t E,
-                      int64_t M, int64_t K, int64_t N, T* __restrict__ out) {
+                      int64_t sb_k, int64_t sb_n, const T* __restrict__ bias, int64_t sbias_e,
+                      int64_t sbias_n, const int64_t* __restrict__ offsets, int64_t E, int64_t M,
+                      int64_t K, int64_t N, T* __restrict__ out) {
   __shared__ Tiles s;
   const int tid = static_cast<int>(threadIdx.x);
   const int tx = tid % kSide, ty = tid / kSide;
@@ -128,6 +129,15 @@ __global__ void __launch_bounds__(kThreads)
           __syncthreads();
         }
       }
+      // Epilogue: the group's bias row, added in float before the one rounding to T.
+      float bias_v[kR] = {};
+      if (bias != nullptr && group < E) {
+#pragma unroll
+        for (int j = 0; j < kR; ++j) {
+          const int64_t n = n0 + tx + kSide * j;
+          if (n < N) bias_v[j] = to_float(bias[group * sbias_e + n * sbias_n]);
+        }
+      }
 #pragma unroll
       for (int i = 0; i < kR; ++i) {
         const int64_t r = row0 + ty + kSide * i;
@@ -135,7 +145,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int j = 0; j < kR; ++j) {
           const int64_t n = n0 + tx + kSide * j;
-          if (n < N) out[r * N + n] = from_float<T>(acc[i][j]);
+          if (n < N) out[r * N + n] = from_float<T>(acc[i][j] + bias_v[j]);
         }
       }
     }
@@ -196,19 +206,48 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// out[e][n] = sum of g[r][n] over the rows r of group e, in row order, in float; one thread per
+// (e, n), consecutive threads on consecutive columns (coalesced reads). Rows clamped into [0, M].
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    bias_grad_kernel(const T* __restrict__ g, int64_t ldg, const int64_t* __restrict__ offsets,
+                     int64_t E, int64_t M, int64_t N, T* __restrict__ out) {
+  for (int64_t e = blockIdx.y; e < E; e += gridDim.y) {
+    const int64_t lo = clamp_to(offsets[e], 0, M);
+    const int64_t hi = clamp_to(offsets[e + 1], lo, M);
+    for (int64_t n = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; n < N;
+         n += static_cast<int64_t>(gridDim.x) * kThreads) {
+      float acc = 0.f;
+      for (int64_t r = lo; r < hi; ++r) acc += to_float(g[r * ldg + n]);
+      out[e * N + n] = from_float<T>(acc);
+    }
+  }
+}
+
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
 template <typename T>
 cudaError_t grouped_mm(const T* a, int64_t lda, const T* b, int64_t sb_e, int64_t sb_k,
-                       int64_t sb_n, const int64_t* offsets, int64_t E, int64_t M, int64_t K,
-                       int64_t N, T* out, cudaStream_t stream) {
+                       int64_t sb_n, const T* bias, int64_t sbias_e, int64_t sbias_n,
+                       const int64_t* offsets, int64_t E, int64_t M, int64_t K, int64_t N, T* out,
+                       cudaStream_t stream) {
   if (M <= 0 || N <= 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(std::min(ceil_div(M, kBM) + E, kMaxGridX)),
                   static_cast<unsigned>(std::min(ceil_div(N, kBN), kMaxGridYZ)));
-  grouped_mm_kernel<T>
-      <<<grid, kThreads, 0, stream>>>(a, lda, b, sb_e, sb_k, sb_n, offsets, E, M, K, N, out);
+  grouped_mm_kernel<T><<<grid, kThreads, 0, stream>>>(a, lda, b, sb_e, sb_k, sb_n, bias, sbias_e,
+                                                      sbias_n, offsets, E, M, K, N, out);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t grouped_mm_bias_grad(const T* grad, int64_t ldg, const int64_t* offsets, int64_t E,
+                                 int64_t M, int64_t N, T* out, cudaStream_t stream) {
+  if (E <= 0 || N <= 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(std::min(ceil_div(N, kThreads), kMaxGridX)),
+                  static_cast<unsigned>(std::min(E, kMaxGridYZ)));
+  bias_grad_kernel<T><<<grid, kThreads, 0, stream>>>(grad, ldg, offsets, E, M, N, out);
   return cudaGetLastError();
 }
 
@@ -236,8 +275,10 @@ cudaError_t grouped_mm_weight_grad(const T* x, int64_t ldx, const T* grad, int64
 
 #define SMOE_INSTANTIATE(T)                                                                     \
   template cudaError_t grouped_mm<T>(const T*, int64_t, const T*, int64_t, int64_t, int64_t,    \
-                                     const int64_t*, int64_t, int64_t, int64_t, int64_t, T*,    \
-                                     cudaStream_t);                                             \
+                                     const T*, int64_t, int64_t, const int64_t*, int64_t,       \
+                                     int64_t, int64_t, int64_t, T*, cudaStream_t);              \
+  template cudaError_t grouped_mm_bias_grad<T>(const T*, int64_t, const int64_t*, int64_t,      \
+                                               int64_t, int64_t, T*, cudaStream_t);             \
   template cudaError_t grouped_mm_weight_grad<T>(                                               \
       const T*, int64_t, const T*, int64_t, const int64_t*, int64_t, int64_t, int64_t, int64_t, \
       T*, int64_t, int64_t, int64_t, cudaStream_t);

@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 #include "checks.h"
@@ -34,7 +35,8 @@ void assert_offsets_async(const at::Tensor& offsets, int64_t M) {
 // out [M, d_out] = per-group x @ w[e], rows past offsets[E] zero; x has dense rows. With
 // transpose_w, uses w[e]^T ([E, d_out, d_in] -> [E, d_in, d_out] by swapping strides, no copy).
 at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w, bool transpose_w,
-                           const at::Tensor& offsets) {
+                           const at::Tensor& offsets,
+                           const std::optional<at::Tensor>& bias = std::nullopt) {
   const int64_t M = x.size(0), K = x.size(1), E = w.size(0);
   const int64_t N = transpose_w ? w.size(1) : w.size(2);
   const int64_t sb_k = transpose_w ? w.stride(2) : w.stride(1);
@@ -43,8 +45,12 @@ at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w, bool transp
   if (M == 0 || N == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   SMOE_CUDA_DISPATCH(x.scalar_type(), "grouped_mm", [&] {
+    const auto* b = bias.has_value() ? kptr<scalar_t>(*bias) : nullptr;
+    const int64_t sbias_e = bias.has_value() ? bias->stride(0) : 0;
+    const int64_t sbias_n = bias.has_value() ? bias->stride(1) : 0;
     C10_CUDA_CHECK(cuda::grouped_mm(kptr<scalar_t>(x), x.stride(0), kptr<scalar_t>(w), w.stride(0),
-                                    sb_k, sb_n, offsets.const_data_ptr<int64_t>(), E, M, K, N,
+                                    sb_k, sb_n, b, sbias_e, sbias_n,
+                                    offsets.const_data_ptr<int64_t>(), E, M, K, N,
                                     kmut<scalar_t>(out), stream));
   });
   return out;
@@ -70,15 +76,36 @@ at::Tensor grouped_mm_weight_grad(const at::Tensor& grad, const at::Tensor& x, c
 }
 
 at::Tensor grouped_mm_cuda(const at::Tensor& x_in, const at::Tensor& w,
-                           const at::Tensor& offsets_in) {
+                           const at::Tensor& offsets_in, const std::optional<at::Tensor>& bias) {
   check_grouped_mm(x_in, w, offsets_in);
+  check_grouped_mm_bias(w, bias);
   check_not_double("grouped_mm", x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   check_device_arch(x_in.device());
   const at::Tensor offsets = offsets_in.contiguous();
   assert_offsets_async(offsets, x_in.size(0));
   const at::Tensor x = rows_dense(x_in);
-  return grouped_mm_impl(x, w, /*transpose_w=*/false, offsets);
+  return grouped_mm_impl(x, w, /*transpose_w=*/false, offsets, bias);
+}
+
+at::Tensor grouped_mm_bias_backward_cuda(const at::Tensor& grad_in, const at::Tensor& offsets_in) {
+  check_grouped_mm_bias_backward(grad_in, offsets_in);
+  check_not_double("grouped_mm_bias_backward", grad_in);
+  const c10::cuda::CUDAGuard guard(grad_in.device());
+  check_device_arch(grad_in.device());
+  const at::Tensor offsets = offsets_in.contiguous();
+  const int64_t M = grad_in.size(0), N = grad_in.size(1), E = offsets.size(0) - 1;
+  assert_offsets_async(offsets, M);
+  const at::Tensor grad = rows_dense(grad_in);
+  at::Tensor out = at::empty({E, N}, grad.options());
+  if (out.numel() == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  SMOE_CUDA_DISPATCH(grad.scalar_type(), "grouped_mm_bias_backward", [&] {
+    C10_CUDA_CHECK(cuda::grouped_mm_bias_grad(kptr<scalar_t>(grad), grad.stride(0),
+                                              offsets.const_data_ptr<int64_t>(), E, M, N,
+                                              kmut<scalar_t>(out), stream));
+  });
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& grad_in,
@@ -106,6 +133,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& gr
 TORCH_LIBRARY_IMPL(smoe, CUDA, m) {
   m.impl("grouped_mm", &grouped_mm_cuda);
   m.impl("grouped_mm_backward", &grouped_mm_backward_cuda);
+  m.impl("grouped_mm_bias_backward", &grouped_mm_bias_backward_cuda);
 }
 
 }  // namespace smoe::ops

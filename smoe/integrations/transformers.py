@@ -12,7 +12,7 @@ its experts through smoe's dispatch: ``make_plan`` → ``permute`` → ``grouped
 ``grouped_mm`` → ``combine``, on the module's own parameters (transposed views, no weight copies).
 
 Honoured flags (set by the decorator): ``is_transposed``; ``has_gate`` (``gate_up_proj`` and a
-gate, else ``up_proj`` and ``act_fn``); ``has_bias`` (per-expert biases, added per row);
+gate, else ``up_proj`` and ``act_fn``); ``has_bias`` (per-expert biases, fused into the GEMMs);
 ``is_concatenated`` and a class's own ``_apply_gate`` (GPT-OSS's clamped, interleaved SwiGLU),
 called between the GEMMs, while the default gate with a SiLU activation on concatenated weights
 runs in smoe's fused ``swiglu`` kernel; ``has_post_expert_norm``; ``_is_expert_parallel``
@@ -28,7 +28,6 @@ import torch
 from torch import Tensor, nn
 
 from smoe import ops
-from smoe.experts import row_expert
 
 __all__ = ["register", "run_experts", "smoe_experts_forward"]
 
@@ -39,6 +38,12 @@ def _weight(w: Tensor, transposed: bool) -> Tensor:
     """transformers' ``[E, d_out, d_in]`` (or ``[E, d_in, d_out]`` when ``is_transposed``) as
     grouped_mm's ``[E, d_in, d_out]``: a transposed view, never a copy."""
     return w if transposed else w.transpose(1, 2)
+
+
+def _bias(b: Tensor, w: Tensor) -> Tensor:
+    """A per-expert bias in its weight's dtype (grouped_mm takes them alike; autocast then casts
+    both to its dtype)."""
+    return b if b.dtype == w.dtype else b.to(w.dtype)
 
 
 def _fused_swiglu(module: nn.Module) -> bool:
@@ -109,25 +114,22 @@ def run_experts(module: nn.Module, hidden_states: Tensor, plan: ops.Plan, weight
     grouped_mm → combine with ``weight [T, k]``; ``[T, d]`` in ``hidden_states``' dtype. Also the
     experts path of the blocks :func:`smoe.convert` builds (whose routers may make their own
     plans)."""
-    E = module.num_experts
     x = ops.permute(hidden_states, plan)
     transposed = bool(getattr(module, "is_transposed", False))
     has_gate, has_bias = getattr(module, "has_gate", True), getattr(module, "has_bias", False)
     w_in = module.gate_up_proj if has_gate else module.up_proj
-    h = ops.grouped_mm(x, _weight(w_in, transposed), plan.offsets)
-    row = row_expert(plan.offsets, h.shape[0], E) if has_bias else None
-    if has_bias:
-        b_in = module.gate_up_proj_bias if has_gate else module.up_proj_bias
-        h = h + b_in[row].to(h.dtype)
+    b_in = b_out = None
+    if has_bias:  # fused into the GEMMs (grouped_mm's bias), cast with the weights
+        b_in = _bias(module.gate_up_proj_bias if has_gate else module.up_proj_bias, w_in)
+        b_out = _bias(module.down_proj_bias, module.down_proj)
+    h = ops.grouped_mm(x, _weight(w_in, transposed), plan.offsets, b_in)
     if not has_gate:
         a = module.act_fn(h)
     elif _fused_swiglu(module):
         a = ops.swiglu(h)
     else:
         a = module._apply_gate(h)
-    y = ops.grouped_mm(a.to(h.dtype), _weight(module.down_proj, transposed), plan.offsets)
-    if has_bias:
-        y = y + module.down_proj_bias[row].to(y.dtype)
+    y = ops.grouped_mm(a.to(h.dtype), _weight(module.down_proj, transposed), plan.offsets, b_out)
     if getattr(module, "has_post_expert_norm", False):
         y = module.post_expert_norm(y)
     out = ops.combine(y, weight.to(y.dtype), plan)

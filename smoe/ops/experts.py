@@ -16,24 +16,29 @@ __all__ = ["grouped_mm", "swiglu"]
 # ---------------------------------------------------------------------------------------------
 # grouped_mm
 # ---------------------------------------------------------------------------------------------
-def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
-    """One GEMM per expert group: ``out[r] = x[r] @ w[e]`` for ``offsets[e] <= r < offsets[e+1]``.
+def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None = None) -> Tensor:
+    """One GEMM per expert group: ``out[r] = x[r] @ w[e] (+ bias[e])`` for
+    ``offsets[e] <= r < offsets[e+1]``.
 
     Args:
         x: ``[M, d_in]`` rows grouped by expert (e.g. :func:`permute`'s output).
         w: ``[E, d_in, d_out]``, x's dtype. May be a transposed view of an ``[E, d_out, d_in]``
             tensor (transformers' ``gate_up_proj`` / ``down_proj`` layout): used without a copy.
         offsets: ``[E+1]`` int64, ``offsets[0] = 0``, non-decreasing, ``offsets[E] <= M``.
+        bias: optional ``[E, d_out]`` per-expert bias, w's dtype and device (transformers'
+            ``has_bias`` experts). Fused: the GEMM's beta = 1 input on CPU, the tile epilogue
+            on CUDA (added in fp32 before the output's rounding). Its gradient is each group's
+            sum of ``grad_out`` rows, in row order.
 
     Returns:
-        ``[M, d_out]``; rows past ``offsets[E]`` are 0.
+        ``[M, d_out]``; rows past ``offsets[E]`` are 0 (no bias there).
 
     Note:
         CPU: one BLAS GEMM per (expert, row block) over torch's thread pool. CUDA: a grouped
         tiled GEMM whose offsets stay on the device (no host sync); invalid offsets trip an
         asynchronous device assert (fatal to the CUDA context). Deterministic.
     """
-    return torch.ops.smoe.grouped_mm.default(x, w, offsets)
+    return torch.ops.smoe.grouped_mm.default(x, w, offsets, bias)
 
 
 def _transposed_weight(w: Tensor) -> bool:
@@ -42,8 +47,14 @@ def _transposed_weight(w: Tensor) -> bool:
 
 
 @torch.library.register_fake("smoe::grouped_mm")
-def _grouped_mm_fake(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
-    check_devices("grouped_mm", x=x, w=w, offsets=offsets)
+def _grouped_mm_fake(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None = None) -> Tensor:
+    check_devices("grouped_mm", x=x, w=w, offsets=offsets, bias=bias)
+    if bias is not None:
+        torch._check(
+            bias.dim() == 2 and bias.shape[0] == w.shape[0] and bias.shape[1] == w.shape[2],
+            lambda: "smoe::grouped_mm: bias must be [E, d_out]",
+        )
+        torch._check(bias.dtype == w.dtype, lambda: "smoe::grouped_mm: bias must have w's dtype")
     torch._check(x.dim() == 2, lambda: "smoe::grouped_mm: x must be 2-D [M, d_in]")
     torch._check(w.dim() == 3, lambda: "smoe::grouped_mm: w must be 3-D [E, d_in, d_out]")
     torch._check(w.shape[1] == x.shape[1], lambda: "smoe::grouped_mm: w must be [E, d_in, d_out]")
@@ -53,15 +64,19 @@ def _grouped_mm_fake(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
 
 
 def _setup_context_grouped_mm(ctx, inputs, output) -> None:
-    x, w, offsets = inputs
+    x, w, offsets = inputs[:3]
     ctx.save_for_backward(x, w, offsets)
 
 
 def _backward_grouped_mm(ctx, grad: Tensor):
     x, w, offsets = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    gx, gw = torch.ops.smoe.grouped_mm_backward.default(grad, x, w, offsets, need_x, need_w)
-    return (gx if need_x else None), (gw if need_w else None), None
+    gx = gw = gb = None
+    if need_x or need_w:
+        gx, gw = torch.ops.smoe.grouped_mm_backward.default(grad, x, w, offsets, need_x, need_w)
+    if len(ctx.needs_input_grad) > 3 and ctx.needs_input_grad[3]:
+        gb = torch.ops.smoe.grouped_mm_bias_backward.default(grad, offsets)
+    return (gx if need_x else None), (gw if need_w else None), None, gb
 
 
 torch.library.register_autograd(
@@ -84,6 +99,20 @@ def _grouped_mm_backward_fake(grad_out, x, w, offsets, need_x: bool, need_w: boo
     else:
         gw = w.new_empty(w.shape)
     return gx, gw
+
+
+@torch.library.register_fake("smoe::grouped_mm_bias_backward")
+def _grouped_mm_bias_backward_fake(grad_out: Tensor, offsets: Tensor) -> Tensor:
+    check_devices("grouped_mm_bias_backward", grad_out=grad_out, offsets=offsets)
+    torch._check(
+        grad_out.dim() == 2,
+        lambda: "smoe::grouped_mm_bias_backward: grad_out must be 2-D [M, d_out]",
+    )
+    torch._check(
+        offsets.dim() == 1 and offsets.shape[0] >= 1,
+        lambda: "smoe::grouped_mm_bias_backward: offsets must be [E+1]",
+    )
+    return grad_out.new_empty((offsets.shape[0] - 1, grad_out.shape[1]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,4 +167,4 @@ def _swiglu_backward_fake(grad_out: Tensor, h: Tensor) -> Tensor:
     return h.new_empty(h.shape)
 
 
-refuse_double_backward("grouped_mm", "swiglu")
+refuse_double_backward("grouped_mm", "grouped_mm_bias", "swiglu")

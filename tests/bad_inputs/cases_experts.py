@@ -1,4 +1,4 @@
-"""Bad inputs of the expert ops: grouped_mm, swiglu and their backwards.
+"""Bad inputs of the expert ops: grouped_mm (with and without a bias), swiglu and their backwards.
 
 Offsets must start at 0, be non-decreasing and end at most at M (rows past ``offsets[E]`` are
 padding and come out 0, so an end below M is valid and has no row). A non-contiguous ``offsets``
@@ -101,6 +101,52 @@ _gmm_defined = [
         _noncontig_offsets_match,
         defined("a strided offsets view gives the contiguous call's result"),
     )
+]
+
+
+# ---- grouped_mm with a bias ---------------------------------------------------------------------
+def _gmm_bias_good(d):
+    return {**_gmm_good(d), "bias": d.f(E, D_OUT)}
+
+
+_gmm_bias_rows = [
+    *standard_rows({"bias": ("float64", "int32")}),
+    row("size", "bias E+1 rows", arg("bias"), bias=lambda d, a: d.f(E + 1, D_OUT)),
+    row("size", "bias d_out+1 columns", arg("bias"), bias=lambda d, a: d.f(E, D_OUT + 1)),
+    row(
+        "meta",
+        "meta bias d_out+1 columns",
+        arg("bias"),
+        **{n: on_meta(n) for n in ("x", "w", "offsets")},
+        bias=lambda d, a: torch.empty(E, D_OUT + 1, device="meta"),
+    ),
+    row("sparse", "bias sparse COO", arg("bias"), bias=lambda d, a: a["bias"].to_sparse()),
+]
+
+
+# ---- grouped_mm_bias_backward ------------------------------------------------------------------
+def _gmm_bias_bwd_good(d):
+    return {"grad_out": d.f(M, D_OUT), "offsets": d.i64(OFFSETS)}
+
+
+_gmm_bias_bwd_rows = [
+    *standard_rows({"grad_out": ("int32",), "offsets": ("int32", "float32")}),
+    # the offsets' values (their length sets E here, so any length >= 1 is valid)
+    *[r for r in _offset_rows if "entries" not in r.label],
+    row("offsets", "offsets empty", arg("offsets"), offsets=_set_offsets([])),
+    row(
+        "meta",
+        "meta grad_out 1-D",
+        arg("grad_out"),
+        offsets=on_meta("offsets"),
+        grad_out=lambda d, a: torch.empty(M, device="meta"),
+    ),
+    row(
+        "sparse",
+        "grad_out sparse COO",
+        arg("grad_out"),
+        grad_out=lambda d, a: a["grad_out"].to_sparse(),
+    ),
 ]
 
 
@@ -272,7 +318,9 @@ _experts_cases = [
 CASES: list[Case] = [
     *op_cases("grouped_mm", _gmm_good, _gmm_rows),
     *_gmm_defined,
+    *op_cases("grouped_mm", _gmm_bias_good, _gmm_bias_rows),
     *op_cases("grouped_mm_backward", _gmm_bwd_good, _gmm_bwd_rows),
+    *op_cases("grouped_mm_bias_backward", _gmm_bias_bwd_good, _gmm_bias_bwd_rows),
     *op_cases("swiglu", _swiglu_good, _swiglu_rows),
     *op_cases("swiglu", _swiglu_good, _swiglu_wrapper_rows, call=lambda a: smoe.swiglu(a["h"])),
     *op_cases("swiglu_backward", _swiglu_bwd_good, _swiglu_bwd_rows),

@@ -283,6 +283,7 @@ class GroupedMMCase(NamedTuple):
     w_layout: str
     x: Values
     w: Values
+    bias: Values | None = None  # the optional per-expert bias [E, d_out]
 
 
 @st.composite
@@ -306,6 +307,7 @@ def _grouped_mm_cases(draw) -> GroupedMMCase:
         w_layout=draw(st.sampled_from(W_LAYOUTS)),
         x=draw(values()),
         w=draw(values()),
+        bias=draw(st.none() | values()),
     )
 
 
@@ -376,6 +378,7 @@ BACKWARD_OF = {
     "permute_backward": "permute",
     "combine_backward": "combine",
     "grouped_mm_backward": "grouped_mm",
+    "grouped_mm_bias_backward": "grouped_mm",
     "swiglu_backward": "swiglu",
     "cosine_scores_backward": "cosine_scores",
     "sinkhorn_backward": "sinkhorn",

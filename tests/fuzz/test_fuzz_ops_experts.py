@@ -43,17 +43,24 @@ def test_grouped_mm_fuzz(case):
     x = laid_out(materialize(case.x, (M, case.d_in), dt, product_large(dt)), case.x_layout)
     w = build_weight(E, case.d_in, case.d_out, dt, case.w_layout, case.w)
     offsets = torch.tensor([0, *torch.tensor(case.counts).cumsum(0).tolist()], dtype=torch.int64)
+    bias = None
+    if case.bias is not None:
+        bias = materialize(case.bias, (E, case.d_out), dt, product_large(dt))
 
     def run():
-        return ops.grouped_mm(x, w, offsets)
+        return ops.grouped_mm(x, w, offsets, bias)
+
+    def wide(t):
+        return None if t is None else t.double()
 
     got = run()
-    ref64 = ref.grouped_mm(x.double(), w.double(), offsets)
-    scale = ref.grouped_mm(x.double().abs(), w.double().abs(), offsets)
+    ref64 = ref.grouped_mm(x.double(), w.double(), offsets, wide(bias))
+    absb = None if bias is None else bias.double().abs()
+    scale = ref.grouped_mm(x.double().abs(), w.double().abs(), offsets, absb)
     assert got.dtype == dt
-    assert_values(got, ref64, ref.grouped_mm(x, w, offsets), scale=scale)
+    assert_values(got, ref64, ref.grouped_mm(x, w, offsets, bias), scale=scale)
     assert_rerun_equal(run, got)
-    assert_fake_matches(torch.ops.smoe.grouped_mm.default, (x, w, offsets), {}, got)
+    assert_fake_matches(torch.ops.smoe.grouped_mm.default, (x, w, offsets, bias), {}, got)
 
     g = upstream(case.x.seed, (M, case.d_out), dt)
     backward = torch.ops.smoe.grouped_mm_backward.default
@@ -62,10 +69,23 @@ def test_grouped_mm_fuzz(case):
         grad = backward(*args)
         assert_rerun_equal(lambda args=args: backward(*args), grad)
         assert_fake_matches(backward, args, {}, grad)
+    if bias is None:
+        assert_grads(
+            lambda x, w: ops.grouped_mm(x, w, offsets),
+            lambda x, w: ref.grouped_mm(x, w, offsets),
+            [x, w],
+            g,
+            multilinear=True,
+        )
+        return
+    bias_backward = torch.ops.smoe.grouped_mm_bias_backward.default
+    gb = bias_backward(g, offsets)
+    assert_rerun_equal(lambda: bias_backward(g, offsets), gb)
+    assert_fake_matches(bias_backward, (g, offsets), {}, gb)
     assert_grads(
-        lambda x, w: ops.grouped_mm(x, w, offsets),
-        lambda x, w: ref.grouped_mm(x, w, offsets),
-        [x, w],
+        lambda x, w, b: ops.grouped_mm(x, w, offsets, b),
+        lambda x, w, b: ref.grouped_mm(x, w, offsets, b),
+        [x, w, bias],
         g,
         multilinear=True,
     )

@@ -243,8 +243,8 @@ def test_autocast_runs_the_expert_gemms_in_bf16(monkeypatch):
     gemm_dtypes = []
     real = ops.grouped_mm
 
-    def spy(x, w, offsets):
-        y = real(x, w, offsets)
+    def spy(x, w, offsets, bias=None):
+        y = real(x, w, offsets, bias)
         gemm_dtypes.append(y.dtype)
         return y
 

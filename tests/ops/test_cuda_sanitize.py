@@ -32,6 +32,7 @@ COVERED = {
     "combine_backward": "test_routing_dispatch_experts_forward_backward",
     "grouped_mm": "test_routing_dispatch_experts_forward_backward",
     "grouped_mm_backward": "test_routing_dispatch_experts_forward_backward",
+    "grouped_mm_bias_backward": "test_routing_dispatch_experts_forward_backward",
     "swiglu": "test_routing_dispatch_experts_forward_backward",
     "swiglu_backward": "test_routing_dispatch_experts_forward_backward",
     "topk_sigmoid": "test_topk_sigmoid_forward_backward",
@@ -67,16 +68,18 @@ def test_routing_dispatch_experts_forward_backward(T, E, k, d, dtype):
     x = torch.randn(T, d, device=dev, dtype=dtype, requires_grad=True)
     w_in = torch.randn(E, d, 2 * d, device=dev, dtype=dtype, requires_grad=True)
     w_out = torch.randn(E, d, d, device=dev, dtype=dtype, requires_grad=True)  # [E, d_out, d_in]
+    b_out = torch.randn(E, d, device=dev, dtype=dtype, requires_grad=True)  # the fused bias
     for capacity in (None, max(1, T * k // (2 * E))):
         weight, expert = ops.topk_softmax(logits, k)
         priority = weight.detach()[:, 0].float() if capacity else None
         plan = ops.make_plan(expert, E, capacity=capacity, priority=priority)
         xs = ops.permute(x, plan)
         h = ops.swiglu(ops.grouped_mm(xs, w_in, plan.offsets))
-        y = ops.combine(ops.grouped_mm(h, w_out.transpose(1, 2), plan.offsets), weight, plan)
+        y_sorted = ops.grouped_mm(h, w_out.transpose(1, 2), plan.offsets, b_out)
+        y = ops.combine(y_sorted, weight, plan)
         y.float().square().sum().backward()
     torch.cuda.synchronize()
-    for g in (x.grad, logits.grad, w_in.grad, w_out.grad):
+    for g in (x.grad, logits.grad, w_in.grad, w_out.grad, b_out.grad):
         assert torch.isfinite(g.float()).all()
 
 
