@@ -1,0 +1,234 @@
+"""Expert parallelism over ``torch.distributed``: each rank of an expert-parallel (ep) group holds
+E / P of a layer's experts, and the rows routed to another rank's experts travel there and back
+by ``all_to_all_single``.
+
+    import torch.distributed as dist
+    from smoe.parallel import shard_experts
+
+    dist.init_process_group("gloo")        # or "nccl"; run under torchrun
+    model = build_model()                   # the same model on every rank, from one seed
+    shard_experts(model)                    # ep group = the world (or mesh=..., ep_dim="ep")
+
+After :func:`shard_experts`, every :class:`smoe.MoELayer` in the module keeps only the experts of
+its rank: rank r of an ep group of size P holds experts ``[r·E/P, (r+1)·E/P)``. The experts
+module keeps its class's forward and parameter names (its parameters are the local slices, so a
+state_dict holds this rank's experts under the unsharded keys); its class becomes an
+``ExpertParallel<name>`` subclass (as FSDP2's ``fully_shard`` does) whose forward runs, per layer:
+
+1. the router and ``make_plan`` over the E global experts, locally (the layer, unchanged);
+2. ``all_to_all_single`` of the per-expert counts (int64 ``[P, E/P]``);
+3. one host read of both count tables, the layer's **one host sync** (the split sizes of the
+   next two exchanges must be known on the host);
+4. ``all_to_all_single`` of the kept rows of ``x_sorted`` with explicit input/output splits;
+5. a regroup of the received rows by local expert, keeping the source ranks' order (a gather
+   by a permutation, not a sort);
+6. the local experts (``grouped_mm``, activation, ``grouped_mm``);
+7. the inverse regroup and the inverse all-to-all; ``combine`` then runs on the sending rank.
+
+The routing weights stay on the sending rank, so router gradients never travel; the backward of
+each all-to-all is the inverse exchange with the splits swapped
+(``torch.distributed._functional_collectives.all_to_all_single_autograd``).
+
+Since ``make_plan`` keeps token order within an expert and the regroup keeps source-rank order,
+each expert sees its rows in the order a single process would give the rank-major concatenation
+of all ranks' tokens: outputs and gradients equal that process's (tests/distributed). Routing,
+capacity and aux statistics are per rank (each rank's tokens are one routing group, GShard's
+group semantics); ``expert_choice`` and ``usmoe`` pick within each rank's tokens.
+
+Backends: Gloo (CPU, and CUDA tensors host-staged: testable with 2 ranks on one GPU) and NCCL.
+Only the ``all_to_all_single`` form is used (Gloo lacks the list form).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from smoe.experts import Experts, StackedExperts
+
+__all__ = ["ExpertParallel", "shard_experts", "layer_signature"]
+
+
+def _a2a_autograd(x: Tensor, output_splits: list[int], input_splits: list[int], group) -> Tensor:
+    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+
+    return wait_tensor(all_to_all_single_autograd(x, output_splits, input_splits, group))
+
+
+class ExpertParallel:
+    """Mixin that makes an experts module (:class:`smoe.Experts` or
+    :class:`smoe.experts.StackedExperts`) holding ``E / P`` local experts run the rows of all
+    ``E`` global experts through an all-to-all. Built by :func:`shard_experts`; see the module
+    docstring for the steps."""
+
+    ep_group: Any
+    ep_size: int
+    ep_rank: int
+    ep_num_experts: int  # E, the global count
+
+    def forward(self, x_sorted: Tensor, offsets: Tensor) -> Tensor:
+        """``x_sorted [M, d]`` grouped by ``offsets [E+1]`` over the E global experts (rows past
+        ``offsets[E]`` are padding) -> ``[M, d]``, padding rows 0."""
+        E, P = self.ep_num_experts, self.ep_size
+        E_loc = E // P
+        if offsets.shape != (E + 1,):
+            raise ValueError(
+                f"{type(self).__name__}: offsets must be [E+1] = [{E + 1}] over the global "
+                f"experts, got shape {tuple(offsets.shape)}"
+            )
+        counts = (offsets[1:] - offsets[:-1]).to(torch.int64)
+        received = torch.empty_like(counts)
+        # counts is [P, E_loc] rank-major: chunk p (rank p's experts) goes to rank p
+        dist.all_to_all_single(received, counts, group=self.ep_group)
+        send, recv = torch.stack([counts, received]).view(2, P, E_loc).tolist()  # the host sync
+        send_splits = [sum(c) for c in send]
+        recv_splits = [sum(c) for c in recv]
+        used = sum(send_splits)
+        d = x_sorted.shape[1]
+        x_recv = _a2a_autograd(
+            x_sorted[:used].contiguous(), recv_splits, send_splits, self.ep_group
+        )
+        order, local_counts = _regroup(recv, x_sorted.device)
+        local_offsets = torch.tensor([0, *local_counts], dtype=torch.int64).cumsum(0)
+        x_local = x_recv.index_select(0, order)
+        y_local = super().forward(x_local, local_offsets.to(x_sorted.device))
+        y_recv = torch.empty_like(y_local).index_copy(0, order, y_local)
+        y_send = _a2a_autograd(y_recv, send_splits, recv_splits, self.ep_group)
+        if used == x_sorted.shape[0]:
+            return y_send
+        return torch.cat([y_send, y_send.new_zeros(x_sorted.shape[0] - used, d)])
+
+    def extra_repr(self) -> str:
+        return (
+            super().extra_repr()
+            + f", ep_rank={self.ep_rank}, ep_size={self.ep_size}, global_experts="
+            + f"{self.ep_num_experts}"
+        )
+
+
+def _regroup(recv: list[list[int]], device: torch.device) -> tuple[Tensor, list[int]]:
+    """The received rows come source-rank-major (``recv[p][j]`` rows of source p for local expert
+    j); the gather order that makes them local-expert-major with the sources in rank order, and
+    the rows per local expert."""
+    P, E_loc = len(recv), len(recv[0])
+    start, base = [[0] * E_loc for _ in range(P)], 0
+    for p in range(P):
+        for j in range(E_loc):
+            start[p][j] = base
+            base += recv[p][j]
+    pieces = [
+        torch.arange(start[p][j], start[p][j] + recv[p][j])
+        for j in range(E_loc)
+        for p in range(P)
+        if recv[p][j]
+    ]
+    order = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
+    return order.to(device), [sum(recv[p][j] for p in range(P)) for j in range(E_loc)]
+
+
+def layer_signature(layer: nn.Module) -> dict[str, Any]:
+    """What every rank of an ep group must agree on for one layer."""
+    experts = layer.experts
+    ref = next(experts.parameters())
+    return dict(
+        num_experts=layer.num_experts,
+        k=getattr(getattr(layer, "router", None), "k", None),
+        d_model=layer.d_model,
+        d_ff=getattr(experts, "d_ff", None),
+        activation=getattr(experts, "activation", None),
+        experts=type(experts).__name__,
+        router=type(getattr(layer, "router", None)).__name__,
+        dtype=str(ref.dtype),
+    )
+
+
+def _local(experts: nn.Module, lo: int, hi: int) -> None:
+    """Keep experts [lo, hi) of ``experts`` in place: every per-expert parameter is sliced along
+    its expert dim (a copy, so the full tensors are freed)."""
+    if isinstance(experts, Experts):
+        for name in ("w_in", "w_out", "b_in", "b_out"):
+            p = getattr(experts, name)
+            if p is not None:
+                setattr(experts, name, nn.Parameter(p.detach()[lo:hi].clone(), p.requires_grad))
+        experts.num_experts = hi - lo
+    elif isinstance(experts, StackedExperts):
+        for ffn in experts.ffns:
+            _local(ffn, lo, hi)
+        for name in ("norm_weight", "norm_bias"):
+            p = getattr(experts, name)
+            setattr(experts, name, nn.Parameter(p.detach()[:, lo:hi].clone(), p.requires_grad))
+        experts.num_experts = hi - lo
+    else:
+        raise TypeError(
+            "shard_experts: the experts must be smoe.Experts or smoe.experts.StackedExperts, got "
+            f"{type(experts).__name__}"
+        )
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _parallel_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"ExpertParallel{cls.__name__}", (ExpertParallel, cls), {})
+    return _CLASSES[cls]
+
+
+def shard_experts(
+    module: nn.Module, mesh: Any = None, *, ep_dim: str = "ep", group: Any = None
+) -> nn.Module:
+    """Make every :class:`smoe.MoELayer` in ``module`` expert-parallel, in place; returns
+    ``module``.
+
+    Args:
+        module: a model (or one layer) built identically on every rank of the group.
+        mesh: a ``torch.distributed.DeviceMesh``; its ``ep_dim`` dimension is the ep group.
+        ep_dim: the mesh dimension's name.
+        group: a process group instead of a mesh (default: the world).
+
+    Raises:
+        RuntimeError: torch.distributed is not initialised.
+        ValueError: a layer's ``num_experts`` is not divisible by the ep size, or the ranks
+            disagree on a layer's signature (E, k, d_model, d_ff, activation, dtype, classes):
+            the same error on every rank, raised at setup, never a hang later.
+    """
+    from smoe.layer import MoELayer
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("shard_experts: torch.distributed is not initialised")
+    if mesh is not None and group is not None:
+        raise ValueError("shard_experts: give mesh or group, not both")
+    if mesh is not None:
+        group = mesh.get_group(ep_dim)
+    if group is None:
+        group = dist.group.WORLD
+    P, r = dist.get_world_size(group), dist.get_rank(group)
+    layers = [m for m in module.modules() if isinstance(m, MoELayer)]
+    signatures = [layer_signature(layer) for layer in layers]
+    everyone: list[Any] = [None] * P
+    dist.all_gather_object(everyone, signatures, group=group)
+    if any(s != signatures for s in everyone):
+        diff = "; ".join(f"rank {i}: {s}" for i, s in enumerate(everyone) if s != everyone[0])
+        raise ValueError(
+            f"shard_experts: the ranks of the ep group disagree on their MoE layers (rank 0: "
+            f"{everyone[0]}; {diff})"
+        )
+    for i, layer in enumerate(layers):
+        E = layer.num_experts
+        if isinstance(layer.experts, ExpertParallel):
+            raise ValueError(f"shard_experts: MoE layer {i} is already expert-parallel")
+        if E % P:
+            raise ValueError(
+                f"shard_experts: num_experts = {E} (MoE layer {i}) must be divisible by the ep "
+                f"group's size {P}"
+            )
+        E_loc = E // P
+        experts = layer.experts
+        _local(experts, r * E_loc, (r + 1) * E_loc)
+        experts.__class__ = _parallel_class(type(experts))
+        experts.ep_group, experts.ep_size, experts.ep_rank = group, P, r
+        experts.ep_num_experts = E
+    return module

@@ -1,0 +1,195 @@
+"""Spawns ``--world`` Gloo ranks (file rendezvous) that run every case of ep_cases.py, plus the
+error cases, and writes rank 0's report as JSON. Run by tests/distributed/test_expert_parallel.py
+(which bounds it with a timeout and checks the exit code)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+def _errors(rank: int, world: int) -> dict[str, str]:
+    """The setup errors, as each rank sees them."""
+    from smoe import MoELayer
+    from smoe.parallel import shard_experts
+
+    out = {}
+    torch.manual_seed(0)
+    try:  # E not divisible by the ep size
+        shard_experts(MoELayer(8, 8, world + 1, 1))
+    except ValueError as e:
+        out["indivisible"] = str(e)
+    try:  # the ranks disagree on d_model
+        shard_experts(MoELayer(8 + rank, 8, world, 1))
+    except ValueError as e:
+        out["disagree"] = str(e)
+    layer = shard_experts(MoELayer(8, 8, 2 * world, 1))
+    try:  # offsets over the local experts instead of the global ones
+        layer.experts(torch.zeros(3, 8), torch.tensor([0, 1, 3]))
+    except ValueError as e:
+        out["offsets"] = str(e)
+    return out
+
+
+def _compiled(rank: int, world: int) -> dict:
+    """The sharded layer under torch.compile(backend="aot_eager") against eager, on this rank's
+    tokens (forward and input gradient), and dynamo's graph-break count for one call."""
+    import torch._dynamo
+
+    from smoe.parallel import shard_experts
+    from tests.distributed.ep_cases import Case, build, inputs, run_one
+
+    case = Case("compiled", (9, 4, 0, 6)[:world] if world == 4 else (9, 4), E=2 * world, k=2)
+    layer = shard_experts(build(case))
+    xs, cots = inputs(case)
+    eager = run_one(layer, xs[rank], cots[rank])
+    layer.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = xs[rank].clone().requires_grad_()
+    y, _ = compiled(x)
+    (y.float() * cots[rank].float()).sum().backward()
+    explained = torch._dynamo.explain(layer)(xs[rank])
+    return dict(
+        y_equal=bool(torch.equal(y.detach(), eager["y"])),
+        dx_equal=bool(torch.equal(x.grad, eager["dx"])),
+        graph_breaks=explained.graph_break_count,
+        break_reasons=sorted(
+            {str(b.reason).splitlines()[0][:160] for b in explained.break_reasons}
+        ),
+    )
+
+
+class _Net(torch.nn.Module):
+    """Linear -> MoELayer (residual) -> Linear: replicated parameters around the experts."""
+
+    def __init__(self, case) -> None:
+        from tests.distributed.ep_cases import build
+
+        super().__init__()
+        torch.manual_seed(case.seed + 1)
+        self.inp = torch.nn.Linear(case.d, case.d)
+        self.out = torch.nn.Linear(case.d, case.d)
+        self.moe = build(case)
+
+    def forward(self, x):
+        h = self.inp(x)
+        y, _ = self.moe(h)
+        return self.out(h + y)
+
+
+def _fsdp_training(rank: int, world: int, steps: int = 20) -> dict:
+    """A 2 x 2 (dp x ep) mesh: experts sharded over ep, FSDP2 over dp for the experts and over
+    all ranks for the rest (torchtitan's layout, gradients summed: divide factor 1, each rank's
+    loss already divided by the global token count); ``steps`` Adam steps against one process
+    training on all ranks' tokens. Returns the largest parameter differences (rank 0)."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from smoe.parallel import shard_experts
+    from tests.distributed.ep_cases import Case
+
+    case = Case("fsdp", (6,) * world, E=4, k=2)
+    net = _Net(case)
+    reference = copy.deepcopy(net)
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "ep"))
+    flat = init_device_mesh("cpu", (world,), mesh_dim_names=("all",))
+    shard_experts(net, mesh, ep_dim="ep")
+    fully_shard(net.moe.experts, mesh=mesh["dp"])
+    fully_shard(net, mesh=flat)
+    # FSDP2 averages gradients over each module's mesh (Gloo has no PREMUL_SUM, so no custom
+    # divide factor): scaling each rank's loss by the world size makes the replicated gradients
+    # the sum over all ranks; the experts' are averaged over dp only, so they are scaled back by
+    # dp / world after the backward (with NCCL, set_gradient_divide_factor(1.0) does both)
+    expert_params = list(net.moe.experts.parameters())
+    dp = mesh["dp"].size()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    n_total = sum(case.tokens)
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        xs = [torch.randn(T, case.d, generator=g) for T in case.tokens]
+        ts = [torch.randn(T, case.d, generator=g) for T in case.tokens]
+        loss = ((net(xs[rank]) - ts[rank]) ** 2).sum() * world / n_total
+        opt.zero_grad()
+        loss.backward()
+        for p in expert_params:
+            p.grad.mul_(dp / world)
+        opt.step()
+        ref_loss = ((reference(torch.cat(xs)) - torch.cat(ts)) ** 2).sum() / n_total
+        ref_opt.zero_grad()
+        ref_loss.backward()
+        ref_opt.step()
+    diffs = {}
+    ep_group = mesh.get_group("ep")
+    initial = {n: p.detach() for n, p in _Net(case).named_parameters()}
+    for (name, p), (_, q) in zip(net.named_parameters(), reference.named_parameters()):
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+        if ".experts." in name:  # this ep rank's slice: gather the ep group's slices
+            parts = [torch.empty_like(full) for _ in range(dist.get_world_size(ep_group))]
+            dist.all_gather(parts, full.contiguous(), group=ep_group)
+            dim = 1 if name.endswith(("norm_weight", "norm_bias")) else 0
+            full = torch.cat(parts, dim=dim)
+        diffs[name] = dict(
+            max_abs=float((full - q.detach()).abs().max()),
+            scale=float(q.detach().abs().max()),
+            moved=float((q.detach() - initial[name]).abs().max()),
+        )
+    return diffs
+
+
+def worker(rank: int, world: int, rdv: str, out: str, only: str | None) -> None:
+    from tests.distributed.ep_cases import cases, run_case
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=world)
+    try:
+        report: dict = {"cases": {}, "errors": _errors(rank, world)}
+        errors = [None] * world
+        dist.all_gather_object(errors, report["errors"])
+        report["errors_by_rank"] = errors
+        compiled = [None] * world
+        dist.all_gather_object(compiled, _compiled(rank, world))
+        report["compiled_by_rank"] = compiled
+        if world == 4:
+            report["fsdp"] = _fsdp_training(rank, world)
+        for case in cases(world):
+            if only and only not in case.name:
+                continue
+            result = run_case(case, rank, world)
+            if rank == 0:
+                report["cases"][case.name] = result
+        if rank == 0:
+            Path(out).write_text(json.dumps(report, indent=1))
+    except Exception:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--world", type=int, required=True)
+    p.add_argument("--tmp", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("-k", dest="only", default=None)
+    a = p.parse_args()
+    rdv = str(Path(a.tmp) / "rendezvous")
+    mp.spawn(worker, args=(a.world, rdv, a.out, a.only), nprocs=a.world, join=True)
+
+
+if __name__ == "__main__":
+    main()

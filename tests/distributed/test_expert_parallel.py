@@ -1,0 +1,100 @@
+"""Expert parallelism (smoe.parallel) on 2 and 4 Gloo ranks against one process running the
+unsharded layer on the rank-major concatenation of all ranks' tokens.
+
+Each world size is one spawn (tests/distributed/ep_worker.py runs every case on its ranks, under
+a timeout; the exit code is checked), so a hang or a crash on any rank fails here instead of
+hanging the suite. Output, input gradient and expert-weight gradients must be bitwise equal;
+replicated (router) gradients, summed over the ranks, equal to float32 tolerance."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from tests.distributed.ep_cases import cases
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[2]
+WORLDS = (2, 4)
+TIMEOUT_S = 120
+
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with Gloo is not available", allow_module_level=True)
+
+
+@pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w}")
+def report(request, tmp_path_factory):
+    world = request.param
+    tmp = tmp_path_factory.mktemp(f"ep{world}")
+    out = tmp / "report.json"
+    cmd = [sys.executable, str(ROOT / "tests/distributed/ep_worker.py"), "--world", str(world),
+           "--tmp", str(tmp), "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return world, json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("name", [c.name for c in cases(2)])
+def test_expert_parallel_equals_one_process(report, name):
+    world, data = report
+    result = data["cases"][name]
+    assert "y" in result and "dx" in result and any(k.startswith("experts.") for k in result)
+    off = {k: v for k, v in result.items() if not v["equal"]}
+    assert not off, f"world {world}, {name}: not equal: {off}"
+
+
+def test_every_case_ran(report):
+    world, data = report
+    assert sorted(data["cases"]) == sorted(c.name for c in cases(world))
+
+
+def test_indivisible_experts_are_refused_on_every_rank(report):
+    world, data = report
+    msgs = [e.get("indivisible") for e in data["errors_by_rank"]]
+    assert all(m == msgs[0] for m in msgs) and msgs[0] is not None
+    assert f"num_experts = {world + 1}" in msgs[0] and f"size {world}" in msgs[0]
+
+
+def test_disagreeing_ranks_get_the_same_error(report):
+    world, data = report
+    msgs = [e.get("disagree") for e in data["errors_by_rank"]]
+    assert all(m == msgs[0] for m in msgs) and msgs[0] is not None
+    assert "disagree" in msgs[0] and "d_model" in msgs[0]
+
+
+def test_local_offsets_are_refused(report):
+    world, data = report
+    for e in data["errors_by_rank"]:
+        assert f"offsets must be [E+1] = [{2 * world + 1}]" in e["offsets"]
+
+
+def test_compiled_layer_equals_eager_and_its_graph_breaks_are_counted(report):
+    """torch.compile(backend="aot_eager") of the sharded layer computes eager's output and input
+    gradient on every rank. The split sizes are read on the host (the layer's one sync), so
+    dynamo breaks the graph there: counted, and at most a few per layer."""
+    world, data = report
+    for rank, c in enumerate(data["compiled_by_rank"]):
+        assert c["y_equal"] and c["dx_equal"], f"rank {rank}: {c}"
+        assert 1 <= c["graph_breaks"] <= 4, f"rank {rank}: {c}"
+
+
+def test_fsdp2_on_a_dp_by_ep_mesh_trains_like_one_process(report):
+    """4 ranks as a 2 x 2 (dp x ep) DeviceMesh: experts sharded over ep and FSDP2-sharded over
+    dp, everything else FSDP2-sharded over all ranks; 20 Adam steps equal one process training on
+    all ranks' tokens, to float32 tolerance (reductions differ in order), every parameter moved."""
+    world, data = report
+    if world != 4:
+        pytest.skip("the 2 x 2 mesh needs 4 ranks")
+    assert set(data["fsdp"]) == {
+        "inp.weight", "inp.bias", "out.weight", "out.bias", "moe.router.weight",
+        "moe.experts.w_in", "moe.experts.w_out",
+    }  # fmt: skip
+    for name, d in data["fsdp"].items():
+        assert d["moved"] > 1e-2, name  # training changed it: the comparison means something
+        assert d["max_abs"] <= 1e-5 * max(1.0, d["scale"]), (name, d)
