@@ -35,6 +35,8 @@ class Case:
     d: int = 16
     d_ff: int = 24
     seed: int = 0
+    seq: int = 0  # > 0: each rank's tokens are tokens[r] // seq sequences of seq tokens
+    training: bool = True  # False: eval mode (no routing noise, no training-only coupling)
 
 
 def cases(world: int) -> list[Case]:
@@ -70,10 +72,45 @@ def cases(world: int) -> list[Case]:
     ]
 
 
+SEQ = 4  # tokens per sequence in the registry sweep
+
+# Options per registered router for the registry sweep: routing groups no larger than a sequence
+# (each rank's sequences are then routed as in one process), no capacity dropping across ranks.
+ROUTER_OPTIONS: dict[str, dict[str, Any]] = {
+    "vmoe": dict(group_size=SEQ),
+    "expert_choice": dict(group_size=SEQ),
+}
+
+
+def router_cases(world: int) -> list[Case]:
+    """Every registered router, in eval mode, on 2 (or 1) sequences of SEQ tokens per rank."""
+    from smoe.routing.registry import available_routers
+
+    tokens = (2 * SEQ, SEQ) if world == 2 else (2 * SEQ, SEQ, SEQ, 2 * SEQ)
+    return [
+        Case(
+            f"router-{name}",
+            tokens,
+            E=2 * world,
+            k=2,
+            router=name,
+            options=ROUTER_OPTIONS.get(name, {}),
+            seq=SEQ,
+            training=False,
+        )  # fmt: skip
+        for name in available_routers()
+    ]
+
+
 def build(case: Case) -> MoELayer:
+    from smoe.models import moe_layer
+
     torch.manual_seed(case.seed)
     kw = dict(router=case.router, router_options=case.options or None, activation=case.activation)
-    layer = MoELayer(case.d, case.d_ff, case.E, case.k, bias=case.bias, **kw)
+    layer = moe_layer(case.d, case.d_ff, case.E, case.k, bias=case.bias, **kw)
+    layer.train(case.training)
+    if case.route == "random":
+        return layer.to(getattr(torch, case.dtype))
     w = layer.router.weight
     with torch.no_grad():
         if case.route == "one_rank":  # positive tokens; rank 0's experts score > 0, others < 0
@@ -99,11 +136,33 @@ def inputs(case: Case) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return xs, cots
 
 
-def run_one(layer: MoELayer, x: torch.Tensor, cot: torch.Tensor) -> dict[str, torch.Tensor]:
+def attention(case: Case, batch: int) -> torch.Tensor | None:
+    """Head-averaged attention probabilities [B, S, S] for routers that read them (seeded by the
+    sequence index, so the rank-major concatenation is one process's batch)."""
+    from smoe.routing.registry import router_info
+
+    if not case.seq or not router_info(case.router).needs_attention:
+        return None
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(batch, case.seq, case.seq, generator=g).softmax(-1)
+
+
+def run_one(
+    layer: MoELayer, x: torch.Tensor, cot: torch.Tensor, case: Case | None = None,
+    first: int = 0,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    from smoe import RoutingContext
+
+    context = None
+    if case is not None and case.seq:
+        x, cot = x.view(-1, case.seq, case.d), cot.view(-1, case.seq, case.d)
+        att = attention(case, first + x.shape[0])
+        if att is not None:
+            context = RoutingContext(attention=att[first:].to(x.dtype))
     x = x.clone().requires_grad_()
-    y, _ = layer(x)
+    y, _ = layer(x, context) if context is not None else layer(x)
     (y.float() * cot.float()).sum().backward()
-    out = {"y": y.detach(), "dx": x.grad}
+    out = {"y": y.detach().reshape(-1, y.shape[-1]), "dx": x.grad.reshape(-1, x.shape[-1])}
     for name, p in layer.named_parameters():
         out[name] = p.grad if p.grad is not None else torch.zeros_like(p)
     return out
@@ -115,12 +174,13 @@ def run_case(case: Case, rank: int, world: int) -> dict[str, Any] | None:
     reference = copy.deepcopy(layer)
     shard_experts(layer)
     xs, cots = inputs(case)
-    mine = run_one(layer, xs[rank], cots[rank])
+    first = sum(case.tokens[:rank]) // case.seq if case.seq else 0
+    mine = run_one(layer, xs[rank], cots[rank], case, first)
     everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, mine)
     if rank != 0:
         return None
-    want = run_one(reference, torch.cat(xs), torch.cat(cots))
+    want = run_one(reference, torch.cat(xs), torch.cat(cots), case)
     report: dict[str, Any] = {}
     for name, w in want.items():
         parts = [r[name] for r in everyone]

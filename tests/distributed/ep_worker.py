@@ -151,7 +151,7 @@ def _fsdp_training(rank: int, world: int, steps: int = 20) -> dict:
 
 
 def worker(rank: int, world: int, rdv: str, out: str, only: str | None) -> None:
-    from tests.distributed.ep_cases import cases, run_case
+    from tests.distributed.ep_cases import cases, router_cases, run_case
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=world)
@@ -165,7 +165,7 @@ def worker(rank: int, world: int, rdv: str, out: str, only: str | None) -> None:
         report["compiled_by_rank"] = compiled
         if world == 4:
             report["fsdp"] = _fsdp_training(rank, world)
-        for case in cases(world):
+        for case in cases(world) + router_cases(world):
             if only and only not in case.name:
                 continue
             result = run_case(case, rank, world)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from tests.distributed.ep_cases import cases
+from tests.distributed.ep_cases import cases, router_cases
 
 pytestmark = pytest.mark.distributed
 
@@ -40,8 +40,10 @@ def report(request, tmp_path_factory):
     return world, json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("name", [c.name for c in cases(2)])
+@pytest.mark.parametrize("name", [c.name for c in cases(2) + router_cases(2)])
 def test_expert_parallel_equals_one_process(report, name):
+    """Each dispatch case, and every registered router (a sweep from the registry, eval mode,
+    each rank's tokens whole sequences: the routers' groups never span ranks)."""
     world, data = report
     result = data["cases"][name]
     assert "y" in result and "dx" in result and any(k.startswith("experts.") for k in result)
@@ -51,7 +53,7 @@ def test_expert_parallel_equals_one_process(report, name):
 
 def test_every_case_ran(report):
     world, data = report
-    assert sorted(data["cases"]) == sorted(c.name for c in cases(world))
+    assert sorted(data["cases"]) == sorted(c.name for c in cases(world) + router_cases(world))
 
 
 def test_indivisible_experts_are_refused_on_every_rank(report):
