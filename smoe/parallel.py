@@ -41,6 +41,7 @@ Only the ``all_to_all_single`` form is used (Gloo lacks the list form).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,7 +50,7 @@ from torch import Tensor, nn
 
 from smoe.experts import Experts, StackedExperts
 
-__all__ = ["ExpertParallel", "shard_experts", "layer_signature"]
+__all__ = ["ExpertParallel", "exchange_rows", "layer_signature", "shard_experts"]
 
 
 def _a2a_autograd(x: Tensor, output_splits: list[int], input_splits: list[int], group) -> Tensor:
@@ -72,34 +73,14 @@ class ExpertParallel:
     def forward(self, x_sorted: Tensor, offsets: Tensor) -> Tensor:
         """``x_sorted [M, d]`` grouped by ``offsets [E+1]`` over the E global experts (rows past
         ``offsets[E]`` are padding) -> ``[M, d]``, padding rows 0."""
-        E, P = self.ep_num_experts, self.ep_size
-        E_loc = E // P
+        E = self.ep_num_experts
         if offsets.shape != (E + 1,):
             raise ValueError(
                 f"{type(self).__name__}: offsets must be [E+1] = [{E + 1}] over the global "
                 f"experts, got shape {tuple(offsets.shape)}"
             )
-        counts = (offsets[1:] - offsets[:-1]).to(torch.int64)
-        received = torch.empty_like(counts)
-        # counts is [P, E_loc] rank-major: chunk p (rank p's experts) goes to rank p
-        dist.all_to_all_single(received, counts, group=self.ep_group)
-        send, recv = torch.stack([counts, received]).view(2, P, E_loc).tolist()  # the host sync
-        send_splits = [sum(c) for c in send]
-        recv_splits = [sum(c) for c in recv]
-        used = sum(send_splits)
-        d = x_sorted.shape[1]
-        x_recv = _a2a_autograd(
-            x_sorted[:used].contiguous(), recv_splits, send_splits, self.ep_group
-        )
-        order, local_counts = _regroup(recv, x_sorted.device)
-        local_offsets = torch.tensor([0, *local_counts], dtype=torch.int64).cumsum(0)
-        x_local = x_recv.index_select(0, order)
-        y_local = super().forward(x_local, local_offsets.to(x_sorted.device))
-        y_recv = torch.empty_like(y_local).index_copy(0, order, y_local)
-        y_send = _a2a_autograd(y_recv, send_splits, recv_splits, self.ep_group)
-        if used == x_sorted.shape[0]:
-            return y_send
-        return torch.cat([y_send, y_send.new_zeros(x_sorted.shape[0] - used, d)])
+        local = super().forward  # the experts' own forward, on the local experts
+        return exchange_rows(x_sorted, offsets, self.ep_group, local)
 
     def extra_repr(self) -> str:
         return (
@@ -107,6 +88,39 @@ class ExpertParallel:
             + f", ep_rank={self.ep_rank}, ep_size={self.ep_size}, global_experts="
             + f"{self.ep_num_experts}"
         )
+
+
+def exchange_rows(
+    x_sorted: Tensor,
+    offsets: Tensor,
+    group: Any,
+    run_local: Callable[[Tensor, Tensor], Tensor],
+) -> Tensor:
+    """Steps 2-7 of the module docstring: rows grouped by the E global experts (``offsets [E+1]``,
+    E a multiple of the group's size P) go to their experts' ranks, ``run_local(x_local,
+    local_offsets [E/P + 1])`` computes this rank's experts on the rows it received, and the
+    results come back in ``x_sorted``'s row order (padding rows past ``offsets[E]`` are 0).
+    Differentiable; one host read of the split sizes."""
+    P = dist.get_world_size(group)
+    E = offsets.shape[0] - 1
+    E_loc = E // P
+    counts = (offsets[1:] - offsets[:-1]).to(torch.int64)
+    received = torch.empty_like(counts)
+    # counts is [P, E_loc] rank-major: chunk p (rank p's experts) goes to rank p
+    dist.all_to_all_single(received, counts, group=group)
+    send, recv = torch.stack([counts, received]).view(2, P, E_loc).tolist()  # the host sync
+    send_splits = [sum(c) for c in send]
+    recv_splits = [sum(c) for c in recv]
+    used = sum(send_splits)
+    x_recv = _a2a_autograd(x_sorted[:used].contiguous(), recv_splits, send_splits, group)
+    order, local_counts = _regroup(recv, x_sorted.device)
+    local_offsets = torch.tensor([0, *local_counts], dtype=torch.int64).cumsum(0)
+    y_local = run_local(x_recv.index_select(0, order), local_offsets.to(x_sorted.device))
+    y_recv = torch.empty_like(y_local).index_copy(0, order, y_local)
+    y_send = _a2a_autograd(y_recv, send_splits, recv_splits, group)
+    if used == x_sorted.shape[0]:
+        return y_send
+    return torch.cat([y_send, y_send.new_zeros(x_sorted.shape[0] - used, y_send.shape[1])])
 
 
 def _regroup(recv: list[list[int]], device: torch.device) -> tuple[Tensor, list[int]]:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from smoe import ops
 
-__all__ = ["register", "run_experts", "smoe_experts_forward"]
+__all__ = ["expert_rows", "register", "run_experts", "smoe_experts_forward"]
 
 NAME = "smoe"
 
@@ -114,7 +114,15 @@ def run_experts(module: nn.Module, hidden_states: Tensor, plan: ops.Plan, weight
     grouped_mm → combine with ``weight [T, k]``; ``[T, d]`` in ``hidden_states``' dtype. Also the
     experts path of the blocks :func:`smoe.convert` builds (whose routers may make their own
     plans)."""
-    x = ops.permute(hidden_states, plan)
+    y = expert_rows(module, ops.permute(hidden_states, plan), plan.offsets)
+    out = ops.combine(y, weight.to(y.dtype), plan)
+    return out.to(hidden_states.dtype)
+
+
+def expert_rows(module: nn.Module, x: Tensor, offsets: Tensor) -> Tensor:
+    """A transformers experts module's experts on rows grouped by expert (``offsets [E+1]`` over
+    the module's ``num_experts``): grouped_mm → gate → grouped_mm (→ post-expert norm), ``[M,
+    d]``; padding rows past ``offsets[E]`` carry no bias."""
     transposed = bool(getattr(module, "is_transposed", False))
     has_gate, has_bias = getattr(module, "has_gate", True), getattr(module, "has_bias", False)
     w_in = module.gate_up_proj if has_gate else module.up_proj
@@ -122,25 +130,32 @@ def run_experts(module: nn.Module, hidden_states: Tensor, plan: ops.Plan, weight
     if has_bias:  # fused into the GEMMs (grouped_mm's bias), cast with the weights
         b_in = _bias(module.gate_up_proj_bias if has_gate else module.up_proj_bias, w_in)
         b_out = _bias(module.down_proj_bias, module.down_proj)
-    h = ops.grouped_mm(x, _weight(w_in, transposed), plan.offsets, b_in)
+    h = ops.grouped_mm(x, _weight(w_in, transposed), offsets, b_in)
     if not has_gate:
         a = module.act_fn(h)
     elif _fused_swiglu(module):
         a = ops.swiglu(h)
     else:
         a = module._apply_gate(h)
-    y = ops.grouped_mm(a.to(h.dtype), _weight(module.down_proj, transposed), plan.offsets, b_out)
+    y = ops.grouped_mm(a.to(h.dtype), _weight(module.down_proj, transposed), offsets, b_out)
     if getattr(module, "has_post_expert_norm", False):
         y = module.post_expert_norm(y)
-    out = ops.combine(y, weight.to(y.dtype), plan)
-    return out.to(hidden_states.dtype)
+    return y
 
 
 def register() -> None:
-    """Register ``"smoe"`` with transformers' ``ExpertsInterface`` (idempotent; done on import)."""
+    """Register ``"smoe"`` with transformers' ``ExpertsInterface`` and, where this transformers
+    has expert parallelism, its ``EPImplementationInterface`` (idempotent; done on import)."""
     from transformers.integrations.moe import ExpertsInterface
 
     ExpertsInterface.register(NAME, smoe_experts_forward)
+    try:
+        from transformers.distributed.expert_parallel import EPImplementationInterface
+    except ImportError:  # a transformers without expert parallelism
+        return
+    from smoe.integrations.transformers_ep import SmoeEP
+
+    EPImplementationInterface.register(NAME, SmoeEP)
 
 
 register()
