@@ -11,8 +11,11 @@ by ``all_to_all_single``.
 
 After :func:`shard_experts`, every :class:`smoe.MoELayer` in the module keeps only the experts of
 its rank: rank r of an ep group of size P holds experts ``[r·E/P, (r+1)·E/P)``. The experts
-module keeps its class's forward and parameter names (its parameters are the local slices, so a
-state_dict holds this rank's experts under the unsharded keys); its class becomes an
+module keeps its class's forward and parameter names; its per-expert parameters become DTensors
+sharded along the expert dim over the ep mesh (``Shard(0)``), so a state_dict has the unsharded
+keys and global shapes (``torch.distributed.checkpoint`` saves and loads it against an unsharded
+model's), FSDP2 composes over the other mesh dims, and ``p.full_tensor()`` gathers a parameter;
+the forward runs on the local shards (``to_local``). Its class becomes an
 ``ExpertParallel<name>`` subclass (as FSDP2's ``fully_shard`` does) whose forward runs, per layer:
 
 1. the router and ``make_plan`` over the E global experts, locally (the layer, unchanged);
@@ -79,8 +82,17 @@ class ExpertParallel:
                 f"{type(self).__name__}: offsets must be [E+1] = [{E + 1}] over the global "
                 f"experts, got shape {tuple(offsets.shape)}"
             )
-        local = super().forward  # the experts' own forward, on the local experts
-        return exchange_rows(x_sorted, offsets, self.ep_group, local)
+        return exchange_rows(x_sorted, offsets, self.ep_group, self._local_forward)
+
+    def _local_forward(self, x: Tensor, offsets: Tensor) -> Tensor:
+        """The experts' own forward on this rank's experts: the DTensor parameters swapped for
+        their local shards (``to_local``, differentiable) while it runs."""
+        from torch.distributed.tensor import DTensor
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        local = {n: p.to_local() for n, p in self.named_parameters() if isinstance(p, DTensor)}
+        with _reparametrize_module(self, local):
+            return super().forward(x, offsets)
 
     def extra_repr(self) -> str:
         return (
@@ -159,21 +171,30 @@ def layer_signature(layer: nn.Module) -> dict[str, Any]:
     )
 
 
-def _local(experts: nn.Module, lo: int, hi: int) -> None:
-    """Keep experts [lo, hi) of ``experts`` in place: every per-expert parameter is sliced along
-    its expert dim (a copy, so the full tensors are freed)."""
+def _shard(p: nn.Parameter, dim: int, lo: int, hi: int, ep_mesh: Any) -> nn.Parameter:
+    """Experts [lo, hi) of ``p`` along ``dim`` (a copy, so the full tensor is freed), as a DTensor
+    sharded on ``dim`` over the ep mesh: its global shape is the unsharded one."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    local = p.detach().narrow(dim, lo, hi - lo).clone()
+    shard = DTensor.from_local(local, ep_mesh, [Shard(dim)], run_check=False)
+    return nn.Parameter(shard, p.requires_grad)
+
+
+def _local(experts: nn.Module, lo: int, hi: int, ep_mesh: Any) -> None:
+    """Keep experts [lo, hi) of ``experts`` in place: every per-expert parameter becomes this
+    rank's slice, a DTensor sharded along its expert dim over ``ep_mesh``."""
     if isinstance(experts, Experts):
         for name in ("w_in", "w_out", "b_in", "b_out"):
             p = getattr(experts, name)
             if p is not None:
-                setattr(experts, name, nn.Parameter(p.detach()[lo:hi].clone(), p.requires_grad))
+                setattr(experts, name, _shard(p, 0, lo, hi, ep_mesh))
         experts.num_experts = hi - lo
     elif isinstance(experts, StackedExperts):
         for ffn in experts.ffns:
-            _local(ffn, lo, hi)
+            _local(ffn, lo, hi, ep_mesh)
         for name in ("norm_weight", "norm_bias"):
-            p = getattr(experts, name)
-            setattr(experts, name, nn.Parameter(p.detach()[:, lo:hi].clone(), p.requires_grad))
+            setattr(experts, name, _shard(getattr(experts, name), 1, lo, hi, ep_mesh))
         experts.num_experts = hi - lo
     else:
         raise TypeError(
@@ -216,9 +237,14 @@ def shard_experts(
     if mesh is not None and group is not None:
         raise ValueError("shard_experts: give mesh or group, not both")
     if mesh is not None:
-        group = mesh.get_group(ep_dim)
-    if group is None:
-        group = dist.group.WORLD
+        ep_mesh = mesh[ep_dim]
+        group = ep_mesh.get_group()
+    else:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        group = dist.group.WORLD if group is None else group
+        device = next(module.parameters()).device.type
+        ep_mesh = DeviceMesh.from_group(group, device, mesh_dim_names=(ep_dim,))
     P, r = dist.get_world_size(group), dist.get_rank(group)
     layers = [m for m in module.modules() if isinstance(m, MoELayer)]
     signatures = [layer_signature(layer) for layer in layers]
@@ -241,7 +267,7 @@ def shard_experts(
             )
         E_loc = E // P
         experts = layer.experts
-        _local(experts, r * E_loc, (r + 1) * E_loc)
+        _local(experts, r * E_loc, (r + 1) * E_loc, ep_mesh)
         experts.__class__ = _parallel_class(type(experts))
         experts.ep_group, experts.ep_size, experts.ep_rank = group, P, r
         experts.ep_num_experts = E

@@ -164,7 +164,8 @@ def run_one(
     (y.float() * cot.float()).sum().backward()
     out = {"y": y.detach().reshape(-1, y.shape[-1]), "dx": x.grad.reshape(-1, x.shape[-1])}
     for name, p in layer.named_parameters():
-        out[name] = p.grad if p.grad is not None else torch.zeros_like(p)
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        out[name] = g.to_local() if hasattr(g, "to_local") else g  # an expert shard's DTensor
     return out
 
 

@@ -137,7 +137,7 @@ def _fsdp_training(rank: int, world: int, steps: int = 20) -> dict:
     initial = {n: p.detach() for n, p in _Net(case).named_parameters()}
     for (name, p), (_, q) in zip(net.named_parameters(), reference.named_parameters()):
         full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
-        if ".experts." in name:  # this ep rank's slice: gather the ep group's slices
+        if full.shape != q.shape:  # this ep rank's slice: gather the ep group's slices
             parts = [torch.empty_like(full) for _ in range(dist.get_world_size(ep_group))]
             dist.all_gather(parts, full.contiguous(), group=ep_group)
             dim = 1 if name.endswith(("norm_weight", "norm_bias")) else 0
@@ -148,6 +148,38 @@ def _fsdp_training(rank: int, world: int, steps: int = 20) -> dict:
             moved=float((q.detach() - initial[name]).abs().max()),
         )
     return diffs
+
+
+def checkpoint_case(world: int, seed: int = 0):
+    from tests.distributed.ep_cases import Case
+
+    return Case("dcp", (5,) * world, E=2 * world, k=2, bias=True, seed=seed)
+
+
+def _checkpoint(rank: int, world: int, tmp: Path) -> dict:
+    """torch.distributed.checkpoint of a sharded layer: its state_dict keys and global shapes are
+    the unsharded layer's; it saves to ``tmp/ep_ckpt`` (the test loads that in one process) and
+    loads ``tmp/plain_ckpt`` (saved by the test from one process, seed 5) into its shards."""
+    import torch.distributed.checkpoint as dcp
+
+    from smoe.parallel import shard_experts
+    from tests.distributed.ep_cases import build
+
+    plain = build(checkpoint_case(world)).state_dict()
+    layer = shard_experts(build(checkpoint_case(world)))
+    sd = layer.state_dict()
+    shapes_equal = {k: list(v.shape) == list(plain[k].shape) for k, v in sd.items()}
+    dcp.save(sd, checkpoint_id=str(tmp / "ep_ckpt"))
+    back = shard_experts(build(checkpoint_case(world, seed=9)))
+    target = back.state_dict()
+    dcp.load(target, checkpoint_id=str(tmp / "plain_ckpt"))
+    back.load_state_dict(target)
+    want = build(checkpoint_case(world, seed=5)).state_dict()
+    loaded = {}
+    for k, v in back.state_dict().items():
+        full = v.full_tensor() if hasattr(v, "full_tensor") else v
+        loaded[k] = bool(torch.equal(full, want[k]))
+    return dict(keys=sorted(sd), plain_keys=sorted(plain), shapes_equal=shapes_equal, loaded=loaded)
 
 
 def worker(rank: int, world: int, rdv: str, out: str, only: str | None) -> None:
@@ -165,6 +197,9 @@ def worker(rank: int, world: int, rdv: str, out: str, only: str | None) -> None:
         report["compiled_by_rank"] = compiled
         if world == 4:
             report["fsdp"] = _fsdp_training(rank, world)
+        ckpt = [None] * world
+        dist.all_gather_object(ckpt, _checkpoint(rank, world, Path(rdv).parent))
+        report["checkpoint_by_rank"] = ckpt
         for case in cases(world) + router_cases(world):
             if only and only not in case.name:
                 continue

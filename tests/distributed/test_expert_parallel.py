@@ -14,11 +14,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
-from tests.distributed.ep_cases import cases, router_cases
+from tests.distributed.ep_cases import build, cases, router_cases
+from tests.distributed.ep_worker import checkpoint_case
 
-pytestmark = pytest.mark.distributed
+pytestmark = [
+    pytest.mark.distributed,
+    # dcp.save / dcp.load here run without a process group on purpose (the one-process side)
+    pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning"),
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLDS = (2, 4)
@@ -33,11 +40,16 @@ def report(request, tmp_path_factory):
     world = request.param
     tmp = tmp_path_factory.mktemp(f"ep{world}")
     out = tmp / "report.json"
+    # a checkpoint saved by one process (seed 5) for the ranks to load into their shards
+    layer = build(checkpoint_case(world, seed=5))
+    dcp.save(layer.state_dict(), checkpoint_id=str(tmp / "plain_ckpt"), no_dist=True)
     cmd = [sys.executable, str(ROOT / "tests/distributed/ep_worker.py"), "--world", str(world),
            "--tmp", str(tmp), "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return world, json.loads(out.read_text())
+    data = json.loads(out.read_text())
+    data["tmp"] = str(tmp)
+    return world, data
 
 
 @pytest.mark.parametrize("name", [c.name for c in cases(2) + router_cases(2)])
@@ -100,3 +112,26 @@ def test_fsdp2_on_a_dp_by_ep_mesh_trains_like_one_process(report):
     for name, d in data["fsdp"].items():
         assert d["moved"] > 1e-2, name  # training changed it: the comparison means something
         assert d["max_abs"] <= 1e-5 * max(1.0, d["scale"]), (name, d)
+
+
+def test_sharded_state_dict_has_the_unsharded_keys_and_shapes(report):
+    world, data = report
+    for rank, c in enumerate(data["checkpoint_by_rank"]):
+        assert c["keys"] == c["plain_keys"], rank
+        assert all(c["shapes_equal"].values()), (rank, c["shapes_equal"])
+
+
+def test_checkpoint_of_the_sharded_layer_loads_into_one_process(report):
+    """dcp.save on the ranks (DTensor expert shards), dcp.load here without a process group."""
+    world, data = report
+    want = build(checkpoint_case(world)).state_dict()
+    target = build(checkpoint_case(world, seed=3)).state_dict()  # other values, same keys
+    dcp.load(target, checkpoint_id=str(Path(data["tmp"]) / "ep_ckpt"), no_dist=True)
+    for k, v in want.items():
+        assert torch.equal(target[k], v), k
+
+
+def test_checkpoint_of_one_process_loads_into_the_shards(report):
+    world, data = report
+    for rank, c in enumerate(data["checkpoint_by_rank"]):
+        assert c["loaded"] and all(c["loaded"].values()), (rank, c["loaded"])

@@ -51,6 +51,13 @@ def grouped_mm():
     return x, ops.grouped_mm(x, w, torch.tensor([0, 2, 6, 9]))
 
 
+def grouped_mm_bias():
+    # the bias's gradient (grouped_mm_bias_backward) depends on it through the output
+    b = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    x, w = torch.randn(9, 4, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
+    return b, ops.grouped_mm(x, w, torch.tensor([0, 2, 6, 9]), b)
+
+
 def cosine_scores():
     h = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     proj, emb = torch.randn(3, 5, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
@@ -89,6 +96,7 @@ MAKERS = [
     combine,
     swiglu,
     grouped_mm,
+    grouped_mm_bias,
     cosine_scores,
     sinkhorn,
     momentum_update,
