@@ -38,8 +38,10 @@ of all ranks' tokens: outputs and gradients equal that process's (tests/distribu
 capacity and aux statistics are per rank (each rank's tokens are one routing group, GShard's
 group semantics); ``expert_choice`` and ``usmoe`` pick within each rank's tokens.
 
-Backends: Gloo (CPU, and CUDA tensors host-staged: testable with 2 ranks on one GPU) and NCCL.
-Only the ``all_to_all_single`` form is used (Gloo lacks the list form).
+Backends: Gloo on CPU (tested: tests/distributed, 2 and 4 ranks); NCCL, and CUDA tensors over
+Gloo, are the same calls but have not run yet (no GPU so far). Only the ``all_to_all_single``
+form is used (Gloo lacks the list form). Routers whose selection needs statistics beyond a rank
+(SSR's ``scope="global"``) take them over the data-parallel group, as their docstrings say.
 """
 
 from __future__ import annotations
