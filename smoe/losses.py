@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
 
 def switch_balance_loss(
-    logits: Tensor, expert: Tensor, num_experts: int, *, first_choice_only: bool = False
+    logits: Tensor,
+    expert: Tensor,
+    num_experts: int,
+    *,
+    first_choice_only: bool = False,
+    stats_group: Any = None,
 ) -> Tensor:
     """Switch load-balancing loss ``E * sum_e f_e * P_e`` (specs/classic_routers.md §2).
 
@@ -20,6 +26,11 @@ def switch_balance_loss(
         first_choice_only: False (default) counts all k choices divided by T, the convention of
             ST-MoE's code and transformers' ``load_balancing_loss_func`` (uniform routing gives k);
             True counts first choices only, as GShard / fairseq / Tutel (uniform gives 1).
+        stats_group: a ``torch.distributed`` process group whose ranks each hold their own
+            tokens: the counts f (and T) are all-reduced over it (no gradient), P stays this
+            rank's, so the mean over ranks of this loss, with equal T per rank, is the loss of
+            all ranks' tokens at once (global-batch balancing) and its gradients, averaged as
+            data parallelism does, are that loss's. None (default): this rank's tokens only.
 
     Returns:
         A float32 scalar; multiply by the coefficient alpha (1e-2 in Switch) yourself.
@@ -31,8 +42,15 @@ def switch_balance_loss(
     # A one_hot would materialise [T, k, E] int64.
     valid = (chosen >= 0).float()
     counts = probs.new_zeros(num_experts).scatter_add_(0, chosen.clamp_min(0).long(), valid)
-    f = counts / max(T, 1)
     p = probs.sum(dim=0) / max(T, 1)
+    if stats_group is not None:
+        import torch.distributed as dist
+
+        stats = torch.cat([counts, counts.new_full((1,), float(T))]).detach()
+        dist.all_reduce(stats, group=stats_group)
+        counts, T = stats[:-1], stats[-1].clamp_min(1.0)
+        return num_experts * (counts / T * p).sum()
+    f = counts / max(T, 1)
     return num_experts * (f * p).sum()
 
 

@@ -215,7 +215,12 @@ def _parallel_class(cls: type) -> type:
 
 
 def shard_experts(
-    module: nn.Module, mesh: Any = None, *, ep_dim: str = "ep", group: Any = None
+    module: nn.Module,
+    mesh: Any = None,
+    *,
+    ep_dim: str = "ep",
+    group: Any = None,
+    global_stats: bool = False,
 ) -> nn.Module:
     """Make every :class:`smoe.MoELayer` in ``module`` expert-parallel, in place; returns
     ``module``.
@@ -225,10 +230,15 @@ def shard_experts(
         mesh: a ``torch.distributed.DeviceMesh``; its ``ep_dim`` dimension is the ep group.
         ep_dim: the mesh dimension's name.
         group: a process group instead of a mesh (default: the world).
+        global_stats: compute the top-k family's Switch balance loss from the expert counts of
+            all ranks (each holds its own tokens: the world), all-reduced, with each rank's own
+            mean probabilities (global-batch balancing; :func:`smoe.losses.switch_balance_loss`).
+            False (default): each rank's tokens only.
 
     Raises:
         RuntimeError: torch.distributed is not initialised.
-        ValueError: a layer's ``num_experts`` is not divisible by the ep size, or the ranks
+        ValueError: ``global_stats`` with a router outside the top-k family, a layer's
+            ``num_experts`` not divisible by the ep size, or the ranks
             disagree on a layer's signature (E, k, d_model, d_ff, activation, dtype, classes):
             the same error on every rank, raised at setup, never a hang later.
     """
@@ -258,7 +268,18 @@ def shard_experts(
             f"shard_experts: the ranks of the ep group disagree on their MoE layers (rank 0: "
             f"{everyone[0]}; {diff})"
         )
+    if global_stats:
+        from smoe.routing.topk import TopKRouter
+
+        for i, layer in enumerate(layers):
+            if not isinstance(layer.router, TopKRouter):
+                raise ValueError(
+                    f"shard_experts: global_stats applies to the top-k family's balance loss "
+                    f"(TopKRouter), got {type(layer.router).__name__} in MoE layer {i}"
+                )
     for i, layer in enumerate(layers):
+        if global_stats:
+            layer.router.stats_group = dist.group.WORLD
         E = layer.num_experts
         if isinstance(layer.experts, ExpertParallel):
             raise ValueError(f"shard_experts: MoE layer {i} is already expert-parallel")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,10 @@ class TopKRouter(Float32Buffers, nn.Module):
     """
 
     _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
+
+    # A process group for global-batch balance statistics (smoe.parallel.shard_experts with
+    # global_stats=True sets it; see smoe.losses.switch_balance_loss). None: this rank's tokens.
+    stats_group: Any = None
 
     def __init__(
         self,
@@ -157,6 +162,7 @@ class TopKRouter(Float32Buffers, nn.Module):
                     expert,
                     self.num_experts,
                     first_choice_only=self.balance_first_choice_only,
+                    stats_group=self.stats_group,
                 )
                 aux["z"] = router_z_loss(logits)
         return Routing(expert=expert, weight=weight, logits=logits, aux=aux)

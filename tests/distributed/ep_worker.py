@@ -33,6 +33,10 @@ def _errors(rank: int, world: int) -> dict[str, str]:
         shard_experts(MoELayer(8 + rank, 8, world, 1))
     except ValueError as e:
         out["disagree"] = str(e)
+    try:  # global statistics for a router without the Switch balance loss
+        shard_experts(MoELayer(8, 8, 2 * world, 1, router="expert_choice"), global_stats=True)
+    except ValueError as e:
+        out["global_stats"] = str(e)
     layer = shard_experts(MoELayer(8, 8, 2 * world, 1))
     try:  # offsets over the local experts instead of the global ones
         layer.experts(torch.zeros(3, 8), torch.tensor([0, 1, 3]))
@@ -150,6 +154,39 @@ def _fsdp_training(rank: int, world: int, steps: int = 20) -> dict:
     return diffs
 
 
+def _global_stats(rank: int, world: int) -> dict:
+    """shard_experts(global_stats=True): with equal tokens per rank, the mean over ranks of the
+    balance loss, and of its router-weight gradient, equals one process's on all tokens."""
+    import copy
+
+    from smoe.parallel import shard_experts
+    from tests.distributed.ep_cases import Case, build, inputs
+
+    case = Case("global-stats", (6,) * world, E=2 * world, k=2)
+    layer = build(case)
+    reference = copy.deepcopy(layer)
+    local = shard_experts(copy.deepcopy(layer))
+    shard_experts(layer, global_stats=True)
+    xs, _ = inputs(case)
+
+    def balance(m, x):
+        _, aux = m(x)
+        loss = aux.losses["balance"]
+        (g,) = torch.autograd.grad(loss, m.router.weight)
+        return loss.detach(), g
+
+    mine, g = balance(layer, xs[rank])
+    theirs, _ = balance(local, xs[rank])
+    want, g_want = balance(reference, torch.cat(xs))
+    both = torch.stack([mine, theirs])
+    dist.all_reduce(both)
+    dist.all_reduce(g)
+    return dict(
+        global_mean=float(both[0] / world), local_mean=float(both[1] / world), want=float(want),
+        grad_err=float((g / world - g_want).abs().max()), grad_scale=float(g_want.abs().max()),
+    )  # fmt: skip
+
+
 def checkpoint_case(world: int, seed: int = 0):
     from tests.distributed.ep_cases import Case
 
@@ -197,6 +234,7 @@ def worker(rank: int, world: int, rdv: str, out: str, only: str | None) -> None:
         report["compiled_by_rank"] = compiled
         if world == 4:
             report["fsdp"] = _fsdp_training(rank, world)
+        report["global_stats"] = _global_stats(rank, world)  # identical on every rank
         ckpt = [None] * world
         dist.all_gather_object(ckpt, _checkpoint(rank, world, Path(rdv).parent))
         report["checkpoint_by_rank"] = ckpt

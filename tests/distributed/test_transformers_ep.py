@@ -34,7 +34,7 @@ def report(tmp_path_factory):
     out = tmp / "report.json"
     cmd = [sys.executable, str(ROOT / "tests/distributed/hf_ep_worker.py"), "--model",
            str(tmp / "tiny"), "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 
