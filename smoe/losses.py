@@ -43,14 +43,14 @@ def switch_balance_loss(
     valid = (chosen >= 0).float()
     counts = probs.new_zeros(num_experts).scatter_add_(0, chosen.clamp_min(0).long(), valid)
     p = probs.sum(dim=0) / max(T, 1)
+    n: int | Tensor = max(T, 1)  # the tokens f counts over
     if stats_group is not None:
         import torch.distributed as dist
 
         stats = torch.cat([counts, counts.new_full((1,), float(T))]).detach()
         dist.all_reduce(stats, group=stats_group)
-        counts, T = stats[:-1], stats[-1].clamp_min(1.0)
-        return num_experts * (counts / T * p).sum()
-    f = counts / max(T, 1)
+        counts, n = stats[:-1], stats[-1].clamp_min(1.0)
+    f = counts / n
     return num_experts * (f * p).sum()
 
 

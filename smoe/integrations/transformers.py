@@ -40,12 +40,6 @@ def _weight(w: Tensor, transposed: bool) -> Tensor:
     return w if transposed else w.transpose(1, 2)
 
 
-def _bias(b: Tensor, w: Tensor) -> Tensor:
-    """A per-expert bias in its weight's dtype (grouped_mm takes them alike; autocast then casts
-    both to its dtype)."""
-    return b if b.dtype == w.dtype else b.to(w.dtype)
-
-
 def _fused_swiglu(module: nn.Module) -> bool:
     """Whether the module's gate is transformers' default ``act_fn(gate) * up`` on concatenated
     ``[gate; up]`` columns with a SiLU activation: smoe's swiglu kernel computes exactly that."""
@@ -127,9 +121,9 @@ def expert_rows(module: nn.Module, x: Tensor, offsets: Tensor) -> Tensor:
     has_gate, has_bias = getattr(module, "has_gate", True), getattr(module, "has_bias", False)
     w_in = module.gate_up_proj if has_gate else module.up_proj
     b_in = b_out = None
-    if has_bias:  # fused into the GEMMs (grouped_mm's bias), cast with the weights
-        b_in = _bias(module.gate_up_proj_bias if has_gate else module.up_proj_bias, w_in)
-        b_out = _bias(module.down_proj_bias, module.down_proj)
+    if has_bias:  # fused into the GEMMs (grouped_mm's bias) in the weights' dtype, as it needs
+        b_in = (module.gate_up_proj_bias if has_gate else module.up_proj_bias).to(w_in.dtype)
+        b_out = module.down_proj_bias.to(module.down_proj.dtype)
     h = ops.grouped_mm(x, _weight(w_in, transposed), offsets, b_in)
     if not has_gate:
         a = module.act_fn(h)

@@ -74,6 +74,7 @@ def _backward_grouped_mm(ctx, grad: Tensor):
     gx = gw = gb = None
     if need_x or need_w:
         gx, gw = torch.ops.smoe.grouped_mm_backward.default(grad, x, w, offsets, need_x, need_w)
+    # needs_input_grad covers the arguments given: 3 entries when the call passed no bias
     if len(ctx.needs_input_grad) > 3 and ctx.needs_input_grad[3]:
         gb = torch.ops.smoe.grouped_mm_bias_backward.default(grad, offsets)
     return (gx if need_x else None), (gw if need_w else None), None, gb

@@ -125,6 +125,15 @@ _gmm_bias_rows = [
 
 
 # ---- grouped_mm_bias_backward ------------------------------------------------------------------
+# (the sparse grad_out row is grouped_mm_backward's too)
+_grad_out_sparse = row(
+    "sparse",
+    "grad_out sparse COO",
+    arg("grad_out"),
+    grad_out=lambda d, a: a["grad_out"].to_sparse(),
+)
+
+
 def _gmm_bias_bwd_good(d):
     return {"grad_out": d.f(M, D_OUT), "offsets": d.i64(OFFSETS)}
 
@@ -141,12 +150,7 @@ _gmm_bias_bwd_rows = [
         offsets=on_meta("offsets"),
         grad_out=lambda d, a: torch.empty(M, device="meta"),
     ),
-    row(
-        "sparse",
-        "grad_out sparse COO",
-        arg("grad_out"),
-        grad_out=lambda d, a: a["grad_out"].to_sparse(),
-    ),
+    _grad_out_sparse,
 ]
 
 
@@ -176,12 +180,7 @@ _gmm_bwd_rows = [
         **{n: on_meta(n) for n in ("x", "w", "offsets")},
         grad_out=lambda d, a: torch.empty(M, device="meta"),
     ),
-    row(
-        "sparse",
-        "grad_out sparse COO",
-        arg("grad_out"),
-        grad_out=lambda d, a: a["grad_out"].to_sparse(),
-    ),
+    _grad_out_sparse,
 ]
 
 

@@ -137,15 +137,10 @@ def _fsdp_training(rank: int, world: int, steps: int = 20) -> dict:
         ref_loss.backward()
         ref_opt.step()
     diffs = {}
-    ep_group = mesh.get_group("ep")
     initial = {n: p.detach() for n, p in _Net(case).named_parameters()}
     for (name, p), (_, q) in zip(net.named_parameters(), reference.named_parameters()):
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
-        if full.shape != q.shape:  # this ep rank's slice: gather the ep group's slices
-            parts = [torch.empty_like(full) for _ in range(dist.get_world_size(ep_group))]
-            dist.all_gather(parts, full.contiguous(), group=ep_group)
-            dim = 1 if name.endswith(("norm_weight", "norm_bias")) else 0
-            full = torch.cat(parts, dim=dim)
+        # every parameter is a DTensor: FSDP2's over all ranks, or the experts' over (dp, ep)
+        full = p.full_tensor()
         diffs[name] = dict(
             max_abs=float((full - q.detach()).abs().max()),
             scale=float(q.detach().abs().max()),
