@@ -45,11 +45,7 @@ def switch_balance_loss(
     p = probs.sum(dim=0) / max(T, 1)
     n: int | Tensor = max(T, 1)  # the tokens f counts over
     if stats_group is not None:
-        import torch.distributed as dist
-
-        stats = torch.cat([counts, counts.new_full((1,), float(T))]).detach()
-        dist.all_reduce(stats, group=stats_group)
-        counts, n = stats[:-1], stats[-1].clamp_min(1.0)
+        counts, n = _all_reduced_counts(counts, T, stats_group)
     f = counts / n
     return num_experts * (f * p).sum()
 
@@ -61,7 +57,12 @@ def router_z_loss(logits: Tensor) -> Tensor:
 
 
 def xmoe_balance_loss(
-    scores: Tensor, expert: Tensor, num_experts: int, tau0: float | Tensor
+    scores: Tensor,
+    expert: Tensor,
+    num_experts: int,
+    tau0: float | Tensor,
+    *,
+    stats_group: Any = None,
 ) -> Tensor:
     """X-MoE balance loss, Eq. 9 of Chi et al. 2022 (specs/xmoe.md §4): ``N Σ_i f_i P_i``.
 
@@ -75,15 +76,19 @@ def xmoe_balance_loss(
         expert: ``[T, k]`` chosen experts, best first (only the first column counts).
         num_experts: N.
         tau0: the fixed balance temperature (> 0).
+        stats_group: global-batch counts f over a process group, as in
+            :func:`switch_balance_loss`.
 
     Returns:
         A float32 scalar (float64 for float64 scores); the weight α = 0.01 is the caller's (see
         :class:`smoe.routing.xmoe.XMoERouter`).
     """
-    return _balance(scores / tau0, expert[:, :1], num_experts, 1)
+    return _balance(scores / tau0, expert[:, :1], num_experts, 1, stats_group)
 
 
-def xmoe_community_balance_loss(scores: Tensor, expert: Tensor, num_experts: int) -> Tensor:
+def xmoe_community_balance_loss(
+    scores: Tensor, expert: Tensor, num_experts: int, *, stats_group: Any = None
+) -> Tensor:
     """The balance loss of fastmoe's ``CustomNaiveGate_Balance_XMoE`` (specs/xmoe.md §11).
 
     ``P = softmax(s / 0.3)``, ``f_i`` = top-k slots on expert i over ``T k``, ``P̄_i = Σ_t
@@ -94,23 +99,56 @@ def xmoe_community_balance_loss(scores: Tensor, expert: Tensor, num_experts: int
         scores: ``[T, N]`` raw scores s (tokens not normalised).
         expert: ``[T, k]`` chosen experts.
         num_experts: N.
+        stats_group: global-batch counts f over a process group, as in
+            :func:`switch_balance_loss`.
 
     Returns:
         A float32 scalar (float64 for float64 scores).
     """
-    return _balance(scores / 0.3, expert, num_experts, max(expert.shape[1], 1))
+    return _balance(scores / 0.3, expert, num_experts, max(expert.shape[1], 1), stats_group)
 
 
-def _balance(logits: Tensor, chosen: Tensor, num_experts: int, slots: int) -> Tensor:
+def _balance(
+    logits: Tensor, chosen: Tensor, num_experts: int, slots: int, stats_group: Any = None
+) -> Tensor:
     """``N Σ_i f_i P̄_i`` with ``f_i`` = entries of ``chosen`` on i over ``T·slots`` and ``P̄_i``
-    = the sum over tokens of ``softmax(logits)_i`` over ``T·slots``; at least float32."""
+    = the sum over tokens of ``softmax(logits)_i`` over ``T·slots``; at least float32. With a
+    ``stats_group``, f counts the tokens of all its ranks (see :func:`switch_balance_loss`)."""
     T = logits.shape[0]
     probs = torch.softmax(_at_least_fp32(logits), dim=-1)
     flat = chosen.reshape(-1)
     valid = (flat >= 0).to(probs.dtype)
     counts = probs.new_zeros(num_experts).scatter_add_(0, flat.clamp_min(0).long(), valid)
     total = max(T * slots, 1)
-    return num_experts * ((counts / total) * (probs.sum(dim=0) / total)).sum()
+    f = counts / total
+    if stats_group is not None:
+        counts, n = _all_reduced_counts(counts, T, stats_group)
+        f = counts / (n * slots)
+    return num_experts * (f * (probs.sum(dim=0) / total)).sum()
+
+
+def _all_reduced_counts(counts: Tensor, T: int, group: Any) -> tuple[Tensor, Tensor]:
+    """Expert counts and the token count summed over ``group``'s ranks, without gradient (one
+    all-reduce of E + 1 numbers); the token count floored at 1."""
+    import torch.distributed as dist
+
+    stats = torch.cat([counts, counts.new_full((1,), float(T))]).detach()
+    dist.all_reduce(stats, group=group)
+    return stats[:-1], stats[-1].clamp_min(1.0)
+
+
+def _global_cv_squared(sums: Tensor, group: Any) -> Tensor:
+    """The squared coefficient of variation of ``sums [E]`` summed over ``group``'s ranks.
+
+    Its value is the global one on every rank; its gradient flows into this rank's ``sums``,
+    scaled by the group's size, so that the mean of the ranks' gradients (data parallelism's
+    average) is the global loss's gradient. One all-reduce of E numbers, none in backward."""
+    import torch.distributed as dist
+
+    total = sums.detach().clone()
+    dist.all_reduce(total, group=group)
+    loss = _cv_squared(sums + (total - sums.detach()))
+    return loss.detach() + dist.get_world_size(group) * (loss - loss.detach())
 
 
 def _at_least_fp32(t: Tensor) -> Tensor:
@@ -139,7 +177,9 @@ def _group_sums(t: Tensor, group_size: int | None) -> Tensor:
     return torch.nn.functional.pad(t, (0, 0, 0, G * S - T)).reshape(G, S, E).sum(dim=1)
 
 
-def importance_loss(logits: Tensor, *, group_size: int | None = None) -> Tensor:
+def importance_loss(
+    logits: Tensor, *, group_size: int | None = None, stats_group: Any = None
+) -> Tensor:
     """V-MoE importance loss (specs/vmoe.md §4): per group, the squared coefficient of variation
     (population std) of ``Imp_e = sum_s softmax(l_s)_e`` over experts, averaged over groups.
 
@@ -147,19 +187,31 @@ def importance_loss(logits: Tensor, *, group_size: int | None = None) -> Tensor:
         logits: ``[T, E]`` clean (noise-free) router logits.
         group_size: tokens per routing group (None: all T tokens form one group; the last
             group may be shorter).
+        stats_group: with ``group_size=None``, a process group whose ranks each hold their own
+            tokens: Imp is summed over all its ranks (global-batch statistics; the value is the
+            global loss on every rank, and the mean of the ranks' gradients is its gradient).
+            Routing groups (``group_size``) never span ranks, so it changes nothing there.
 
     Returns:
         A float32 scalar (float64 for float64 logits): 0 for perfectly uniform importance,
         E - 1 with all mass on one expert. Weight 0.005 in V-MoE's configs.
     """
+    p = torch.softmax(_at_least_fp32(logits), dim=-1)
+    if stats_group is not None and group_size is None:
+        return _global_cv_squared(p.sum(dim=0), stats_group)  # every rank, even with T = 0
     if logits.shape[0] == 0:
         return logits.new_zeros((), dtype=torch.float32)
-    p = torch.softmax(_at_least_fp32(logits), dim=-1)
     return _cv_squared(_group_sums(p, group_size)).mean()
 
 
 def load_loss(
-    logits: Tensor, noisy_logits: Tensor, k: int, noise_std: float, *, group_size: int | None = None
+    logits: Tensor,
+    noisy_logits: Tensor,
+    k: int,
+    noise_std: float,
+    *,
+    group_size: int | None = None,
+    stats_group: Any = None,
 ) -> Tensor:
     """V-MoE load loss (specs/vmoe.md §4), per group then averaged over groups.
 
@@ -173,6 +225,7 @@ def load_loss(
         k: experts per token.
         noise_std: sigma, the std of the noise that was added (V-MoE: 1/E); must be > 0.
         group_size: as in :func:`importance_loss`.
+        stats_group: as in :func:`importance_loss` (Load summed over the group's ranks).
 
     Returns:
         A float32 scalar (float64 for float64 logits; weight 0.005 in V-MoE's configs). The
@@ -181,14 +234,17 @@ def load_loss(
     """
     if noise_std <= 0:
         raise ValueError(f"load_loss: noise_std must be > 0, got {noise_std}")
-    if logits.shape[0] == 0:
-        return logits.new_zeros((), dtype=torch.float32)
     if not 1 <= k <= logits.shape[1]:
         raise ValueError(f"load_loss: k must be in [1, E] = [1, {logits.shape[1]}], got {k}")
+    global_stats = stats_group is not None and group_size is None
+    if logits.shape[0] == 0 and not global_stats:
+        return logits.new_zeros((), dtype=torch.float32)
     clean = _at_least_fp32(logits)
     threshold = torch.topk(_at_least_fp32(noisy_logits), k, dim=-1).values[:, k - 1 : k]
     z = (threshold - clean) / noise_std
     p = 0.5 * torch.erfc(z / math.sqrt(2.0))  # 1 - Phi(z), accurate in the tails
+    if global_stats:
+        return _global_cv_squared(p.sum(dim=0), stats_group)  # every rank, even with T = 0
     return _cv_squared(_group_sums(p, group_size)).mean()
 
 

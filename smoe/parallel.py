@@ -36,7 +36,14 @@ Since ``make_plan`` keeps token order within an expert and the regroup keeps sou
 each expert sees its rows in the order a single process would give the rank-major concatenation
 of all ranks' tokens: outputs and gradients equal that process's (tests/distributed). Routing,
 capacity and aux statistics are per rank (each rank's tokens are one routing group, GShard's
-group semantics); ``expert_choice`` and ``usmoe`` pick within each rank's tokens.
+group semantics); ``expert_choice`` and ``usmoe`` pick within each rank's tokens;
+``global_stats=True`` computes the batch-statistic losses over all ranks' tokens.
+
+Data parallelism composes: FSDP2 over the other dims of a DeviceMesh (the experts over the ranks
+that replicate them), or DDP with the expert shards kept out of it
+(``DDP._set_params_and_buffers_to_ignore_for_model``): tests/distributed trains both like one
+process. Costs, and what is not built (hierarchical exchange, overlap, padded sync-free
+dispatch): benchmarks/EXPERT_PARALLEL.md.
 
 Backends: Gloo on CPU (tested: tests/distributed, 2 and 4 ranks); NCCL, and CUDA tensors over
 Gloo, are the same calls but have not run yet (no GPU so far). Only the ``all_to_all_single``
@@ -230,14 +237,18 @@ def shard_experts(
         mesh: a ``torch.distributed.DeviceMesh``; its ``ep_dim`` dimension is the ep group.
         ep_dim: the mesh dimension's name.
         group: a process group instead of a mesh (default: the world).
-        global_stats: compute the top-k family's Switch balance loss from the expert counts of
-            all ranks (each holds its own tokens: the world), all-reduced, with each rank's own
-            mean probabilities (global-batch balancing; :func:`smoe.losses.switch_balance_loss`).
-            False (default): each rank's tokens only.
+        global_stats: compute the routers' batch-statistic losses over the tokens of all ranks
+            (each holds its own: the world), global-batch balancing. Switch/X-MoE/StableMoE
+            balance: the expert counts f all-reduced, each rank's own mean probabilities P
+            (:func:`smoe.losses.switch_balance_loss`); V-MoE importance and load with one
+            routing group: the per-expert sums all-reduced (:func:`smoe.losses.importance_loss`).
+            With equal tokens per rank, the mean over ranks of each loss and of its gradient is
+            the loss of all tokens at once. One all-reduce per loss, in the forward. False
+            (default): each rank's tokens only. The z-loss is a per-token mean: already global.
 
     Raises:
         RuntimeError: torch.distributed is not initialised.
-        ValueError: ``global_stats`` with a router outside the top-k family, a layer's
+        ValueError: ``global_stats`` with a router that has no batch-statistic loss, a layer's
             ``num_experts`` not divisible by the ep size, or the ranks
             disagree on a layer's signature (E, k, d_model, d_ff, activation, dtype, classes):
             the same error on every rank, raised at setup, never a hang later.
@@ -269,13 +280,12 @@ def shard_experts(
             f"{everyone[0]}; {diff})"
         )
     if global_stats:
-        from smoe.routing.topk import TopKRouter
-
         for i, layer in enumerate(layers):
-            if not isinstance(layer.router, TopKRouter):
+            if not hasattr(layer.router, "stats_group"):
                 raise ValueError(
-                    f"shard_experts: global_stats applies to the top-k family's balance loss "
-                    f"(TopKRouter), got {type(layer.router).__name__} in MoE layer {i}"
+                    "shard_experts: global_stats applies to routers whose auxiliary losses are "
+                    "batch statistics (top-k family, V-MoE, X-MoE, StableMoE, graph routers), got "
+                    f"{type(layer.router).__name__} in MoE layer {i}, which has none"
                 )
     for i, layer in enumerate(layers):
         if global_stats:

@@ -7,6 +7,7 @@ attention-aware router: smoe/routing/graph_attention.py."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,9 @@ class _GraphRouter(nn.Module):
 
     _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
     who = "GraphRouter"
+    # A process group for global-batch balance statistics (smoe.parallel.shard_experts with
+    # global_stats=True sets it; see smoe.losses.switch_balance_loss). None: this rank's tokens.
+    stats_group: Any = None
 
     def __init__(
         self,
@@ -134,7 +138,9 @@ class _GraphRouter(nn.Module):
             aux: dict[str, Tensor] = {}
             if self.aux:
                 # balance on what routes (p̃ and its selection); z-loss on the gate's own logits
-                aux["balance"] = switch_balance_loss(mixed, expert, self.num_experts)
+                aux["balance"] = switch_balance_loss(
+                    mixed, expert, self.num_experts, stats_group=self.stats_group
+                )
                 aux["z"] = router_z_loss(z)
             if T:
                 self._record(z, mixed, p_mixed)

@@ -4,6 +4,7 @@ two-stage StableMoE)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +50,10 @@ class StableMoECommunityRouter(nn.Module):
 
     _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
 
+    # A process group for global-batch loss statistics (smoe.parallel.shard_experts with
+    # global_stats=True sets it; see smoe.losses). None: this rank's tokens.
+    stats_group: Any = None
+
     def __init__(self, d_model: int, num_experts: int, k: int = 2) -> None:
         super().__init__()
         _check_options(d_model, num_experts, k)
@@ -77,7 +82,9 @@ class StableMoECommunityRouter(nn.Module):
             unit = emb / torch.linalg.vector_norm(emb, dim=-1, keepdim=True).clamp_min(_NORM_EPS)
             scores = _finite_rows(x.to(dt) @ unit.T)
             weight, expert = ops.topk_softmax(scores, self.k, renormalize=True)
-            balance = xmoe_community_balance_loss(scores, expert, self.num_experts)
+            balance = xmoe_community_balance_loss(
+                scores, expert, self.num_experts, stats_group=self.stats_group
+            )
         return Routing(
             expert=expert,
             weight=weight,

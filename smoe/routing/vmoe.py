@@ -8,6 +8,7 @@ authority where the paper is silent.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +94,10 @@ class VMoERouter(nn.Module):
     """
 
     _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
+
+    # A process group for global-batch loss statistics (smoe.parallel.shard_experts with
+    # global_stats=True sets it; see smoe.losses). None: this rank's tokens.
+    stats_group: Any = None
 
     def __init__(
         self,
@@ -215,10 +220,19 @@ class VMoERouter(nn.Module):
                 priority=prio,
                 group_size=self.group_size,
             )
-            aux = {"importance": importance_loss(logits, group_size=self.group_size)}
+            aux = {
+                "importance": importance_loss(
+                    logits, group_size=self.group_size, stats_group=self.stats_group
+                )
+            }
             if noisy:
                 aux["load"] = load_loss(
-                    logits, selection, self.k, self.sigma, group_size=self.group_size
+                    logits,
+                    selection,
+                    self.k,
+                    self.sigma,
+                    group_size=self.group_size,
+                    stats_group=self.stats_group,
                 )
         return Routing(expert=expert, weight=weight, logits=logits, aux=aux, plan=plan)
 

@@ -4,6 +4,7 @@ CompeteSMoE / MomentumSMoE papers."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +73,10 @@ class XMoERouter(nn.Module):
     """
 
     _version = 1  # state_dict format: bump it with a conversion in _load_from_state_dict
+
+    # A process group for global-batch loss statistics (smoe.parallel.shard_experts with
+    # global_stats=True sets it; see smoe.losses). None: this rank's tokens.
+    stats_group: Any = None
 
     def __init__(
         self,
@@ -189,10 +194,12 @@ class XMoERouter(nn.Module):
                 weight, expert = ops.topk_softmax(logits, self.k, renormalize=renorm)
             N = self.num_experts
             if self.community:
-                aux = {"xmoe_community_balance": xmoe_community_balance_loss(cos, expert, N)}
+                balance = xmoe_community_balance_loss(cos, expert, N, stats_group=self.stats_group)
+                aux = {"xmoe_community_balance": balance}
             else:
                 tau0 = self.balance_temperature
-                aux = {"xmoe_balance": xmoe_balance_loss(cos, expert, N, tau0)}
+                balance = xmoe_balance_loss(cos, expert, N, tau0, stats_group=self.stats_group)
+                aux = {"xmoe_balance": balance}
         return Routing(
             expert=expert,
             weight=weight,

@@ -95,7 +95,7 @@ class _Net(torch.nn.Module):
 def _fsdp_training(rank: int, world: int, steps: int = 20) -> dict:
     """A 2 x 2 (dp x ep) mesh: experts sharded over ep, FSDP2 over dp for the experts and over
     all ranks for the rest (torchtitan's layout, gradients summed: divide factor 1, each rank's
-    loss already divided by the global token count); ``steps`` Adam steps against one process
+    loss already divided by the global token count); ``steps`` SGD steps against one process
     training on all ranks' tokens. Returns the largest parameter differences (rank 0)."""
     import copy
 
@@ -119,8 +119,9 @@ def _fsdp_training(rank: int, world: int, steps: int = 20) -> dict:
     # dp / world after the backward (with NCCL, set_gradient_divide_factor(1.0) does both)
     expert_params = list(net.moe.experts.parameters())
     dp = mesh["dp"].size()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    # SGD, not Adam: Adam's update does not see a constant factor on a gradient, SGD's does
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
     n_total = sum(case.tokens)
     for step in range(steps):
         g = torch.Generator().manual_seed(step)
@@ -149,36 +150,144 @@ def _fsdp_training(rank: int, world: int, steps: int = 20) -> dict:
     return diffs
 
 
+def _ddp_training(rank: int, world: int, steps: int = 20) -> dict:
+    """DistributedDataParallel around an expert-parallel model (ep group = the world): DDP
+    all-reduces the replicated parameters' gradients and ignores the expert shards, which no
+    other rank holds (``_set_params_and_buffers_to_ignore_for_model``, the documented way to keep
+    parameters out of DDP). ``steps`` SGD steps against one process on all ranks' tokens;
+    returns the largest parameter differences (every rank's, gathered parameter by parameter)."""
+    import copy
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from smoe.parallel import shard_experts
+    from tests.distributed.ep_cases import Case
+
+    case = Case("ddp", (6,) * world, E=2 * world, k=2)
+    net = _Net(case)
+    reference = copy.deepcopy(net)
+    shard_experts(net)
+    experts = {f"moe.experts.{n}" for n, _ in net.moe.experts.named_parameters()}
+    DDP._set_params_and_buffers_to_ignore_for_model(net, list(experts))
+    model = DDP(net)
+    # SGD, not Adam: Adam's update does not see a constant factor on a gradient, SGD's does
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    n_total = sum(case.tokens)
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        xs = [torch.randn(T, case.d, generator=g) for T in case.tokens]
+        ts = [torch.randn(T, case.d, generator=g) for T in case.tokens]
+        # DDP averages over ranks: scaling by the world makes the replicated gradients the sum
+        # of the ranks' (the loss of all tokens); an expert's gradient already sums every rank's
+        # rows (they came through the all-to-all), so the world factor is taken back off it
+        loss = ((model(xs[rank]) - ts[rank]) ** 2).sum() * world / n_total
+        opt.zero_grad()
+        loss.backward()
+        for p in net.moe.experts.parameters():
+            p.grad.div_(world)
+        opt.step()
+        ref_loss = ((reference(torch.cat(xs)) - torch.cat(ts)) ** 2).sum() / n_total
+        ref_opt.zero_grad()
+        ref_loss.backward()
+        ref_opt.step()
+    diffs = {}
+    initial = {n: p.detach() for n, p in _Net(case).named_parameters()}
+    for (name, p), (_, q) in zip(net.named_parameters(), reference.named_parameters()):
+        full = p.full_tensor() if name in experts else p.detach()
+        diffs[name] = dict(
+            max_abs=float((full - q.detach()).abs().max()),
+            scale=float(q.detach().abs().max()),
+            moved=float((q.detach() - initial[name]).abs().max()),
+        )
+    return diffs
+
+
+# routers with batch-statistic losses, and the options that make their routing deterministic
+GLOBAL_ROUTERS: dict[str, dict] = {
+    "topk": {},
+    "vmoe": dict(noise_std=0.0, capacity_factor=None),  # importance over one routing group
+    "xmoe": {},
+    "xmoe_community": {},
+    "stablemoe_community": {},
+    "similarity_aware": {},
+}
+
+
+def _aux_losses(m, x: torch.Tensor, seq: int) -> tuple[dict, torch.Tensor]:
+    """The layer's aux losses on ``x`` (as sequences of ``seq`` tokens), and the router
+    gradient of their weighted sum, flattened."""
+    _, aux = m(x.view(-1, seq, x.shape[-1]))
+    params = list(m.router.parameters())
+    grads = torch.autograd.grad(aux.loss(), params, allow_unused=True)
+    g = torch.cat([(gp if gp is not None else torch.zeros_like(p)).reshape(-1)
+                   for gp, p in zip(grads, params)])  # fmt: skip
+    return {k: v.detach() for k, v in aux.losses.items()}, g
+
+
 def _global_stats(rank: int, world: int) -> dict:
-    """shard_experts(global_stats=True): with equal tokens per rank, the mean over ranks of the
-    balance loss, and of its router-weight gradient, equals one process's on all tokens."""
+    """shard_experts(global_stats=True), per router of GLOBAL_ROUTERS: with equal tokens per rank,
+    the mean over ranks of each auxiliary loss, and of the router gradient of the weighted sum,
+    equal one process's on all tokens. For top-k also the default (per-rank) loss, which must
+    differ."""
     import copy
 
     from smoe.parallel import shard_experts
-    from tests.distributed.ep_cases import Case, build, inputs
+    from tests.distributed.ep_cases import SEQ, Case, build, inputs
 
-    case = Case("global-stats", (6,) * world, E=2 * world, k=2)
-    layer = build(case)
-    reference = copy.deepcopy(layer)
-    local = shard_experts(copy.deepcopy(layer))
-    shard_experts(layer, global_stats=True)
-    xs, _ = inputs(case)
+    out = {}
+    for name, options in GLOBAL_ROUTERS.items():
+        case = Case(f"global-{name}", (2 * SEQ,) * world, E=2 * world, k=2, router=name,
+                    options=options, seq=SEQ)  # fmt: skip
+        layer = build(case)
+        reference = copy.deepcopy(layer)
+        local = shard_experts(copy.deepcopy(layer))
+        shard_experts(layer, global_stats=True)
+        xs, _ = inputs(case)
 
-    def balance(m, x):
-        _, aux = m(x)
-        loss = aux.losses["balance"]
-        (g,) = torch.autograd.grad(loss, m.router.weight)
-        return loss.detach(), g
+        mine, g = _aux_losses(layer, xs[rank], SEQ)
+        theirs, _ = _aux_losses(local, xs[rank], SEQ)
+        want, g_want = _aux_losses(reference, torch.cat(xs), SEQ)
+        names = sorted(want)
+        both = torch.stack([mine[n] for n in names] + [theirs[n] for n in names]).double()
+        dist.all_reduce(both)
+        dist.all_reduce(g)
+        out[name] = dict(
+            names=names,
+            global_mean=[float(v) / world for v in both[: len(names)]],
+            local_mean=[float(v) / world for v in both[len(names) :]],
+            want=[float(want[n]) for n in names],
+            grad_err=float((g / world - g_want).abs().max()),
+            grad_scale=float(g_want.abs().max()),
+            stats_group_set=layer.router.stats_group is not None,
+        )
+    out["load_loss"] = _global_load_loss(rank, world)
+    return out
 
-    mine, g = balance(layer, xs[rank])
-    theirs, _ = balance(local, xs[rank])
-    want, g_want = balance(reference, torch.cat(xs))
-    both = torch.stack([mine, theirs])
-    dist.all_reduce(both)
-    dist.all_reduce(g)
+
+def _global_load_loss(rank: int, world: int) -> dict:
+    """V-MoE's load loss (noisy routing: the layers above cannot match one process's noise) on
+    given clean and noisy logits: stats_group over the world against one process on all rows,
+    the value and the gradient w.r.t. the clean logits (the mean over ranks)."""
+    from smoe.losses import load_loss
+
+    g = torch.Generator().manual_seed(3)
+    T, E, k = 5, 2 * world, 2
+    clean = torch.randn(world * T, E, generator=g, dtype=torch.float64)
+    noisy = clean + torch.randn(world * T, E, generator=g, dtype=torch.float64) / E
+    mine_in = clean[rank * T : (rank + 1) * T].clone().requires_grad_()
+    mine = load_loss(mine_in, noisy[rank * T : (rank + 1) * T], k, 1 / E,
+                     stats_group=dist.group.WORLD)  # fmt: skip
+    (grad,) = torch.autograd.grad(mine, mine_in)
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, (float(mine), grad))
+    full = clean.clone().requires_grad_()
+    want = load_loss(full, noisy, k, 1 / E)
+    (g_want,) = torch.autograd.grad(want, full)
+    got = torch.cat([gr for _, gr in everyone]) / world
     return dict(
-        global_mean=float(both[0] / world), local_mean=float(both[1] / world), want=float(want),
-        grad_err=float((g / world - g_want).abs().max()), grad_scale=float(g_want.abs().max()),
+        values=[v for v, _ in everyone], want=float(want),
+        grad_err=float((got - g_want).abs().max()), grad_scale=float(g_want.abs().max()),
     )  # fmt: skip
 
 
@@ -229,6 +338,9 @@ def worker(rank: int, world: int, rdv: str, out: str, only: str | None) -> None:
         report["compiled_by_rank"] = compiled
         if world == 4:
             report["fsdp"] = _fsdp_training(rank, world)
+        ddp: list = [None] * world
+        dist.all_gather_object(ddp, _ddp_training(rank, world))
+        report["ddp_by_rank"] = ddp
         report["global_stats"] = _global_stats(rank, world)  # identical on every rank
         ckpt = [None] * world
         dist.all_gather_object(ckpt, _checkpoint(rank, world, Path(rdv).parent))
