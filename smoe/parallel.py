@@ -121,8 +121,11 @@ def exchange_rows(
     E a multiple of the group's size P) go to their experts' ranks, ``run_local(x_local,
     local_offsets [E/P + 1])`` computes this rank's experts on the rows it received, and the
     results come back in ``x_sorted``'s row order (padding rows past ``offsets[E]`` are 0).
-    Differentiable; one host read of the split sizes."""
+    Differentiable; one host read of the split sizes. A group of one rank runs its experts
+    directly (nothing to exchange, no host read)."""
     P = dist.get_world_size(group)
+    if P == 1:
+        return run_local(x_sorted, offsets)
     E = offsets.shape[0] - 1
     E_loc = E // P
     counts = (offsets[1:] - offsets[:-1]).to(torch.int64)
