@@ -50,7 +50,7 @@ def info_nce(queries: Tensor, keys: Tensor, temperature: float) -> Tensor:
     with torch.autocast(device_type=queries.device.type, enabled=False):
         q = F.normalize(queries.to(dt), dim=-1, eps=1e-12)
         k = F.normalize(keys.to(dt), dim=-1, eps=1e-12)
-        logits = (q @ k.T) / temperature
+        logits = (q * (1.0 / temperature)) @ k.T  # scale [T, d], not the [T, T] product
         target = torch.arange(q.shape[0], device=q.device)
         return F.cross_entropy(logits, target)
 
