@@ -268,50 +268,6 @@ inline void check_combine_backward(const at::Tensor& grad_out, const at::Tensor&
       "] with y_sorted's dtype, got ", grad_out.sizes(), " ", grad_out.scalar_type());
 }
 
-inline void check_grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets) {
-  TORCH_CHECK(w.device() == x.device(), "smoe::grouped_mm: w must be on ", x.device(),
-              " like x, got ", w.device());
-  check_index("grouped_mm", "offsets", offsets, x, 1, at::kLong);
-  check_float("grouped_mm", "x", x);
-  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "smoe::grouped_mm: w must have x's dtype ",
-              x.scalar_type(), ", got ", w.scalar_type());
-  TORCH_CHECK(x.dim() == 2, "smoe::grouped_mm: x must be 2-D [M, d_in], got ", x.dim(), "-D");
-  TORCH_CHECK(w.dim() == 3, "smoe::grouped_mm: w must be 3-D [E, d_in, d_out], got ", w.dim(),
-              "-D");
-  TORCH_CHECK(w.size(1) == x.size(1),
-              "smoe::grouped_mm: w must be [E, d_in, d_out] with d_in = ", x.size(1),
-              " (x.size(1)), got w of shape ", w.sizes());
-  TORCH_CHECK(offsets.size(0) == w.size(0) + 1,
-              "smoe::grouped_mm: offsets must have E + 1 = ", w.size(0) + 1, " entries, got ",
-              offsets.size(0));
-}
-
-// The optional per-expert bias [E, d_out] of grouped_mm: w's dtype and device, any strides.
-inline void check_grouped_mm_bias(const at::Tensor& w, const std::optional<at::Tensor>& bias) {
-  if (!bias.has_value()) return;
-  const at::Tensor& b = *bias;
-  TORCH_CHECK(b.layout() == at::kStrided, "smoe::grouped_mm: bias must be a strided tensor, got ",
-              b.layout());
-  TORCH_CHECK(b.device() == w.device(), "smoe::grouped_mm: bias must be on ", w.device(),
-              " like w, got ", b.device());
-  TORCH_CHECK(b.scalar_type() == w.scalar_type(), "smoe::grouped_mm: bias must have w's dtype ",
-              w.scalar_type(), ", got ", b.scalar_type());
-  TORCH_CHECK(b.dim() == 2 && b.size(0) == w.size(0) && b.size(1) == w.size(2),
-              "smoe::grouped_mm: bias must be [E, d_out] = [", w.size(0), ", ", w.size(2),
-              "], got shape ", b.sizes());
-}
-
-// grouped_mm_bias_backward: grad_out [M, d_out] floating, offsets [E+1] int64 on its device.
-inline void check_grouped_mm_bias_backward(const at::Tensor& grad_out, const at::Tensor& offsets) {
-  check_float("grouped_mm_bias_backward", "grad_out", grad_out);
-  TORCH_CHECK(grad_out.dim() == 2,
-              "smoe::grouped_mm_bias_backward: grad_out must be 2-D [M, d_out], got ",
-              grad_out.dim(), "-D");
-  check_index("grouped_mm_bias_backward", "offsets", offsets, grad_out, 1, at::kLong);
-  TORCH_CHECK(offsets.size(0) >= 1,
-              "smoe::grouped_mm_bias_backward: offsets must have E + 1 >= 1 entries, got 0");
-}
-
 inline void check_swiglu(const char* op, const at::Tensor& h) {
   check_float(op, "h", h);
   TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0, "smoe::", op,
@@ -326,17 +282,6 @@ inline void check_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& 
               "smoe::swiglu_backward: grad_out must be [M, f] = [", h.size(0), ", ", h.size(1) / 2,
               "] with h's dtype and device, got ", grad_out.sizes(), " ", grad_out.scalar_type(),
               " on ", grad_out.device());
-}
-
-inline void check_grouped_mm_backward(const at::Tensor& grad_out, const at::Tensor& x,
-                                      const at::Tensor& w, const at::Tensor& offsets) {
-  check_grouped_mm(x, w, offsets);
-  TORCH_CHECK(grad_out.device() == x.device(), "smoe::grouped_mm_backward: grad_out must be on ",
-              x.device(), " like x, got ", grad_out.device());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() && grad_out.dim() == 2 &&
-                  grad_out.size(0) == x.size(0) && grad_out.size(1) == w.size(2),
-              "smoe::grouped_mm_backward: grad_out must be [M, d_out] = [", x.size(0), ", ",
-              w.size(2), "] with x's dtype, got ", grad_out.sizes(), " ", grad_out.scalar_type());
 }
 
 // cosine_scores (X-MoE): the temperature floor, and the output dtype (at least float32).

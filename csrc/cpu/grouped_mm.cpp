@@ -20,7 +20,7 @@
 #include <tuple>
 #include <vector>
 
-#include "checks.h"
+#include "checks_grouped_mm.h"
 
 #if defined(__linux__)
 // MKL's per-thread thread count, exported by libtorch_cpu where torch uses MKL (x86-64 wheels);

@@ -14,22 +14,37 @@
 #include <optional>
 #include <tuple>
 
-#include "checks.h"
+#include "checks_grouped_mm.h"
 #include "cuda/grouped_mm.h"
 #include "cuda_glue.h"
 
 namespace smoe::ops {
 namespace {
 
+// The messages of the offsets asserts, one set per op. Literals: formatting the op name or M
+// into a message would cost a string build on every call.
+struct OffsetsMessages {
+  const char* first;
+  const char* order;
+  const char* last;
+};
+#define SMOE_OFFSETS_MESSAGES(op, rows)                                                   \
+  OffsetsMessages {                                                                       \
+    "smoe::" op ": offsets[0] must be 0", "smoe::" op ": offsets must be non-decreasing", \
+        "smoe::" op ": offsets[E] (rows in use) must be <= " rows                         \
+  }
+constexpr OffsetsMessages kForward = SMOE_OFFSETS_MESSAGES("grouped_mm", "x.size(0)");
+constexpr OffsetsMessages kBackward = SMOE_OFFSETS_MESSAGES("grouped_mm_backward", "x.size(0)");
+constexpr OffsetsMessages kBiasBackward =
+    SMOE_OFFSETS_MESSAGES("grouped_mm_bias_backward", "grad_out.size(0)");
+#undef SMOE_OFFSETS_MESSAGES
+
 // The CPU op's offsets checks, as device asserts (offsets [E+1] int64, on x's device).
-void assert_offsets_async(const at::Tensor& offsets, int64_t M) {
+void assert_offsets_async(const at::Tensor& offsets, int64_t M, const OffsetsMessages& msg) {
   const int64_t E = offsets.size(0) - 1;
-  at::_assert_async(offsets.select(0, 0).eq(0), "smoe::grouped_mm: offsets[0] must be 0");
-  at::_assert_async(offsets.slice(0, 1).ge(offsets.slice(0, 0, E)).all(),
-                    "smoe::grouped_mm: offsets must be non-decreasing");
-  // A literal message: formatting M here would cost a string build on every call.
-  at::_assert_async(offsets.select(0, E).le(M),
-                    "smoe::grouped_mm: offsets[E] (rows in use) must be <= x.size(0)");
+  at::_assert_async(offsets.select(0, 0).eq(0), msg.first);
+  at::_assert_async(offsets.slice(0, 1).ge(offsets.slice(0, 0, E)).all(), msg.order);
+  at::_assert_async(offsets.select(0, E).le(M), msg.last);
 }
 
 // out [M, d_out] = per-group x @ w[e], rows past offsets[E] zero; x has dense rows. With
@@ -83,7 +98,7 @@ at::Tensor grouped_mm_cuda(const at::Tensor& x_in, const at::Tensor& w,
   const c10::cuda::CUDAGuard guard(x_in.device());
   check_device_arch(x_in.device());
   const at::Tensor offsets = offsets_in.contiguous();
-  assert_offsets_async(offsets, x_in.size(0));
+  assert_offsets_async(offsets, x_in.size(0), kForward);
   const at::Tensor x = rows_dense(x_in);
   return grouped_mm_impl(x, w, /*transpose_w=*/false, offsets, bias);
 }
@@ -95,7 +110,7 @@ at::Tensor grouped_mm_bias_backward_cuda(const at::Tensor& grad_in, const at::Te
   check_device_arch(grad_in.device());
   const at::Tensor offsets = offsets_in.contiguous();
   const int64_t M = grad_in.size(0), N = grad_in.size(1), E = offsets.size(0) - 1;
-  assert_offsets_async(offsets, M);
+  assert_offsets_async(offsets, M, kBiasBackward);
   const at::Tensor grad = rows_dense(grad_in);
   at::Tensor out = at::empty({E, N}, grad.options());
   if (out.numel() == 0) return out;
@@ -118,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& gr
   const c10::cuda::CUDAGuard guard(x_in.device());
   check_device_arch(x_in.device());
   const at::Tensor offsets = offsets_in.contiguous();
-  assert_offsets_async(offsets, x_in.size(0));
+  assert_offsets_async(offsets, x_in.size(0), kBackward);
   const at::Tensor grad = rows_dense(grad_in);
   const at::Tensor x = rows_dense(x_in);
   at::Tensor gx = need_x ? grouped_mm_impl(grad, w, /*transpose_w=*/true, offsets)
