@@ -37,6 +37,7 @@ class Case:
     seed: int = 0
     seq: int = 0  # > 0: each rank's tokens are tokens[r] // seq sequences of seq tokens
     training: bool = True  # False: eval mode (no routing noise, no training-only coupling)
+    device: str = "cpu"  # "cuda": every rank's tensors on its GPU (Gloo stages them on the host)
 
 
 def cases(world: int) -> list[Case]:
@@ -110,7 +111,7 @@ def build(case: Case) -> MoELayer:
     layer = moe_layer(case.d, case.d_ff, case.E, case.k, bias=case.bias, **kw)
     layer.train(case.training)
     if case.route == "random":
-        return layer.to(getattr(torch, case.dtype))
+        return layer.to(case_device(case), getattr(torch, case.dtype))
     w = layer.router.weight
     with torch.no_grad():
         if case.route == "one_rank":  # positive tokens; rank 0's experts score > 0, others < 0
@@ -119,7 +120,15 @@ def build(case: Case) -> MoELayer:
             w[E_loc:].neg_()
         elif case.route == "skip_last":  # the last expert scores far below the rest
             w[-1].fill_(-10.0)
-    return layer.to(getattr(torch, case.dtype))
+    return layer.to(case_device(case), getattr(torch, case.dtype))
+
+
+def case_device(case: Case) -> torch.device:
+    """The case's device on this process: with NCCL, rank r drives GPU r (set by the worker);
+    Gloo with CUDA tensors puts every rank on the current GPU."""
+    if case.device == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(case.device)
 
 
 def inputs(case: Case) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -131,8 +140,9 @@ def inputs(case: Case) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         x = torch.randn(T, case.d, generator=g)
         if case.route in ("one_rank", "skip_last"):
             x = x.abs() + 0.1
-        xs.append(x.to(dt))
-        cots.append(torch.randn(T, case.d, generator=g).to(dt))
+        dev = case_device(case)
+        xs.append(x.to(dev, dt))
+        cots.append(torch.randn(T, case.d, generator=g).to(dev, dt))
     return xs, cots
 
 
@@ -144,7 +154,7 @@ def attention(case: Case, batch: int) -> torch.Tensor | None:
     if not case.seq or not router_info(case.router).needs_attention:
         return None
     g = torch.Generator().manual_seed(7)
-    return torch.randn(batch, case.seq, case.seq, generator=g).softmax(-1)
+    return torch.randn(batch, case.seq, case.seq, generator=g).softmax(-1).to(case_device(case))
 
 
 def run_one(
@@ -166,7 +176,7 @@ def run_one(
     for name, p in layer.named_parameters():
         g = p.grad if p.grad is not None else torch.zeros_like(p)
         out[name] = g.to_local() if hasattr(g, "to_local") else g  # an expert shard's DTensor
-    return out
+    return {k: v.cpu() for k, v in out.items()}  # compared (and gathered) on the host
 
 
 def run_case(case: Case, rank: int, world: int) -> dict[str, Any] | None:

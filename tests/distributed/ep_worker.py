@@ -323,6 +323,32 @@ def _checkpoint(rank: int, world: int, tmp: Path) -> dict:
     return dict(keys=sorted(sd), plain_keys=sorted(plain), shapes_equal=shapes_equal, loaded=loaded)
 
 
+def gpu_worker(rank: int, world: int, rdv: str, out: str, backend: str) -> None:
+    """The dispatch cases and the registry sweep with CUDA tensors: over Gloo (host-staged) every
+    rank on GPU 0, over NCCL rank r on GPU r. Writes rank 0's report."""
+    import dataclasses
+
+    from tests.distributed.ep_cases import cases, router_cases, run_case
+
+    torch.set_num_threads(1)
+    torch.cuda.set_device(rank if backend == "nccl" else 0)
+    dist.init_process_group(backend, init_method=f"file://{rdv}", rank=rank, world_size=world)
+    try:
+        report: dict = {"cases": {}, "backend": backend}
+        for case in cases(world) + router_cases(world):
+            result = run_case(dataclasses.replace(case, device="cuda"), rank, world)
+            if rank == 0:
+                report["cases"][case.name] = result
+        if rank == 0:
+            Path(out).write_text(json.dumps(report, indent=1))
+        dist.barrier()
+    except Exception:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
 def worker(rank: int, world: int, rdv: str, out: str, only: str | None) -> None:
     from tests.distributed.ep_cases import cases, router_cases, run_case
 
@@ -353,6 +379,7 @@ def worker(rank: int, world: int, rdv: str, out: str, only: str | None) -> None:
                 report["cases"][case.name] = result
         if rank == 0:
             Path(out).write_text(json.dumps(report, indent=1))
+        dist.barrier()  # no rank tears its group down while another is still in a collective
     except Exception:
         traceback.print_exc()
         raise
@@ -366,9 +393,14 @@ def main() -> None:
     p.add_argument("--tmp", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("-k", dest="only", default=None)
+    p.add_argument("--cuda", choices=["gloo", "nccl"], default=None,
+                   help="the dispatch cases with CUDA tensors over this backend")  # fmt: skip
     a = p.parse_args()
     rdv = str(Path(a.tmp) / "rendezvous")
-    mp.spawn(worker, args=(a.world, rdv, a.out, a.only), nprocs=a.world, join=True)
+    if a.cuda:
+        mp.spawn(gpu_worker, args=(a.world, rdv, a.out, a.cuda), nprocs=a.world, join=True)
+    else:
+        mp.spawn(worker, args=(a.world, rdv, a.out, a.only), nprocs=a.world, join=True)
 
 
 if __name__ == "__main__":

@@ -182,3 +182,36 @@ def test_global_stats_is_refused_for_routers_without_batch_statistics(report):
     for e in data["errors_by_rank"]:
         assert "global_stats applies to routers whose auxiliary losses" in e["global_stats"]
         assert "ExpertChoiceRouter" in e["global_stats"]
+
+
+def _gpu_report(tmp_path, world: int, backend: str) -> dict:
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, str(ROOT / "tests/distributed/ep_worker.py"), "--world", str(world),
+           "--tmp", str(tmp_path), "--out", str(out), "--cuda", backend]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def _assert_all_equal(data: dict, world: int) -> None:
+    assert sorted(data["cases"]) == sorted(c.name for c in cases(world) + router_cases(world))
+    for name, result in data["cases"].items():
+        off = {k: v for k, v in result.items() if not v["equal"]}
+        assert not off, f"{data['backend']}, world {world}, {name}: not equal: {off}"
+
+
+@pytest.mark.cuda
+def test_cuda_tensors_over_gloo_equal_one_process(tmp_path):
+    """2 ranks on the one GPU, CUDA tensors over Gloo (host-staged): every dispatch case and
+    every registered router equal one process on the same GPU, as on CPU."""
+    _assert_all_equal(_gpu_report(tmp_path, 2, "gloo"), 2)
+
+
+@pytest.mark.cuda
+def test_nccl_equals_one_process(tmp_path):
+    """2 ranks on 2 GPUs over NCCL (skips below 2 GPUs): as over Gloo."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("NCCL expert parallelism needs 2 GPUs")
+    if not dist.is_nccl_available():
+        pytest.skip("torch.distributed was built without NCCL")
+    _assert_all_equal(_gpu_report(tmp_path, 2, "nccl"), 2)
