@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from smoe._info import info
+from smoe.allocator import cpu_allocator_settings, tune_cpu_allocator
 from smoe.balance import ExpertBiasUpdater
 from smoe.experts import Experts
 from smoe.layer import MoEAux, MoELayer
@@ -88,6 +89,7 @@ __all__ = [
     "combine",
     "convert",
     "cosine_scores",
+    "cpu_allocator_settings",
     "expert_choice",
     "expert_choice_capacity",
     "grouped_mm",
@@ -104,6 +106,7 @@ __all__ = [
     "switch_balance_loss",
     "topk_sigmoid",
     "topk_softmax",
+    "tune_cpu_allocator",
     "unconvert",
     "unified_topk",
     "vmoe_capacity",

@@ -57,6 +57,17 @@ def device_arch_line() -> str | None:
     )
 
 
+def _allocator_line() -> str:
+    from smoe.allocator import cpu_allocator_settings
+
+    tuned = cpu_allocator_settings()
+    if not tuned:
+        return "CPU allocator: glibc defaults (smoe.tune_cpu_allocator() not called)"
+    return "CPU allocator: tuned by smoe.tune_cpu_allocator() " + ", ".join(
+        f"{k}={v}" for k, v in tuned.items()
+    )
+
+
 def info() -> str:
     """Print and return a short report: versions, CUDA support, per-op kernels."""
     from smoe import __version__
@@ -73,6 +84,7 @@ def info() -> str:
         ),
         f"CUDA device available now: {torch.cuda.is_available()}",
         *filter(None, [device_arch_line()]),
+        _allocator_line(),
         "",
         f"{'op':<{width}}{'CPU':<6}{'CUDA':<6}",
     ]

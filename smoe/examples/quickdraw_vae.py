@@ -335,4 +335,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from smoe.allocator import tune_cpu_allocator
+
+    tune_cpu_allocator()  # large tensors' memory stays mapped between steps (smoe/allocator.py)
     main()
