@@ -74,223 +74,6 @@ def _compiled(rank: int, world: int) -> dict:
     )
 
 
-class _Net(torch.nn.Module):
-    """Linear -> MoELayer (residual) -> Linear: replicated parameters around the experts."""
-
-    def __init__(self, case) -> None:
-        from tests.distributed.ep_cases import build
-
-        super().__init__()
-        torch.manual_seed(case.seed + 1)
-        self.inp = torch.nn.Linear(case.d, case.d)
-        self.out = torch.nn.Linear(case.d, case.d)
-        self.moe = build(case)
-
-    def forward(self, x):
-        h = self.inp(x)
-        y, _ = self.moe(h)
-        return self.out(h + y)
-
-
-def _fsdp_training(rank: int, world: int, steps: int = 20) -> dict:
-    """A 2 x 2 (dp x ep) mesh: experts sharded over ep, FSDP2 over dp for the experts and over
-    all ranks for the rest (torchtitan's layout, gradients summed: divide factor 1, each rank's
-    loss already divided by the global token count); ``steps`` SGD steps against one process
-    training on all ranks' tokens. Returns the largest parameter differences (rank 0)."""
-    import copy
-
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    from smoe.parallel import shard_experts
-    from tests.distributed.ep_cases import Case
-
-    case = Case("fsdp", (6,) * world, E=4, k=2)
-    net = _Net(case)
-    reference = copy.deepcopy(net)
-    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "ep"))
-    flat = init_device_mesh("cpu", (world,), mesh_dim_names=("all",))
-    shard_experts(net, mesh, ep_dim="ep")
-    fully_shard(net.moe.experts, mesh=mesh["dp"])
-    fully_shard(net, mesh=flat)
-    # FSDP2 averages gradients over each module's mesh (Gloo has no PREMUL_SUM, so no custom
-    # divide factor): scaling each rank's loss by the world size makes the replicated gradients
-    # the sum over all ranks; the experts' are averaged over dp only, so they are scaled back by
-    # dp / world after the backward (with NCCL, set_gradient_divide_factor(1.0) does both)
-    expert_params = list(net.moe.experts.parameters())
-    dp = mesh["dp"].size()
-    # SGD, not Adam: Adam's update does not see a constant factor on a gradient, SGD's does
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
-    n_total = sum(case.tokens)
-    for step in range(steps):
-        g = torch.Generator().manual_seed(step)
-        xs = [torch.randn(T, case.d, generator=g) for T in case.tokens]
-        ts = [torch.randn(T, case.d, generator=g) for T in case.tokens]
-        loss = ((net(xs[rank]) - ts[rank]) ** 2).sum() * world / n_total
-        opt.zero_grad()
-        loss.backward()
-        for p in expert_params:
-            p.grad.mul_(dp / world)
-        opt.step()
-        ref_loss = ((reference(torch.cat(xs)) - torch.cat(ts)) ** 2).sum() / n_total
-        ref_opt.zero_grad()
-        ref_loss.backward()
-        ref_opt.step()
-    diffs = {}
-    initial = {n: p.detach() for n, p in _Net(case).named_parameters()}
-    for (name, p), (_, q) in zip(net.named_parameters(), reference.named_parameters()):
-        # every parameter is a DTensor: FSDP2's over all ranks, or the experts' over (dp, ep)
-        full = p.full_tensor()
-        diffs[name] = dict(
-            max_abs=float((full - q.detach()).abs().max()),
-            scale=float(q.detach().abs().max()),
-            moved=float((q.detach() - initial[name]).abs().max()),
-        )
-    return diffs
-
-
-def _ddp_training(rank: int, world: int, steps: int = 20) -> dict:
-    """DistributedDataParallel around an expert-parallel model (ep group = the world): DDP
-    all-reduces the replicated parameters' gradients and ignores the expert shards, which no
-    other rank holds (``_set_params_and_buffers_to_ignore_for_model``, the documented way to keep
-    parameters out of DDP). ``steps`` SGD steps against one process on all ranks' tokens;
-    returns the largest parameter differences (every rank's, gathered parameter by parameter)."""
-    import copy
-
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from smoe.parallel import shard_experts
-    from tests.distributed.ep_cases import Case
-
-    case = Case("ddp", (6,) * world, E=2 * world, k=2)
-    net = _Net(case)
-    reference = copy.deepcopy(net)
-    shard_experts(net)
-    experts = {f"moe.experts.{n}" for n, _ in net.moe.experts.named_parameters()}
-    DDP._set_params_and_buffers_to_ignore_for_model(net, list(experts))
-    model = DDP(net)
-    # SGD, not Adam: Adam's update does not see a constant factor on a gradient, SGD's does
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
-    n_total = sum(case.tokens)
-    for step in range(steps):
-        g = torch.Generator().manual_seed(step)
-        xs = [torch.randn(T, case.d, generator=g) for T in case.tokens]
-        ts = [torch.randn(T, case.d, generator=g) for T in case.tokens]
-        # DDP averages over ranks: scaling by the world makes the replicated gradients the sum
-        # of the ranks' (the loss of all tokens); an expert's gradient already sums every rank's
-        # rows (they came through the all-to-all), so the world factor is taken back off it
-        loss = ((model(xs[rank]) - ts[rank]) ** 2).sum() * world / n_total
-        opt.zero_grad()
-        loss.backward()
-        for p in net.moe.experts.parameters():
-            p.grad.div_(world)
-        opt.step()
-        ref_loss = ((reference(torch.cat(xs)) - torch.cat(ts)) ** 2).sum() / n_total
-        ref_opt.zero_grad()
-        ref_loss.backward()
-        ref_opt.step()
-    diffs = {}
-    initial = {n: p.detach() for n, p in _Net(case).named_parameters()}
-    for (name, p), (_, q) in zip(net.named_parameters(), reference.named_parameters()):
-        full = p.full_tensor() if name in experts else p.detach()
-        diffs[name] = dict(
-            max_abs=float((full - q.detach()).abs().max()),
-            scale=float(q.detach().abs().max()),
-            moved=float((q.detach() - initial[name]).abs().max()),
-        )
-    return diffs
-
-
-# routers with batch-statistic losses, and the options that make their routing deterministic
-GLOBAL_ROUTERS: dict[str, dict] = {
-    "topk": {},
-    "vmoe": dict(noise_std=0.0, capacity_factor=None),  # importance over one routing group
-    "xmoe": {},
-    "xmoe_community": {},
-    "stablemoe_community": {},
-    "similarity_aware": {},
-}
-
-
-def _aux_losses(m, x: torch.Tensor, seq: int) -> tuple[dict, torch.Tensor]:
-    """The layer's aux losses on ``x`` (as sequences of ``seq`` tokens), and the router
-    gradient of their weighted sum, flattened."""
-    _, aux = m(x.view(-1, seq, x.shape[-1]))
-    params = list(m.router.parameters())
-    grads = torch.autograd.grad(aux.loss(), params, allow_unused=True)
-    g = torch.cat([(gp if gp is not None else torch.zeros_like(p)).reshape(-1)
-                   for gp, p in zip(grads, params)])  # fmt: skip
-    return {k: v.detach() for k, v in aux.losses.items()}, g
-
-
-def _global_stats(rank: int, world: int) -> dict:
-    """shard_experts(global_stats=True), per router of GLOBAL_ROUTERS: with equal tokens per rank,
-    the mean over ranks of each auxiliary loss, and of the router gradient of the weighted sum,
-    equal one process's on all tokens. For top-k also the default (per-rank) loss, which must
-    differ."""
-    import copy
-
-    from smoe.parallel import shard_experts
-    from tests.distributed.ep_cases import SEQ, Case, build, inputs
-
-    out = {}
-    for name, options in GLOBAL_ROUTERS.items():
-        case = Case(f"global-{name}", (2 * SEQ,) * world, E=2 * world, k=2, router=name,
-                    options=options, seq=SEQ)  # fmt: skip
-        layer = build(case)
-        reference = copy.deepcopy(layer)
-        local = shard_experts(copy.deepcopy(layer))
-        shard_experts(layer, global_stats=True)
-        xs, _ = inputs(case)
-
-        mine, g = _aux_losses(layer, xs[rank], SEQ)
-        theirs, _ = _aux_losses(local, xs[rank], SEQ)
-        want, g_want = _aux_losses(reference, torch.cat(xs), SEQ)
-        names = sorted(want)
-        both = torch.stack([mine[n] for n in names] + [theirs[n] for n in names]).double()
-        dist.all_reduce(both)
-        dist.all_reduce(g)
-        out[name] = dict(
-            names=names,
-            global_mean=[float(v) / world for v in both[: len(names)]],
-            local_mean=[float(v) / world for v in both[len(names) :]],
-            want=[float(want[n]) for n in names],
-            grad_err=float((g / world - g_want).abs().max()),
-            grad_scale=float(g_want.abs().max()),
-            stats_group_set=layer.router.stats_group is not None,
-        )
-    out["load_loss"] = _global_load_loss(rank, world)
-    return out
-
-
-def _global_load_loss(rank: int, world: int) -> dict:
-    """V-MoE's load loss (noisy routing: the layers above cannot match one process's noise) on
-    given clean and noisy logits: stats_group over the world against one process on all rows,
-    the value and the gradient w.r.t. the clean logits (the mean over ranks)."""
-    from smoe.losses import load_loss
-
-    g = torch.Generator().manual_seed(3)
-    T, E, k = 5, 2 * world, 2
-    clean = torch.randn(world * T, E, generator=g, dtype=torch.float64)
-    noisy = clean + torch.randn(world * T, E, generator=g, dtype=torch.float64) / E
-    mine_in = clean[rank * T : (rank + 1) * T].clone().requires_grad_()
-    mine = load_loss(mine_in, noisy[rank * T : (rank + 1) * T], k, 1 / E,
-                     stats_group=dist.group.WORLD)  # fmt: skip
-    (grad,) = torch.autograd.grad(mine, mine_in)
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, (float(mine), grad))
-    full = clean.clone().requires_grad_()
-    want = load_loss(full, noisy, k, 1 / E)
-    (g_want,) = torch.autograd.grad(want, full)
-    got = torch.cat([gr for _, gr in everyone]) / world
-    return dict(
-        values=[v for v, _ in everyone], want=float(want),
-        grad_err=float((got - g_want).abs().max()), grad_scale=float(g_want.abs().max()),
-    )  # fmt: skip
-
-
 def checkpoint_case(world: int, seed: int = 0):
     from tests.distributed.ep_cases import Case
 
@@ -351,6 +134,8 @@ def gpu_worker(rank: int, world: int, rdv: str, out: str, backend: str) -> None:
 
 def worker(rank: int, world: int, rdv: str, out: str, only: str | None) -> None:
     from tests.distributed.ep_cases import cases, router_cases, run_case
+    from tests.distributed.ep_stats import global_stats
+    from tests.distributed.ep_training import ddp_training, fsdp_training
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=world)
@@ -363,11 +148,11 @@ def worker(rank: int, world: int, rdv: str, out: str, only: str | None) -> None:
         dist.all_gather_object(compiled, _compiled(rank, world))
         report["compiled_by_rank"] = compiled
         if world == 4:
-            report["fsdp"] = _fsdp_training(rank, world)
+            report["fsdp"] = fsdp_training(rank, world)
         ddp: list = [None] * world
-        dist.all_gather_object(ddp, _ddp_training(rank, world))
+        dist.all_gather_object(ddp, ddp_training(rank, world))
         report["ddp_by_rank"] = ddp
-        report["global_stats"] = _global_stats(rank, world)  # identical on every rank
+        report["global_stats"] = global_stats(rank, world)  # identical on every rank
         ckpt = [None] * world
         dist.all_gather_object(ckpt, _checkpoint(rank, world, Path(rdv).parent))
         report["checkpoint_by_rank"] = ckpt

@@ -19,7 +19,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from tests.distributed.ep_cases import build, cases, router_cases
-from tests.distributed.ep_worker import GLOBAL_ROUTERS, checkpoint_case
+from tests.distributed.ep_stats import GLOBAL_ROUTERS
+from tests.distributed.ep_worker import checkpoint_case
 
 pytestmark = [
     pytest.mark.distributed,
