@@ -51,11 +51,15 @@ void check_offsets_cpu(const at::Tensor& offsets, int64_t M, const char* op = "g
 constexpr int64_t kRowBlock = 256;  // least rows of a forward item
 constexpr int64_t kColBlock = 256;  // output columns of an item (forward and weight gradient)
 constexpr int64_t kItemWork = int64_t{1} << 22;  // multiply-adds a thin forward item grows to
+// 16-bit GEMMs run several times faster per multiply-add (AVX512-BF16 / AMX / F16C paths) and
+// their per-call packing costs relatively more, so their items hold 16x the work
+constexpr int64_t kItemWork16 = kItemWork << 4;
 
 // Rows of a forward item: kRowBlock, or more for a thin GEMM, so that an item's work outweighs its
-// per-call overhead. A function of the shapes only, never of the thread count.
-int64_t item_rows(int64_t d_in, int64_t cols) {
-  return std::clamp<int64_t>(kItemWork / std::max<int64_t>(1, d_in * cols), kRowBlock,
+// per-call overhead. A function of the shapes and the dtype only, never of the thread count.
+int64_t item_rows(int64_t d_in, int64_t cols, int64_t elem_size) {
+  const int64_t work = elem_size < 4 ? kItemWork16 : kItemWork;
+  return std::clamp<int64_t>(work / std::max<int64_t>(1, d_in * cols), kRowBlock,
                              16 * kRowBlock);
 }
 
@@ -64,8 +68,9 @@ struct Block {
 };
 
 // (expert, row block, column block) items of out = per-group x @ w[e].
-std::vector<Block> out_blocks(const int64_t* off, int64_t E, int64_t d_in, int64_t d_out) {
-  const int64_t rows = item_rows(d_in, std::min(kColBlock, d_out));
+std::vector<Block> out_blocks(const int64_t* off, int64_t E, int64_t d_in, int64_t d_out,
+                              int64_t elem_size) {
+  const int64_t rows = item_rows(d_in, std::min(kColBlock, d_out), elem_size);
   std::vector<Block> blocks;
   for (int64_t e = 0; e < E; ++e) {
     for (int64_t r = off[e]; r < off[e + 1]; r += rows) {
@@ -134,7 +139,7 @@ at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w, const at::T
     out.zero_();
     return out;
   }
-  const std::vector<Block> blocks = out_blocks(off, E, x.size(1), d_out);
+  const std::vector<Block> blocks = out_blocks(off, E, x.size(1), d_out, x.element_size());
   for_each_block(static_cast<int64_t>(blocks.size()), [&](int64_t i) {
     const Block& b = blocks[i];
     at::Tensor o = out.narrow(0, b.begin, b.rows).narrow(1, b.col, b.cols);
