@@ -86,19 +86,29 @@ int64_t topk_softmax_rows(const T* logits, int64_t ld, int64_t E, int64_t k, boo
       if (v > m) m = v;
     }
     if (m == -INFINITY) return t;
-    A total = 0;
-    for (int64_t e = 0; e < E; ++e) total += std::exp(load(l[e]) - m);
-    A selected = 0;
     const auto rank = [&](int64_t e) { return rank_value(l, bias, e); };
     if (k <= kTopkStack) {
       select_topk_insertion<A>(rank, E, k, expert + t * k);
     } else {
       select_topk_passes<A>(rank, E, k, expert + t * k);
     }
-    for (int64_t j = 0; j < k; ++j) selected += std::exp(load(l[expert[t * k + j]]) - m);
-    const A denom = renormalize ? selected : total;
+    // The softmax's denominator: the k selected terms (renormalize) or all E; the selected
+    // terms are computed once and kept in the weight row (in A when k fits the stack buffer)
+    A selected = 0;
+    A numer[kTopkStack];
     for (int64_t j = 0; j < k; ++j) {
-      weight[t * k + j] = from_acc<T>(std::exp(load(l[expert[t * k + j]]) - m) / denom);
+      const A x = std::exp(load(l[expert[t * k + j]]) - m);
+      if (j < kTopkStack) numer[j] = x;
+      selected += x;
+    }
+    A denom = selected;
+    if (!renormalize) {
+      denom = 0;
+      for (int64_t e = 0; e < E; ++e) denom += std::exp(load(l[e]) - m);
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      const A x = j < kTopkStack ? numer[j] : std::exp(load(l[expert[t * k + j]]) - m);
+      weight[t * k + j] = from_acc<T>(x / denom);
     }
   }
   return -1;
