@@ -26,7 +26,8 @@ def switch_balance_loss(
         first_choice_only: False (default) counts all k choices divided by T, the convention of
             ST-MoE's code and transformers' ``load_balancing_loss_func`` (uniform routing gives k);
             True counts first choices only, as GShard / fairseq / Tutel (uniform gives 1).
-        stats_group: a ``torch.distributed`` process group whose ranks each hold their own
+        stats_group: a ``torch.distributed`` process group (or a
+            :class:`smoe.parallel.GroupRef` holding one) whose ranks each hold their own
             tokens: the counts f (and T) are all-reduced over it (no gradient), P stays this
             rank's, so the mean over ranks of this loss, with equal T per rank, is the loss of
             all ranks' tokens at once (global-batch balancing) and its gradients, averaged as
@@ -132,8 +133,10 @@ def _all_reduced_counts(counts: Tensor, T: int, group: Any) -> tuple[Tensor, Ten
     all-reduce of E + 1 numbers); the token count floored at 1."""
     import torch.distributed as dist
 
+    from smoe.parallel import resolve_group
+
     stats = torch.cat([counts, counts.new_full((1,), float(T))]).detach()
-    dist.all_reduce(stats, group=group)
+    dist.all_reduce(stats, group=resolve_group(group))
     return stats[:-1], stats[-1].clamp_min(1.0)
 
 
@@ -145,6 +148,9 @@ def _global_cv_squared(sums: Tensor, group: Any) -> Tensor:
     average) is the global loss's gradient. One all-reduce of E numbers, none in backward."""
     import torch.distributed as dist
 
+    from smoe.parallel import resolve_group
+
+    group = resolve_group(group)
     total = sums.detach().clone()
     dist.all_reduce(total, group=group)
     loss = _cv_squared(sums + (total - sums.detach()))

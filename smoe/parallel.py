@@ -53,6 +53,7 @@ form is used (Gloo lacks the list form). Routers whose selection needs statistic
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -62,7 +63,14 @@ from torch import Tensor, nn
 
 from smoe.experts import Experts, StackedExperts
 
-__all__ = ["ExpertParallel", "exchange_rows", "layer_signature", "shard_experts"]
+__all__ = [
+    "ExpertParallel",
+    "GroupRef",
+    "exchange_rows",
+    "layer_signature",
+    "resolve_group",
+    "shard_experts",
+]
 
 
 def _a2a_autograd(x: Tensor, output_splits: list[int], input_splits: list[int], group) -> Tensor:
@@ -71,16 +79,59 @@ def _a2a_autograd(x: Tensor, output_splits: list[int], input_splits: list[int], 
     return wait_tensor(all_to_all_single_autograd(x, output_splits, input_splits, group))
 
 
+class GroupRef:
+    """A process group held by a module. Deep copies of the module share the group (a handle to
+    the ranks, not data); pickling it is refused with a clear error (a group means nothing in
+    another process: save state_dicts with ``torch.distributed.checkpoint`` instead)."""
+
+    __slots__ = ("group",)
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    def __deepcopy__(self, memo: dict) -> GroupRef:
+        return self
+
+    def __reduce__(self):
+        raise TypeError(
+            "smoe.parallel: a module holding a process group (shard_experts) cannot be pickled; "
+            "save its state_dict (torch.distributed.checkpoint keeps the unsharded keys)"
+        )
+
+
+def resolve_group(group: Any) -> Any:
+    """The process group of a :class:`GroupRef`, or ``group`` itself."""
+    return group.group if isinstance(group, GroupRef) else group
+
+
 class ExpertParallel:
     """Mixin that makes an experts module (:class:`smoe.Experts` or
     :class:`smoe.experts.StackedExperts`) holding ``E / P`` local experts run the rows of all
     ``E`` global experts through an all-to-all. Built by :func:`shard_experts`; see the module
-    docstring for the steps."""
+    docstring for the steps. ``copy.deepcopy`` works (the copy shares the group); pickling the
+    module whole does not (save its state_dict)."""
 
-    ep_group: Any
+    ep_group_ref: GroupRef
     ep_size: int
     ep_rank: int
     ep_num_experts: int  # E, the global count
+
+    @property
+    def ep_group(self) -> Any:
+        return self.ep_group_ref.group
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            f"{type(self).__name__} (smoe.parallel.shard_experts) cannot be pickled whole; save "
+            "the model's state_dict (torch.distributed.checkpoint keeps the unsharded keys)"
+        )
+
+    def __deepcopy__(self, memo: dict) -> ExpertParallel:
+        # what copy.deepcopy does for an nn.Module, which __reduce_ex__ above no longer provides
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def forward(self, x_sorted: Tensor, offsets: Tensor) -> Tensor:
         """``x_sorted [M, d]`` grouped by ``offsets [E+1]`` over the E global experts (rows past
@@ -292,7 +343,7 @@ def shard_experts(
                 )
     for i, layer in enumerate(layers):
         if global_stats:
-            layer.router.stats_group = dist.group.WORLD
+            layer.router.stats_group = GroupRef(dist.group.WORLD)
         E = layer.num_experts
         if isinstance(layer.experts, ExpertParallel):
             raise ValueError(f"shard_experts: MoE layer {i} is already expert-parallel")
@@ -305,6 +356,6 @@ def shard_experts(
         experts = layer.experts
         _local(experts, r * E_loc, (r + 1) * E_loc, ep_mesh)
         experts.__class__ = _parallel_class(type(experts))
-        experts.ep_group, experts.ep_size, experts.ep_rank = group, P, r
+        experts.ep_group_ref, experts.ep_size, experts.ep_rank = GroupRef(group), P, r
         experts.ep_num_experts = E
     return module

@@ -33,3 +33,53 @@ def test_layer_signature_names_what_ranks_must_agree_on():
         num_experts=4, k=2, d_model=8, d_ff=16, activation="swiglu", experts="Experts",
         router="TopKRouter", dtype="torch.float32",
     )  # fmt: skip
+
+
+COPY_PROBE = """
+import copy, io, json, sys, torch, torch.distributed as dist
+from smoe import MoELayer
+from smoe.parallel import shard_experts
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+out = {}
+for stats in (False, True):
+    torch.manual_seed(0)
+    layer = shard_experts(MoELayer(8, 8, 2, 1).eval(), global_stats=stats)
+    twin = copy.deepcopy(layer)
+    x = torch.randn(5, 8)
+    twin.experts.w_in.data.to_local().add_(1.0)  # the copy's parameters are its own
+    try:
+        torch.save(layer, io.BytesIO())
+        saved = "saved"
+    except TypeError as e:
+        saved = str(e)
+    out[str(stats)] = dict(
+        same_output=bool(torch.equal(layer(x)[0], copy.deepcopy(layer)(x)[0])),
+        group_shared=twin.experts.ep_group is layer.experts.ep_group,
+        stats_shared=(twin.router.stats_group is layer.router.stats_group) if stats else None,
+        params_own=not torch.equal(twin.experts.w_in.to_local(), layer.experts.w_in.to_local()),
+        saved=saved,
+    )
+dist.destroy_process_group()
+print(json.dumps(out))
+"""
+
+
+def test_a_sharded_model_deep_copies_sharing_its_group_and_refuses_pickling(tmp_path):
+    """copy.deepcopy of an expert-parallel layer (an EMA or reference copy) computes the same
+    output with its own parameters and shares the process group; torch.save of the whole module
+    is refused with an error that says to save the state_dict. One rank, in a subprocess (the
+    test process keeps no process group)."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", COPY_PROBE, str(tmp_path / "rdv")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for stats, r in out.items():
+        assert r["same_output"] and r["group_shared"] and r["params_own"], (stats, r)
+        assert "cannot be pickled" in r["saved"] and "state_dict" in r["saved"], (stats, r)
+    assert out["True"]["stats_shared"] is True
