@@ -50,37 +50,8 @@ def fsdp_training(rank: int, world: int, steps: int = 20) -> dict:
     # divide factor): scaling each rank's loss by the world size makes the replicated gradients
     # the sum over all ranks; the experts' are averaged over dp only, so they are scaled back by
     # dp / world after the backward (with NCCL, set_gradient_divide_factor(1.0) does both)
-    expert_params = list(net.moe.experts.parameters())
     dp = mesh["dp"].size()
-    # SGD, not Adam: Adam's update does not see a constant factor on a gradient, SGD's does
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
-    n_total = sum(case.tokens)
-    for step in range(steps):
-        g = torch.Generator().manual_seed(step)
-        xs = [torch.randn(T, case.d, generator=g) for T in case.tokens]
-        ts = [torch.randn(T, case.d, generator=g) for T in case.tokens]
-        loss = ((net(xs[rank]) - ts[rank]) ** 2).sum() * world / n_total
-        opt.zero_grad()
-        loss.backward()
-        for p in expert_params:
-            p.grad.mul_(dp / world)
-        opt.step()
-        ref_loss = ((reference(torch.cat(xs)) - torch.cat(ts)) ** 2).sum() / n_total
-        ref_opt.zero_grad()
-        ref_loss.backward()
-        ref_opt.step()
-    diffs = {}
-    initial = {n: p.detach() for n, p in Net(case).named_parameters()}
-    for (name, p), (_, q) in zip(net.named_parameters(), reference.named_parameters()):
-        # every parameter is a DTensor: FSDP2's over all ranks, or the experts' over (dp, ep)
-        full = p.full_tensor()
-        diffs[name] = dict(
-            max_abs=float((full - q.detach()).abs().max()),
-            scale=float(q.detach().abs().max()),
-            moved=float((q.detach() - initial[name]).abs().max()),
-        )
-    return diffs
+    return train_like_one_process(net, net, reference, case, rank, world, steps, dp / world)
 
 
 def ddp_training(rank: int, world: int, steps: int = 20) -> dict:
@@ -103,6 +74,19 @@ def ddp_training(rank: int, world: int, steps: int = 20) -> dict:
     experts = {f"moe.experts.{n}" for n, _ in net.moe.experts.named_parameters()}
     DDP._set_params_and_buffers_to_ignore_for_model(net, list(experts))
     model = DDP(net)
+    # DDP averages over ranks: the world factor on the loss makes the replicated gradients the
+    # sum of the ranks' (the loss of all tokens); an expert's gradient already sums every rank's
+    # rows (they came through the all-to-all), so the factor is taken back off it
+    return train_like_one_process(model, net, reference, case, rank, world, steps, 1 / world)
+
+
+def train_like_one_process(model, net, reference, case, rank: int, world: int, steps: int,
+                           expert_grad_scale: float) -> dict:  # fmt: skip
+    """``steps`` SGD steps of ``model`` (wrapping ``net``) on this rank's tokens, each rank's loss
+    scaled by the world size and the expert gradients by ``expert_grad_scale`` after the
+    backward, against ``reference`` training on all ranks' tokens in one process. Returns, per
+    parameter, the largest difference to the reference, the reference's scale and how far the
+    reference moved from its initial value."""
     # SGD, not Adam: Adam's update does not see a constant factor on a gradient, SGD's does
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
@@ -111,14 +95,11 @@ def ddp_training(rank: int, world: int, steps: int = 20) -> dict:
         g = torch.Generator().manual_seed(step)
         xs = [torch.randn(T, case.d, generator=g) for T in case.tokens]
         ts = [torch.randn(T, case.d, generator=g) for T in case.tokens]
-        # DDP averages over ranks: scaling by the world makes the replicated gradients the sum
-        # of the ranks' (the loss of all tokens); an expert's gradient already sums every rank's
-        # rows (they came through the all-to-all), so the world factor is taken back off it
         loss = ((model(xs[rank]) - ts[rank]) ** 2).sum() * world / n_total
         opt.zero_grad()
         loss.backward()
         for p in net.moe.experts.parameters():
-            p.grad.div_(world)
+            p.grad.mul_(expert_grad_scale)
         opt.step()
         ref_loss = ((reference(torch.cat(xs)) - torch.cat(ts)) ** 2).sum() / n_total
         ref_opt.zero_grad()
@@ -127,7 +108,8 @@ def ddp_training(rank: int, world: int, steps: int = 20) -> dict:
     diffs = {}
     initial = {n: p.detach() for n, p in Net(case).named_parameters()}
     for (name, p), (_, q) in zip(net.named_parameters(), reference.named_parameters()):
-        full = p.full_tensor() if name in experts else p.detach()
+        # DTensors (FSDP2's shards, the experts' over ep) are gathered whole
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
         diffs[name] = dict(
             max_abs=float((full - q.detach()).abs().max()),
             scale=float(q.detach().abs().max()),
