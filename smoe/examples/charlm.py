@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from smoe.allocator import tune_cpu_allocator
 from smoe.data.text import (
     CharCorpus,
     eval_windows,
@@ -395,7 +396,5 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    from smoe.allocator import tune_cpu_allocator
-
     tune_cpu_allocator()  # large tensors' memory stays mapped between steps (smoe/allocator.py)
     main()

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from smoe.allocator import tune_cpu_allocator
 from smoe.examples.quickdraw_vae_figures import plot_dataset_study, save_figures
 from smoe.examples.quickdraw_vae_train import (
     ACTIVE_MIN,
@@ -335,7 +336,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from smoe.allocator import tune_cpu_allocator
-
     tune_cpu_allocator()  # large tensors' memory stays mapped between steps (smoe/allocator.py)
     main()
