@@ -94,7 +94,7 @@ class Probe:
         self.offsets: torch.Tensor | None = None
         self._undo: list[Callable[[], None]] = []
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -102,10 +102,10 @@ class Probe:
         original = getattr(owner, name)
 
         def timed(*args, **kwargs):
-            self._sync()
+            self.sync()
             t0 = time.perf_counter()
             out = original(*args, **kwargs)
-            self._sync()
+            self.sync()
             self.times[phase] += time.perf_counter() - t0
             if after is not None:
                 after(args, kwargs, out)
@@ -179,12 +179,10 @@ def run_shape(name: str, shape: dict, dtype: torch.dtype, device: torch.device, 
             dist.barrier()
             t0 = time.perf_counter()
             y, _ = layer(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            probe.sync()
             t1 = time.perf_counter()
             (y * cot).sum().backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            probe.sync()
             t2 = time.perf_counter()
             x.grad = None
             layer.zero_grad(set_to_none=True)

@@ -121,10 +121,11 @@ def _balance(
     valid = (flat >= 0).to(probs.dtype)
     counts = probs.new_zeros(num_experts).scatter_add_(0, flat.clamp_min(0).long(), valid)
     total = max(T * slots, 1)
-    f = counts / total
     if stats_group is not None:
         counts, n = _all_reduced_counts(counts, T, stats_group)
         f = counts / (n * slots)
+    else:
+        f = counts / total
     return num_experts * (f * (probs.sum(dim=0) / total)).sum()
 
 
