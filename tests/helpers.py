@@ -44,3 +44,19 @@ def spaced_logits(T: int, E: int, dtype=torch.float64, device="cpu") -> torch.Te
     rows = [torch.randperm(E).double() * 0.3 + 0.01 * torch.rand(E) for _ in range(T)]
     out = torch.stack(rows) if T else torch.empty(0, E, dtype=torch.float64)
     return out.to(dtype=dtype, device=device)
+
+
+def run_quick_benchmark(script: str, out, *args: str, stem: str, timeout: int = 600):
+    """Runs ``benchmarks/<script> --quick --out <out> <args>`` in a subprocess from the repository
+    root, asserts it exited 0, and returns ``(<stem>.json as data, <stem>.md text, stdout)``."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "benchmarks" / script), "--quick", "--out", str(out), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return (json.loads((out / f"{stem}.json").read_text()), (out / f"{stem}.md").read_text(),
+            proc.stdout)  # fmt: skip

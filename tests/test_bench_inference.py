@@ -4,12 +4,12 @@ have the structure the report promises. Nothing is timed (no assertion on a rati
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_quick_benchmark
 
 pytest.importorskip("transformers")
 
@@ -22,12 +22,8 @@ import bench_inference as bi  # noqa: E402
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_inference")
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_inference.py"), "--quick",
-           "--threads", "1", "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads((out / "bench_inference_cpu_quick.json").read_text())
-    md = (out / "bench_inference_cpu_quick.md").read_text()
+    data, md, _ = run_quick_benchmark("bench_inference.py", out, "--threads", "1",
+                                      stem="bench_inference_cpu_quick")  # fmt: skip
     return data, md
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import run_quick_benchmark
+
 pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,13 +29,8 @@ IMPLS = ("eager", "grouped_mm", "batched_mm", "smoe", "null")
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_transformers")
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_transformers.py"), "--quick",
-           "--threads", "1", "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads((out / "bench_transformers_cpu_quick.json").read_text())
-    md = (out / "bench_transformers_cpu_quick.md").read_text()
-    return data, md, proc.stdout
+    return run_quick_benchmark("bench_transformers.py", out, "--threads", "1",
+                               stem="bench_transformers_cpu_quick")  # fmt: skip
 
 
 def test_quick_has_a_row_per_model_dtype_and_implementation(quick):

@@ -5,13 +5,13 @@ a time's size)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers import run_quick_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -24,12 +24,9 @@ pytestmark = pytest.mark.distributed
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_ep")
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_expert_parallel.py"), "--quick",
-           "--ranks", "1,2,4", "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads((out / "bench_expert_parallel_cpu_quick.json").read_text())
-    return data, (out / "bench_expert_parallel_cpu_quick.md").read_text()
+    script, stem = "bench_expert_parallel.py", "bench_expert_parallel_cpu_quick"
+    data, md, _ = run_quick_benchmark(script, out, "--ranks", "1,2,4", stem=stem, timeout=300)
+    return data, md
 
 
 def test_a_row_per_shape_and_rank_count(quick):
