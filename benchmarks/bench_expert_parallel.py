@@ -252,9 +252,17 @@ def worker(rank: int, world: int, rdv: str, cfg: dict) -> None:
                 rows.append(run_shape(name, shape, DTYPES[dt], device, cfg["reps"], cfg["ep"]))
         if rank == 0:
             Path(cfg["out"]).write_text(json.dumps(rows))
-        dist.barrier()  # no rank tears its group down while another is still in a collective
-    finally:
+        dist.barrier()  # every rank is done with every collective
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Leave without the interpreter's teardown. Twice in about 20 CI runs a rank aborted in C++
+    # ("terminate called without an active exception", no Python traceback), most likely in a
+    # destructor at teardown (Gloo's?); the cause is not found. Exit code 0 is all mp.spawn
+    # checks, and rank 0's JSON is written and closed above.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(world: int, cfg: dict, tmp: Path) -> list[dict]:
