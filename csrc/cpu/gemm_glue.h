@@ -1,0 +1,97 @@
+// What the CPU glue of the GEMM ops (grouped_mm, expert_mlp) shares: the offsets' check, and
+// work items whose BLAS GEMMs run single-threaded on torch's thread pool, so that every item's
+// summation order (hence its bits) is the same for every thread count.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#if defined(__linux__)
+// MKL's per-thread thread count, exported by libtorch_cpu where torch uses MKL (x86-64 wheels);
+// weak, so that the extension still loads against a torch built with another BLAS.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+#endif
+
+namespace smoe::ops {
+
+// The offsets' values; M is the row count of `rows` (x, or grad_out for the bias gradient).
+inline void check_offsets_cpu(const at::Tensor& offsets, int64_t M,
+                              const char* op = "grouped_mm", const char* rows = "x") {
+  const int64_t* off = offsets.const_data_ptr<int64_t>();
+  const int64_t E = offsets.size(0) - 1;
+  TORCH_CHECK(off[0] == 0, "smoe::", op, ": offsets[0] must be 0, got ", off[0]);
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK(off[e + 1] >= off[e], "smoe::", op,
+                ": offsets must be non-decreasing, got offsets[", e + 1, "] = ", off[e + 1],
+                " < offsets[", e, "] = ", off[e]);
+  }
+  TORCH_CHECK(off[E] <= M, "smoe::", op, ": offsets[E] (rows in use) must be <= ", rows,
+              ".size(0) = ", M, ", got ", off[E]);
+}
+
+// Work-item sizes, set by the shapes alone, so that the partition (and with it every GEMM's shape,
+// hence its summation order) is the same for every thread count.
+constexpr int64_t kRowBlock = 256;  // least rows of a forward item
+constexpr int64_t kColBlock = 256;  // output columns of an item (forward and weight gradient)
+constexpr int64_t kItemWork = int64_t{1} << 22;  // multiply-adds a thin forward item grows to
+// 16-bit GEMMs run several times faster per multiply-add (AVX512-BF16 / AMX / F16C paths) and
+// their per-call packing costs relatively more, so their items hold 16x the work
+constexpr int64_t kItemWork16 = kItemWork << 4;
+
+// Rows of a forward item: kRowBlock, or more for a thin GEMM, so that an item's work outweighs its
+// per-call overhead. A function of the shapes and the dtype only, never of the thread count.
+inline int64_t item_rows(int64_t d_in, int64_t cols, int64_t elem_size) {
+  const int64_t work = elem_size < 4 ? kItemWork16 : kItemWork;
+  return std::clamp<int64_t>(work / std::max<int64_t>(1, d_in * cols), kRowBlock,
+                             16 * kRowBlock);
+}
+
+// Makes the GEMM libraries single-threaded on the calling thread while in scope: MKL (fp32, fp64)
+// through its per-thread setting, oneDNN (bf16, fp16) through OpenMP's per-task thread count, which
+// it plans its work by. A multi-threaded GEMM may split its reduction by thread, and neither runs
+// the plain sequential GEMM when merely called inside torch's OpenMP region: there, their bits
+// follow the thread count (measured with MKL 2024.2 and oneDNN 3.12).
+class SequentialGemm {
+ public:
+  SequentialGemm() {
+#if defined(__linux__)
+    if (MKL_Set_Num_Threads_Local) mkl_prev_ = MKL_Set_Num_Threads_Local(1);
+#endif
+#ifdef _OPENMP
+    omp_prev_ = omp_get_max_threads();
+    omp_set_num_threads(1);
+#endif
+  }
+  ~SequentialGemm() {
+#ifdef _OPENMP
+    omp_set_num_threads(omp_prev_);
+#endif
+#if defined(__linux__)
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_prev_);
+#endif
+  }
+  SequentialGemm(const SequentialGemm&) = delete;
+  SequentialGemm& operator=(const SequentialGemm&) = delete;
+
+ private:
+  [[maybe_unused]] int mkl_prev_ = 0;  // MKL's previous per-thread setting (0: the global one)
+  [[maybe_unused]] int omp_prev_ = 1;
+};
+
+// Runs fn(i) for i in [0, n) on torch's pool, each item's GEMM single-threaded.
+template <typename F>
+void for_each_block(int64_t n, const F& fn) {
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    // Pool threads do not inherit the caller's dispatch state; we are below autograd here.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const SequentialGemm sequential;
+    for (int64_t i = b; i < e; ++i) fn(i);
+  });
+}
+
+}  // namespace smoe::ops
