@@ -119,6 +119,15 @@ TORCH_LIBRARY(smoe, m) {
   // SwiGLU on a fused gate/up projection h [M, 2f] (gate columns first, transformers' gate_up_proj
   // layout): silu(gate) * up in one pass; returns [M, f].
   m.def("swiglu(Tensor h) -> Tensor");
+  // each expert's whole MLP, out[r] = act(in[r] @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e] for
+  // offsets[e] <= r < offsets[e+1] (zero rows past offsets[E]), where in[r] = x[token[r]] (0 where
+  // token[r] < 0) with a plan's token [M] / row [T, k], or x[r] without one; activation "swiglu"
+  // (w_in [E, d, 2 d_ff], gate columns first), "gelu", "gelu_tanh" or "relu". CPU: per (expert,
+  // row block) in one thread's scratch, neither the gathered rows nor the hidden are materialised.
+  // Its backward (smoe.ops.experts) recomputes the hidden through the unfused ops.
+  m.def(
+      "expert_mlp(Tensor x, Tensor? token, Tensor? row, Tensor offsets, Tensor w_in, Tensor? b_in, "
+      "Tensor w_out, Tensor? b_out, str activation) -> Tensor");
 
   // ---- momentum ----
   m.set_python_module("smoe.ops.momentum");

@@ -40,6 +40,15 @@ def row_expert(offsets: Tensor, rows: int, num_experts: int) -> Tensor:
     return torch.searchsorted(offsets[1:], r, right=True).clamp_max(num_experts - 1)
 
 
+def experts_on_tokens(experts: nn.Module, tokens: Tensor, plan: ops.Plan) -> Tensor:
+    """``experts`` (an :class:`Experts` or any module called as ``experts(x_sorted, offsets)``) on
+    ``tokens [T, d]`` routed by ``plan``: grouped rows ``[M, d]``. A plain :class:`Experts`
+    gathers through the plan itself (and fuses its MLP where no gradient is needed)."""
+    if type(experts).forward is Experts.forward:
+        return experts(tokens, plan.offsets, plan=plan)
+    return experts(ops.permute(tokens, plan), plan.offsets)
+
+
 class Experts(nn.Module):
     """E feed-forward experts applied to rows grouped by expert.
 
@@ -112,8 +121,31 @@ class Experts(nn.Module):
             + (f", dropout={self.drop.p}" if getattr(self, "drop", None) is not None else "")
         )
 
-    def forward(self, x_sorted: Tensor, offsets: Tensor) -> Tensor:
-        """``x_sorted [M, d_model]`` grouped by ``offsets [E+1]`` -> ``[M, d_model]``."""
+    def forward(self, x_sorted: Tensor, offsets: Tensor, *, plan: ops.Plan | None = None) -> Tensor:
+        """``x_sorted [M, d_model]`` grouped by ``offsets [E+1]`` -> ``[M, d_model]``.
+
+        With ``plan``, the first argument is the tokens ``[T, d_model]`` the plan routes (what
+        :func:`smoe.ops.permute` would group), and ``offsets`` is ``plan.offsets``. Where no
+        gradient is needed (inference: ``torch.no_grad``/``inference_mode``, or frozen experts on
+        tokens that need none) and no dropout is active, the experts then run as one
+        :func:`smoe.ops.expert_mlp`, which never materialises the grouped rows or the hidden;
+        otherwise as permute -> grouped_mm -> activation -> grouped_mm. The two agree to float
+        rounding.
+        """
+        if plan is not None:
+            check_tokens("Experts", "x", x_sorted, self.d_model, self.w_in.device)
+            if self._fusable(x_sorted):
+                return ops.expert_mlp(
+                    x_sorted,
+                    offsets,
+                    self.w_in.transpose(1, 2),
+                    self.w_out.transpose(1, 2),
+                    b_in=self.b_in,
+                    b_out=self.b_out,
+                    activation=self.activation,
+                    plan=plan,
+                )
+            x_sorted = ops.permute(x_sorted, plan)
         check_tokens("Experts", "x_sorted", x_sorted, self.d_model, self.w_in.device)
         # biases fused into the GEMMs (under autocast cast with the weights, as nn.Linear's)
         h = ops.grouped_mm(x_sorted, self.w_in.transpose(1, 2), offsets, self.b_in)
@@ -125,6 +157,15 @@ class Experts(nn.Module):
         if drop is not None:
             a = drop(a)
         return ops.grouped_mm(a, self.w_out.transpose(1, 2), offsets, self.b_out)
+
+    def _fusable(self, x: Tensor) -> bool:
+        """Whether the forward may run as one expert_mlp: no gradient needed, no active dropout."""
+        drop = getattr(self, "drop", None)
+        if drop is not None and drop.training:
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     def _row_expert(self, offsets: Tensor, rows: int) -> Tensor:
         return row_expert(offsets, rows, self.num_experts)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from smoe import ops
-from smoe.experts import Experts, StackedExperts, check_tokens
+from smoe.experts import Experts, StackedExperts, check_tokens, experts_on_tokens
 from smoe.losses import DEFAULT_LOSS_WEIGHTS
 from smoe.routing.context import RoutingContext
 from smoe.routing.registry import build_router, registered_info
@@ -322,8 +322,7 @@ class MoELayer(nn.Module):
                 "MoELayer: capacity_factor must be None when the router builds its own plan "
                 f"({type(self.router).__name__}: set the capacity on the router)"
             )
-        x_sorted = ops.permute(flat, plan)
-        y_sorted = self.experts(x_sorted, plan.offsets)
+        y_sorted = experts_on_tokens(self.experts, flat, plan)
         y = ops.combine(y_sorted, routing.weight.to(y_sorted.dtype), plan)
         if routing.interpolate:
             kept_weight = (routing.weight * plan.kept).sum(dim=-1, keepdim=True)

@@ -215,6 +215,32 @@ def expert_ffn(
     return y if b_out is None else y + b_out
 
 
+def expert_mlp(
+    x: Tensor,
+    offsets: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    *,
+    b_in: Tensor | None = None,
+    b_out: Tensor | None = None,
+    activation: str = "swiglu",
+    plan: Plan | None = None,
+) -> Tensor:
+    """Each group's rows (x through the plan, or x itself) through its expert's MLP, in float64;
+    w_in [E, d, n_in], w_out [E, d_ff, d_out] (grouped_mm's layout); rows past offsets[E] zero."""
+    rows = (x if plan is None else permute(x, plan)).double()
+    out = torch.zeros(rows.shape[0], w_out.shape[2], dtype=torch.float64, device=x.device)
+    off = offsets.tolist()
+    for e in range(w_in.shape[0]):
+        bi = None if b_in is None else b_in[e].double()
+        bo = None if b_out is None else b_out[e].double()
+        part = rows[off[e] : off[e + 1]]
+        out[off[e] : off[e + 1]] = expert_ffn(
+            part, w_in[e].double().T, w_out[e].double().T, activation, bi, bo
+        )
+    return out.to(x.dtype)
+
+
 def routed_moe(
     x: Tensor,
     expert: Tensor,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smoe import ops
-from smoe.experts import check_tokens
+from smoe.experts import check_tokens, experts_on_tokens
 from smoe.layer import MoEAux, MoELayer
 from smoe.routing.base import Routing
 from smoe.routing.context import RoutingContext
@@ -319,7 +319,7 @@ class S2MoELayer(MoELayer):
         plan = ops.make_plan(
             routing.expert, self.num_experts, capacity=capacity, group_size=group_size
         )
-        y_sorted = self.experts(ops.permute(tokens, plan), plan.offsets)
+        y_sorted = experts_on_tokens(self.experts, tokens, plan)
         y = ops.combine(y_sorted, routing.weight.to(y_sorted.dtype), plan)
         if routing.interpolate:
             kept_weight = (routing.weight * plan.kept).sum(dim=-1, keepdim=True)

@@ -4,7 +4,8 @@ In fp16/bf16 an smoe op's error against the float64 reference must be at most 3x
 the same computation written with torch's own ops in that precision. This module holds:
 
 - the torch-ops versions of smoe's numeric ops (``topk_softmax``, ``topk_sigmoid``,
-  ``expert_choice``, ``permute``, ``combine``, ``grouped_mm``, ``swiglu``, ``s2moe_perturb``).
+  ``expert_choice``, ``permute``, ``combine``, ``grouped_mm``, ``swiglu``, ``expert_mlp``,
+  ``s2moe_perturb``).
   ``smoe.reference`` cannot serve here: each of its functions upcasts to float64 and rounds once
   at the end, so on fp16/bf16 inputs it returns the correctly rounded answer, not what PyTorch
   code in that precision computes. The versions below keep every intermediate in the input's
@@ -139,6 +140,30 @@ def swiglu(h: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+def expert_mlp(
+    x: Tensor,
+    offsets: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    *,
+    b_in: Tensor | None = None,
+    b_out: Tensor | None = None,
+    activation: str = "swiglu",
+    plan=None,
+    fused: bool | None = None,
+) -> Tensor:
+    """The chain of the versions above: permute, grouped_mm, the activation, grouped_mm
+    (``fused`` is smoe's choice of kernel; here there is one)."""
+    h = grouped_mm(x if plan is None else permute(x, plan), w_in, offsets, b_in)
+    if activation == "swiglu":
+        a = swiglu(h)
+    elif activation == "relu":
+        a = F.relu(h)
+    else:
+        a = F.gelu(h, approximate="tanh" if activation == "gelu_tanh" else "none")
+    return grouped_mm(a, w_out, offsets, b_out)
+
+
 def s2moe_perturb(
     x: Tensor, n1: Tensor, n2: Tensor, mu: Tensor, s_mul: Tensor, s_add: Tensor
 ) -> Tensor:
@@ -224,6 +249,7 @@ NUMERIC_OPS = (
     "combine",
     "grouped_mm",
     "swiglu",
+    "expert_mlp",
     "s2moe_perturb",
 )
 #: smoe's own wrappers, kept whatever the switch does.

@@ -108,15 +108,40 @@ def run_experts(module: nn.Module, hidden_states: Tensor, plan: ops.Plan, weight
     grouped_mm → combine with ``weight [T, k]``; ``[T, d]`` in ``hidden_states``' dtype. Also the
     experts path of the blocks :func:`smoe.convert` builds (whose routers may make their own
     plans)."""
-    y = expert_rows(module, ops.permute(hidden_states, plan), plan.offsets)
+    transposed, w_in, b_in, b_out = _parts(module)
+    w_in = _weight(w_in, transposed)
+    if _fusable(module, hidden_states) and ops.experts.fuses(hidden_states, w_in, plan):
+        # inference with transformers' default SwiGLU at a size where it pays: each expert's
+        # whole MLP in one op, which never materialises the grouped rows or the hidden
+        y = ops.expert_mlp(
+            hidden_states,
+            plan.offsets,
+            w_in,
+            _weight(module.down_proj, transposed),
+            b_in=b_in,
+            b_out=b_out,
+            plan=plan,
+            fused=True,
+        )
+        if getattr(module, "has_post_expert_norm", False):
+            y = module.post_expert_norm(y)
+    else:
+        y = expert_rows(module, ops.permute(hidden_states, plan), plan.offsets)
     out = ops.combine(y, weight.to(y.dtype), plan)
     return out.to(hidden_states.dtype)
 
 
-def expert_rows(module: nn.Module, x: Tensor, offsets: Tensor) -> Tensor:
-    """A transformers experts module's experts on rows grouped by expert (``offsets [E+1]`` over
-    the module's ``num_experts``): grouped_mm → gate → grouped_mm (→ post-expert norm), ``[M,
-    d]``; padding rows past ``offsets[E]`` carry no bias."""
+def _fusable(module: nn.Module, x: Tensor) -> bool:
+    """No gradient needed (inference, frozen experts), and transformers' default SwiGLU gate."""
+    if torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in module.parameters(recurse=False))
+    ):
+        return False
+    return getattr(module, "has_gate", True) and _fused_swiglu(module)
+
+
+def _parts(module: nn.Module) -> tuple[bool, Tensor, Tensor | None, Tensor | None]:
+    """(is_transposed, the first projection, its bias, down_proj's bias) of an experts module."""
     transposed = bool(getattr(module, "is_transposed", False))
     has_gate, has_bias = getattr(module, "has_gate", True), getattr(module, "has_bias", False)
     w_in = module.gate_up_proj if has_gate else module.up_proj
@@ -124,6 +149,15 @@ def expert_rows(module: nn.Module, x: Tensor, offsets: Tensor) -> Tensor:
     if has_bias:  # fused into the GEMMs (grouped_mm's bias) in the weights' dtype, as it needs
         b_in = (module.gate_up_proj_bias if has_gate else module.up_proj_bias).to(w_in.dtype)
         b_out = module.down_proj_bias.to(module.down_proj.dtype)
+    return transposed, w_in, b_in, b_out
+
+
+def expert_rows(module: nn.Module, x: Tensor, offsets: Tensor) -> Tensor:
+    """A transformers experts module's experts on rows grouped by expert (``offsets [E+1]`` over
+    the module's ``num_experts``): grouped_mm → gate → grouped_mm (→ post-expert norm), ``[M,
+    d]``; padding rows past ``offsets[E]`` carry no bias."""
+    transposed, w_in, b_in, b_out = _parts(module)
+    has_gate = getattr(module, "has_gate", True)
     h = ops.grouped_mm(x, _weight(w_in, transposed), offsets, b_in)
     if not has_gate:
         a = module.act_fn(h)

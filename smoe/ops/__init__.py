@@ -5,7 +5,7 @@ wrapper, fake, autograd. The kernels live in csrc/; nothing numerical happens he
 
 - :mod:`smoe.ops.routing`: ``topk_softmax``, ``topk_sigmoid``, ``expert_choice``
 - :mod:`smoe.ops.dispatch`: ``make_plan``, ``permute``, ``combine`` (and :class:`Plan`)
-- :mod:`smoe.ops.experts`: ``grouped_mm``, ``swiglu``
+- :mod:`smoe.ops.experts`: ``grouped_mm``, ``swiglu``, ``expert_mlp``
 - :mod:`smoe.ops.xmoe`: ``cosine_scores`` (X-MoE)
 - :mod:`smoe.ops.sinkhorn`: ``sinkhorn`` (SSR, S-BASE)
 - :mod:`smoe.ops.momentum`: ``momentum_update`` (MomentumSMoE, AdamSMoE, Robust MomentumSMoE)
@@ -23,7 +23,7 @@ _loader.load_library()
 try:  # each family registers fakes and autograd for ops the compiled _C must define
     from smoe.ops._common import refuse_sparse
     from smoe.ops.dispatch import Plan, combine, make_plan, permute
-    from smoe.ops.experts import grouped_mm, swiglu
+    from smoe.ops.experts import MLP_ACTIVATIONS, expert_mlp, grouped_mm, swiglu
     from smoe.ops.graph import graph_mix
     from smoe.ops.momentum import (
         MomentumUpdate,
@@ -47,6 +47,7 @@ except RuntimeError as e:
 refuse_sparse()  # every smoe op: a sparse argument is an error naming it
 
 __all__ = [
+    "MLP_ACTIVATIONS",
     "CosineScores",
     "ExpertChoice",
     "MomentumUpdate",
@@ -57,6 +58,7 @@ __all__ = [
     "combine",
     "cosine_scores",
     "expert_choice",
+    "expert_mlp",
     "graph_mix",
     "grouped_mm",
     "make_plan",

@@ -1,4 +1,5 @@
-"""Expert ops: grouped_mm (one GEMM per expert group) and the fused swiglu activation.
+"""Expert ops: grouped_mm (one GEMM per expert group), the fused swiglu activation and expert_mlp
+(each expert's whole MLP per row block).
 
 One section per op, in schema order (csrc/registration.cpp): wrapper, fake, autograd.
 """
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from smoe.ops._common import check_devices, refuse_double_backward
 
-__all__ = ["grouped_mm", "swiglu"]
+__all__ = ["MLP_ACTIVATIONS", "expert_mlp", "grouped_mm", "swiglu"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +167,191 @@ def _swiglu_backward_fake(grad_out: Tensor, h: Tensor) -> Tensor:
     check_devices("swiglu_backward", h=h, grad_out=grad_out)
     torch._check(grad_out.dim() == 2, lambda: "smoe::swiglu_backward: grad_out must be 2-D [M, f]")
     return h.new_empty(h.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# expert_mlp
+# ---------------------------------------------------------------------------------------------
+MLP_ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh", "relu")
+FUSE_MIN_BYTES = 4 << 20  # expert_mlp(fused=None) fuses on CPU when the hidden passes this
+
+
+def fuses(x: Tensor, w_in: Tensor, plan=None) -> bool:
+    """Whether :func:`expert_mlp` with ``fused=None`` runs the fused op: on CPU, when the hidden
+    ``[M, n_in]`` in x's dtype would pass ``FUSE_MIN_BYTES``."""
+    rows = x.shape[0] if plan is None else plan.token.shape[0]
+    return x.device.type == "cpu" and rows * w_in.shape[-1] * x.element_size() > FUSE_MIN_BYTES
+
+
+def _permute(x: Tensor, plan) -> Tensor:
+    return torch.ops.smoe.permute.default(x, plan.token, plan.row)
+
+
+def expert_mlp(
+    x: Tensor,
+    offsets: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    *,
+    b_in: Tensor | None = None,
+    b_out: Tensor | None = None,
+    activation: str = "swiglu",
+    plan=None,
+    fused: bool | None = None,
+) -> Tensor:
+    """Each expert's whole MLP on its rows: ``act(in[r] @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e]``
+    for ``offsets[e] <= r < offsets[e+1]``.
+
+    Args:
+        x: ``[T, d]`` tokens with ``plan`` (row r reads ``x[plan.token[r]]``, the gather of
+            :func:`smoe.ops.permute`), or ``[M, d]`` rows already grouped by expert without it.
+        offsets: ``[E+1]`` int64 (``plan.offsets``).
+        w_in: ``[E, d, n_in]`` (a transposed view of ``[E, n_in, d]`` is used without a copy);
+            ``n_in = 2 d_ff`` for ``"swiglu"`` (gate columns first), else ``d_ff``.
+        w_out: ``[E, d_ff, d_out]``, likewise.
+        b_in, b_out: optional per-expert biases ``[E, n_in]`` and ``[E, d_out]``.
+        activation: one of ``MLP_ACTIVATIONS``: ``"swiglu"``, ``"gelu"`` (erf), ``"gelu_tanh"``,
+            ``"relu"``.
+        plan: a :class:`smoe.ops.Plan` of x's tokens, or None.
+        fused: True runs the ``smoe::expert_mlp`` op; False the unfused chain (permute ->
+            grouped_mm -> activation -> grouped_mm); None (default) the op when the hidden
+            ``[M, n_in]`` would pass ``FUSE_MIN_BYTES`` (4 MiB) on CPU, else the chain: a small
+            hidden is neither page-faulted nor worth the fusion, and the unfused ops' (expert,
+            column block) items keep more threads busy than a few (expert, row block) items.
+
+    Returns:
+        ``[M, d_out]`` grouped rows (what :func:`grouped_mm` of the activation gives); rows past
+        ``offsets[E]`` are 0.
+
+    Note:
+        The same math as permute -> grouped_mm -> activation -> grouped_mm. On CPU each (expert,
+        row block) item gathers its rows, runs both GEMMs and the activation in one thread's
+        scratch: neither the grouped rows nor the hidden ``[M, n_in]`` are materialised, which is
+        what makes inference at large T fast (no page faults on fresh large tensors). The row
+        blocks differ from grouped_mm's, so results may differ from the unfused chain in the last
+        bits; they are deterministic for every thread count. On CUDA it runs the unfused chain.
+        The backward recomputes the hidden through the unfused ops (nothing but the inputs is
+        saved): correct, and memory-light, but a training step pays the first GEMM twice, so
+        :class:`smoe.Experts` uses this op only where no gradient is needed.
+    """
+    if activation not in MLP_ACTIVATIONS:
+        raise ValueError(
+            f"expert_mlp: activation must be one of {MLP_ACTIVATIONS}, got {activation!r}"
+        )
+    if fused is None:
+        fused = fuses(x, w_in, plan)
+    if not fused:
+        h = grouped_mm(x if plan is None else _permute(x, plan), w_in, offsets, b_in)
+        return grouped_mm(_mlp_activation(activation, h), w_out, offsets, b_out)
+    token, row = (None, None) if plan is None else (plan.token, plan.row)
+    return torch.ops.smoe.expert_mlp.default(
+        x, token, row, offsets, w_in, b_in, w_out, b_out, activation
+    )
+
+
+@torch.library.register_fake("smoe::expert_mlp")
+def _expert_mlp_fake(x, token, row, offsets, w_in, b_in, w_out, b_out, activation):
+    check_devices(
+        "expert_mlp",
+        x=x,
+        token=token,
+        row=row,
+        offsets=offsets,
+        w_in=w_in,
+        b_in=b_in,
+        w_out=w_out,
+        b_out=b_out,
+    )
+    torch._check(
+        activation in MLP_ACTIVATIONS, lambda: f"smoe::expert_mlp: bad activation {activation!r}"
+    )
+    torch._check(x.dim() == 2, lambda: "smoe::expert_mlp: x must be 2-D")
+    torch._check(w_in.dim() == 3 and w_out.dim() == 3, lambda: "smoe::expert_mlp: weights are 3-D")
+    torch._check(w_in.shape[1] == x.shape[1], lambda: "smoe::expert_mlp: w_in must be [E, d, n_in]")
+    torch._check(w_out.shape[0] == w_in.shape[0], lambda: "smoe::expert_mlp: w_out needs E experts")
+    factor = 2 if activation == "swiglu" else 1
+    torch._check(
+        w_in.shape[2] == factor * w_out.shape[1],
+        lambda: "smoe::expert_mlp: w_in's columns must match w_out's d_ff",
+    )
+    torch._check(
+        offsets.shape[0] == w_in.shape[0] + 1, lambda: "smoe::expert_mlp: offsets needs E+1"
+    )
+    torch._check(
+        (token is None) == (row is None), lambda: "smoe::expert_mlp: token and row together"
+    )
+    M = x.shape[0] if token is None else token.shape[0]
+    return x.new_empty((M, w_out.shape[2]))
+
+
+def _mlp_activation(activation: str, h: Tensor) -> Tensor:
+    if activation == "swiglu":
+        return torch.ops.smoe.swiglu.default(h)
+    if activation == "relu":
+        return torch.relu(h)
+    return torch.nn.functional.gelu(h, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def _mlp_activation_backward(activation: str, grad: Tensor, h: Tensor) -> Tensor:
+    if activation == "swiglu":
+        return torch.ops.smoe.swiglu_backward.default(grad, h)
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward.default(grad, h, 0)
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
+    return torch.ops.aten.gelu_backward.default(grad, h, approximate=approximate)
+
+
+def _setup_context_expert_mlp(ctx, inputs, output) -> None:
+    x, token, row, offsets, w_in, b_in, w_out, b_out, activation = inputs
+    ctx.save_for_backward(x, token, row, offsets, w_in, b_in, w_out)
+    ctx.activation = activation
+    ctx.has_b_out = b_out is not None
+
+
+def _backward_expert_mlp(ctx, grad: Tensor):
+    x, token, row, offsets, w_in, b_in, w_out = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_x, need_w_in, need_b_in, need_w_out, need_b_out = (
+        need[0],
+        need[4],
+        need[5],
+        need[6],
+        need[7],
+    )
+    gx = gw_in = gb_in = gw_out = gb_out = None
+    mm_backward = torch.ops.smoe.grouped_mm_backward.default
+    bias_backward = torch.ops.smoe.grouped_mm_bias_backward.default
+    grad = grad.contiguous()
+    # recompute the forward's grouped rows, hidden and activation with the unfused ops
+    xs = x if token is None else torch.ops.smoe.permute.default(x, token, row)
+    h = torch.ops.smoe.grouped_mm.default(xs, w_in, offsets, b_in)
+    a = _mlp_activation(ctx.activation, h)
+    ga, gw_out = mm_backward(grad, a, w_out, offsets, True, need_w_out)
+    if need_b_out:
+        gb_out = bias_backward(grad, offsets)
+    gh = _mlp_activation_backward(ctx.activation, ga, h)
+    if need_x or need_w_in:
+        gxs, gw_in = mm_backward(gh, xs, w_in, offsets, need_x, need_w_in)
+        if need_x:
+            gx = gxs if token is None else torch.ops.smoe.permute_backward.default(gxs, row)
+    if need_b_in:
+        gb_in = bias_backward(gh, offsets)
+    return (
+        gx,
+        None,
+        None,
+        None,
+        gw_in if need_w_in else None,
+        gb_in,
+        gw_out if need_w_out else None,
+        gb_out,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "smoe::expert_mlp", _backward_expert_mlp, setup_context=_setup_context_expert_mlp
+)
 
 
 refuse_double_backward("grouped_mm", "grouped_mm_bias", "swiglu")

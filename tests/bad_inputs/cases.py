@@ -26,13 +26,13 @@ forks one child per case, and must run no torch op before forking.
 
 The tables live beside this file, one per op family: ``cases_routing.py`` (topk_softmax,
 expert_choice), ``cases_sigmoid.py`` (topk_sigmoid), ``cases_dispatch.py`` (make_plan, permute,
-combine), ``cases_experts.py`` (grouped_mm, swiglu, the Experts module), ``cases_xmoe.py``
-(cosine_scores), ``cases_sinkhorn.py`` (sinkhorn), ``cases_momentum.py`` (momentum_update),
-``cases_graph.py`` (graph_mix), ``cases_usmoe.py`` (unified_topk), ``cases_s2moe.py``
-(s2moe_perturb), ``cases_modules.py`` (MoELayer with each router, the routers' constructors),
-``cases_graph_routers.py`` (the graph-of-tokens routers, their context), ``cases_usmoe_router.py``
-(USMoE's router: options, sequences, padding) and ``cases_models.py`` (smoe.models'
-constructors).
+combine), ``cases_experts.py`` (grouped_mm, swiglu, the Experts module), ``cases_expert_mlp.py``
+(expert_mlp), ``cases_xmoe.py`` (cosine_scores), ``cases_sinkhorn.py`` (sinkhorn),
+``cases_momentum.py`` (momentum_update), ``cases_graph.py`` (graph_mix), ``cases_usmoe.py``
+(unified_topk), ``cases_s2moe.py`` (s2moe_perturb), ``cases_modules.py`` (MoELayer with each
+router, the routers' constructors), ``cases_graph_routers.py`` (the graph-of-tokens routers, their
+context), ``cases_usmoe_router.py`` (USMoE's router: options, sequences, padding) and
+``cases_models.py`` (smoe.models' constructors).
 """
 
 from __future__ import annotations
@@ -271,6 +271,7 @@ def all_cases() -> list[Case]:
     """The whole table, in a fixed order; names are unique."""
     from tests.bad_inputs import (
         cases_dispatch,
+        cases_expert_mlp,
         cases_experts,
         cases_graph,
         cases_graph_routers,
@@ -291,6 +292,7 @@ def all_cases() -> list[Case]:
         *cases_sigmoid.CASES,
         *cases_dispatch.CASES,
         *cases_experts.CASES,
+        *cases_expert_mlp.CASES,
         *cases_xmoe.CASES,
         *cases_sinkhorn.CASES,
         *cases_momentum.CASES,

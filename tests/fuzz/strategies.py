@@ -15,6 +15,7 @@ import torch
 from hypothesis import strategies as st
 from torch import Tensor
 
+from tests.fuzz.strategies_expert_mlp import expert_mlp_cases
 from tests.fuzz.strategies_graph import graph_cases
 from tests.fuzz.strategies_momentum import momentum_cases
 from tests.fuzz.strategies_s2moe import s2moe_cases
@@ -368,6 +369,7 @@ OP_STRATEGIES = {
     "graph_mix": graph_cases,  # tests/fuzz/strategies_graph.py
     "s2moe_perturb": s2moe_cases,  # tests/fuzz/strategies_s2moe.py
     "unified_topk": unified_topk_cases,  # tests/fuzz/strategies_usmoe.py (index-only: no backward)
+    "expert_mlp": expert_mlp_cases,  # tests/fuzz/strategies_expert_mlp.py (backward: the chain's)
 }
 
 # Each backward op -> the forward whose fuzz test exercises it.

@@ -1,7 +1,9 @@
 """Every op's backward is itself not differentiable: a second derivative raises a clear error
 naming the op (STYLE.md §8), never autograd's "not used in the graph" or a silent None. The ops
 without a backward (index outputs only: make_plan, unified_topk) have no first derivative either:
-their outputs are integers outside the graph, even for inputs that require grad."""
+their outputs are integers outside the graph, even for inputs that require grad. An op whose
+backward runs other smoe ops (expert_mlp recomputes through permute, grouped_mm and swiglu) hits
+their refusal."""
 
 import pytest
 import torch
@@ -130,13 +132,36 @@ NO_BACKWARD = {
 }
 
 
+def _expert_mlp():
+    plan = _plan()
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    w_in, w_out = (
+        torch.randn(3, 5, 8, dtype=torch.float64),
+        torch.randn(3, 4, 5, dtype=torch.float64),
+    )
+    return x, ops.expert_mlp(x, plan.offsets, w_in, w_out, plan=plan, fused=True)
+
+
+# Ops whose backward is made of other smoe ops -> a maker (input, output) as in MAKERS.
+COMPOSED = {"expert_mlp": _expert_mlp}
+
+
+@pytest.mark.parametrize("op", sorted(COMPOSED))
+def test_double_backward_of_a_composed_backward_errors_clearly(op):
+    x, y = COMPOSED[op]()
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    assert g.requires_grad
+    with pytest.raises(RuntimeError, match=r"smoe::\w+: double backward is not supported"):
+        torch.autograd.grad(g.square().sum(), x)
+
+
 def test_every_op_without_a_backward_is_listed():
     from smoe import _loader
 
     ops_ = set(_loader.registered_ops())
     with_backward = {op for op in ops_ if op.endswith("_backward")}
     with_backward |= {op.removesuffix("_backward") for op in with_backward}
-    assert ops_ - with_backward == set(NO_BACKWARD)
+    assert ops_ - with_backward == set(NO_BACKWARD) | set(COMPOSED)
 
 
 @pytest.mark.parametrize("op", sorted(NO_BACKWARD))

@@ -1,0 +1,88 @@
+"""Where smoe's modules run the fused expert MLP (smoe.ops.expert_mlp): MoELayer/Experts and
+transformers' experts_implementation="smoe" forward without a gradient, at sizes past the fusion
+rule; the result equals the training path's, and training, dropout and small calls keep the
+unfused chain."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from smoe import MoELayer, ops
+
+
+def _ran_expert_mlp(fn) -> bool:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any(e.name == "smoe::expert_mlp" for e in prof.events())
+
+
+def _layer(**kw):
+    torch.manual_seed(0)
+    return MoELayer(64, 256, num_experts=4, k=2, activation="swiglu", **kw)
+
+
+X = torch.randn(2, 700, 64, generator=torch.Generator().manual_seed(1))  # 2800 rows x 512 hidden
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen"])
+def test_layer_forward_without_gradient_runs_the_fused_op_with_the_training_result(mode):
+    layer = _layer().eval()
+    want = layer(X)[0].detach()
+    if mode == "frozen":  # grad mode on, but nothing requires a gradient
+        layer.requires_grad_(False)
+        run = lambda: layer(X)  # noqa: E731
+    else:
+        ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
+
+        def run():
+            with ctx():
+                return layer(X)
+
+    assert _ran_expert_mlp(run)
+    torch.testing.assert_close(run()[0], want, atol=1e-5, rtol=1e-5)
+
+
+def test_training_small_calls_and_dropout_keep_the_unfused_chain():
+    layer = _layer()
+    assert not _ran_expert_mlp(lambda: layer(X))  # the weights need gradients
+    with torch.no_grad():
+        assert not _ran_expert_mlp(lambda: layer(X[:, :20]))  # a hidden under 4 MiB
+        dropped = MoELayer(64, 256, num_experts=4, k=2, activation="swiglu", expert_dropout=0.1)
+        assert dropped.experts.drop is not None
+        assert not _ran_expert_mlp(lambda: dropped.train()(X))  # active dropout
+        assert _ran_expert_mlp(lambda: dropped.eval()(X))
+
+
+def test_bf16_inference_is_close_to_the_training_path():
+    layer = _layer().bfloat16().eval()
+    x = X.bfloat16()
+    want = layer(x)[0].detach()
+    with torch.inference_mode():
+        got = layer(x)[0]
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_transformers_experts_inference_runs_the_fused_op():
+    pytest.importorskip("transformers")
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    import smoe.integrations.transformers  # noqa: F401  (registers "smoe")
+
+    cfg = MixtralConfig(hidden_size=64, intermediate_size=256, num_local_experts=4)
+    cfg._experts_implementation = "smoe"
+    torch.manual_seed(0)
+    block = MixtralSparseMoeBlock(cfg).eval()
+    with torch.no_grad():  # a bare module's parameters are uninitialised
+        for p in block.parameters():
+            p.normal_(0.0, 0.05)
+    x = X.clone()
+    want = block(x)
+    want = want[0] if isinstance(want, tuple) else want
+    with torch.no_grad():
+        assert _ran_expert_mlp(lambda: block(x))
+        got = block(x)
+    got = got[0] if isinstance(got, tuple) else got
+    torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-5)
+    assert ops.experts.FUSE_MIN_BYTES < 1400 * 2 * 512 * 4
