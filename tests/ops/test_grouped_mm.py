@@ -129,6 +129,28 @@ def test_grouped_mm_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_grouped_mm_16bit_thin_groups_take_wide_column_items(dtype, bias):
+    # 1-3 rows per expert (decoding) in 16 bits: items of up to 1024 output columns instead of
+    # 256, so d_out = 2600 runs as column blocks 1024 + 1024 + 552; values, bias, thread counts
+    counts, d_in, d_out = [1, 0, 3, 2], 64, 2600
+    x, w, off = make(counts, 2, d_in, d_out, dtype, transposed=True)
+    b = torch.randn(len(counts), d_out, dtype=dtype) if bias else None
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(ops.grouped_mm(x, w, off, b))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+    want64 = ref.grouped_mm(x.double(), w.double(), off, None if b is None else b.double())
+    assert_low_precision_close(outs[0], want64, ref.grouped_mm(x, w, off, b))
+    assert (outs[0][sum(counts) :] == 0).all()
+
+
 def test_grouped_mm_rejects_bad_offsets():
     x, w, _ = make([3, 4], 0, 4, 2)
     with pytest.raises(RuntimeError, match="non-decreasing"):
