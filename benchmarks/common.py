@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smoe import ops
+from smoe.experts import Experts
 from smoe.losses import router_z_loss, switch_balance_loss
 from smoe.routing import Routing, TopKRouter
 
@@ -363,11 +364,24 @@ def stage_times(
     def plan_only() -> Tensor:
         return ops.make_plan(r.expert, E, capacity=capacity).offsets
 
+    # a forward without gradients runs the experts as one expert_mlp that gathers its own rows
+    # (smoe.Experts): then there is no permute stage, and the experts stage includes the gather
+    ex = layer.experts
+    fused = (
+        not backward
+        and type(ex).forward is Experts.forward
+        and ops.experts.fuses(flat, ex.w_in.transpose(1, 2), plan)
+    )
+    if fused:
+        permute, experts = 0.0, stage(lambda: ex(flat, plan.offsets, plan=plan))
+    else:
+        permute = stage(lambda: ops.permute(flat, plan))
+        experts = stage(lambda: ex(xs, plan.offsets))
     return {
         "route": stage(lambda: layer.router(flat).weight),
         "plan": clock(plan_only).median,
-        "permute": stage(lambda: ops.permute(flat, plan)),
-        "experts": stage(lambda: layer.experts(xs, plan.offsets)),
+        "permute": permute,
+        "experts": experts,
         "combine": stage(lambda: ops.combine(ys, w, plan)),
     }
 

@@ -267,3 +267,20 @@ def test_bench_gpu_logic_runs_on_cpu(tmp_path):
         for b in BASELINES:
             assert r["times"][b] is not None, (b, r["skipped"].get(b))
     assert "| shape | dtype | load | mode |" in proc.stdout
+
+
+@pytest.mark.parametrize("T,fused", [(16, False), (3000, True)])
+def test_stage_times_count_no_permute_where_the_forward_fuses(T, fused):
+    # A forward without gradients past the fusion rule runs one expert_mlp that gathers its own
+    # rows: the time shares then have no permute stage. Small calls and fwd+bwd keep it.
+    from common import stage_times
+
+    layer = MoELayer(64, 256, num_experts=4, k=2, activation="swiglu")
+    x = torch.randn(T, 64)
+    def clock(fn):
+        fn()
+        return type("Stat", (), {"median": 1.0})()
+
+    fwd = stage_times(layer, x, False, clock=clock)
+    assert (fwd["permute"] == 0.0) == fused and fwd["experts"] == 1.0
+    assert stage_times(layer, x, True, clock=clock)["permute"] == 1.0

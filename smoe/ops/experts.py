@@ -227,9 +227,11 @@ def expert_mlp(
         The same math as permute -> grouped_mm -> activation -> grouped_mm. On CPU each (expert,
         row block) item gathers its rows, runs both GEMMs and the activation in one thread's
         scratch: neither the grouped rows nor the hidden ``[M, n_in]`` are materialised, which is
-        what makes inference at large T fast (no page faults on fresh large tensors). The row
-        blocks differ from grouped_mm's, so results may differ from the unfused chain in the last
-        bits; they are deterministic for every thread count. On CUDA it runs the unfused chain.
+        what makes inference at large T fast (no page faults on fresh large tensors). The first
+        GEMM makes grouped_mm's own calls; the second's row blocks follow the first's, so the
+        result may differ from the unfused chain in the last bits (it was bitwise equal at the
+        benchmarked shapes), and it is deterministic for every thread count. On CUDA it runs the
+        unfused chain.
         The backward recomputes the hidden through the unfused ops (nothing but the inputs is
         saved): correct, and memory-light, but a training step pays the first GEMM twice, so
         :class:`smoe.Experts` uses this op only where no gradient is needed.
