@@ -277,6 +277,7 @@ def test_stage_times_count_no_permute_where_the_forward_fuses(T, fused):
 
     layer = MoELayer(64, 256, num_experts=4, k=2, activation="swiglu")
     x = torch.randn(T, 64)
+
     def clock(fn):
         fn()
         return type("Stat", (), {"median": 1.0})()
