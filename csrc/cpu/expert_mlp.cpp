@@ -4,7 +4,7 @@
 // the grouped input x_sorted and the hidden h = x w_in of the unfused path are never materialised
 // (at the Mixtral-like inference shape h alone is 235 MB, and glibc maps and page-faults every
 // allocation that large afresh on each call). The scratch is allocated once per thread per call,
-// small enough for glibc to recycle.
+// small enough for glibc to recycle. Items go to threads one at a time (csrc/cpu/gemm_glue.h).
 // Item sizes follow from the shapes and the dtype only, and each item's GEMMs run single-threaded,
 // so results are bitwise equal for every torch.set_num_threads.
 #include <ATen/Dispatch.h>
@@ -119,42 +119,46 @@ at::Tensor expert_mlp_cpu(const at::Tensor& x_in, const std::optional<at::Tensor
     }
   }
   const bool gated = act == MlpActivation::kSwiglu;
-  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t b, int64_t end) {
-    at::AutoDispatchBelowADInplaceOrView guard;  // pool threads do not inherit it
-    const SequentialGemm sequential;
-    const int64_t cap = std::min<int64_t>(R, off[E]);  // rows of the largest item
-    at::Tensor xg = gather ? at::empty({cap, d}, x.options()) : at::Tensor();
-    at::Tensor h = at::empty({cap, n_in}, x.options());
-    at::Tensor a = gated ? at::empty({cap, d_ff}, x.options()) : h;
-    for (int64_t i = b; i < end; ++i) {
-      const RowBlock& blk = blocks[i];
-      at::Tensor xs;
-      if (gather) {
-        const int32_t* idx = token.const_data_ptr<int32_t>() + blk.begin;
-        const auto* src = static_cast<const char*>(x.const_data_ptr());
-        auto* dst = static_cast<char*>(xg.mutable_data_ptr());
-        for (int64_t r = 0; r < blk.rows; ++r) {
-          if (idx[r] < 0) {
-            std::memset(dst + r * d * es, 0, d * es);
-          } else {
-            std::memcpy(dst + r * d * es, src + idx[r] * x.stride(0) * es, d * es);
-          }
+  const int64_t cap = std::min<int64_t>(R, off[E]);  // rows of the largest item
+  struct Scratch {
+    at::Tensor xg, h, a;
+  };
+  std::vector<Scratch> scratch(at::get_num_threads());  // one per thread that takes items
+  const auto start = [&] {
+    Scratch& s = scratch.at(at::get_thread_num());
+    if (gather) s.xg = at::empty({cap, d}, x.options());
+    s.h = at::empty({cap, n_in}, x.options());
+    s.a = gated ? at::empty({cap, d_ff}, x.options()) : s.h;
+  };
+  for_each_block(static_cast<int64_t>(blocks.size()), [&](int64_t i) {
+    const RowBlock& blk = blocks[i];
+    Scratch& s = scratch.at(at::get_thread_num());
+    at::Tensor xs;
+    if (gather) {
+      const int32_t* idx = token.const_data_ptr<int32_t>() + blk.begin;
+      const auto* src = static_cast<const char*>(x.const_data_ptr());
+      auto* dst = static_cast<char*>(s.xg.mutable_data_ptr());
+      for (int64_t r = 0; r < blk.rows; ++r) {
+        if (idx[r] < 0) {
+          std::memset(dst + r * d * es, 0, d * es);
+        } else {
+          std::memcpy(dst + r * d * es, src + idx[r] * x.stride(0) * es, d * es);
         }
-        xs = xg.narrow(0, 0, blk.rows);
-      } else {
-        xs = x.narrow(0, blk.begin, blk.rows);
       }
-      at::Tensor hs = h.narrow(0, 0, blk.rows);
-      std::optional<at::Tensor> b1, b2;
-      if (b_in.has_value()) b1 = b_in->select(0, blk.expert);
-      if (b_out.has_value()) b2 = b_out->select(0, blk.expert);
-      mm_cols(hs, xs, w_in.select(0, blk.expert), b1);
-      at::Tensor as = gated ? a.narrow(0, 0, blk.rows) : hs;
-      activate(act, hs, as);
-      at::Tensor os = out.narrow(0, blk.begin, blk.rows);
-      mm_cols(os, as, w_out.select(0, blk.expert), b2);
+      xs = s.xg.narrow(0, 0, blk.rows);
+    } else {
+      xs = x.narrow(0, blk.begin, blk.rows);
     }
-  });
+    at::Tensor hs = s.h.narrow(0, 0, blk.rows);
+    std::optional<at::Tensor> b1, b2;
+    if (b_in.has_value()) b1 = b_in->select(0, blk.expert);
+    if (b_out.has_value()) b2 = b_out->select(0, blk.expert);
+    mm_cols(hs, xs, w_in.select(0, blk.expert), b1);
+    at::Tensor as = gated ? s.a.narrow(0, 0, blk.rows) : hs;
+    activate(act, hs, as);
+    at::Tensor os = out.narrow(0, blk.begin, blk.rows);
+    mm_cols(os, as, w_out.select(0, blk.expert), b2);
+  }, start);
   return out;
 }
 

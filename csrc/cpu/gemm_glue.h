@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #if defined(__linux__)
@@ -83,15 +84,34 @@ class SequentialGemm {
   [[maybe_unused]] int omp_prev_ = 1;
 };
 
-// Runs fn(i) for i in [0, n) on torch's pool, each item's GEMM single-threaded.
-template <typename F>
-void for_each_block(int64_t n, const F& fn) {
-  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+// Runs fn(i) for i in [0, n) on torch's pool, each item's GEMM single-threaded. Items are handed
+// out one at a time from a shared counter (dynamic scheduling): items of uneven size (an expert's
+// last row block, uneven groups) then keep every thread busy, where a static split into equal
+// counts leaves one thread to finish alone. Which thread runs an item does not change its result.
+// start() runs once on each thread that takes part, before its first item (its scratch, say).
+template <typename F, typename S>
+void for_each_block(int64_t n, const F& fn, const S& start) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     // Pool threads do not inherit the caller's dispatch state; we are below autograd here.
     at::AutoDispatchBelowADInplaceOrView guard;
     const SequentialGemm sequential;
-    for (int64_t i = b; i < e; ++i) fn(i);
+    bool started = false;
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
+      if (!started) {
+        start();
+        started = true;
+      }
+      fn(i);
+    }
   });
+}
+
+template <typename F>
+void for_each_block(int64_t n, const F& fn) {
+  for_each_block(n, fn, [] {});
 }
 
 }  // namespace smoe::ops
