@@ -4,8 +4,8 @@ Each case builds its inputs from a fixed seed (never from the global RNG state),
 or an :class:`smoe.MoELayer` forward and backward, and returns its results by name. The shapes are
 big enough that every CPU kernel splits its work into several work items: the ops see T = 3000
 tokens, E = 8, k = 2, d = 64, and grouped_mm 6000 rows in uneven groups (one empty, padding rows
-past offsets[E]) and 384 output columns, in fp32, bf16 and fp16 (expert_mlp likewise, with a
-hidden of 384 or 768 columns); cosine_scores sees T = 700
+past offsets[E]) and 384 output columns, in fp32, bf16 and fp16 (expert_mlp likewise:
+tests/determinism_cases_expert_mlp.py); cosine_scores sees T = 700
 tokens, N = 16 experts, d_e = 8, d = 96, in fp32 and bf16; sinkhorn T = 1500, E = 16, 20
 iterations in fp32 and bf16; momentum_update [24, 4096] (12 CPU blocks) of every kind in fp32 and
 bf16; graph_mix B = 3 sequences of 200 tokens with 56 cached rows, E = 160 (13 row tiles, 2 column
@@ -30,6 +30,7 @@ from torch import Tensor
 import smoe  # noqa: F401  (loads the ops)
 from smoe import MoELayer, RoutingContext
 from smoe.routing.registry import available_routers, router_info
+from tests.determinism_cases_expert_mlp import OP_CASES as EXPERT_MLP_CASES
 from tests.determinism_cases_s2moe import OP_CASES as S2MOE_CASES
 from tests.determinism_cases_usmoe import OP_CASES as USMOE_CASES
 
@@ -356,28 +357,6 @@ def _graph_mix_backward(device: str) -> Results:
     return out
 
 
-def _expert_mlp(device: str) -> Results:
-    """Through the plan (dropped slots: padding rows) and on the grouped rows of _offsets (an
-    empty group, padding), swiglu with biases and gelu without; 3-5 row blocks per fp32 expert."""
-    offsets, token, slot, row, _ = _plan(device)
-    out = {}
-    for dtype in GEMM_DTYPES:
-        x = _randn(T, D, salt=20, device=device, dtype=dtype)
-        rows = _randn(M, D, salt=21, device=device, dtype=dtype)
-        for act, n_in in (("swiglu", 2 * D_OUT), ("gelu", D_OUT)):
-            w_in = _randn(E, n_in, D, salt=22, device=device, dtype=dtype, scale=0.1)
-            w_out = _randn(E, D, D_OUT, salt=23, device=device, dtype=dtype, scale=0.1)
-            w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2)
-            b_in = _randn(E, n_in, salt=24, device=device, dtype=dtype) if act == "swiglu" else None
-            b_out = _randn(E, D, salt=25, device=device, dtype=dtype) if act == "swiglu" else None
-            op = torch.ops.smoe.expert_mlp.default
-            out[f"plan_{act}_{dtype}"] = op(x, token, row, offsets, w_in, b_in, w_out, b_out, act)
-            out[f"rows_{act}_{dtype}"] = op(
-                rows, None, None, _offsets(device), w_in, b_in, w_out, b_out, act
-            )
-    return out
-
-
 OP_CASES: dict[str, Callable[[str], Results]] = {
     "topk_softmax": _topk_softmax,
     "topk_softmax_backward": _topk_softmax_backward,
@@ -395,7 +374,6 @@ OP_CASES: dict[str, Callable[[str], Results]] = {
     "grouped_mm_bias_backward": _grouped_mm_bias_backward,
     "swiglu": _swiglu,
     "swiglu_backward": _swiglu_backward,
-    "expert_mlp": _expert_mlp,
     "cosine_scores": _cosine_scores,
     "cosine_scores_backward": _cosine_scores_backward,
     "sinkhorn": _sinkhorn,
@@ -406,6 +384,7 @@ OP_CASES: dict[str, Callable[[str], Results]] = {
     "graph_mix_backward": _graph_mix_backward,
     **USMOE_CASES,  # tests/determinism_cases_usmoe.py
     **S2MOE_CASES,  # tests/determinism_cases_s2moe.py
+    **EXPERT_MLP_CASES,  # tests/determinism_cases_expert_mlp.py
 }
 
 

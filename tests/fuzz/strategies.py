@@ -15,7 +15,15 @@ import torch
 from hypothesis import strategies as st
 from torch import Tensor
 
-from tests.fuzz.strategies_expert_mlp import expert_mlp_cases
+from tests.fuzz.strategies_experts import (  # noqa: F401 (GroupedMMCase, ...: re-exported)
+    W_LAYOUTS,
+    GroupedMMCase,
+    SwigluCase,
+    build_weight,
+    expert_mlp_cases,
+    grouped_mm_cases,
+    swiglu_cases,
+)
 from tests.fuzz.strategies_graph import graph_cases
 from tests.fuzz.strategies_momentum import momentum_cases
 from tests.fuzz.strategies_s2moe import s2moe_cases
@@ -31,7 +39,7 @@ from tests.fuzz.values import (
     laid_out,
     layouts,
     materialize,
-    product_large,
+    product_large,  # noqa: F401 (re-exported)
     values,
 )
 
@@ -269,87 +277,6 @@ combine_cases = st.builds(
 
 
 # ---------------------------------------------------------------------------------------------
-# experts
-# ---------------------------------------------------------------------------------------------
-W_LAYOUTS = ("contiguous", "transposed", "expanded", "strided")
-
-
-class GroupedMMCase(NamedTuple):
-    counts: tuple[int, ...]  # rows of each expert group (E = len(counts))
-    pad: int  # rows past offsets[E]
-    d_in: int
-    d_out: int
-    dtype: str
-    x_layout: str
-    w_layout: str
-    x: Values
-    w: Values
-    bias: Values | None = None  # the optional per-expert bias [E, d_out]
-
-
-@st.composite
-def _grouped_mm_cases(draw) -> GroupedMMCase:
-    E = draw(st.integers(1, 16))
-    shape = draw(st.sampled_from(["spread", "one", "empty"]))
-    if shape == "one":  # every row to one expert
-        n, e = draw(st.integers(0, 64)), draw(st.integers(0, E - 1))
-        counts = tuple(n if i == e else 0 for i in range(E))
-    elif shape == "empty":
-        counts = (0,) * E
-    else:
-        counts = tuple(draw(st.lists(st.integers(0, 8), min_size=E, max_size=E)))
-    return GroupedMMCase(
-        counts=counts,
-        pad=draw(st.integers(0, 4)),
-        d_in=draw(st.integers(1, 32)),
-        d_out=draw(st.integers(1, 32)),
-        dtype=draw(dtypes),
-        x_layout=draw(layouts),
-        w_layout=draw(st.sampled_from(W_LAYOUTS)),
-        x=draw(values()),
-        w=draw(values()),
-        bias=draw(st.none() | values()),
-    )
-
-
-grouped_mm_cases = _grouped_mm_cases()
-
-
-def build_weight(E: int, d_in: int, d_out: int, dtype: torch.dtype, layout: str, v: Values):
-    """``w [E, d_in, d_out]`` in ``layout``: contiguous; a transposed view of ``[E, d_out, d_in]``
-    (transformers' layout); one expert's weight expanded to all E (stride 0); or a strided slice."""
-    large = product_large(dtype)
-    if layout == "expanded":
-        return materialize(v, (1, d_in, d_out), dtype, large).expand(E, d_in, d_out)
-    w = materialize(v, (E, d_in, d_out), dtype, large)
-    if layout == "transposed":
-        return w.transpose(1, 2).contiguous().transpose(1, 2)
-    if layout == "strided":
-        wide = w.new_zeros(E, d_in, 2 * d_out)
-        wide[..., ::2] = w
-        return wide[..., ::2]
-    return w
-
-
-class SwigluCase(NamedTuple):
-    M: int
-    f: int
-    dtype: str
-    layout: str
-    h: Values
-
-
-swiglu_cases = st.builds(
-    SwigluCase,
-    M=st.integers(0, 64),
-    f=st.integers(1, 32),
-    dtype=dtypes,
-    layout=layouts,
-    h=values(),
-)
-
-
-# ---------------------------------------------------------------------------------------------
 # what the gate (test_gate.py) checks against
 # ---------------------------------------------------------------------------------------------
 # Each forward op -> its strategy; the fuzz test of the op runs the forward and
@@ -369,7 +296,7 @@ OP_STRATEGIES = {
     "graph_mix": graph_cases,  # tests/fuzz/strategies_graph.py
     "s2moe_perturb": s2moe_cases,  # tests/fuzz/strategies_s2moe.py
     "unified_topk": unified_topk_cases,  # tests/fuzz/strategies_usmoe.py (index-only: no backward)
-    "expert_mlp": expert_mlp_cases,  # tests/fuzz/strategies_expert_mlp.py (backward: the chain's)
+    "expert_mlp": expert_mlp_cases,  # tests/fuzz/strategies_experts.py (backward: the chain's)
 }
 
 # Each backward op -> the forward whose fuzz test exercises it.

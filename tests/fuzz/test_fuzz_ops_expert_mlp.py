@@ -10,7 +10,7 @@ from smoe import ops
 from smoe import reference as ref
 from tests.fuzz.properties import assert_fake_matches, assert_rerun_equal, assert_values
 from tests.fuzz.strategies import build_weight
-from tests.fuzz.strategies_expert_mlp import expert_mlp_cases
+from tests.fuzz.strategies_experts import expert_mlp_cases
 from tests.fuzz.values import Values, dtype_of, fuzz_settings, laid_out, materialize
 
 pytestmark = pytest.mark.fuzz
