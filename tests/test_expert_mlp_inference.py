@@ -86,3 +86,12 @@ def test_transformers_experts_inference_runs_the_fused_op():
     got = got[0] if isinstance(got, tuple) else got
     torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-5)
     assert ops.experts.FUSE_MIN_BYTES < 1400 * 2 * 512 * 4
+
+
+def test_compiled_inference_runs_the_fused_op_without_graph_breaks():
+    layer = _layer().eval()
+    compiled = torch.compile(lambda t: layer(t)[0], fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        want = layer(X)[0]
+        assert _ran_expert_mlp(lambda: compiled(X))
+        torch.testing.assert_close(compiled(X), want)
