@@ -9,6 +9,7 @@
 #include <string_view>
 
 #include "checks.h"
+#include "checks_grouped_mm.h"
 
 namespace smoe::ops {
 
@@ -29,20 +30,6 @@ inline void check_mlp_weight(const char* name, const at::Tensor& w, const at::Te
   TORCH_CHECK(w.scalar_type() == x.scalar_type(), "smoe::expert_mlp: ", name,
               " must have x's dtype ", x.scalar_type(), ", got ", w.scalar_type());
   TORCH_CHECK(w.dim() == 3, "smoe::expert_mlp: ", name, " must be 3-D, got ", w.dim(), "-D");
-}
-
-inline void check_mlp_bias(const char* name, const std::optional<at::Tensor>& b,
-                           const at::Tensor& w) {
-  if (!b.has_value()) return;
-  TORCH_CHECK(b->layout() == at::kStrided, "smoe::expert_mlp: ", name,
-              " must be a strided tensor, got ", b->layout());
-  TORCH_CHECK(b->device() == w.device(), "smoe::expert_mlp: ", name, " must be on ", w.device(),
-              " like the weights, got ", b->device());
-  TORCH_CHECK(b->scalar_type() == w.scalar_type(), "smoe::expert_mlp: ", name,
-              " must have the weights' dtype ", w.scalar_type(), ", got ", b->scalar_type());
-  TORCH_CHECK(b->dim() == 2 && b->size(0) == w.size(0) && b->size(1) == w.size(2),
-              "smoe::expert_mlp: ", name, " must be [E, ", w.size(2), "] = [", w.size(0), ", ",
-              w.size(2), "], got shape ", b->sizes());
 }
 
 // x [T, d] with token [M] / row [T, k] (rows gathered through the plan), or x [M, d] grouped rows
@@ -80,8 +67,8 @@ inline std::pair<MlpActivation, int64_t> check_expert_mlp(
               "' (d_ff = w_out.size(1)), got ", n_in);
   TORCH_CHECK(offsets.size(0) == E + 1, "smoe::expert_mlp: offsets must have E + 1 = ", E + 1,
               " entries, got ", offsets.size(0));
-  check_mlp_bias("b_in", b_in, w_in);
-  check_mlp_bias("b_out", b_out, w_out);
+  if (b_in.has_value()) check_expert_bias("expert_mlp", "b_in", *b_in, "w_in", w_in, "n_in");
+  if (b_out.has_value()) check_expert_bias("expert_mlp", "b_out", *b_out, "w_out", w_out, "d_out");
   return {act, token.has_value() ? token->size(0) : x.size(0)};
 }
 

@@ -28,19 +28,24 @@ inline void check_grouped_mm(const at::Tensor& x, const at::Tensor& w, const at:
               offsets.size(0));
 }
 
-// The optional per-expert bias [E, d_out] of grouped_mm: w's dtype and device, any strides.
+// A per-expert bias `name` [E, cols] of a GEMM whose weight `w_name` is w [E, ., cols]: w's dtype
+// and device, any strides (grouped_mm's bias; expert_mlp's b_in and b_out).
+inline void check_expert_bias(const char* op, const char* name, const at::Tensor& b,
+                              const char* w_name, const at::Tensor& w, const char* cols) {
+  TORCH_CHECK(b.layout() == at::kStrided, "smoe::", op, ": ", name,
+              " must be a strided tensor, got ", b.layout());
+  TORCH_CHECK(b.device() == w.device(), "smoe::", op, ": ", name, " must be on ", w.device(),
+              " like ", w_name, ", got ", b.device());
+  TORCH_CHECK(b.scalar_type() == w.scalar_type(), "smoe::", op, ": ", name, " must have ", w_name,
+              "'s dtype ", w.scalar_type(), ", got ", b.scalar_type());
+  TORCH_CHECK(b.dim() == 2 && b.size(0) == w.size(0) && b.size(1) == w.size(2), "smoe::", op, ": ",
+              name, " must be [E, ", cols, "] = [", w.size(0), ", ", w.size(2), "], got shape ",
+              b.sizes());
+}
+
+// The optional per-expert bias [E, d_out] of grouped_mm.
 inline void check_grouped_mm_bias(const at::Tensor& w, const std::optional<at::Tensor>& bias) {
-  if (!bias.has_value()) return;
-  const at::Tensor& b = *bias;
-  TORCH_CHECK(b.layout() == at::kStrided, "smoe::grouped_mm: bias must be a strided tensor, got ",
-              b.layout());
-  TORCH_CHECK(b.device() == w.device(), "smoe::grouped_mm: bias must be on ", w.device(),
-              " like w, got ", b.device());
-  TORCH_CHECK(b.scalar_type() == w.scalar_type(), "smoe::grouped_mm: bias must have w's dtype ",
-              w.scalar_type(), ", got ", b.scalar_type());
-  TORCH_CHECK(b.dim() == 2 && b.size(0) == w.size(0) && b.size(1) == w.size(2),
-              "smoe::grouped_mm: bias must be [E, d_out] = [", w.size(0), ", ", w.size(2),
-              "], got shape ", b.sizes());
+  if (bias.has_value()) check_expert_bias("grouped_mm", "bias", *bias, "w", w, "d_out");
 }
 
 // grouped_mm_bias_backward: grad_out [M, d_out] floating, offsets [E+1] int64 on its device.

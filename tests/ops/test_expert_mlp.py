@@ -41,39 +41,16 @@ def make_case(T, d, d_ff, E, k, capacity, act, bias, dtype=torch.float64, seed=0
 
 
 def unfused(x, plan, w_in, w_out, b_in, b_out, act):
-    h = ops.grouped_mm(ops.permute(x, plan), w_in, plan.offsets, b_in)
-    if act == "swiglu":
-        a = ops.swiglu(h)
-    elif act == "relu":
-        a = torch.relu(h)
-    else:
-        a = torch.nn.functional.gelu(h, approximate="tanh" if act == "gelu_tanh" else "none")
-    return ops.grouped_mm(a, w_out, plan.offsets, b_out)
+    """The chain the op replaces: permute -> grouped_mm -> activation -> grouped_mm."""
+    kw = dict(b_in=b_in, b_out=b_out, activation=act, plan=plan, fused=False)
+    return ops.expert_mlp(x, plan.offsets, w_in, w_out, **kw)
 
 
 def call(x, plan, w_in, w_out, b_in, b_out, act, *, gather=True):
-    if gather:
-        return ops.expert_mlp(
-            x,
-            plan.offsets,
-            w_in,
-            w_out,
-            b_in=b_in,
-            b_out=b_out,
-            activation=act,
-            plan=plan,
-            fused=True,
-        )
-    return ops.expert_mlp(
-        ops.permute(x, plan),
-        plan.offsets,
-        w_in,
-        w_out,
-        b_in=b_in,
-        b_out=b_out,
-        activation=act,
-        fused=True,
-    )
+    """The op, through the plan (gather) or on the rows permute grouped."""
+    rows, p = (x, plan) if gather else (ops.permute(x, plan), None)
+    kw = dict(b_in=b_in, b_out=b_out, activation=act, plan=p, fused=True)
+    return ops.expert_mlp(rows, plan.offsets, w_in, w_out, **kw)
 
 
 @pytest.mark.parametrize("gather", [True, False], ids=["plan", "grouped"])
@@ -259,8 +236,8 @@ def test_expert_mlp_rejects_bad_input():
     bad(3, plan.offsets.int(), "offsets must be a 1-D int64 tensor")
     bad(2, None, "token and row come together")
     bad(1, plan.token.long(), "token must be a 1-D int32 tensor")
-    bad(5, b_in[:, :3], r"b_in must be \[E, 12\]")
-    bad(7, b_out.double(), "b_out must have the weights' dtype")
+    bad(5, b_in[:, :3], r"b_in must be \[E, n_in\] = \[4, 12\], got shape \[4, 3\]")
+    bad(7, b_out.double(), "b_out must have w_out's dtype Float, got Double")
     bad(1, torch.full_like(plan.token, 99), r"token entry 0 is 99, outside \[-1, T = 10\)")
     bad(3, torch.tensor([0, 5, 3, 20, 20]), "offsets must be non-decreasing")
     bad(
