@@ -40,6 +40,12 @@ def row_expert(offsets: Tensor, rows: int, num_experts: int) -> Tensor:
     return torch.searchsorted(offsets[1:], r, right=True).clamp_max(num_experts - 1)
 
 
+def needs_grad(x: Tensor, params) -> bool:
+    """Whether a call on ``x`` with ``params`` records a gradient: grad mode is on and x or a
+    parameter requires one (where it does not, the experts may run the fused, forward-only op)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+
+
 def experts_on_tokens(experts: nn.Module, tokens: Tensor, plan: ops.Plan) -> Tensor:
     """``experts`` (an :class:`Experts` or any module called as ``experts(x_sorted, offsets)``) on
     ``tokens [T, d]`` routed by ``plan``: grouped rows ``[M, d]``. A plain :class:`Experts`
@@ -163,9 +169,7 @@ class Experts(nn.Module):
         drop = getattr(self, "drop", None)
         if drop is not None and drop.training:
             return False
-        if not torch.is_grad_enabled():
-            return True
-        return not (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        return not needs_grad(x, self.parameters())
 
     def _row_expert(self, offsets: Tensor, rows: int) -> Tensor:
         return row_expert(offsets, rows, self.num_experts)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from smoe import ops
+from smoe.experts import needs_grad
 
 __all__ = ["expert_rows", "register", "run_experts", "smoe_experts_forward"]
 
@@ -108,15 +109,14 @@ def run_experts(module: nn.Module, hidden_states: Tensor, plan: ops.Plan, weight
     grouped_mm → combine with ``weight [T, k]``; ``[T, d]`` in ``hidden_states``' dtype. Also the
     experts path of the blocks :func:`smoe.convert` builds (whose routers may make their own
     plans)."""
-    transposed, w_in, b_in, b_out = _parts(module)
-    w_in = _weight(w_in, transposed)
-    if _fusable(module, hidden_states) and ops.experts.fuses(hidden_states, w_in, plan):
+    if _fusable(module, hidden_states, plan):
         # inference with transformers' default SwiGLU at a size where it pays: each expert's
         # whole MLP in one op, which never materialises the grouped rows or the hidden
+        transposed, w_in, b_in, b_out = _parts(module)
         y = ops.expert_mlp(
             hidden_states,
             plan.offsets,
-            w_in,
+            _weight(w_in, transposed),
             _weight(module.down_proj, transposed),
             b_in=b_in,
             b_out=b_out,
@@ -131,13 +131,15 @@ def run_experts(module: nn.Module, hidden_states: Tensor, plan: ops.Plan, weight
     return out.to(hidden_states.dtype)
 
 
-def _fusable(module: nn.Module, x: Tensor) -> bool:
-    """No gradient needed (inference, frozen experts), and transformers' default SwiGLU gate."""
-    if torch.is_grad_enabled() and (
-        x.requires_grad or any(p.requires_grad for p in module.parameters(recurse=False))
-    ):
+def _fusable(module: nn.Module, x: Tensor, plan: ops.Plan) -> bool:
+    """No gradient needed (inference, frozen experts), transformers' default SwiGLU gate, and a
+    hidden large enough for the fused op to pay (smoe.ops.experts.fuses)."""
+    if needs_grad(x, module.parameters(recurse=False)):
         return False
-    return getattr(module, "has_gate", True) and _fused_swiglu(module)
+    if not (getattr(module, "has_gate", True) and _fused_swiglu(module)):
+        return False
+    w_in = _weight(module.gate_up_proj, bool(getattr(module, "is_transposed", False)))
+    return ops.experts.fuses(x, w_in, plan)
 
 
 def _parts(module: nn.Module) -> tuple[bool, Tensor, Tensor | None, Tensor | None]:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from smoe.ops._common import check_devices, refuse_double_backward
+from smoe.ops.dispatch import permute
 
 __all__ = ["MLP_ACTIVATIONS", "expert_mlp", "grouped_mm", "swiglu"]
 
@@ -183,10 +184,6 @@ def fuses(x: Tensor, w_in: Tensor, plan=None) -> bool:
     return x.device.type == "cpu" and rows * w_in.shape[-1] * x.element_size() > FUSE_MIN_BYTES
 
 
-def _permute(x: Tensor, plan) -> Tensor:
-    return torch.ops.smoe.permute.default(x, plan.token, plan.row)
-
-
 def expert_mlp(
     x: Tensor,
     offsets: Tensor,
@@ -243,7 +240,7 @@ def expert_mlp(
     if fused is None:
         fused = fuses(x, w_in, plan)
     if not fused:
-        h = grouped_mm(x if plan is None else _permute(x, plan), w_in, offsets, b_in)
+        h = grouped_mm(x if plan is None else permute(x, plan), w_in, offsets, b_in)
         return grouped_mm(_mlp_activation(activation, h), w_out, offsets, b_out)
     token, row = (None, None) if plan is None else (plan.token, plan.row)
     return torch.ops.smoe.expert_mlp.default(

@@ -239,6 +239,17 @@ def _other(name: str) -> Change:
     return lambda d, a: a[name].to(d.other)
 
 
+def set_entry(name: str, index: Any, value: Any) -> Change:
+    """The good value of ``name`` (a copy) with ``[index]`` set to ``value``."""
+
+    def change(d: Dev, a: dict[str, Any]) -> Any:
+        t = a[name].clone()
+        t[index] = value
+        return t
+
+    return change
+
+
 def on_meta(name: str) -> Change:
     """The good value of ``name``, moved to the meta device."""
     return lambda d, a: a[name].to("meta")

@@ -16,6 +16,7 @@ from tests.bad_inputs.cases import (
     on_meta,
     op_cases,
     row,
+    set_entry,
     standard_rows,
     value_row,
 )
@@ -23,15 +24,6 @@ from tests.bad_inputs.cases import (
 EXPERT = [[0, 1], [2, 0], [1, 2], [0, 2]]  # [T, K]
 M = T * K
 HUGE_T = 2**30 + 1  # HUGE_T * K >= 2^31
-
-
-def _set(name, index, value):
-    def change(d, a):
-        t = a[name].clone()
-        t[index] = value
-        return t
-
-    return change
 
 
 def _cat_first(name):
@@ -61,10 +53,14 @@ _plan_rows = [
     row("size", "priority [T+1]", arg("priority"), priority=lambda d, a: d.f(T + 1)),
     row("size", "priority [T, k+1]", arg("priority"), priority=lambda d, a: d.f(T, K + 1)),
     row("capacity", "capacity = -1", arg("capacity"), capacity=lambda d, a: -1),
-    value_row("ids", "expert id = E", arg("expert"), expert=_set("expert", (1, 1), E)),
-    value_row("ids", "expert id = -2", arg("expert"), expert=_set("expert", (2, 0), -2)),
-    value_row("ids", "expert id = 2^31-1", arg("expert"), expert=_set("expert", (3, 1), INT32_MAX)),
-    value_row("nan", "priority NaN", arg("priority"), priority=_set("priority", 2, float("nan"))),
+    value_row("ids", "expert id = E", arg("expert"), expert=set_entry("expert", (1, 1), E)),
+    value_row("ids", "expert id = -2", arg("expert"), expert=set_entry("expert", (2, 0), -2)),
+    value_row(
+        "ids", "expert id = 2^31-1", arg("expert"), expert=set_entry("expert", (3, 1), INT32_MAX)
+    ),
+    value_row(
+        "nan", "priority NaN", arg("priority"), priority=set_entry("priority", 2, float("nan"))
+    ),
     row(
         "grad",
         "expert float32 requiring grad",
@@ -129,7 +125,7 @@ _plan_wrapper_rows = [
         "wrapper grouped, expert id = E",
         arg("expert"),
         group_size=lambda d, a: 2,
-        expert=_set("expert", (1, 1), E),
+        expert=set_entry("expert", (1, 1), E),
     ),
 ]
 
@@ -143,9 +139,9 @@ def _permute_good(d):
 _permute_rows = [
     *standard_rows({"x": ("int32", "bool"), "token": ("int64", "float32"), "row": ("int64",)}),
     row("size", "x T+1 rows", arg("x"), x=lambda d, a: d.f(T + 1, D)),
-    value_row("ids", "token id = T", arg("token"), token=_set("token", 3, T)),
-    value_row("ids", "token id = -2", arg("token"), token=_set("token", 0, -2)),
-    value_row("ids", "token id = 2^31-1", arg("token"), token=_set("token", 5, INT32_MAX)),
+    value_row("ids", "token id = T", arg("token"), token=set_entry("token", 3, T)),
+    value_row("ids", "token id = -2", arg("token"), token=set_entry("token", 0, -2)),
+    value_row("ids", "token id = 2^31-1", arg("token"), token=set_entry("token", 5, INT32_MAX)),
     row(
         "grad",
         "token float32 requiring grad",
@@ -178,9 +174,9 @@ def _permute_bwd_good(d):
 
 _permute_bwd_rows = [
     *standard_rows({"grad_out": ("int32",), "row": ("int64", "float32")}),
-    value_row("ids", "row id = M", arg("row"), row=_set("row", (1, 0), M)),
-    value_row("ids", "row id = -2", arg("row"), row=_set("row", (0, 1), -2)),
-    value_row("ids", "row id = 2^31-1", arg("row"), row=_set("row", (2, 1), INT32_MAX)),
+    value_row("ids", "row id = M", arg("row"), row=set_entry("row", (1, 0), M)),
+    value_row("ids", "row id = -2", arg("row"), row=set_entry("row", (0, 1), -2)),
+    value_row("ids", "row id = 2^31-1", arg("row"), row=set_entry("row", (2, 1), INT32_MAX)),
     row(
         "meta",
         "meta grad_out 1-D",
@@ -223,9 +219,9 @@ _combine_rows = [
     row("size", "weight [T, k+1]", arg("weight"), weight=lambda d, a: d.f(T, K + 1)),
     row("size", "slot M-1 entries", arg("slot"), slot=lambda d, a: a["slot"][1:]),
     row("size", "y_sorted M+1 rows", arg("y_sorted"), y_sorted=lambda d, a: d.f(M + 1, D)),
-    value_row("ids", "row id = M", arg("row"), row=_set("row", (1, 0), M)),
-    value_row("ids", "row id = -2", arg("row"), row=_set("row", (0, 1), -2)),
-    value_row("ids", "row id = 2^31-1", arg("row"), row=_set("row", (3, 0), INT32_MAX)),
+    value_row("ids", "row id = M", arg("row"), row=set_entry("row", (1, 0), M)),
+    value_row("ids", "row id = -2", arg("row"), row=set_entry("row", (0, 1), -2)),
+    value_row("ids", "row id = 2^31-1", arg("row"), row=set_entry("row", (3, 0), INT32_MAX)),
     row(
         "grad",
         "row float32 requiring grad",
@@ -276,11 +272,11 @@ _combine_bwd_rows = [
     ),
     row("size", "grad_out T+1 rows", arg("grad_out"), grad_out=lambda d, a: d.f(T + 1, D)),
     row("size", "grad_out d+1 columns", arg("grad_out"), grad_out=lambda d, a: d.f(T, D + 1)),
-    value_row("ids", "token id = T", arg("token"), token=_set("token", 2, T)),
-    value_row("ids", "slot id = T*k", arg("slot"), slot=_set("slot", 2, M)),
-    value_row("ids", "slot id = -2", arg("slot"), slot=_set("slot", 4, -2)),
-    value_row("ids", "row id = M", arg("row"), row=_set("row", (1, 0), M)),
-    value_row("ids", "row id = 2^31-1", arg("row"), row=_set("row", (2, 0), INT32_MAX)),
+    value_row("ids", "token id = T", arg("token"), token=set_entry("token", 2, T)),
+    value_row("ids", "slot id = T*k", arg("slot"), slot=set_entry("slot", 2, M)),
+    value_row("ids", "slot id = -2", arg("slot"), slot=set_entry("slot", 4, -2)),
+    value_row("ids", "row id = M", arg("row"), row=set_entry("row", (1, 0), M)),
+    value_row("ids", "row id = 2^31-1", arg("row"), row=set_entry("row", (2, 0), INT32_MAX)),
     row(
         "meta",
         "meta grad_out 1-D",

@@ -7,7 +7,15 @@ from __future__ import annotations
 import torch
 
 import smoe
-from tests.bad_inputs.cases import arg, on_meta, op_cases, row, standard_rows, value_row
+from tests.bad_inputs.cases import (
+    arg,
+    on_meta,
+    op_cases,
+    row,
+    set_entry,
+    standard_rows,
+    value_row,
+)
 
 T, E, D, F = 5, 3, 4, 3  # tokens, experts, d_model, d_ff (w_in has 2F columns: swiglu)
 EXPERT = [[0, 1], [1, 2], [0, 2], [1, 0], [2, 1]]
@@ -33,15 +41,6 @@ def _grouped(d):  # no plan: x holds the grouped rows
     return {**a, "x": d.f(T * 2, D), "token": None, "row": None}
 
 
-def _set(name, index, value):
-    def change(d, a):
-        t = a[name].clone()
-        t[index] = value
-        return t
-
-    return change
-
-
 _rows = [
     *standard_rows(
         {
@@ -64,8 +63,8 @@ _rows = [
     row("size", "row T+1 tokens", arg("row"), row=lambda d, a: torch.cat([a["row"], a["row"][:1]])),
     row("size", "token without row", arg("row"), row=lambda d, a: None),
     row("offsets", "offsets E entries", arg("offsets"), offsets=lambda d, a: a["offsets"][:-1]),
-    value_row("ids", "token id = T", arg("token"), token=_set("token", 0, T)),
-    value_row("ids", "token id = -2", arg("token"), token=_set("token", 1, -2)),
+    value_row("ids", "token id = T", arg("token"), token=set_entry("token", 0, T)),
+    value_row("ids", "token id = -2", arg("token"), token=set_entry("token", 1, -2)),
     value_row(
         "offsets", "offsets non-monotone", arg("offsets"), offsets=lambda d, a: d.i64([0, 5, 3, 10])
     ),

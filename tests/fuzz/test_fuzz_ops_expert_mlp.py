@@ -1,6 +1,7 @@
 """Fuzz of expert_mlp against the float64 reference (values), the unfused chain permute ->
-grouped_mm -> activation -> grouped_mm (values in the same dtype; gradients bitwise, since its
-backward recomputes through that chain), a bitwise rerun, and fake vs real metadata."""
+grouped_mm -> activation -> grouped_mm (``expert_mlp(fused=False)``: values in the same dtype;
+gradients bitwise, since the op's backward recomputes through that chain), a bitwise rerun, and
+fake vs real metadata."""
 
 import pytest
 import torch
@@ -14,14 +15,6 @@ from tests.fuzz.strategies_experts import expert_mlp_cases
 from tests.fuzz.values import Values, dtype_of, fuzz_settings, laid_out, materialize
 
 pytestmark = pytest.mark.fuzz
-
-
-def _activation(name: str, h: torch.Tensor) -> torch.Tensor:
-    if name == "swiglu":
-        return ops.swiglu(h)
-    if name == "relu":
-        return torch.relu(h)
-    return torch.nn.functional.gelu(h, approximate="tanh" if name == "gelu_tanh" else "none")
 
 
 def _abs_activation(name: str, h: torch.Tensor) -> torch.Tensor:
@@ -58,22 +51,16 @@ def test_expert_mlp_fuzz(case):
         rows = torch.cat([rows, materialize(Values(case.x.seed + 5), (case.pad, case.d), dt, 1.0)])
     args = (x, plan) if case.gather else (rows, None)
 
+    def mlp(x, w_in, w_out, b_in, b_out, plan_or_none, fused):
+        kw = dict(b_in=b_in, b_out=b_out, activation=case.activation, fused=fused)
+        return ops.expert_mlp(x, plan.offsets, w_in, w_out, plan=plan_or_none, **kw)
+
     def run(x=args[0], w_in=w_in, w_out=w_out, b_in=b_in, b_out=b_out):
-        return ops.expert_mlp(
-            x,
-            plan.offsets,
-            w_in,
-            w_out,
-            b_in=b_in,
-            b_out=b_out,
-            activation=case.activation,
-            plan=args[1],
-            fused=True,
-        )
+        return mlp(x, w_in, w_out, b_in, b_out, args[1], True)
 
     def chain(x=rows, w_in=w_in, w_out=w_out, b_in=b_in, b_out=b_out):
-        h = ops.grouped_mm(x, w_in, plan.offsets, b_in)
-        return ops.grouped_mm(_activation(case.activation, h), w_out, plan.offsets, b_out)
+        """The unfused chain on the grouped rows: grouped_mm -> activation -> grouped_mm."""
+        return mlp(x, w_in, w_out, b_in, b_out, None, False)
 
     got = run()
     assert got.dtype == dt and got.shape == (rows.shape[0], case.d)
