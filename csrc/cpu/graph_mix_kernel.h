@@ -177,15 +177,7 @@ SMOE_INLINE void graph_mix_grad_a_tile(const T* g, const T* x, const T* cache,
   }
 }
 
-// The entry points the glue calls, compiled once per x86 vector ISA and chosen at load time.
-#ifndef SMOE_ISA_CLONES
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SMOE_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SMOE_ISA_CLONES
-#endif
-#endif
-
+// The entry points the glue calls, one clone per x86 vector ISA (SMOE_ISA_CLONES).
 #define SMOE_GRAPH_ENTRY(T)                                                                      \
   SMOE_ISA_CLONES inline void graph_mix(const T* x, const T* cache, const T* a,                  \
                                         const GraphParams<acc_t<T>>& q, int64_t b, int64_t i0,   \

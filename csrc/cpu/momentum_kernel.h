@@ -110,16 +110,8 @@ SMOE_INLINE void momentum_adam_backward_range(
   }
 }
 
-// The entry points the glue calls: the templates above compiled once per x86 vector ISA and
-// chosen at load time (GCC target_clones), so one portable build still runs AVX2/AVX-512 code.
-#ifndef SMOE_ISA_CLONES
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SMOE_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SMOE_ISA_CLONES
-#endif
-#endif
-
+// The entry points the glue calls, one clone per x86 vector ISA (SMOE_ISA_CLONES).
+//
 // p, v, p_out, v_out (grad_p, grad_v, u, p, v, grad_p_in, grad_v_in) are read or written only for
 // the Adam kind; the others may pass nullptr.
 #define SMOE_MOMENTUM_ENTRY(T, A)                                                                 \

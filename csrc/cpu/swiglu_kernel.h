@@ -47,14 +47,7 @@ SMOE_INLINE void swiglu_backward_rows(const T* grad, int64_t ld_grad, const T* h
   }
 }
 
-// The entry points the glue calls: the templates above compiled once per x86 vector ISA and
-// chosen at load time (GCC target_clones), so one portable build still runs AVX2/AVX-512 code.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SMOE_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SMOE_ISA_CLONES
-#endif
-
+// The entry points the glue calls, one clone per x86 vector ISA (SMOE_ISA_CLONES).
 #define SMOE_SWIGLU_ENTRY(T)                                                                     \
   SMOE_ISA_CLONES inline void swiglu(const T* h, int64_t ld, int64_t f, int64_t begin,           \
                                      int64_t end, T* out) {                                      \
