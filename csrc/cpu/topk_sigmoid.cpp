@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> topk_sigmoid_cpu(const at::Tensor& logits_in,
         auto* ex = expert.mutable_data_ptr<int32_t>();
         at::parallel_for(0, T, grain_rows(E * k), [&](int64_t b, int64_t e) {
           const int64_t bad =
-              cpu::topk_sigmoid_rows<T_>(l, logits.stride(0), E, k, n_group, topk_group,
+              cpu::topk_sigmoid(l, logits.stride(0), E, k, n_group, topk_group,
                                          renormalize, scale, bias, b, e, w, ex);
           if (bad >= 0) keep_first(bad_row, bad);
         });
@@ -71,7 +71,7 @@ at::Tensor topk_sigmoid_backward_cpu(const at::Tensor& grad_weight_in, const at:
         const auto* l = reinterpret_cast<const T_*>(logits.const_data_ptr<scalar_t>());
         auto* out = reinterpret_cast<T_*>(grad_logits.mutable_data_ptr<scalar_t>());
         at::parallel_for(0, T, grain_rows(E + k), [&](int64_t b, int64_t e) {
-          cpu::topk_sigmoid_backward_rows<T_>(g, l, logits.stride(0), ex_ptr, E, k, renormalize,
+          cpu::topk_sigmoid_backward(g, l, logits.stride(0), ex_ptr, E, k, renormalize,
                                               scale, b, e, out);
         });
       });

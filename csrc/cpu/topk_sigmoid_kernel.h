@@ -7,6 +7,8 @@
 #include <vector>
 
 #include "common/dtype.h"
+#include "common/inline.h"
+#include "common/math.h"
 #include "cpu/topk_softmax_kernel.h"
 
 namespace smoe::cpu {
@@ -14,19 +16,20 @@ namespace smoe::cpu {
 // The renormalisation floor of DeepSeek-V3 (transformers adds it to the sum of the k weights).
 constexpr double kSigmoidRenormEps = 1e-20;
 
-// sigmoid(x) and 1 - sigmoid(x) = sigmoid(-x), each from one exp (no cancellation near 1).
+// sigmoid(x) and 1 - sigmoid(x) = sigmoid(-x), each from one exp (no cancellation near 1); the
+// exp is the vectorisable polynomial in float (common/math.h).
 template <typename A>
-inline A sigmoid_of(A x) {
-  return A(1) / (A(1) + std::exp(-x));
+SMOE_INLINE A sigmoid_of(A x) {
+  return A(1) / (A(1) + exp_acc(-x));
 }
 
 // Group-limited selection (DeepSeek-V3): each of n_group consecutive groups of G = E / n_group
 // experts scores the sum of its two largest choice values (its largest when G = 1); the
 // topk_group best groups (ties to the lower group) stay, the others' experts are set to -inf.
-// choice [E] in place; group_score [n_group] and keep [topk_group] are scratch.
+// choice [E] in place; group_score [n_group], keep [topk_group] and keys [n_group] are scratch.
 template <typename A>
-void mask_groups(A* choice, int64_t E, int64_t n_group, int64_t topk_group, A* group_score,
-                 int32_t* keep) {
+SMOE_INLINE void mask_groups(A* choice, int64_t E, int64_t n_group, int64_t topk_group,
+                             A* group_score, int32_t* keep, uint64_t* keys) {
   const int64_t G = E / n_group;
   for (int64_t g = 0; g < n_group; ++g) {
     const A* c = choice + g * G;
@@ -41,12 +44,7 @@ void mask_groups(A* choice, int64_t E, int64_t n_group, int64_t topk_group, A* g
     }
     group_score[g] = G == 1 ? first : first + second;
   }
-  const auto rank = [&](int64_t g) { return group_score[g]; };
-  if (topk_group <= kTopkStack) {
-    select_topk_insertion<A>(rank, n_group, topk_group, keep);
-  } else {
-    select_topk_passes<A>(rank, n_group, topk_group, keep);
-  }
+  select_topk<A>([&](int64_t g) { return group_score[g]; }, n_group, topk_group, keep, keys);
   // keep holds the kept group ids; mark them in group_score (reused as a flag: 1 kept, 0 not).
   for (int64_t g = 0; g < n_group; ++g) group_score[g] = A(0);
   for (int64_t j = 0; j < topk_group; ++j) group_score[keep[j]] = A(1);
@@ -63,12 +61,14 @@ void mask_groups(A* choice, int64_t E, int64_t n_group, int64_t topk_group, A* g
 // divided by (their sum + 1e-20) when renormalize, times scale. Returns the first row (>= begin)
 // holding a NaN, or -1.
 template <typename T>
-int64_t topk_sigmoid_rows(const T* logits, int64_t ld, int64_t E, int64_t k, int64_t n_group,
-                          int64_t topk_group, bool renormalize, double scale, const float* bias,
-                          int64_t begin, int64_t end, T* weight, int32_t* expert) {
+SMOE_INLINE int64_t topk_sigmoid_rows(const T* logits, int64_t ld, int64_t E, int64_t k,
+                                      int64_t n_group, int64_t topk_group, bool renormalize,
+                                      double scale, const float* bias, int64_t begin, int64_t end,
+                                      T* weight, int32_t* expert) {
   using A = acc_t<T>;
   std::vector<A> choice(static_cast<size_t>(E)), group_score(static_cast<size_t>(n_group));
   std::vector<int32_t> keep(static_cast<size_t>(topk_group));
+  std::vector<uint64_t> keys(static_cast<size_t>(E));
   for (int64_t t = begin; t < end; ++t) {
     const T* l = logits + t * ld;
     for (int64_t e = 0; e < E; ++e) {
@@ -77,15 +77,11 @@ int64_t topk_sigmoid_rows(const T* logits, int64_t ld, int64_t E, int64_t k, int
       choice[e] = sigmoid_of(v) + (bias == nullptr ? A(0) : static_cast<A>(bias[e]));
     }
     if (n_group > 1) {
-      mask_groups(choice.data(), E, n_group, topk_group, group_score.data(), keep.data());
+      mask_groups(choice.data(), E, n_group, topk_group, group_score.data(), keep.data(),
+                  keys.data());
     }
-    const auto rank = [&](int64_t e) { return choice[e]; };
     int32_t* ex = expert + t * k;
-    if (k <= kTopkStack) {
-      select_topk_insertion<A>(rank, E, k, ex);
-    } else {
-      select_topk_passes<A>(rank, E, k, ex);
-    }
+    select_topk<A>([&](int64_t e) { return choice[e]; }, E, k, ex, keys.data());
     A denom = 1;
     if (renormalize) {
       denom = 0;
@@ -108,9 +104,10 @@ int64_t topk_sigmoid_rows(const T* logits, int64_t ld, int64_t E, int64_t k, int
 // g_j / S - sum_l g_l s_l / S^2 cancels when one s dominates S (always at k = 1); it is summed
 // as (sum_{l != j} s_l (g_j - g_l) + g_j 1e-20) / S^2 instead, whose terms do not cancel.
 template <typename T>
-void topk_sigmoid_backward_rows(const T* grad_weight, const T* logits, int64_t ld,
-                                const int32_t* expert, int64_t E, int64_t k, bool renormalize,
-                                double scale, int64_t begin, int64_t end, T* grad_logits) {
+SMOE_INLINE void topk_sigmoid_backward_rows(const T* grad_weight, const T* logits, int64_t ld,
+                                            const int32_t* expert, int64_t E, int64_t k,
+                                            bool renormalize, double scale, int64_t begin,
+                                            int64_t end, T* grad_logits) {
   using A = acc_t<T>;
   const A c = static_cast<A>(scale);
   std::vector<A> acc(static_cast<size_t>(E));
@@ -143,5 +140,26 @@ void topk_sigmoid_backward_rows(const T* grad_weight, const T* logits, int64_t l
     }
   }
 }
+
+// The entry points the glue calls, one clone per x86 vector ISA (SMOE_ISA_CLONES).
+#define SMOE_TOPK_SIGMOID_ENTRY(T)                                                                \
+  SMOE_ISA_CLONES inline int64_t topk_sigmoid(                                                    \
+      const T* logits, int64_t ld, int64_t E, int64_t k, int64_t n_group, int64_t topk_group,     \
+      bool renormalize, double scale, const float* bias, int64_t begin, int64_t end, T* weight,   \
+      int32_t* expert) {                                                                          \
+    return topk_sigmoid_rows<T>(logits, ld, E, k, n_group, topk_group, renormalize, scale, bias,  \
+                                begin, end, weight, expert);                                      \
+  }                                                                                               \
+  SMOE_ISA_CLONES inline void topk_sigmoid_backward(                                              \
+      const T* grad_weight, const T* logits, int64_t ld, const int32_t* expert, int64_t E,        \
+      int64_t k, bool renormalize, double scale, int64_t begin, int64_t end, T* grad_logits) {    \
+    topk_sigmoid_backward_rows<T>(grad_weight, logits, ld, expert, E, k, renormalize, scale,      \
+                                  begin, end, grad_logits);                                       \
+  }
+SMOE_TOPK_SIGMOID_ENTRY(float)
+SMOE_TOPK_SIGMOID_ENTRY(double)
+SMOE_TOPK_SIGMOID_ENTRY(half_t)
+SMOE_TOPK_SIGMOID_ENTRY(bfloat16_t)
+#undef SMOE_TOPK_SIGMOID_ENTRY
 
 }  // namespace smoe::cpu

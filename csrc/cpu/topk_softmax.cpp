@@ -38,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor> topk_softmax_cpu(const at::Tensor& logits_in,
         auto* ex = expert.mutable_data_ptr<int32_t>();
         at::parallel_for(0, T, grain_rows(E * k), [&](int64_t b, int64_t e) {
           const int64_t bad =
-              cpu::topk_softmax_rows<T_>(l, logits.stride(0), E, k, renormalize, bias, b, e, w, ex);
+              cpu::topk_softmax(l, logits.stride(0), E, k, renormalize, bias, b, e, w, ex);
           if (bad >= 0) keep_first(bad_row, bad);
         });
       });
@@ -70,8 +70,7 @@ at::Tensor topk_softmax_backward_cpu(const at::Tensor& grad_weight_in, const at:
         auto* out = reinterpret_cast<T_*>(grad_logits.mutable_data_ptr<scalar_t>());
         const int32_t* ex = expert.const_data_ptr<int32_t>();
         at::parallel_for(0, T, grain_rows(E * k), [&](int64_t b, int64_t e) {
-          cpu::topk_softmax_backward_rows<T_>(g, l, logits.stride(0), ex, E, k, renormalize, b, e,
-                                              out);
+          cpu::topk_softmax_backward(g, l, logits.stride(0), ex, E, k, renormalize, b, e, out);
         });
       });
   return grad_logits;

@@ -1,113 +1,116 @@
 // Torch-free CPU kernels of topk_softmax and its backward, over a [begin, end) range of rows.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "common/dtype.h"
+#include "common/inline.h"
+#include "common/math.h"
+#include "cpu/topk_select.h"
 
 namespace smoe::cpu {
 
-// True when (va, a) comes before (vb, b) in top-k order: larger value first, lower index on ties.
-template <typename A>
-inline bool topk_before(A va, int64_t a, A vb, int64_t b) {
-  return va > vb || (va == vb && a < b);
-}
-
-// Largest k for the single-pass selection (a sorted buffer on the stack).
-constexpr int64_t kTopkStack = 32;
-
-// One pass over the row keeping the k best in a sorted buffer: O(E) when most entries fall
-// below the current k-th. Equal values keep index order because e only grows.
 // The value a row is ranked by: the logit, plus bias[e] when a selection bias is given (in the
 // accumulation type; the weights never see the bias).
 template <typename T>
-inline acc_t<T> rank_value(const T* l, const float* bias, int64_t e) {
+SMOE_INLINE acc_t<T> rank_value(const T* l, const float* bias, int64_t e) {
   return bias == nullptr ? load(l[e]) : load(l[e]) + static_cast<acc_t<T>>(bias[e]);
 }
 
-// rank(e) gives the value expert e is ranked by, of type A (topk_sigmoid reuses these).
-template <typename A, typename Rank>
-void select_topk_insertion(Rank rank, int64_t E, int64_t k, int32_t* out) {
-  A best_v[kTopkStack];
-  int64_t best_i[kTopkStack];
-  int64_t n = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    const A v = rank(e);
-    if (n == k && !topk_before(v, e, best_v[k - 1], best_i[k - 1])) continue;
-    int64_t pos = n < k ? n++ : k - 1;
-    while (pos > 0 && topk_before(v, e, best_v[pos - 1], best_i[pos - 1])) {
-      best_v[pos] = best_v[pos - 1];
-      best_i[pos] = best_i[pos - 1];
-      --pos;
+// The row's largest logit into *m; false when the row holds a NaN or +inf or only -inf (no
+// expert has a probability). For float the scan is integer compares on the values' ordered bits,
+// which vectorise (a float max with NaN checks does not).
+template <typename T>
+SMOE_INLINE bool row_max(const T* l, int64_t E, acc_t<T>* m) {
+  using A = acc_t<T>;
+  if constexpr (std::is_same_v<A, float>) {
+    uint32_t bad = 0, top = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      const float v = load(l[e]);
+      uint32_t u;
+      std::memcpy(&u, &v, sizeof u);
+      bad |= static_cast<uint32_t>((u & 0x7FFFFFFFu) > 0x7F800000u) |
+             static_cast<uint32_t>(u == 0x7F800000u);
+      const uint32_t o = ordered_bits(v);
+      top = top > o ? top : o;
     }
-    best_v[pos] = v;
-    best_i[pos] = e;
+    *m = from_ordered_bits(top);
+    return bad == 0 && *m != -INFINITY;
+  } else {
+    A top = -INFINITY;
+    for (int64_t e = 0; e < E; ++e) {
+      const A v = load(l[e]);
+      if (std::isnan(v) || v == INFINITY) return false;
+      if (v > top) top = v;
+    }
+    *m = top;
+    return top != -INFINITY;
   }
-  for (int64_t j = 0; j < k; ++j) out[j] = static_cast<int32_t>(best_i[j]);
 }
 
-// k passes, each taking the best entry strictly after the previous pick in top-k order
-// (O(k E), no buffer: for large k).
-template <typename A, typename Rank>
-void select_topk_passes(Rank rank, int64_t E, int64_t k, int32_t* out) {
-  A prev_v = INFINITY;
-  int64_t prev_i = -1;
-  for (int64_t j = 0; j < k; ++j) {
-    A best_v = -INFINITY;
-    int64_t best_i = -1;
-    for (int64_t e = 0; e < E; ++e) {
-      const A v = rank(e);
-      if (topk_before(prev_v, prev_i, v, e) && (best_i < 0 || topk_before(v, e, best_v, best_i))) {
-        best_v = v;
-        best_i = e;
-      }
+// sum_e exp(l[e] - m) over a row, and the same sum without entry skip (-1: none) in *rest.
+// Summed in 16 fixed lanes, then the lanes in order: vectorised, and the same order every call.
+template <typename T>
+SMOE_INLINE acc_t<T> sum_exp(const T* l, int64_t E, acc_t<T> m, int64_t skip, acc_t<T>* rest) {
+  using A = acc_t<T>;
+  constexpr int64_t W = 16;
+  A lane[W] = {}, lane_rest[W] = {};
+  int64_t e = 0;
+  for (; e + W <= E; e += W) {
+    for (int64_t w = 0; w < W; ++w) {
+      const A x = exp_acc(load(l[e + w]) - m);
+      lane[w] += x;
+      lane_rest[w] += e + w == skip ? A(0) : x;
     }
-    out[j] = static_cast<int32_t>(best_i);
-    prev_v = best_v;
-    prev_i = best_i;
   }
+  A total = 0, without = 0;
+  for (int64_t w = 0; w < W; ++w) {
+    total += lane[w];
+    without += lane_rest[w];
+  }
+  for (; e < E; ++e) {
+    const A x = exp_acc(load(l[e]) - m);
+    total += x;
+    without += e == skip ? A(0) : x;
+  }
+  *rest = without;
+  return total;
 }
 
 // Forward. Row-major logits [T, E] (row stride ld); weight, expert [T, k] contiguous; bias [E]
-// finite or nullptr (selection only). Returns the first row (>= begin) holding a NaN or +inf or
-// only -inf (no expert has a probability), or -1 when all rows are valid.
+// finite or nullptr (selection only); keys: scratch of E entries. Returns the first row
+// (>= begin) holding a NaN or +inf or only -inf (no expert has a probability), or -1 when all
+// rows are valid.
 template <typename T>
-int64_t topk_softmax_rows(const T* logits, int64_t ld, int64_t E, int64_t k, bool renormalize,
-                          const float* bias, int64_t begin, int64_t end, T* weight,
-                          int32_t* expert) {
+SMOE_INLINE int64_t topk_softmax_rows(const T* logits, int64_t ld, int64_t E, int64_t k,
+                                      bool renormalize, const float* bias, int64_t begin,
+                                      int64_t end, T* weight, int32_t* expert, uint64_t* keys) {
   using A = acc_t<T>;
+  const int64_t kb = std::min(k, kTopkStack);  // the numerators kept on the stack
   for (int64_t t = begin; t < end; ++t) {
     const T* l = logits + t * ld;
-    A m = -INFINITY;
-    for (int64_t e = 0; e < E; ++e) {
-      const A v = load(l[e]);
-      if (std::isnan(v) || v == INFINITY) return t;
-      if (v > m) m = v;
-    }
-    if (m == -INFINITY) return t;
-    const auto rank = [&](int64_t e) { return rank_value(l, bias, e); };
-    if (k <= kTopkStack) {
-      select_topk_insertion<A>(rank, E, k, expert + t * k);
-    } else {
-      select_topk_passes<A>(rank, E, k, expert + t * k);
-    }
-    // The softmax's denominator: the k selected terms (renormalize) or all E; the selected
-    // terms are computed once and kept in the weight row (in A when k fits the stack buffer)
-    A selected = 0;
+    A m = 0;
+    if (!row_max(l, E, &m)) return t;
+    int32_t* ex = expert + t * k;
+    select_topk<A>([&](int64_t e) { return rank_value(l, bias, e); }, E, k, ex, keys);
+    // The softmax's denominator: the k selected terms (renormalize) or all E. The selected
+    // terms are gathered, then exponentiated in one vectorised loop and kept.
     A numer[kTopkStack];
-    for (int64_t j = 0; j < k; ++j) {
-      const A x = std::exp(load(l[expert[t * k + j]]) - m);
-      if (j < kTopkStack) numer[j] = x;
-      selected += x;
-    }
-    A denom = selected;
+    for (int64_t j = 0; j < kb; ++j) numer[j] = load(l[ex[j]]) - m;
+    for (int64_t j = 0; j < kb; ++j) numer[j] = exp_acc(numer[j]);
+    A denom = 0;
+    for (int64_t j = 0; j < k; ++j) denom += j < kb ? numer[j] : exp_acc(load(l[ex[j]]) - m);
     if (!renormalize) {
-      denom = 0;
-      for (int64_t e = 0; e < E; ++e) denom += std::exp(load(l[e]) - m);
+      A unused;
+      denom = sum_exp(l, E, m, -1, &unused);
     }
     for (int64_t j = 0; j < k; ++j) {
-      const A x = j < kTopkStack ? numer[j] : std::exp(load(l[expert[t * k + j]]) - m);
+      const A x = j < kb ? numer[j] : exp_acc(load(l[ex[j]]) - m);
       weight[t * k + j] = from_acc<T>(x / denom);
     }
   }
@@ -129,34 +132,32 @@ inline int64_t first_invalid_expert(const int32_t* expert, int64_t n, int64_t E)
 //   otherwise:    w_j = p[e_j] of the full softmax;     d l[i]   = p_i (G_i - sum_j g_j w_j)
 // (for the first choice, with g_0 - sum_j g_j w_j rearranged: see top_diff).
 template <typename T>
-void topk_softmax_backward_rows(const T* grad_weight, const T* logits, int64_t ld,
-                                const int32_t* expert, int64_t E, int64_t k, bool renormalize,
-                                int64_t begin, int64_t end, T* grad_logits) {
+SMOE_INLINE void topk_softmax_backward_rows(const T* grad_weight, const T* logits, int64_t ld,
+                                            const int32_t* expert, int64_t E, int64_t k,
+                                            bool renormalize, int64_t begin, int64_t end,
+                                            T* grad_logits) {
   using A = acc_t<T>;
   for (int64_t t = begin; t < end; ++t) {
     const T* l = logits + t * ld;
     const T* g = grad_weight + t * k;
     const int32_t* ex = expert + t * k;
     T* out = grad_logits + t * E;
-    A m = -INFINITY;
-    for (int64_t e = 0; e < E; ++e) m = std::fmax(m, load(l[e]));
-    A denom = 0, rest = 0;  // rest: the terms of denom other than the first choice's
+    A m = 0;
+    row_max(l, E, &m);  // the forward accepted this row
+    // denom as the forward summed it; rest: its terms other than the first choice's
+    A denom = 0, rest = 0;
     if (renormalize) {
       for (int64_t j = 0; j < k; ++j) {
-        const A x = std::exp(load(l[ex[j]]) - m);
+        const A x = exp_acc(load(l[ex[j]]) - m);
         denom += x;
         if (j > 0) rest += x;
       }
     } else {
-      for (int64_t e = 0; e < E; ++e) {
-        const A x = std::exp(load(l[e]) - m);
-        denom += x;
-        if (e != ex[0]) rest += x;
-      }
+      denom = sum_exp(l, E, m, ex[0], &rest);
     }
     A dot = 0, rest_dot = 0;  // rest_dot: the terms of dot after the first choice's
     for (int64_t j = 0; j < k; ++j) {
-      const A gw = load(g[j]) * (std::exp(load(l[ex[j]]) - m) / denom);
+      const A gw = load(g[j]) * (exp_acc(load(l[ex[j]]) - m) / denom);
       dot += gw;
       if (j > 0) rest_dot += gw;
     }
@@ -167,18 +168,41 @@ void topk_softmax_backward_rows(const T* grad_weight, const T* logits, int64_t l
     if (renormalize) {
       for (int64_t e = 0; e < E; ++e) out[e] = from_acc<T>(A(0));
       for (int64_t j = 0; j < k; ++j) {
-        const A w = std::exp(load(l[ex[j]]) - m) / denom;
+        const A w = exp_acc(load(l[ex[j]]) - m) / denom;
         out[ex[j]] = from_acc<T>(w * (j == 0 ? top_diff : load(g[j]) - dot));
       }
     } else {
       for (int64_t e = 0; e < E; ++e) {
         A ge = 0;
         for (int64_t j = 0; j < k; ++j) ge += (ex[j] == e) ? load(g[j]) : A(0);
-        const A p = std::exp(load(l[e]) - m) / denom;
+        const A p = exp_acc(load(l[e]) - m) / denom;
         out[e] = from_acc<T>(p * (e == ex[0] ? top_diff : ge - dot));
       }
     }
   }
 }
+
+// The entry points the glue calls, one clone per x86 vector ISA (SMOE_ISA_CLONES). The forward
+// holds its selection keys in a scratch vector per call.
+#define SMOE_TOPK_SOFTMAX_ENTRY(T)                                                               \
+  SMOE_ISA_CLONES inline int64_t topk_softmax(const T* logits, int64_t ld, int64_t E, int64_t k, \
+                                              bool renormalize, const float* bias,               \
+                                              int64_t begin, int64_t end, T* weight,             \
+                                              int32_t* expert) {                                 \
+    std::vector<uint64_t> keys(static_cast<size_t>(E));                                         \
+    return topk_softmax_rows<T>(logits, ld, E, k, renormalize, bias, begin, end, weight, expert, \
+                                keys.data());                                                    \
+  }                                                                                              \
+  SMOE_ISA_CLONES inline void topk_softmax_backward(                                             \
+      const T* grad_weight, const T* logits, int64_t ld, const int32_t* expert, int64_t E,       \
+      int64_t k, bool renormalize, int64_t begin, int64_t end, T* grad_logits) {                 \
+    topk_softmax_backward_rows<T>(grad_weight, logits, ld, expert, E, k, renormalize, begin,     \
+                                  end, grad_logits);                                             \
+  }
+SMOE_TOPK_SOFTMAX_ENTRY(float)
+SMOE_TOPK_SOFTMAX_ENTRY(double)
+SMOE_TOPK_SOFTMAX_ENTRY(half_t)
+SMOE_TOPK_SOFTMAX_ENTRY(bfloat16_t)
+#undef SMOE_TOPK_SOFTMAX_ENTRY
 
 }  // namespace smoe::cpu

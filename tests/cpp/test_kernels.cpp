@@ -22,7 +22,7 @@ TEST(TopkSoftmax, PicksLargestWithLowerIndexOnTies) {
   std::vector<float> w(3);
   std::vector<int32_t> e(3);
   EXPECT_EQ(
-      smoe::cpu::topk_softmax_rows(logits.data(), 5, 5, 3, true, nullptr, 0, 1, w.data(), e.data()),
+      smoe::cpu::topk_softmax(logits.data(), 5, 5, 3, true, nullptr, 0, 1, w.data(), e.data()),
       -1);
   EXPECT_EQ(e, (std::vector<int32_t>{1, 2, 4}));
   for (float v : w) EXPECT_NEAR(v, 1.0f / 3, 1e-6);
@@ -32,7 +32,7 @@ TEST(TopkSoftmax, RawProbabilitiesWithoutRenormalize) {
   const std::vector<double> logits = {std::log(1.0), std::log(3.0), std::log(6.0)};
   std::vector<double> w(2);
   std::vector<int32_t> e(2);
-  smoe::cpu::topk_softmax_rows(logits.data(), 3, 3, 2, false, nullptr, 0, 1, w.data(), e.data());
+  smoe::cpu::topk_softmax(logits.data(), 3, 3, 2, false, nullptr, 0, 1, w.data(), e.data());
   EXPECT_EQ(e, (std::vector<int32_t>{2, 1}));
   EXPECT_NEAR(w[0], 0.6, 1e-12);
   EXPECT_NEAR(w[1], 0.3, 1e-12);
@@ -45,7 +45,7 @@ TEST(TopkSoftmax, SelectionBiasPicksButDoesNotWeigh) {
   const std::vector<float> bias = {5.f, 0.f, 0.f};
   std::vector<double> w(2);
   std::vector<int32_t> e(2);
-  smoe::cpu::topk_softmax_rows(logits.data(), 3, 3, 2, true, bias.data(), 0, 1, w.data(), e.data());
+  smoe::cpu::topk_softmax(logits.data(), 3, 3, 2, true, bias.data(), 0, 1, w.data(), e.data());
   EXPECT_EQ(e, (std::vector<int32_t>{0, 2}));
   EXPECT_NEAR(w[0], 1.0 / (1.0 + std::exp(2.0)), 1e-12);
   EXPECT_NEAR(w[1], std::exp(2.0) / (1.0 + std::exp(2.0)), 1e-12);
@@ -56,7 +56,7 @@ TEST(TopkSoftmax, ReportsTheFirstNanRow) {
   std::vector<float> w(2);
   std::vector<int32_t> e(2);
   EXPECT_EQ(
-      smoe::cpu::topk_softmax_rows(logits.data(), 2, 2, 1, true, nullptr, 0, 3, w.data(), e.data()),
+      smoe::cpu::topk_softmax(logits.data(), 2, 2, 1, true, nullptr, 0, 3, w.data(), e.data()),
       1);
 }
 
@@ -66,7 +66,7 @@ TEST(TopkSoftmax, BackwardOfRenormalizedWeights) {
   const std::vector<int32_t> e = {1, 0};
   const std::vector<double> g = {1.0, 0.0};
   std::vector<double> out(3);
-  smoe::cpu::topk_softmax_backward_rows(g.data(), logits.data(), 3, e.data(), 3, 2, true, 0, 1,
+  smoe::cpu::topk_softmax_backward(g.data(), logits.data(), 3, e.data(), 3, 2, true, 0, 1,
                                         out.data());
   const double w1 = std::exp(1.0) / (std::exp(1.0) + 1.0), w0 = 1.0 - w1;
   EXPECT_NEAR(out[1], w1 * (1.0 - w1), 1e-12);
@@ -82,12 +82,12 @@ TEST(TopkSigmoid, GroupsLimitTheChoice) {
   const std::vector<float> logits = {4.f, -5.f, -5.f, -5.f, 3.f, 3.f, -5.f, -5.f};
   std::vector<float> w(2);
   std::vector<int32_t> e(2);
-  EXPECT_EQ(smoe::cpu::topk_sigmoid_rows(logits.data(), 8, 8, 2, 2, 1, false, 2.5, nullptr, 0, 1,
+  EXPECT_EQ(smoe::cpu::topk_sigmoid(logits.data(), 8, 8, 2, 2, 1, false, 2.5, nullptr, 0, 1,
                                          w.data(), e.data()),
             -1);
   EXPECT_EQ(e, (std::vector<int32_t>{4, 5}));
   for (float v : w) EXPECT_NEAR(v, 2.5 * sigmoid(3.0), 1e-6);
-  smoe::cpu::topk_sigmoid_rows(logits.data(), 8, 8, 2, 1, 1, false, 2.5, nullptr, 0, 1, w.data(),
+  smoe::cpu::topk_sigmoid(logits.data(), 8, 8, 2, 1, 1, false, 2.5, nullptr, 0, 1, w.data(),
                                e.data());
   EXPECT_EQ(e, (std::vector<int32_t>{0, 4}));  // without groups the best expert comes first
 }
@@ -99,7 +99,7 @@ TEST(TopkSigmoid, SelectionBiasPicksButDoesNotWeigh) {
   const std::vector<float> bias = {5.f, 0.f, 0.f};
   std::vector<double> w(2);
   std::vector<int32_t> e(2);
-  smoe::cpu::topk_sigmoid_rows(logits.data(), 3, 3, 2, 1, 1, true, 1.0, bias.data(), 0, 1, w.data(),
+  smoe::cpu::topk_sigmoid(logits.data(), 3, 3, 2, 1, 1, true, 1.0, bias.data(), 0, 1, w.data(),
                                e.data());
   EXPECT_EQ(e, (std::vector<int32_t>{0, 2}));
   const double S = sigmoid(0.0) + sigmoid(2.0);
@@ -113,7 +113,7 @@ TEST(TopkSigmoid, MultiPassSelectionTiesToLowerIndex) {
   logits[7] = 1.f;
   std::vector<float> w(33);
   std::vector<int32_t> e(33);
-  smoe::cpu::topk_sigmoid_rows(logits.data(), 40, 40, 33, 40, 34, false, 1.0, nullptr, 0, 1,
+  smoe::cpu::topk_sigmoid(logits.data(), 40, 40, 33, 40, 34, false, 1.0, nullptr, 0, 1,
                                w.data(), e.data());
   std::vector<int32_t> want = {7};
   for (int32_t i = 0; static_cast<int64_t>(want.size()) < 33; ++i) {
@@ -126,7 +126,7 @@ TEST(TopkSigmoid, ReportsTheFirstNanRow) {
   const std::vector<float> logits = {0.f, 1.f, 2.f, NAN, 5.f, NAN};
   std::vector<float> w(3);
   std::vector<int32_t> e(3);
-  EXPECT_EQ(smoe::cpu::topk_sigmoid_rows(logits.data(), 2, 2, 1, 1, 1, true, 1.0, nullptr, 0, 3,
+  EXPECT_EQ(smoe::cpu::topk_sigmoid(logits.data(), 2, 2, 1, 1, 1, true, 1.0, nullptr, 0, 3,
                                          w.data(), e.data()),
             1);
 }

@@ -59,7 +59,8 @@ class TopKCase(NamedTuple):
 
 @st.composite
 def _topk_cases(draw) -> TopKCase:
-    E = draw(st.integers(1, 16))
+    # E past 16 reaches the kernel's 16-lane softmax sums and, with k > 16, its sorting selection
+    E = draw(st.integers(1, 16) | st.integers(17, 48))
     return TopKCase(
         T=draw(st.integers(0, 64)),
         E=E,
