@@ -176,7 +176,10 @@ def reference_output(kind: str, layer, x, context, seed):
         k, T = layer.router.k, flat.shape[0]
         capacity = ref.capacity_for(T, k, layer.num_experts, layer.capacity_factor)
     ex = layer.experts
-    if kind == "topk" and ex.b_in is None and not noisy(layer):
+    # ref.moe_layer has no router bias (TopKRouter(bias=True), the momentum gate; found by the
+    # fuzz: its gradient was missing from this reference)
+    router_bias = getattr(layer.router, "bias", None)
+    if kind == "topk" and ex.b_in is None and router_bias is None and not noisy(layer):
         return ref.moe_layer(
             x,
             layer.router.weight,
