@@ -68,8 +68,7 @@ at::Tensor permute_backward_cpu(const at::Tensor& grad_in, const at::Tensor& row
     auto* o = kmut<scalar_t>(out);
     const int32_t* r = row.const_data_ptr<int32_t>();
     at::parallel_for(0, T, grain(d * k), [&](int64_t b, int64_t e) {
-      cpu::combine_rows<typename kernel_type<scalar_t>::type>(src, grad.stride(0), r, nullptr, k, d,
-                                                              b, e, o);
+      cpu::combine(src, grad.stride(0), r, nullptr, k, d, b, e, o);
     });
   });
   return out;
@@ -90,7 +89,7 @@ at::Tensor combine_cpu(const at::Tensor& ys_in, const at::Tensor& weight_in,
     auto* o = kmut<scalar_t>(out);
     const int32_t* r = row.const_data_ptr<int32_t>();
     at::parallel_for(0, T, grain(d * k), [&](int64_t b, int64_t e) {
-      cpu::combine_rows(src, ys.stride(0), r, w, k, d, b, e, o);
+      cpu::combine(src, ys.stride(0), r, w, k, d, b, e, o);
     });
   });
   return out;
@@ -121,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(
     const int32_t* r = row.const_data_ptr<int32_t>();
     if (M > 0 && d > 0) {
       at::parallel_for(0, M, grain(d), [&](int64_t b, int64_t e) {
-        cpu::scaled_gather_rows(g, grad.stride(0), tok, w, sl, d, b, e, gys);
+        cpu::scaled_gather(g, grad.stride(0), tok, w, sl, d, b, e, gys);
       });
     }
     if (T > 0) {

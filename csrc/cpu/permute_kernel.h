@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "common/dtype.h"
+#include "common/inline.h"
 
 namespace smoe::cpu {
 
@@ -34,7 +35,7 @@ void gather_rows(const T* src, int64_t ld, const int32_t* idx, int64_t d, int64_
 
 // out[i] = scale[sidx[i]] * src[idx[i]], or 0 where idx[i] < 0 (combine's backward to y_sorted).
 template <typename T>
-void scaled_gather_rows(const T* src, int64_t ld, const int32_t* idx, const T* scale,
+SMOE_INLINE void scaled_gather_rows(const T* src, int64_t ld, const int32_t* idx, const T* scale,
                         const int32_t* sidx, int64_t d, int64_t begin, int64_t end, T* out) {
   using A = acc_t<T>;
   for (int64_t i = begin; i < end; ++i) {
@@ -54,7 +55,7 @@ void scaled_gather_rows(const T* src, int64_t ld, const int32_t* idx, const T* s
 // the sum is reproducible. Columns go in chunks through a local accumulator, the j loop outside
 // the column loop, so that the column loop vectorises.
 template <typename T>
-void combine_rows(const T* src, int64_t ld, const int32_t* row, const T* weight, int64_t k,
+SMOE_INLINE void combine_rows(const T* src, int64_t ld, const int32_t* row, const T* weight, int64_t k,
                   int64_t d, int64_t begin, int64_t end, T* out) {
   using A = acc_t<T>;
   constexpr int64_t kChunk = 512;
@@ -80,7 +81,7 @@ void combine_rows(const T* src, int64_t ld, const int32_t* row, const T* weight,
 // goes to lane c % kLanes, and the lanes are summed pairwise (lane l + lane l + h, h = 8, 4, 2,
 // 1). The lane loop vectorises; the result is reproducible across runs, threads and machines.
 template <typename T>
-acc_t<T> dot_lanes(const T* a, const T* b, int64_t d) {
+SMOE_INLINE acc_t<T> dot_lanes(const T* a, const T* b, int64_t d) {
   using A = acc_t<T>;
   constexpr int kLanes = 16;
   A part[kLanes] = {};
@@ -97,9 +98,9 @@ acc_t<T> dot_lanes(const T* a, const T* b, int64_t d) {
 
 // grad_weight[t, j] = <grad_out[t], y_sorted[row[t, j]]> (dot_lanes), 0 for dropped slots.
 template <typename T>
-void combine_weight_grad(const T* grad_out, int64_t ld_g, const T* y_sorted, int64_t ld_y,
-                         const int32_t* row, int64_t k, int64_t d, int64_t begin, int64_t end,
-                         T* grad_weight) {
+SMOE_INLINE void combine_weight_grad_rows(const T* grad_out, int64_t ld_g, const T* y_sorted,
+                                          int64_t ld_y, const int32_t* row, int64_t k, int64_t d,
+                                          int64_t begin, int64_t end, T* grad_weight) {
   using A = acc_t<T>;
   for (int64_t t = begin; t < end; ++t) {
     for (int64_t j = 0; j < k; ++j) {
@@ -109,5 +110,31 @@ void combine_weight_grad(const T* grad_out, int64_t ld_g, const T* y_sorted, int
     }
   }
 }
+
+// The entry points the glue calls for the arithmetic kernels, one clone per x86 vector ISA
+// (SMOE_ISA_CLONES; the 16-bit ones need AVX-512 BW to vectorise at full width). gather_rows is
+// memcpy and needs none.
+#define SMOE_PERMUTE_ENTRY(T)                                                                     \
+  SMOE_ISA_CLONES inline void combine(const T* src, int64_t ld, const int32_t* row,               \
+                                      const T* weight, int64_t k, int64_t d, int64_t begin,       \
+                                      int64_t end, T* out) {                                      \
+    combine_rows<T>(src, ld, row, weight, k, d, begin, end, out);                                 \
+  }                                                                                               \
+  SMOE_ISA_CLONES inline void scaled_gather(const T* src, int64_t ld, const int32_t* idx,         \
+                                            const T* scale, const int32_t* sidx, int64_t d,       \
+                                            int64_t begin, int64_t end, T* out) {                 \
+    scaled_gather_rows<T>(src, ld, idx, scale, sidx, d, begin, end, out);                         \
+  }                                                                                               \
+  SMOE_ISA_CLONES inline void combine_weight_grad(                                                \
+      const T* grad_out, int64_t ld_g, const T* y_sorted, int64_t ld_y, const int32_t* row,       \
+      int64_t k, int64_t d, int64_t begin, int64_t end, T* grad_weight) {                         \
+    combine_weight_grad_rows<T>(grad_out, ld_g, y_sorted, ld_y, row, k, d, begin, end,            \
+                                grad_weight);                                                     \
+  }
+SMOE_PERMUTE_ENTRY(float)
+SMOE_PERMUTE_ENTRY(double)
+SMOE_PERMUTE_ENTRY(half_t)
+SMOE_PERMUTE_ENTRY(bfloat16_t)
+#undef SMOE_PERMUTE_ENTRY
 
 }  // namespace smoe::cpu
