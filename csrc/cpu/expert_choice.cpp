@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ch
         auto* w = reinterpret_cast<T_*>(weight.mutable_data_ptr<scalar_t>());
         A* p = probs.mutable_data_ptr<A>();
         at::parallel_for(0, T, grain_rows(E), [&](int64_t b, int64_t e) {
-          const int64_t bad = cpu::expert_choice_probs<T_>(l, logits.stride(0), E, b, e, p);
+          const int64_t bad = cpu::expert_choice_probs(l, logits.stride(0), E, b, e, p);
           if (bad >= 0) keep_first(bad_row, bad);
         });
         TORCH_CHECK(
@@ -57,9 +57,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ch
             bad_row.load());
         int32_t* r = row.mutable_data_ptr<int32_t>();
         at::parallel_for(0, E * G, 1, [&](int64_t b, int64_t e) {
-          cpu::expert_choice_select<A>(p, shape, b, e, scratch.mutable_data_ptr<int32_t>(),
-                                       token.mutable_data_ptr<int32_t>(),
-                                       slot.mutable_data_ptr<int32_t>(), r);
+          cpu::expert_choice_select(p, shape, b, e, scratch.mutable_data_ptr<int32_t>(),
+                                    token.mutable_data_ptr<int32_t>(),
+                                    slot.mutable_data_ptr<int32_t>(), r);
         });
         at::parallel_for(0, T, grain_rows(E), [&](int64_t b, int64_t e) {
           cpu::expert_choice_weights<T_>(p, r, E, b, e, w);
@@ -84,7 +84,7 @@ at::Tensor expert_choice_backward_cpu(const at::Tensor& grad_weight_in, const at
         auto* out = reinterpret_cast<T_*>(grad_logits.mutable_data_ptr<scalar_t>());
         const int32_t* r = row.const_data_ptr<int32_t>();
         at::parallel_for(0, T, grain_rows(E), [&](int64_t b, int64_t e) {
-          cpu::expert_choice_backward_rows<T_>(g, l, logits.stride(0), r, E, b, e, out);
+          cpu::expert_choice_backward(g, l, logits.stride(0), r, E, b, e, out);
         });
       });
   return grad_logits;
