@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "common/math.h"
+
 namespace smoe::cpu {
 
 constexpr int64_t kSinkhornChunk = 256;
@@ -43,7 +45,7 @@ void sinkhorn_col_partial(const A* S, const A* a, int64_t T, int64_t E, int64_t 
   for (int64_t t = b; t < e; ++t) {
     const A* row = S + t * E;
     const A at = a ? a[t] : A(0);
-    for (int64_t j = 0; j < E; ++j) sc[j] += std::exp(row[j] + at - mc[j]);
+    for (int64_t j = 0; j < E; ++j) sc[j] += exp_acc(row[j] + at - mc[j]);
   }
 }
 
@@ -54,7 +56,7 @@ A sinkhorn_col_lse(const A* m, const A* s, int64_t chunks, int64_t E, int64_t j)
   for (int64_t c = 0; c < chunks; ++c) M = std::max(M, m[c * E + j]);
   if (!(M > -std::numeric_limits<A>::infinity())) return M;
   A sum = 0;
-  for (int64_t c = 0; c < chunks; ++c) sum += s[c * E + j] * std::exp(m[c * E + j] - M);
+  for (int64_t c = 0; c < chunks; ++c) sum += s[c * E + j] * exp_acc(m[c * E + j] - M);
   return M + std::log(sum);
 }
 
@@ -65,7 +67,7 @@ A sinkhorn_row_lse(const A* row, const A* g, int64_t E) {
   for (int64_t j = 0; j < E; ++j) M = std::max(M, row[j] + g[j]);
   if (!(M > -std::numeric_limits<A>::infinity())) return M;
   A sum = 0;
-  for (int64_t j = 0; j < E; ++j) sum += std::exp(row[j] + g[j] - M);
+  for (int64_t j = 0; j < E; ++j) sum += exp_acc(row[j] + g[j] - M);
   return M + std::log(sum);
 }
 
@@ -86,7 +88,7 @@ void sinkhorn_col_mass_partial(const A* S, const A* f, const A* g, int64_t T, in
   for (int64_t j = 0; j < E; ++j) rc[j] = 0;
   for (int64_t t = b; t < e; ++t) {
     const A* row = S + t * E;
-    for (int64_t j = 0; j < E; ++j) rc[j] += std::exp(f[t] + row[j] + g[j]);
+    for (int64_t j = 0; j < E; ++j) rc[j] += exp_acc(f[t] + row[j] + g[j]);
   }
 }
 
@@ -97,7 +99,7 @@ void sinkhorn_row_residual(const A* S, const A* f, const A* g, A row_mass, int64
   for (int64_t t = begin; t < end; ++t) {
     const A* row = S + t * E;
     A sum = 0;
-    for (int64_t j = 0; j < E; ++j) sum += std::exp(f[t] + row[j] + g[j]);
+    for (int64_t j = 0; j < E; ++j) sum += exp_acc(f[t] + row[j] + g[j]);
     out[t] = sum - row_mass;
   }
 }
@@ -122,7 +124,7 @@ void sinkhorn_back_rows_f(const A* S, const A* g, const A* fbar, int64_t E, int6
     const A* row = S + t * E;
     const A lse = sinkhorn_row_lse(row, g, E);
     for (int64_t j = 0; j < E; ++j) {
-      const A v = fbar[t] * std::exp(row[j] + g[j] - lse);
+      const A v = fbar[t] * exp_acc(row[j] + g[j] - lse);
       q[t * E + j] = v;
       dS[t * E + j] -= v;
     }
@@ -151,7 +153,7 @@ void sinkhorn_back_rows_g(const A* S, const A* fprev, const A* lse_col, const A*
     const A ft = fprev ? fprev[t] : A(0);
     A acc = 0;
     for (int64_t j = 0; j < E; ++j) {
-      const A v = gbar[j] * std::exp(row[j] + ft - lse_col[j]);
+      const A v = gbar[j] * exp_acc(row[j] + ft - lse_col[j]);
       dS[t * E + j] -= v;
       acc += v;
     }
