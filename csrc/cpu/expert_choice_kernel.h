@@ -20,8 +20,8 @@
 #include "common/expert_choice_shape.h"
 #include "common/inline.h"
 #include "common/math.h"
+#include "cpu/softmax_row.h"
 #include "cpu/topk_select.h"
-#include "cpu/topk_softmax_kernel.h"
 
 namespace smoe::cpu {
 
