@@ -88,15 +88,19 @@ ZOO: dict[str, ZooEntry] = {
             ),
         ),
     ),
+    # Expert choice: in the LM grouped by position (the B tokens at each position of the batch
+    # compete, smoe.routing.pairs), which is causal; a sequence group would see later tokens.
     "expert_choice": ZooEntry(
+        charlm={"group_size": "position"},
         claims=(
             Claim(
                 "Expert choice (Zhou et al. 2022): better quality than token-choice top-k at "
-                "equal compute (> 2x faster convergence at 8B scale)",
-                "vit_acc",
-                "higher",
+                "equal compute (> 2x faster convergence at 8B scale, decoder LMs)",
+                "bpc",
+                "lower",
             ),
-        )
+            Claim("... (images) higher top-1", "vit_acc", "higher"),
+        ),
     ),
     # X-MoE at the leaderboard's k = 2 (softmax of s/tau over the two selected, CR Sec 2.2). The
     # paper's own comparison (top-1, X-MoE vs SMoE, several seeds) is the experiment of issue 21.
@@ -200,12 +204,21 @@ ZOO: dict[str, ZooEntry] = {
     "similarity_aware": ZooEntry(claims=_graph_claims("Similarity-Aware")),
     "attention_aware": ZooEntry(claims=_graph_claims("Attention-Aware")),
     # USMoE (Do, Le & Tran 2025, specs/usmoe.md §11) at the reference code's defaults (alpha 0.5,
-    # sigmoid expert score, budget k, no aux loss). Its joint top-N over a sequence is not causal:
-    # no charlm row, as expert choice. In the ViT each image's tokens (patches and class token)
-    # compete: group "sequence" over the [B, N] batch the V-MoE blocks hand on.
+    # sigmoid expert score, budget k, no aux loss). Its joint top-N over a sequence is not causal;
+    # in the LM the B tokens at each position compete (group "position"), as in the reference's
+    # Transformer-XL scratch code (specs/usmoe.md §5), which is causal. In the ViT each image's
+    # tokens (patches and class token) compete: group "sequence" over the [B, N] batch.
     "usmoe": ZooEntry(
+        charlm={"group": "position"},
         vit={"group": "sequence"},
         claims=(
+            Claim(
+                "USMoE (Do et al. 2025): from scratch, better than token choice at equal "
+                "compute (the spec's expectation USMoE >= TC >=/~ EC; its scratch LMs: enwik8, "
+                "text8, WT103, lm1b)",
+                "bpc",
+                "lower",
+            ),
             Claim(
                 "USMoE (Do et al. 2025, abstract): better than both token choice and expert choice "
                 "at equal active expert compute (up to 10 % over them training-free on MTEB; the "

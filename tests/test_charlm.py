@@ -66,6 +66,14 @@ CAUSAL_CASES = [
         {"selection": "per_token", "expert_score": "token_softmax"},
         id="usmoe-per_token-token_softmax",
     ),
+    # grouped by position (the batch's tokens at one position compete): causal, any selection
+    pytest.param("expert_choice", {"group_size": "position"}, id="expert_choice-position"),
+    pytest.param("usmoe", {"group": "position"}, id="usmoe-position"),
+    pytest.param(
+        "usmoe",
+        {"group": "position", "selection": "per_expert", "expert_score": "token_softmax"},
+        id="usmoe-position-per_expert-token_softmax",
+    ),
 ]
 
 

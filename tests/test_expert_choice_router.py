@@ -117,7 +117,7 @@ def test_layer_state_dict_round_trip():
 def test_router_rejects_bad_configuration():
     with pytest.raises(ValueError, match="capacity_factor must be > 0"):
         ExpertChoiceRouter(8, 4, capacity_factor=-1.0)
-    with pytest.raises(ValueError, match="group_size must be >= 1"):
+    with pytest.raises(ValueError, match="group_size must be an int >= 1"):
         ExpertChoiceRouter(8, 4, group_size=0)
     with pytest.raises(ValueError, match="num_experts must be >= 1"):
         ExpertChoiceRouter(8, 0)

@@ -165,6 +165,13 @@ def test_usmoe_is_unified_and_causal_only_when_each_token_routes_alone():
         ("per_token", "token_softmax", 0.0),
     }
     assert not info.is_causal(build_router("usmoe", D, E, K))  # joint by default
+    # the tokens at one position of the batch compete: causal whatever the selection and score
+    for selection in ("joint", "per_token", "per_expert"):
+        for score in ("sigmoid", "token_softmax"):
+            router = build_router(
+                "usmoe", D, E, K, group="position", selection=selection, expert_score=score
+            )
+            assert info.is_causal(router)
 
 
 def test_registry_defaults_apply_and_can_be_overridden():

@@ -48,7 +48,9 @@ def test_router_zoo_quick_writes_its_table_and_resumes(tmp_path):
         "vmoe_seed0.json",
     ]
     ec = json.loads((tmp_path / "runs" / "expert_choice_seed0.json").read_text())
-    assert ec["charlm"] is None  # not causal: never trained as a decoder
+    # expert choice runs in the decoder grouped by position (causal), by image in the ViT
+    assert ec["charlm"]["setup"]["router_options"] == {"group_size": "position"}
+    assert ec["charlm"]["bpc"] > 0
     assert 0.0 <= ec["vit"]["vit_acc"] <= 1.0 and 0.0 <= ec["vit"]["vit_acc_noisy"] <= 1.0
     sw = json.loads((tmp_path / "runs" / "switch_seed0.json").read_text())
     assert sw["charlm"]["bpc"] > 0 and sw["charlm"]["setup"]["router"] == "switch"
@@ -57,7 +59,8 @@ def test_router_zoo_quick_writes_its_table_and_resumes(tmp_path):
     assert vm["charlm"]["setup"]["router_options"] == {"capacity_factor": None}
     assert vm["vit"]["setup"]["options"] == {"capacity_factor": 1.05}
     timing = json.loads((tmp_path / "runs" / "timing.json").read_text())["timing"]
-    assert set(timing) == {"topk", "switch", "vmoe"} and timing["topk"]["ratio"] == 1.0
+    assert set(timing) == {"topk", "switch", "vmoe", "expert_choice"}
+    assert timing["topk"]["ratio"] == 1.0
     text = (tmp_path / "RESULTS.md").read_text()
     assert text.startswith("# Results\n\nkept text\n")
     block = text.split(router_zoo.BEGIN, 1)[1].split(router_zoo.END, 1)[0]
@@ -66,12 +69,14 @@ def test_router_zoo_quick_writes_its_table_and_resumes(tmp_path):
     assert "| `vmoe` |" in claims and "| `topk` |" not in claims  # the baseline claims nothing
     # top-k (the baseline) first, then the routers in the order asked
     assert [r.split("`")[1] for r in rows] == ["topk", "switch", "vmoe", "expert_choice"]
-    assert "not causal" in rows[3] and "verdict" in block
+    assert "not causal" not in block and "verdict" in block
     cells = rows[0].split("|")[2:-1]
     assert cells[4].strip() == "1.00"  # top-k's step time against itself
-    for cell in cells[:4] + cells[5:]:
-        mean, std = (float(v) for v in cell.split("±"))  # every cell is "mean ± std"
-        assert mean > 0 and std == 0.0  # one seed
+    for row in rows:
+        cells = row.split("|")[2:-1]
+        for cell in cells[:4] + cells[5:]:
+            mean, std = (float(v) for v in cell.split("±"))  # every cell is "mean ± std"
+            assert mean >= 0 and std == 0.0  # one seed (expert choice's MaxVio is 0)
     assert (tmp_path / "zoo.png").read_bytes()[:4] == b"\x89PNG"
 
     again = _run(tmp_path)  # every run exists: nothing is trained again
@@ -87,12 +92,29 @@ def test_router_zoo_quick_writes_its_table_and_resumes(tmp_path):
     rows = [line for line in block.split("Claims against top-k", 1)[0].splitlines()]
     assert sum(line.startswith("| `") for line in rows) == 4
     timing = json.loads((tmp_path / "runs" / "timing.json").read_text())["timing"]
-    assert set(timing) == {"topk", "switch", "vmoe"}
+    assert set(timing) == {"topk", "switch", "vmoe", "expert_choice"}
 
     changed = _run(tmp_path, "--noise-std", "0.25")  # another setup: the ViT runs again
     assert changed.returncode == 0, changed.stderr[-3000:]
     done = [line for line in changed.stdout.splitlines() if "done in" in line]
     assert len(done) == 4 and all(" vit done" in line for line in done)
+
+
+def test_a_router_not_causal_as_configured_gets_no_decoder_run(tmp_path, monkeypatch):
+    # expert choice over whole sequences (no position groups) would see later tokens
+    monkeypatch.setitem(router_zoo.ZOO, "expert_choice", router_zoo.ZooEntry())
+    assert not router_zoo.runs_in_charlm("expert_choice")
+    (tmp_path / "RESULTS.md").write_text("# Results\n")
+    paths = [tmp_path / "runs", tmp_path / "RESULTS.md", tmp_path / "zoo.png"]
+    args = ["--quick", "--tasks", "charlm", "--routers", "expert_choice", "--threads", "1"]
+    router_zoo.main(
+        [*args, "--out", str(paths[0]), "--results", str(paths[1]), "--plot", str(paths[2])]
+    )
+    assert not (tmp_path / "runs" / "expert_choice_seed0.json").exists()  # nothing trained
+    assert json.loads((tmp_path / "runs" / "topk_seed0.json").read_text())["charlm"]["bpc"] > 0
+    block = paths[1].read_text().split(router_zoo.BEGIN, 1)[1]
+    row = next(line for line in block.splitlines() if line.startswith("| `expert_choice` |"))
+    assert "not causal" in row
 
 
 def test_router_zoo_rejects_unknown_router(tmp_path):
@@ -137,14 +159,15 @@ def test_every_zoo_entry_is_a_registered_router():
     assert set(available_routers()) <= set(router_zoo.ZOO)  # a new router must add its row
 
 
-def test_usmoe_runs_in_the_vit_with_each_image_competing_alone_and_not_in_the_decoder():
+def test_usmoe_runs_in_the_vit_with_each_image_competing_alone_and_in_the_decoder_by_position():
     import torch
 
     from smoe.models import quickdraw_vit, vmoe_vit
     from smoe.models.vit import tokens_per_image
 
-    assert not router_zoo.runs_in_charlm("usmoe")  # joint top-N over a sequence: not causal
-    assert router_zoo.runs_in_vit("usmoe")
+    # joint top-N over a sequence is not causal; over the batch's tokens at one position, it is
+    assert router_zoo.ZOO["usmoe"].charlm == {"group": "position"}
+    assert router_zoo.runs_in_charlm("usmoe") and router_zoo.runs_in_vit("usmoe")
     torch.manual_seed(0)
     vit = quickdraw_vit(9, embed_dim=16, depth=2, num_heads=2)
     N = tokens_per_image(vit)

@@ -19,36 +19,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smoe import ops
-from smoe.ops.dispatch import Plan
 from smoe.routing.base import Routing, gate_dtype
 from smoe.routing.context import RoutingContext
+from smoe.routing.pairs import (
+    from_positions,
+    pairs_from_positions,
+    plan_from_pairs,
+    position_shape,
+    to_positions,
+)
 from smoe.routing.registry import register_router
 
-__all__ = ["USMoERouter", "plan_from_pairs"]
+__all__ = ["USMoERouter", "plan_from_pairs"]  # plan_from_pairs: re-exported from .pairs
 
 _SCORES = ("sigmoid", "token_softmax")
 _SELECTIONS = ("joint", "per_token", "per_expert")
-
-
-def plan_from_pairs(flat: Tensor, num_tokens: int, num_experts: int) -> Plan:
-    """The dispatch plan of chosen (token, expert) pairs, given as flat indices ``t·E + e``
-    (``[P]`` int64, -1 for none), in the expert-choice layout: ``M = P`` rows (padding past
-    ``offsets[E]``), tokens ascending within each expert when ``flat`` is ascending, ``slot =
-    t·E + e``, ``row`` and ``kept`` ``[T, E]``. One ``make_plan`` (a stable counting sort of the
-    pairs by expert) and index maps; deterministic, no host sync."""
-    T, E = num_tokens, num_experts
-    valid = flat >= 0
-    expert = torch.where(valid, flat % E, -1).to(torch.int32).unsqueeze(1)
-    pairs = ops.make_plan(expert, E)  # its "tokens" are pair indices
-    taken = pairs.token >= 0
-    chosen = flat[pairs.token.clamp_min(0).long()]
-    token = torch.where(taken, chosen // E, -1).to(torch.int32)
-    slot = torch.where(taken, chosen, -1).to(torch.int32)
-    # row[t, e] = the sorted row of pair (t, e); invalid pairs write to a discarded extra entry
-    row = torch.full((T * E + 1,), -1, dtype=torch.int32, device=flat.device)
-    row.scatter_(0, torch.where(valid, flat, T * E), pairs.row[:, 0])
-    row = row[: T * E].view(T, E)
-    return Plan(pairs.offsets, token, slot, row, row >= 0)
 
 
 class USMoERouter(nn.Module):
@@ -66,8 +51,10 @@ class USMoERouter(nn.Module):
         budget: average experts per token (> 0, fractional allowed): a group of S real tokens
             takes ``round(budget·S)`` pairs; default k.
         group: ``"sequence"`` (each sequence of ``context.batch_shape = (B, S)`` competes on its
-            own, the reference), ``"batch"`` (all tokens of the call) or an int group size
-            (consecutive tokens; a shorter last group is padded).
+            own, the reference's OLMoE plug-in), ``"position"`` (the B tokens at each position
+            of the batch compete: the reference's Transformer-XL scratch code, and causal; see
+            :mod:`smoe.routing.pairs`), ``"batch"`` (all tokens of the call) or an int group
+            size (consecutive tokens; a shorter last group is padded).
         selection: ``"joint"`` (USMoE), ``"per_token"`` (each token its top-``round(budget)``
             of U: token choice when α = 0) or ``"per_expert"`` (each expert its top-C tokens of
             each group, ``C = max(1, round(S·budget/E))``: expert choice when α = 0).
@@ -123,9 +110,10 @@ class USMoERouter(nn.Module):
                 f"{budget}"
             )
         sized = isinstance(group, int) and not isinstance(group, bool) and group >= 1
-        if not (group in ("sequence", "batch") or sized):
+        if not (group in ("sequence", "position", "batch") or sized):
             raise ValueError(
-                f"USMoERouter: group must be 'sequence', 'batch' or an int >= 1, got {group!r}"
+                "USMoERouter: group must be 'sequence', 'position', 'batch' or an int >= 1, got "
+                f"{group!r}"
             )
         if not init_scale > 0:
             raise ValueError(f"USMoERouter: init_scale must be > 0, got {init_scale}")
@@ -151,6 +139,9 @@ class USMoERouter(nn.Module):
         """(G, S): groups of S consecutive tokens (the last padded when S does not divide T)."""
         if self.group == "batch":
             return 1, T
+        if self.group == "position":  # S groups of B (the tokens in position order)
+            B, S = position_shape(context, T, "USMoERouter")
+            return S, B
         if self.group == "sequence":
             shape = None if context is None else context.batch_shape
             if shape is None or len(shape) != 2:
@@ -177,10 +168,17 @@ class USMoERouter(nn.Module):
             if context is not None and context.padding_mask is not None:
                 real[:T] = _padding_mask(context.padding_mask, T, x.device)
             real[T:] = False
-            scores = self._unified(logits, real, G, S)
-            flat = self._select(scores, real, G, S)
+            by_position = self.group == "position"
+            if by_position:  # the batch's S positions are the G groups of B tokens
+                batch, positions = S, G
+                real = to_positions(real, batch, positions)
+                scores = self._unified(to_positions(logits, batch, positions), real, G, S)
+                flat = pairs_from_positions(self._select(scores, real, G, S), batch, positions, E)
+                unified = from_positions(scores, batch, positions)
+            else:
+                scores = self._unified(logits, real, G, S)
+                flat, unified = self._select(scores, real, G, S), scores[:T]
             plan = plan_from_pairs(flat, T, E)
-            unified = scores[:T]
             if self.norm_topk_prob:
                 unified = unified / unified.sum(dim=-1, keepdim=True)
             weight = torch.where(plan.kept, unified, 0.0)
@@ -276,7 +274,10 @@ def build_usmoe_router(
 
 
 def _usmoe_causal(router: USMoERouter) -> bool:
-    """Per-token selection of the sigmoid score reads each token alone; the rest do not."""
+    """Grouped by position, a token competes only with tokens at its own position; per-token
+    selection of the sigmoid score reads each token alone; the rest see later tokens."""
+    if router.group == "position":
+        return True
     return router.selection == "per_token" and (
         router.alpha == 0.0 or router.expert_score == "sigmoid"
     )
@@ -286,7 +287,7 @@ register_router(
     "usmoe",
     build_usmoe_router,
     description="USMoE (Do et al. 2025): unified token/expert score, the best N pairs of each "
-    "sequence win; not causal (joint selection)",
+    "sequence win (not causal) or of each position across the batch (causal)",
     selection="unified",
     causal=_usmoe_causal,
 )

@@ -134,6 +134,8 @@ ROUTER_ROWS: dict[str, list[tuple[str, dict[str, Any], str]]] = {
         ("capacity_factor = -1", {"capacity_factor": -1.0}, "capacity_factor"),
         ("capacity_factor NaN", {"capacity_factor": float("nan")}, "capacity_factor"),
         ("group_size = 0", {"group_size": 0}, "group_size"),
+        ("group_size unknown string", {"group_size": "sequence"}, "group_size"),
+        ("group_size True", {"group_size": True}, "group_size"),
         ("init_scale = 0", {"init_scale": 0.0}, "init_scale"),
     ],
 }

@@ -7,7 +7,9 @@ strings, a group size that is not an int >= 1. :func:`cases_modules.router_cases
 the shared router and MoELayer rows, except its NaN row: flat tokens have no (B, S) sequences for
 the default ``group="sequence"``, so the NaN tokens here come as ``[B, S, d]``. Then the forward
 errors: ``group="sequence"`` without a ``(B, S)`` ``context.batch_shape`` (none, 1-D, or one that
-does not hold the tokens) and a bad ``context.padding_mask``.
+does not hold the tokens) and a bad ``context.padding_mask``; and the same ``batch_shape`` rows
+for grouping by position, USMoE's ``group="position"`` and expert choice's
+``group_size="position"`` (smoe.routing.pairs).
 """
 
 from __future__ import annotations
@@ -48,11 +50,12 @@ B, S = 2, 3  # the sequences of the TOKENS = B * S tokens of the forward rows
 _R, _L = "router:usmoe", "MoELayer[usmoe]"
 
 
-def _router_forward(make_context, **options: Any):
-    """USMoE (built with ``options``) on ``x [TOKENS, d]`` with ``make_context(d)``."""
+def _router_forward(make_context, name: str = "usmoe", **options: Any):
+    """The router ``name`` (built with ``options``) on ``x [TOKENS, d]`` with
+    ``make_context(d)``."""
 
     def fn(d):
-        router = smoe.build_router("usmoe", D_MODEL, NUM_E, 2, **options).to(d.device)
+        router = smoe.build_router(name, D_MODEL, NUM_E, 2, **options).to(d.device)
         return router(d.f(TOKENS, D_MODEL), make_context(d))
 
     return fn
@@ -157,6 +160,28 @@ _forward_cases = [
     ),
 ]
 
+_POS = r"grouping by 'position' needs context\.batch_shape"
+_position_cases = [
+    Case(
+        f"router:{name}/{option} 'position' {label}",
+        f"router:{name}",
+        kind,
+        _router_forward(make_context, name, **{option: "position"}),
+        error(expect, ValueError),
+    )
+    for name, option in (("usmoe", "group"), ("expert_choice", "group_size"))
+    for label, kind, make_context, expect in [
+        ("without context", "config", lambda d: None, _POS),
+        ("with a 1-D batch_shape", "rank", _ctx(batch_shape=(TOKENS,)), _POS),
+        (
+            "with a batch_shape not holding the tokens",
+            "size",
+            _ctx(batch_shape=(S, S)),
+            arg("batch_shape"),
+        ),
+    ]
+]
+
 CASES: list[Case] = [
     *(
         c
@@ -165,4 +190,5 @@ CASES: list[Case] = [
         if c.name != f"MoELayer[{name}]/x NaN"  # flat NaN tokens: replaced by the row above
     ),
     *_forward_cases,
+    *_position_cases,
 ]

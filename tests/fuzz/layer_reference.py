@@ -156,9 +156,19 @@ def kept_and_weights(kind: str, layer, flat, context, seed, capacity):
                     return expert, weight, own
         return expert, weight, plan.kept
     if kind == "expert_choice":
-        weight, plan = ref.expert_choice(logits, router.capacity(T), group_size=router.group_size)
-        expert = torch.where(plan.kept, torch.arange(E, dtype=torch.int32), -1)
-        return expert, weight, plan.kept
+        if router.group_size == "position":  # groups of the B tokens at each position
+            B, S = context.batch_shape
+            order = torch.arange(T).view(B, S).T.reshape(-1)
+            weight, plan = ref.expert_choice(logits[order], router.capacity(B), group_size=B)
+            back = torch.argsort(order)
+            weight, kept = weight[back], plan.kept[back]
+        else:
+            weight, plan = ref.expert_choice(
+                logits, router.capacity(T), group_size=router.group_size
+            )
+            kept = plan.kept
+        expert = torch.where(kept, torch.arange(E, dtype=torch.int32), -1)
+        return expert, weight, kept
     # "dispatch": the router's own decisions (its noise redrawn from the same seed)
     torch.manual_seed(seed)
     routing = router(flat, context=context)

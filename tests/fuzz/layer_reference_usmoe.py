@@ -13,11 +13,14 @@ from smoe.reference_usmoe import unified_topk
 
 
 def groups(router, T: int, batch_shape) -> tuple[int, int]:
-    """(G, S): the competing groups of S consecutive tokens (the last padded past T)."""
+    """(G, S): the competing groups of S consecutive tokens (the last padded past T); grouped by
+    position, the S positions' groups of B tokens in position order."""
     if router.group == "batch":
         return 1, T
     if router.group == "sequence":
         return int(batch_shape[0]), int(batch_shape[1])
+    if router.group == "position":
+        return int(batch_shape[1]), int(batch_shape[0])
     S = min(router.group, T) if T else router.group
     return -(-T // S), S
 
@@ -113,14 +116,19 @@ def usmoe_routing(router, flat: Tensor, context) -> tuple[Tensor, Tensor, Tensor
     with torch.no_grad():
         own = router(flat, context=context)
     G, S = groups(router, T, context.batch_shape)
+    # the tokens in competition order: as given, or by position (token b·S' + s at s·B + b)
+    order = torch.arange(T)
+    if router.group == "position":
+        order = order.view(S, G).T.reshape(-1)
     real = torch.zeros(G * S, dtype=torch.bool)
     real[:T] = True if context.padding_mask is None else context.padding_mask.reshape(-1).cpu()
-    z = flat.double() @ router.weight.double().T
+    real[:T] = real[:T][order]
+    z = flat.double()[order] @ router.weight.double().T
     z = torch.cat([z, z.new_zeros(G * S - T, E)])
     U = unified_score(router, z, real, G, S)
     chosen = select(router, U, real, G, S)
     mine = torch.zeros(G * S, E, dtype=torch.bool)
-    mine[:T] = own.plan.kept.cpu()
+    mine[:T] = own.plan.kept.cpu()[order]
     if not torch.equal(mine, chosen):  # the same top values of every unit, up to rounding
         u = U.detach().reshape(-1)
         for unit in _units(router, chosen, G, S):
@@ -129,9 +137,10 @@ def usmoe_routing(router, flat: Tensor, context) -> tuple[Tensor, Tensor, Tensor
             same = a.shape == b.shape and torch.allclose(a, b, rtol=1e-12, atol=1e-12)
             assert same, "USMoE chose others"
         chosen = mine
-    kept = chosen[:T]
+    back = torch.argsort(order)
+    kept = chosen[:T][back]
     check_expert_choice_layout(own.plan, kept)
-    U = U[:T]
+    U = U[:T][back]
     if router.norm_topk_prob:
         U = U / U.sum(dim=-1, keepdim=True)
     expert = torch.where(kept, torch.arange(E, dtype=torch.int32), -1)

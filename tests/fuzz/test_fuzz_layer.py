@@ -79,8 +79,9 @@ def _graph_options(draw, name: str, S: int) -> list[tuple[str, object]]:
 def _usmoe_options(draw, T: int, E: int, flat: bool) -> list[tuple[str, object]]:
     """USMoE: α over [0, 1] (the ends: pure token / expert side), a budget in (0, E] (fractional
     included), each selection and expert score, and groups: per sequence (not for flat x, whose
-    batch_shape is 1-D), the whole batch, or any size up to T + 1."""
-    group = st.sampled_from(["batch"] if flat else ["sequence", "batch"])
+    batch_shape is 1-D), per position across the batch (likewise), the whole batch, or any size up
+    to T + 1."""
+    group = st.sampled_from(["batch"] if flat else ["sequence", "position", "batch"])
     return [
         ("alpha", draw(st.sampled_from([0.0, 0.5, 1.0]) | st.floats(0.0, 1.0))),
         ("expert_score", draw(st.sampled_from(["sigmoid", "token_softmax"]))),
@@ -107,9 +108,10 @@ def _router_options(
             ("priority", draw(st.sampled_from(["max", "sum_topk"]))),
             ("noise_std", draw(st.sampled_from([0.0, 1.0]))),
         )
-    if kind == "expert_choice":
+    if kind == "expert_choice":  # grouped by position only with [B, S] sequences
         factor = draw(st.sampled_from([None, 0.5, 1.0, float(E)]))
-        return (("capacity_factor", factor), ("group_size", draw(groups)))
+        ec_groups = groups if flat else groups | st.just("position")
+        return (("capacity_factor", factor), ("group_size", draw(ec_groups)))
     if kind == "xmoe":
         community = name == "xmoe_community"
         gate = "softmax" if community else draw(st.sampled_from(["softmax", "sigmoid"]))
