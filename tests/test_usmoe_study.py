@@ -1,6 +1,6 @@
-"""The USMoE experiments of issue 27: benchmarks/usmoe_study.py (training-free swap into a trained
-token-choice ViT, quick) and benchmarks/usmoe_mteb.py's code path on a tiny random OLMoE (the
-paper's setting needs the weights on disk and mteb)."""
+"""The USMoE experiments of issue 27: benchmarks/usmoe_study.py and usmoe_lm_study.py (training-free
+swap into a trained token-choice ViT and char-LM, quick) and benchmarks/usmoe_mteb.py's code path
+on a tiny random OLMoE (the paper's setting needs the weights on disk and mteb)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
 usmoe_study = pytest.importorskip("usmoe_study")
+usmoe_lm_study = pytest.importorskip("usmoe_lm_study")
 usmoe_mteb = pytest.importorskip("usmoe_mteb")
 
 from tests.integrations.tiny_models import build  # noqa: E402
@@ -56,6 +57,42 @@ def test_swapped_routers_read_the_trained_weight_and_swap_back():
     assert mlp.moe.router.group_size == mlp.tokens_per_image
     usmoe_study.swap_routers(model, "topk")
     assert mlp.moe.router is trained
+
+
+def test_lm_study_quick_swaps_causal_routers_into_the_trained_char_lm(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    argv = ["--quick", "--seeds", "0", "--budgets", "1.0", "0.5", "--out", str(tmp_path / "runs"),
+            "--results", str(results), "--threads", "1"]  # fmt: skip
+    usmoe_lm_study.main(argv)
+    rec = json.loads((tmp_path / "runs" / "seed0.json").read_text())
+    arms = rec["arms"]
+    assert set(arms) == {"tc", "ec", "usmoe_1.00", "usmoe_0.50"}
+    # quick: B = 8 sequences, E = 4, k = 2; every position's 8 tokens form one group
+    assert arms["tc"]["evals"] == pytest.approx(2.0)
+    assert arms["ec"]["evals"] == pytest.approx(2.0)  # ceil(8 * 2 / 4) = 4 tokens per expert
+    assert arms["usmoe_1.00"]["evals"] == pytest.approx(2.0)  # 16 pairs per position
+    assert arms["usmoe_0.50"]["evals"] == pytest.approx(1.0)
+    for arm in arms.values():
+        assert 0 < arm["bpc"] < 8 and 0 < arm["bpc_attacked"] < 8
+    text = results.read_text()
+    assert "<!-- usmoe-lm-study:begin -->" in text and "USMoE by position, budget 0.50 k" in text
+    before = (tmp_path / "runs" / "seed0.json").read_text()
+    usmoe_lm_study.main(argv)  # resumes: the stored seed is reused as it is
+    assert (tmp_path / "runs" / "seed0.json").read_text() == before
+
+
+def test_lm_study_swaps_read_the_trained_weight_and_swap_back():
+    from smoe.models.charlm import CharLM
+
+    torch.manual_seed(0)
+    model = CharLM(20, d_model=16, n_layers=2, n_heads=2, context=8, num_experts=4)
+    layer = model.moe_layers()[0]
+    trained = layer.router
+    usmoe_lm_study.swap_routers(model, "usmoe", budget=2.0, group="position")
+    assert type(layer.router).__name__ == "USMoERouter" and layer.router.weight is trained.weight
+    model(torch.randint(0, 20, (3, 8)))  # causal: the decoder accepts it
+    usmoe_lm_study.swap_routers(model, "topk")
+    assert layer.router is trained
 
 
 @pytest.mark.parametrize("emb, width", [("HS", 32), ("RW", 2 * 4), ("MoEE", 32 + 2 * 4)])
