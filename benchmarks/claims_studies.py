@@ -267,4 +267,52 @@ STUDIES: dict[str, Study] = {
         charlm={"steps": 300, "eval_every": 50, "d_ff": 256},
         flops=True,
     ),
+    # specs/usmoe.md §6, §11, from scratch at its scratch LM's shape (4 layers, d 256, d_inner
+    # 512, E 16, k 2; 8 heads): token choice vs expert choice vs USMoE at equal expert compute.
+    # EC and USMoE group the batch's tokens at each position (the reference's Transformer-XL
+    # code does, §5), which keeps the LM causal; no aux loss for either (USMoE's layer adds
+    # none, EC needs none); TC keeps the library's balance loss.
+    "usmoe": Study(
+        title="USMoE vs token choice vs expert choice, from scratch, USMoE's scratch shape",
+        spec="specs/usmoe.md §6, §11",
+        arms={
+            "tc": Arm("topk", {}, "TC (top-k, renormalised)"),
+            "ec": Arm("expert_choice", {"group_size": "position"}, "EC by position"),
+            "usmoe": Arm("usmoe", {"group": "position"}, "USMoE by position (α 0.5, N = S k)"),
+        },
+        comparisons=(
+            Comparison(
+                "usmoe",
+                "tc",
+                Claim("(i) USMoE beats token choice at equal compute (BPC)", "bpc", "lower"),
+            ),
+            Comparison(
+                "usmoe",
+                "ec",
+                Claim("(i) USMoE beats expert choice at equal compute (BPC)", "bpc", "lower"),
+            ),
+            Comparison("tc", "ec", Claim("(i) TC ≥/≈ EC (BPC, within 0.02)", "bpc", "same", 0.02)),
+            Comparison(
+                "usmoe",
+                "tc",
+                Claim(
+                    "... also on corrupted inputs (later versions; word-swap attack)",
+                    "bpc_attacked",
+                    "lower",
+                ),
+            ),
+        ),
+        # 300 steps, as the S2MoE study: what one session's CPU time allowed for 9 runs at this
+        # width (the same for every arm)
+        charlm={
+            "steps": 300,
+            "eval_every": 50,
+            "n_layers": 4,
+            "d_model": 256,
+            "n_heads": 8,
+            "d_ff": 512,
+            "num_experts": 16,
+            "k": 2,
+        },
+    ),
 }

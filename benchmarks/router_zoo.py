@@ -8,8 +8,9 @@ Tasks (same backbone, widths, optimiser and steps for every router):
   d = 128, E = 8, k = 2, expert width 4d/k): validation bits per character, clean and on
   word-swap-attacked text (rate 0.04), late-training routing fluctuation (mean RF against the
   previous checkpoint over the second half of training) and MaxVio at the end. Routers that are not
-  causal as configured (expert choice; V-MoE with a capacity at k = 2) are not run here: they would
-  see the future. V-MoE's row runs without capacity in the LM for that reason.
+  causal as configured would see the future and are not run here: V-MoE's row runs without
+  capacity in the LM for that reason (a capacity at k = 2 is filled rank-major), expert choice's
+  and USMoE's grouped by position (the batch's tokens at one position compete).
 - step time: every invocation times training steps of each router's char-LM in the same process,
   interleaved in rounds (so drift and load hit all alike), as a ratio to top-k's.
 - vit: the QuickDraw V-MoE ViT of ``smoe.models`` ("Every 2", E = 8, k = 2, groups of 8 images,
