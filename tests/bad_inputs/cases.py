@@ -30,7 +30,8 @@ combine), ``cases_experts.py`` (grouped_mm, swiglu, the Experts module), ``cases
 (expert_mlp), ``cases_xmoe.py`` (cosine_scores), ``cases_sinkhorn.py`` (sinkhorn),
 ``cases_momentum.py`` (momentum_update), ``cases_graph.py`` (graph_mix), ``cases_usmoe.py``
 (unified_topk), ``cases_s2moe.py`` (s2moe_perturb), ``cases_modules.py`` (MoELayer with each
-router, the routers' constructors), ``cases_graph_routers.py`` (the graph-of-tokens routers, their
+router, the routers' constructors), ``cases_layers.py`` (MoELayer's and S2MoELayer's own
+options), ``cases_graph_routers.py`` (the graph-of-tokens routers, their
 context), ``cases_usmoe_router.py`` (USMoE's router: options, sequences, padding) and
 ``cases_models.py`` (smoe.models' constructors).
 """
@@ -286,6 +287,7 @@ def all_cases() -> list[Case]:
         cases_experts,
         cases_graph,
         cases_graph_routers,
+        cases_layers,
         cases_models,
         cases_modules,
         cases_momentum,
@@ -311,6 +313,7 @@ def all_cases() -> list[Case]:
         *cases_usmoe.CASES,
         *cases_s2moe.CASES,
         *cases_modules.CASES,
+        *cases_layers.CASES,
         *cases_graph_routers.CASES,
         *cases_usmoe_router.CASES,
         *cases_models.CASES,
