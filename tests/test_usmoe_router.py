@@ -237,3 +237,38 @@ def test_convert_plugs_usmoe_into_a_pretrained_olmoe():
     with torch.no_grad():
         out = joint(ids).logits
     assert torch.isfinite(out).all() and not torch.allclose(out, want)
+
+
+@pytest.mark.parametrize(
+    "router, options, causal",
+    [
+        ("usmoe", {"group": "position"}, True),
+        ("expert_choice", {"group_size": "position"}, True),
+        ("usmoe", {"causal": False}, False),  # sequence groups: the control
+        ("expert_choice", {"causal": False}, False),
+    ],
+)
+def test_position_groups_plug_into_a_generating_olmoe(router, options, causal):
+    # Grouped by position, a token competes only with the batch's tokens at its own position:
+    # causal, so convert accepts it in a decoder; the logits at position t do not change when
+    # later tokens are appended (every prefix's last logits equal the full forward's), and
+    # generating with the KV cache (each step's B tokens one group) matches recomputing. Grouped
+    # by sequence (converted with causal=False), later tokens change earlier logits.
+    pytest.importorskip("transformers")
+    from tests.integrations.tiny_models import build
+
+    model = smoe.convert(build("olmoe"), router=router, **options)
+    ids = torch.randint(3, 64, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids).logits
+        gap = max(
+            float((model(ids[:, :t]).logits[:, -1] - full[:, t - 1]).abs().max())
+            for t in range(1, ids.shape[1] + 1)
+        )
+    assert (gap < 1e-5) == causal, gap
+    if causal:
+        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            cached = model.generate(ids[:, :5], use_cache=True, **kw)
+            fresh = model.generate(ids[:, :5], use_cache=False, **kw)
+        assert torch.equal(cached, fresh) and cached.shape == (3, 11)
