@@ -151,3 +151,17 @@ def test_position_groups_need_a_matching_batch_shape(name):
 def test_expert_choice_refuses_other_group_strings():
     with pytest.raises(ValueError, match="group_size must be an int >= 1, None or 'position'"):
         build_router("expert_choice", D, E, K, group_size="sequence")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ROUTERS)
+def test_position_groups_cuda_match_cpu(name):
+    torch.manual_seed(0)
+    layer = MoELayer(D, 32, E, K, router=_router(name)).eval()
+    x = _x().view(B, S, D)
+    ctx = RoutingContext(causal=True)
+    with torch.no_grad():
+        y_cpu, a_cpu = layer(x, ctx)
+        y_gpu, a_gpu = layer.cuda()(x.cuda(), ctx)
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, atol=1e-5, rtol=1e-5)
+    assert torch.equal(a_gpu.tokens_per_expert.cpu(), a_cpu.tokens_per_expert)
