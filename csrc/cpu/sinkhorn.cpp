@@ -5,12 +5,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/isfinite.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -26,12 +27,48 @@ using cpu::sinkhorn_chunks;
 
 int64_t row_grain(int64_t E) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, E)); }
 
-// S = scores / eps in the accumulation type, contiguous; refuses non-finite entries.
+// S = scores / eps in the accumulation type, contiguous; refuses non-finite entries. One pass:
+// the division and the finiteness check share the loop (each chunk of rows flags its own).
 at::Tensor scaled_scores(const char* op, const at::Tensor& scores, double eps) {
-  const at::Tensor S = scores.to(sinkhorn_acc_dtype(scores)).div(eps).contiguous();
-  TORCH_CHECK(at::isfinite(S).all().item<bool>(), "smoe::", op,
-              ": scores must be finite (and scores / eps must not overflow)");
+  at::Tensor S = scores.to(sinkhorn_acc_dtype(scores), /*non_blocking=*/false, /*copy=*/true)
+                     .contiguous();
+  const int64_t n = S.numel(), grain = 1 << 16;
+  std::vector<char> bad((n + grain - 1) / grain, 0);
+  AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "sinkhorn_scaled_scores", [&] {
+    using A = scalar_t;
+    A* v = S.mutable_data_ptr<A>();
+    const A e = static_cast<A>(eps);
+    at::parallel_for(0, static_cast<int64_t>(bad.size()), 1, [&](int64_t b, int64_t end) {
+      for (int64_t c = b; c < end; ++c) {
+        bool ok = true;
+        for (int64_t i = c * grain, stop = std::min(n, (c + 1) * grain); i < stop; ++i) {
+          v[i] /= e;
+          ok &= std::isfinite(v[i]);
+        }
+        bad[c] = !ok;
+      }
+    });
+  });
+  for (const char b : bad) {
+    TORCH_CHECK(!b, "smoe::", op, ": scores must be finite (and scores / eps must not overflow)");
+  }
   return S;
+}
+
+// A zero-filled tensor from calloc. The iteration history holds max_iter rows, of which a solve
+// that stops early writes only the first few; at::zeros would write (and page-fault) all of them
+// on every call, 16 MB at max_iter 1000 and T 4096. calloc takes a large block from a fresh mmap
+// whose pages the kernel already zeroes, so the rows never written are never touched (glibc
+// skips the memset for such blocks, and clears only reused memory otherwise).
+at::Tensor zeros_untouched(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  int64_t numel = 1;
+  for (const int64_t s : sizes) numel *= s;
+  const size_t bytes = static_cast<size_t>(std::max<int64_t>(numel, 1)) *
+                       c10::elementSize(opts.dtype().toScalarType());
+  void* data = std::calloc(bytes, 1);
+  TORCH_CHECK(data != nullptr, "smoe::sinkhorn: out of memory allocating the ", bytes,
+              "-byte iteration history (max_iter rows)");
+  return at::from_blob(data, sizes, [](void* p) { std::free(p); }, opts);
 }
 
 template <typename A>
@@ -70,8 +107,8 @@ SinkhornOut sinkhorn_cpu(const at::Tensor& scores, double eps, int64_t max_iter,
       check_sinkhorn(scores, eps, max_iter, tol, row_mass, col_mass_opt, check_every);
   const int64_t T = scores.size(0), E = scores.size(1);
   const auto opts = scores.options().dtype(sinkhorn_acc_dtype(scores));
-  at::Tensor f_hist = at::zeros({max_iter, T}, opts);
-  at::Tensor g_hist = at::zeros({max_iter, E}, opts);
+  at::Tensor f_hist = zeros_untouched({max_iter, T}, opts);
+  at::Tensor g_hist = zeros_untouched({max_iter, E}, opts);
   at::Tensor log_plan = at::empty({T, E}, opts);
   if (T == 0) {
     return {log_plan,
