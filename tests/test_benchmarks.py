@@ -70,3 +70,17 @@ def test_vmoe_capacity_quick_runs_and_reports(tmp_path):
         assert 0.0 < r["kept"] <= min(1.0, r["effective"]) + 1e-9
     assert set(data["summary"]) == {"dense", "vmoe_train_C", "vmoe_no_capacity", "expert_choice"}
     assert "| 0.1 | 12 | 0.120 |" in proc.stdout
+
+
+def test_bench_cpu_gemm_quick_rates_every_gemm(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    bench_cpu_gemm = pytest.importorskip("bench_cpu_gemm")
+    res = bench_cpu_gemm.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    rows = res["rows"]
+    # per dtype and GEMM: dense, one expert, 1 even, 8 even/uneven, 64 even/uneven; + 2 router rows
+    assert len(rows) == 2 * 2 * 7 + 2
+    for dtype, what, gflops, ratio in rows:
+        assert gflops > 0 and math.isfinite(ratio) and ratio > 0, (dtype, what)
+    dense = [r for r in rows if "dense" in r[1]]
+    assert len(dense) == 4 and all(r[3] == 1.0 for r in dense)
+    assert (tmp_path / "bench_cpu_gemm_quick.md").read_text().count("| bf16 |") == 14
