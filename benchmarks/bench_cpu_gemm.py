@@ -4,25 +4,35 @@ experts with even and uneven (natural) loads, and the router's float32 gate GEMM
 bfloat16 rate it cannot use.
 
     python benchmarks/bench_cpu_gemm.py [--threads 1] [--quick] [--out benchmarks/out]
+    python benchmarks/bench_cpu_gemm.py --warmup [--steps 70] [--threads 1]
 
 Shapes are ``bench_layer.py``'s fine-grained layer (T = 4096, d = 256, d_ff = 128, E = 64,
 k = 8: 32,768 grouped rows, about 512 per expert). Every figure is GFLOP/s (2·M·K·N over the
 median time of ``common.measure``), so rows compare directly; ratios are to the dense GEMM of
 the same K and N in the same dtype, measured in the same run. Writes ``bench_cpu_gemm.md``
 under ``--out`` (git-ignored by default); never writes RESULTS.md.
+
+``--warmup``: training steps (forward + backward) of the fine-grained ``MoELayer`` in bf16 with
+fresh tokens, hence fresh expert-group sizes, every step, as in training: the median step time over
+steps 0-9, 10-29, 30-49 and 50-69. oneDNN (ATen's bf16 GEMMs) builds a GEMM primitive per new
+shape, so a new group size costs more than a repeated one; benchmarks that repeat one input never
+see it. ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` in the environment sets oneDNN's cache size.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from common import machine, measure  # benchmarks/common.py
 
-from smoe import ops
+from smoe import MoELayer, ops
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS, D, D_FF, E = 32768, 256, 128, 64
@@ -80,14 +90,37 @@ def run(quick: bool) -> list[tuple[str, str, float, float]]:
     return out
 
 
+def warmup(steps: int) -> list[tuple[str, float]]:
+    """(steps, median ms) of fresh-routing bf16 training steps of the fine-grained layer."""
+    torch.manual_seed(0)
+    layer = MoELayer(D, D_FF, E, 8, activation="swiglu").to(torch.bfloat16)
+    times = []
+    for _ in range(steps):
+        x = torch.randn(ROWS // 8, D, dtype=torch.bfloat16, requires_grad=True)
+        t0 = time.perf_counter()
+        y, _ = layer(x)
+        y.float().sum().backward()
+        times.append(time.perf_counter() - t0)
+    spans = [(a, min(b, steps)) for a, b in ((0, 10), (10, 30), (30, 50), (50, 70)) if a < steps]
+    return [(f"{a}-{b - 1}", 1e3 * statistics.median(times[a:b])) for a, b in spans]
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="an eighth of the rows, short timings")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
+    p.add_argument("--warmup", action="store_true", help="fresh-routing training steps instead")
+    p.add_argument("--steps", type=int, default=70, help="--warmup's steps")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.warmup:
+        cache = os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "default (1024)")
+        spans = warmup(args.steps)
+        print(f"oneDNN primitive cache {cache}, {torch.get_num_threads()} thread(s): " + ", ".join(
+            f"steps {s} {ms:.0f} ms" for s, ms in spans))  # fmt: skip
+        return {"spans": spans}
     rows = run(args.quick)
     m = machine()
     lines = [

@@ -84,3 +84,10 @@ def test_bench_cpu_gemm_quick_rates_every_gemm(tmp_path):
     dense = [r for r in rows if "dense" in r[1]]
     assert len(dense) == 4 and all(r[3] == 1.0 for r in dense)
     assert (tmp_path / "bench_cpu_gemm_quick.md").read_text().count("| bf16 |") == 14
+
+
+def test_bench_cpu_gemm_warmup_reports_each_span():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    bench_cpu_gemm = pytest.importorskip("bench_cpu_gemm")
+    spans = bench_cpu_gemm.main(["--warmup", "--steps", "12", "--threads", "1"])["spans"]
+    assert [s for s, _ in spans] == ["0-9", "10-11"] and all(ms > 0 for _, ms in spans)
