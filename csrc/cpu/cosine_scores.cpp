@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
 #include "cpu/cosine_scores_kernel.h"
@@ -109,14 +110,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cosine_scores_backwar
               eh, d, de, N, eps_a, normalize_tokens, tau_a, b, e, zb, gb, gzb,
               p.mutable_data_ptr<A>(), reinterpret_cast<T_*>(grad_h.mutable_data_ptr<scalar_t>()));
         });
+        // the two reductions over tokens: tasks own output blocks (no cross-task sums), each
+        // with its own partial-sum arrays
         const int64_t col_blocks = (d + cpu::kCosineCols - 1) / cpu::kCosineCols;
         auto* gw = reinterpret_cast<T_*>(grad_proj.mutable_data_ptr<scalar_t>());
-        at::parallel_for(
-            0, de * col_blocks, grain_for(T * cpu::kCosineCols), [&](int64_t b, int64_t e) {
-              cpu::cosine_grad_proj_tasks<T_>(gzb, hp, h.stride(0), T, d, de, b, e, gw);
-            });
-        at::parallel_for(0, N * de, grain_for(T), [&](int64_t b, int64_t e) {
-          cpu::cosine_grad_ehat_entries<A>(gb, zb, T, N, de, b, e, geh);
+        at::parallel_for(0, col_blocks, 1, [&](int64_t b, int64_t e) {
+          std::vector<A> acc(de * cpu::kCosineCols), total(de * cpu::kCosineCols);
+          cpu::cosine_grad_proj_tasks<T_>(gzb, hp, h.stride(0), T, d, de, b, e, acc.data(),
+                                          total.data(), gw);
+        });
+        const int64_t expert_blocks = (N + cpu::kCosineExperts - 1) / cpu::kCosineExperts;
+        at::parallel_for(0, expert_blocks, 1, [&](int64_t b, int64_t e) {
+          std::vector<A> acc(cpu::kCosineExperts * de), total(cpu::kCosineExperts * de);
+          cpu::cosine_grad_ehat_tasks<A>(gb, zb, T, N, de, b, e, acc.data(), total.data(), geh);
         });
         cpu::cosine_grad_experts_rows<T_>(
             geh, eh, en, de, eps_a, 0, N,

@@ -181,46 +181,69 @@ void cosine_scores_backward_rows(const acc_t<T>* grad_cos, const acc_t<T>* grad_
   }
 }
 
-// grad_proj [de, d] = gz^T h, tasks [begin, end) over (row j, column block) pairs, each summing
-// over all tokens in token order (blocks of kCosineChunk).
+// grad_proj [de, d] = gz^T h, tasks [begin, end) over column blocks of kCosineCols, each owning
+// its columns of every row j. Every entry sums over the tokens in token order, in blocks of
+// kCosineChunk joined in block order; a task walks the tokens once, reading each token's columns
+// of h once for all de rows (acc holds de x kCosineCols partial sums).
 template <typename T>
 void cosine_grad_proj_tasks(const acc_t<T>* gzbuf, const T* h, int64_t ldh, int64_t T_, int64_t d,
-                            int64_t de, int64_t begin, int64_t end, T* grad_proj) {
+                            int64_t de, int64_t begin, int64_t end, acc_t<T>* acc,
+                            acc_t<T>* total, T* grad_proj) {
   using A = acc_t<T>;
-  const int64_t blocks = (d + kCosineCols - 1) / kCosineCols;
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t j = task / blocks, c0 = (task % blocks) * kCosineCols;
+    const int64_t c0 = task * kCosineCols;
     const int64_t nc = d - c0 < kCosineCols ? d - c0 : kCosineCols;
-    A total[kCosineCols] = {};
+    for (int64_t k = 0; k < de * kCosineCols; ++k) total[k] = 0;
     for (int64_t t0 = 0; t0 < T_; t0 += kCosineChunk) {
       const int64_t t1 = T_ - t0 < kCosineChunk ? T_ : t0 + kCosineChunk;
-      A acc[kCosineCols] = {};
+      for (int64_t k = 0; k < de * kCosineCols; ++k) acc[k] = 0;
       for (int64_t t = t0; t < t1; ++t) {
-        const A gj = gzbuf[t * de + j];
         const T* x = h + t * ldh + c0;
-        for (int64_t u = 0; u < nc; ++u) acc[u] += gj * load(x[u]);
+        const A* gz = gzbuf + t * de;
+        for (int64_t j = 0; j < de; ++j) {
+          const A gj = gz[j];
+          A* a = acc + j * kCosineCols;
+          for (int64_t u = 0; u < nc; ++u) a[u] += gj * load(x[u]);
+        }
       }
-      for (int64_t u = 0; u < nc; ++u) total[u] += acc[u];
+      for (int64_t k = 0; k < de * kCosineCols; ++k) total[k] += acc[k];
     }
-    for (int64_t u = 0; u < nc; ++u) grad_proj[j * d + c0 + u] = from_acc<T>(total[u]);
+    for (int64_t j = 0; j < de; ++j) {
+      for (int64_t u = 0; u < nc; ++u) {
+        grad_proj[j * d + c0 + u] = from_acc<T>(total[j * kCosineCols + u]);
+      }
+    }
   }
 }
 
-// gehat [N, de] = g^T zhat, entries [begin, end) of the flat index i * de + j, each summing over
-// all tokens in token order (blocks of kCosineChunk).
+// Experts per task of the gehat reduction.
+constexpr int64_t kCosineExperts = 16;
+
+// gehat [N, de] = g^T zhat, tasks [begin, end) over blocks of kCosineExperts experts (rows i),
+// each owning its rows. Every entry sums over the tokens in token order, in blocks of
+// kCosineChunk joined in block order (acc and total hold kCosineExperts x de sums).
 template <typename A>
-void cosine_grad_ehat_entries(const A* gbuf, const A* zbuf, int64_t T_, int64_t N, int64_t de,
-                              int64_t begin, int64_t end, A* gehat) {
-  for (int64_t idx = begin; idx < end; ++idx) {
-    const int64_t i = idx / de, j = idx % de;
-    A total = 0;
+void cosine_grad_ehat_tasks(const A* gbuf, const A* zbuf, int64_t T_, int64_t N, int64_t de,
+                            int64_t begin, int64_t end, A* acc, A* total, A* gehat) {
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t i0 = task * kCosineExperts;
+    const int64_t ni = N - i0 < kCosineExperts ? N - i0 : kCosineExperts;
+    for (int64_t k = 0; k < ni * de; ++k) total[k] = 0;
     for (int64_t t0 = 0; t0 < T_; t0 += kCosineChunk) {
       const int64_t t1 = T_ - t0 < kCosineChunk ? T_ : t0 + kCosineChunk;
-      A acc = 0;
-      for (int64_t t = t0; t < t1; ++t) acc += gbuf[t * N + i] * zbuf[t * de + j];
-      total += acc;
+      for (int64_t k = 0; k < ni * de; ++k) acc[k] = 0;
+      for (int64_t t = t0; t < t1; ++t) {
+        const A* z = zbuf + t * de;
+        const A* g = gbuf + t * N + i0;
+        for (int64_t i = 0; i < ni; ++i) {
+          const A gi = g[i];
+          A* a = acc + i * de;
+          for (int64_t j = 0; j < de; ++j) a[j] += gi * z[j];
+        }
+      }
+      for (int64_t k = 0; k < ni * de; ++k) total[k] += acc[k];
     }
-    gehat[idx] = total;
+    for (int64_t k = 0; k < ni * de; ++k) gehat[i0 * de + k] = total[k];
   }
 }
 
