@@ -83,11 +83,11 @@ acc_t<T> cosine_token(const T* h, const T* proj, int64_t d, int64_t de, acc_t<T>
 // The smallest finite entry of a score row, and whether the row has a non-finite one (the
 // replacement value of specs/xmoe.md §8, taken per row: 0 when no entry is finite).
 template <typename A>
-inline A cosine_row_fill(const A* zhat, const A* ehat, int64_t N, int64_t de, bool* bad) {
+inline A cosine_row_fill(const A* scores, int64_t N, bool* bad) {
   A lo = std::numeric_limits<A>::infinity();
   *bad = false;
   for (int64_t i = 0; i < N; ++i) {
-    const A c = dot8<A>(zhat, ehat + i * de, de);
+    const A c = scores[i];
     if (std::isfinite(c)) {
       lo = c < lo ? c : lo;
     } else {
@@ -108,13 +108,13 @@ void cosine_scores_rows(const T* h, int64_t ldh, const T* proj, const acc_t<T>* 
   for (int64_t t = begin; t < end; ++t) {
     A* zhat = zbuf + t * de;
     cosine_token(h + t * ldh, proj, d, de, eps, normalize, zhat);
-    bool bad = false;
-    const A fill = cosine_row_fill(zhat, ehat, N, de, &bad);
     A* c = cos + t * N;
     A* l = logits + t * N;
+    for (int64_t i = 0; i < N; ++i) c[i] = dot8<A>(zhat, ehat + i * de, de);  // once per score
+    bool bad = false;
+    const A fill = cosine_row_fill(c, N, &bad);
     for (int64_t i = 0; i < N; ++i) {
-      const A v = dot8<A>(zhat, ehat + i * de, de);
-      c[i] = bad && !std::isfinite(v) ? fill : v;
+      if (bad && !std::isfinite(c[i])) c[i] = fill;
       l[i] = c[i] / tauc;
     }
   }
@@ -147,14 +147,15 @@ void cosine_scores_backward_rows(const acc_t<T>* grad_cos, const acc_t<T>* grad_
   for (int64_t t = begin; t < end; ++t) {
     A* zhat = zbuf + t * de;
     const A r = cosine_token(h + t * ldh, proj, d, de, eps, normalize, zhat);
-    bool bad = false;
-    const A fill = cosine_row_fill(zhat, ehat, N, de, &bad);
     const A* gc = grad_cos + t * N;
     const A* gl = grad_logits + t * N;
-    A* g = gbuf + t * N;
+    A* g = gbuf + t * N;  // the scores first (each computed once), then their gradients
+    for (int64_t i = 0; i < N; ++i) g[i] = dot8<A>(zhat, ehat + i * de, de);
+    bool bad = false;
+    const A fill = cosine_row_fill(g, N, &bad);
     A pt = 0;
     for (int64_t i = 0; i < N; ++i) {
-      const A v = dot8<A>(zhat, ehat + i * de, de);
+      const A v = g[i];
       const bool replaced = bad && !std::isfinite(v);
       g[i] = replaced ? A(0) : gc[i] + gl[i] / tauc;
       pt += gl[i] * (replaced ? fill : v);
