@@ -39,6 +39,21 @@ def noncontig(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def capture_cuda_graph(fn):
+    """``(graph, out)``: ``fn()`` run once on a side stream (the warm-up CUDA graphs need outside
+    the capture), then captured into ``graph``; ``out`` holds the captured call's outputs, which
+    each ``graph.replay()`` rewrites."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def spaced_logits(T: int, E: int, dtype=torch.float64, device="cpu") -> torch.Tensor:
     """Logits whose sorted gaps are >= 0.3, so a small perturbation never flips the top-k."""
     rows = [torch.randperm(E).double() * 0.3 + 0.01 * torch.rand(E) for _ in range(T)]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from smoe import ops
-from tests.helpers import CUDA_DTYPES, assert_close
+from tests.helpers import CUDA_DTYPES, assert_close, capture_cuda_graph
 from tests.ops.test_expert_choice import SHAPES, assert_same, separated_logits, tied_logits
 
 
@@ -51,14 +51,7 @@ def test_expert_choice_cuda_is_deterministic_and_sync_free(S):
 def test_expert_choice_cuda_graph_capture_and_replay():
     static = torch.randn(300, 16, device="cuda")
     fn = lambda x: ops.expert_choice(x, 40, group_size=128)  # noqa: E731
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn(static)  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = fn(static)
+    graph, captured = capture_cuda_graph(lambda: fn(static))
     for _ in range(2):
         fresh = torch.randn(300, 16, device="cuda")
         static.copy_(fresh)

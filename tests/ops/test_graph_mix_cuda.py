@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from smoe import ops
-from tests.helpers import noncontig
+from tests.helpers import capture_cuda_graph, noncontig
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES = [  # (B, S, E, C)
@@ -116,14 +116,7 @@ def test_graph_mix_cuda_is_deterministic_and_sync_free(dtype):
 def test_graph_mix_cuda_graph_capture_and_replay():
     x, A, cache = _inputs(2, 64, 16, 8, torch.float16, "cuda")
     want = ops.graph_mix(x, A, cache=cache)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up outside the capture
-        ops.graph_mix(x, A, cache=cache)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got = ops.graph_mix(x, A, cache=cache)
+    graph, got = capture_cuda_graph(lambda: ops.graph_mix(x, A, cache=cache))
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(got, want)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from smoe import ops
-from tests.helpers import CUDA_DTYPES, noncontig
+from tests.helpers import CUDA_DTYPES, capture_cuda_graph, noncontig
 
 KINDS = ["heavy_ball", "adam", "robust"]
 SHAPES = [
@@ -142,14 +142,7 @@ def test_momentum_update_cuda_is_deterministic_and_sync_free(kind):
 def test_momentum_update_cuda_graph_capture_and_replay():
     u, m, p, v = _inputs((256, 96), "adam", torch.float16, "cuda")
     want = ops.momentum_update(u, m, p, v, kind="adam")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up outside the capture
-        ops.momentum_update(u, m, p, v, kind="adam")
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got = ops.momentum_update(u, m, p, v, kind="adam")
+    graph, got = capture_cuda_graph(lambda: ops.momentum_update(u, m, p, v, kind="adam"))
     graph.replay()
     torch.cuda.synchronize()
     for a, b in zip(got, want):

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import smoe  # noqa: F401  (loads the extension: registers torch.ops.smoe)
-from tests.helpers import CUDA_DTYPES, noncontig
+from tests.helpers import CUDA_DTYPES, capture_cuda_graph, noncontig
 
 SINKHORN = torch.ops.smoe.sinkhorn.default
 BACKWARD = torch.ops.smoe.sinkhorn_backward.default
@@ -298,14 +298,7 @@ def test_sinkhorn_cuda_graph_capture_and_replay():
         out = SINKHORN(s, eps=0.5, max_iter=15)
         return (*out, BACKWARD(g_plan, g_f, g_g, s, out[6], out[7], out[3], 0.5))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn(static)  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = fn(static)
+    graph, captured = capture_cuda_graph(lambda: fn(static))
     for _ in range(2):
         fresh = _scores(T, E, device="cuda")
         static.copy_(fresh)
