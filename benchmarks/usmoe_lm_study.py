@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import math
 import sys
 import tempfile
@@ -47,13 +46,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import machine, same_setup, write_block  # benchmarks/common.py
-from router_zoo import charlm_config, mean_std, verdict  # benchmarks/router_zoo.py
+from common import machine, write_block  # benchmarks/common.py
+from router_zoo import charlm_config, mean_std  # benchmarks/router_zoo.py
+from swap_study import claim_rows, stored_or_run, swap_router  # benchmarks/swap_study.py
 from zoo_entries import Claim  # benchmarks/zoo_entries.py
 
 from smoe.data.text import eval_windows, tiny_shakespeare, word_swap
 from smoe.examples.charlm import build_model, run
-from smoe.routing import build_router
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- usmoe-lm-study:begin -->", "<!-- usmoe-lm-study:end -->"
@@ -90,14 +89,7 @@ def swap_routers(model: torch.nn.Module, name: str, **options: Any) -> None:
     """Every MoE layer's router becomes ``name`` reading the trained router's weight (aliased:
     the same tensor, no copy); the top-k router is kept to swap back."""
     for layer in model.moe_layers():
-        old = layer.__dict__.setdefault("_tc_router", layer.router)
-        if name == "topk":
-            layer.router = old
-            continue
-        E, d = old.weight.shape
-        new = build_router(name, d, E, old.k, **options)
-        new.weight = old.weight
-        layer.router = new.eval()
+        swap_router(layer, name, **options)
 
 
 @torch.no_grad()
@@ -180,13 +172,7 @@ def render(runs: list[dict], args: argparse.Namespace, out: Path) -> str:
         "| claim (paper) | measured: arm − baseline (± 1 SE) | verdict |",
         "|---|---|---|",
     ]
-    for arm, base, claim in CLAIMS:
-        if arm not in table:
-            continue
-        diffs = [r["arms"][arm][claim.metric] - r["arms"][base][claim.metric] for r in runs]
-        v = verdict(claim, {claim.metric: mean_std(diffs)}, {claim.metric: (0.0, 0.0)}, len(runs))
-        measured = "–" if v["delta"] is None else f"{v['delta']:+.3f} ± {v['se']:.3f}"
-        lines.append(f"| {claim.text} | {measured} bpc | **{v['verdict']}** |")
+    lines += claim_rows(runs, CLAIMS, table, lambda d, se: f"{d:+.3f} ± {se:.3f}", "bpc")
     lines += [
         "",
         "Verdict rule: a difference counts when it exceeds two standard errors of the per-seed "
@@ -226,17 +212,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "arms": {a: [r, o] for a, (r, o, _) in arms(args.budgets, cfg.k).items()},
         "charlm": dataclasses.asdict(cfg),
     }
-    runs = []
-    for seed in args.seeds:
-        path = out / f"seed{seed}.json"
-        if path.exists() and same_setup(json.loads(path.read_text()).get("setup"), setup):
-            runs.append(json.loads(path.read_text()))
-            continue
-        rec = {**run_seed(seed, args, corpus, attacked), "setup": setup, "machine": machine()}
-        path.write_text(json.dumps(rec, indent=1))
-        runs.append(rec)
-        print(f"usmoe_lm_study: seed {seed}: " + ", ".join(
-            f"{a} {v['bpc']:.3f}" for a, v in rec["arms"].items()), flush=True)  # fmt: skip
+    runs = stored_or_run(
+        args.seeds,
+        out,
+        setup,
+        lambda seed: run_seed(seed, args, corpus, attacked),
+        lambda rec: ", ".join(f"{a} {v['bpc']:.3f}" for a, v in rec["arms"].items()),
+        "usmoe_lm_study",
+    )
     block = render(runs, args, out)
     write_block(results, block, BEGIN, END)
     print(block)

@@ -38,20 +38,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import machine, same_setup, write_block  # benchmarks/common.py
-from router_zoo import mean_std, verdict, vit_data  # benchmarks/router_zoo.py
+from common import machine, write_block  # benchmarks/common.py
+from router_zoo import mean_std, vit_data  # benchmarks/router_zoo.py
+from swap_study import claim_rows, stored_or_run, swap_router  # benchmarks/swap_study.py
 from vmoe_capacity import train as vit_train  # benchmarks/vmoe_capacity.py
 from zoo_entries import Claim  # benchmarks/zoo_entries.py
 
 from smoe.models import moe_auxes, moe_blocks, quickdraw_vit, vmoe_vit
-from smoe.routing import build_router
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- usmoe-study:begin -->", "<!-- usmoe-study:end -->"
@@ -86,16 +85,9 @@ def swap_routers(model: torch.nn.Module, name: str, **options: Any) -> None:
     """Every MoE layer's router becomes ``name`` reading the trained router's weight (aliased:
     the same tensor, no copy); the top-k router is kept to swap back."""
     for mlp in moe_blocks(model).values():
-        layer = mlp.moe
-        old = layer.__dict__.setdefault("_tc_router", layer.router)
-        if name == "topk":
-            layer.router = old
-            continue
         if options.get("group_size") == "image":  # expert choice within each image
             options = {**options, "group_size": mlp.tokens_per_image}
-        new = build_router(name, old.weight.shape[1], E, K, **options)
-        new.weight = old.weight
-        layer.router = new.eval()
+        swap_router(mlp.moe, name, **options)
 
 
 @torch.no_grad()
@@ -197,16 +189,9 @@ def render(runs: list[dict], args: argparse.Namespace, out: Path) -> str:
         )
     lines += ["", "| claim (paper) | measured: arm − baseline (± 1 SE) | verdict |"]
     lines.append("|---|---|---|")
-    for arm, base, claim in CLAIMS:
-        if arm not in table:
-            continue
-        # paired over seeds: every arm of a seed is the same trained model, so the seed-to-seed
-        # spread of training cancels in the per-seed differences
-        diffs = [r["arms"][arm][claim.metric] - r["arms"][base][claim.metric] for r in runs]
-        row = {claim.metric: mean_std(diffs)}
-        v = verdict(claim, row, {claim.metric: (0.0, 0.0)}, len(runs))
-        measured = "–" if v["delta"] is None else f"{100 * v['delta']:+.1f} ± {100 * v['se']:.1f}"
-        lines.append(f"| {claim.text} | {measured} points | **{v['verdict']}** |")
+    lines += claim_rows(
+        runs, CLAIMS, table, lambda d, se: f"{100 * d:+.1f} ± {100 * se:.1f}", "points"
+    )
     lines += [
         "",
         "Verdict rule: a difference counts when it exceeds two standard errors of the per-seed "
@@ -256,17 +241,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "noise_std": NOISE_STD,
         "tc_renormalize": args.tc_renormalize,
     }
-    runs = []
-    for seed in args.seeds:
-        path = out / f"seed{seed}.json"
-        if path.exists() and same_setup(json.loads(path.read_text()).get("setup"), cfg):
-            runs.append(json.loads(path.read_text()))
-            continue
-        rec = {**run_seed(seed, args, data), "setup": cfg, "machine": machine()}
-        path.write_text(json.dumps(rec, indent=1))
-        runs.append(rec)
-        print(f"usmoe_study: seed {seed}: " + ", ".join(
-            f"{a} {100 * v['acc']:.1f}%" for a, v in rec["arms"].items()), flush=True)  # fmt: skip
+    runs = stored_or_run(
+        args.seeds,
+        out,
+        cfg,
+        lambda seed: run_seed(seed, args, data),
+        lambda rec: ", ".join(f"{a} {100 * v['acc']:.1f}%" for a, v in rec["arms"].items()),
+        "usmoe_study",
+    )
     block = render(runs, args, out)
     tag = "-renorm" if args.tc_renormalize else ""
     write_block(
