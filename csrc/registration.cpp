@@ -5,6 +5,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/brgemm.h"
+
 #ifndef SMOE_TORCH_VERSION
 #define SMOE_TORCH_VERSION "unknown"
 #endif
@@ -16,6 +18,13 @@
 #endif
 
 TORCH_LIBRARY(smoe, m) {
+  // ---- the gate ----
+  m.set_python_module("smoe.ops.gate");
+  // a router's logits [T, E] = x [T, d] @ weight [E, d]^T (+ bias [E]) in float32 (float64 for
+  // float64 x) from the exact values of 16-bit inputs, never rounded to 16 bits. Differentiable
+  // (the backward is two float32 GEMMs, in smoe/ops/gate.py).
+  m.def("gate_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+
   // ---- routers ----
   m.set_python_module("smoe.ops.routing");
   // token-choice top-k: softmax over E experts (fp32 math), then the k largest, ties to the lower
@@ -215,10 +224,20 @@ TORCH_LIBRARY(smoe, m) {
       "Tensor grad_p_in, Tensor grad_v_in)");
 }
 
-// ---- the _C module: build information only, no ops ----
+// ---- the _C module: build information (and the CPU gate's path), no ops ----
 namespace {
 
-PyModuleDef smoe_c_module = {PyModuleDef_HEAD_INIT, "_C", "smoe build information", -1, nullptr};
+PyObject* cpu_gate_path(PyObject*, PyObject*) {
+  return PyUnicode_FromString(smoe::ops::brgemm::bf16_path().c_str());
+}
+
+PyMethodDef smoe_c_methods[] = {
+    {"cpu_gate_path", cpu_gate_path, METH_NOARGS,
+     "Which path gate_linear's CPU bf16 GEMM takes here, and why (one line)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef smoe_c_module = {PyModuleDef_HEAD_INIT, "_C", "smoe build information", -1,
+                             smoe_c_methods};
 
 }  // namespace
 

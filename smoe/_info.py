@@ -8,7 +8,7 @@ from smoe import _loader
 
 _loader.load_library()  # first: in an unbuilt tree it raises the "not built" ImportError
 
-from smoe import _build_info  # noqa: E402
+from smoe import _C, _build_info  # noqa: E402
 
 
 def has_kernel(op: str, key: str) -> bool:
@@ -85,6 +85,7 @@ def info() -> str:
         f"CUDA device available now: {torch.cuda.is_available()}",
         *filter(None, [device_arch_line()]),
         _allocator_line(),
+        _C.cpu_gate_path(),
         "",
         f"{'op':<{width}}{'CPU':<6}{'CUDA':<6}",
     ]

@@ -10,7 +10,8 @@ tokens, N = 16 experts, d_e = 8, d = 96, in fp32 and bf16; sinkhorn T = 1500, E 
 iterations in fp32 and bf16; momentum_update [24, 4096] (12 CPU blocks) of every kind in fp32 and
 bf16; graph_mix B = 3 sequences of 200 tokens with 56 cached rows, E = 160 (13 row tiles, 2 column
 tiles, 4 grad_A column tiles per sequence) in fp32 and bf16; unified_topk 48 groups of 512 tied
-scores (tests/determinism_cases_usmoe.py); s2moe_perturb 262144 elements with sequence, token,
+scores (tests/determinism_cases_usmoe.py); gate_linear 4100 tokens x 300 experts
+(tests/determinism_cases_gate.py); s2moe_perturb 262144 elements with sequence, token,
 batch and scalar statistics (tests/determinism_cases_s2moe.py); the layers route 1536 tokens
 (attention-aware routing with causal attention probabilities [6, 4, 256, 256]).
 
@@ -31,6 +32,7 @@ import smoe  # noqa: F401  (loads the ops)
 from smoe import MoELayer, RoutingContext
 from smoe.routing.registry import available_routers, router_info
 from tests.determinism_cases_expert_mlp import OP_CASES as EXPERT_MLP_CASES
+from tests.determinism_cases_gate import OP_CASES as GATE_CASES
 from tests.determinism_cases_s2moe import OP_CASES as S2MOE_CASES
 from tests.determinism_cases_usmoe import OP_CASES as USMOE_CASES
 
@@ -358,6 +360,7 @@ def _graph_mix_backward(device: str) -> Results:
 
 
 OP_CASES: dict[str, Callable[[str], Results]] = {
+    **GATE_CASES,  # tests/determinism_cases_gate.py
     "topk_softmax": _topk_softmax,
     "topk_softmax_backward": _topk_softmax_backward,
     "topk_sigmoid": _topk_sigmoid,

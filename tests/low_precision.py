@@ -3,7 +3,7 @@
 In fp16/bf16 an smoe op's error against the float64 reference must be at most 3x the error of
 the same computation written with torch's own ops in that precision. This module holds:
 
-- the torch-ops versions of smoe's numeric ops (``topk_softmax``, ``topk_sigmoid``,
+- the torch-ops versions of smoe's numeric ops (``gate_linear``, ``topk_softmax``, ``topk_sigmoid``,
   ``expert_choice``, ``permute``, ``combine``, ``grouped_mm``, ``swiglu``, ``expert_mlp``,
   ``s2moe_perturb``).
   ``smoe.reference`` cannot serve here: each of its functions upcasts to float64 and rounds once
@@ -51,6 +51,13 @@ FLOOR_EPS = 1.0
 # ---------------------------------------------------------------------------------------------
 # torch-ops versions of the numeric ops (same signatures as smoe.ops)
 # ---------------------------------------------------------------------------------------------
+def gate_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """The routers' gate in plain torch, as they ran it before smoe's op: ``F.linear`` on the
+    inputs upcast to float32 (float64 stays float64); logits are never 16-bit."""
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return F.linear(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt))
+
+
 def topk_softmax(
     logits: Tensor, k: int, *, renormalize: bool = True, selection_bias: Tensor | None = None
 ) -> TopK:
@@ -242,6 +249,7 @@ def expert_choice_oracle(
 
 
 NUMERIC_OPS = (
+    "gate_linear",
     "topk_softmax",
     "topk_sigmoid",
     "expert_choice",

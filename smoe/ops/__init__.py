@@ -3,6 +3,7 @@
 One module per op family, each with one section per op in schema order (csrc/registration.cpp):
 wrapper, fake, autograd. The kernels live in csrc/; nothing numerical happens here.
 
+- :mod:`smoe.ops.gate`: ``gate_linear`` (the routers' gate GEMM)
 - :mod:`smoe.ops.routing`: ``topk_softmax``, ``topk_sigmoid``, ``expert_choice``
 - :mod:`smoe.ops.dispatch`: ``make_plan``, ``permute``, ``combine`` (and :class:`Plan`)
 - :mod:`smoe.ops.experts`: ``grouped_mm``, ``swiglu``, ``expert_mlp``
@@ -24,6 +25,7 @@ try:  # each family registers fakes and autograd for ops the compiled _C must de
     from smoe.ops._common import refuse_sparse
     from smoe.ops.dispatch import Plan, combine, make_plan, permute
     from smoe.ops.experts import MLP_ACTIVATIONS, expert_mlp, grouped_mm, swiglu
+    from smoe.ops.gate import gate_linear
     from smoe.ops.graph import graph_mix
     from smoe.ops.momentum import (
         MomentumUpdate,
@@ -59,6 +61,7 @@ __all__ = [
     "cosine_scores",
     "expert_choice",
     "expert_mlp",
+    "gate_linear",
     "graph_mix",
     "grouped_mm",
     "make_plan",

@@ -24,7 +24,8 @@ Choices the table makes explicit:
 Nothing here builds a tensor at import time: the runner's parent process imports this table and
 forks one child per case, and must run no torch op before forking.
 
-The tables live beside this file, one per op family: ``cases_routing.py`` (topk_softmax,
+The tables live beside this file, one per op family: ``cases_gate.py`` (gate_linear),
+``cases_routing.py`` (topk_softmax,
 expert_choice), ``cases_sigmoid.py`` (topk_sigmoid), ``cases_dispatch.py`` (make_plan, permute,
 combine), ``cases_experts.py`` (grouped_mm, swiglu, the Experts module), ``cases_expert_mlp.py``
 (expert_mlp), ``cases_xmoe.py`` (cosine_scores), ``cases_sinkhorn.py`` (sinkhorn),
@@ -285,6 +286,7 @@ def all_cases() -> list[Case]:
         cases_dispatch,
         cases_expert_mlp,
         cases_experts,
+        cases_gate,
         cases_graph,
         cases_graph_routers,
         cases_layers,
@@ -301,6 +303,7 @@ def all_cases() -> list[Case]:
     )
 
     cases = [
+        *cases_gate.CASES,
         *cases_routing.CASES,
         *cases_sigmoid.CASES,
         *cases_dispatch.CASES,

@@ -24,6 +24,7 @@ from tests.fuzz.strategies_experts import (  # noqa: F401 (GroupedMMCase, ...: r
     grouped_mm_cases,
     swiglu_cases,
 )
+from tests.fuzz.strategies_gate import gate_linear_cases
 from tests.fuzz.strategies_graph import graph_cases
 from tests.fuzz.strategies_momentum import momentum_cases
 from tests.fuzz.strategies_s2moe import s2moe_cases
@@ -283,6 +284,7 @@ combine_cases = st.builds(
 # Each forward op -> its strategy; the fuzz test of the op runs the forward and
 # (for a differentiable op) its backward op on every draw.
 OP_STRATEGIES = {
+    "gate_linear": gate_linear_cases,  # tests/fuzz/strategies_gate.py (backward: ATen GEMMs)
     "topk_softmax": topk_cases,
     "topk_sigmoid": topk_sigmoid_cases,  # tests/fuzz/strategies_sigmoid.py
     "expert_choice": expert_choice_cases,

@@ -23,6 +23,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 # Each op of the smoe namespace is exercised by one case below; the gate test keeps this honest.
 COVERED = {
+    "gate_linear": "test_gate_linear_forward_backward",  # ATen GEMMs on CUDA: no kernel of ours
     "topk_softmax": "test_routing_dispatch_experts_forward_backward",
     "topk_softmax_backward": "test_routing_dispatch_experts_forward_backward",
     "make_plan": "test_routing_dispatch_experts_forward_backward",
@@ -161,6 +162,21 @@ def test_cosine_scores_forward_backward(T, N, de, d, dtype):
     torch.cuda.synchronize()
     for g in (wide.grad, proj.grad, emb.grad, temp.grad):
         assert torch.isfinite(g.float()).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.sanitize
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T, E, d", [(0, 4, 8), (1, 1, 8), (300, 16, 24)])
+def test_gate_linear_forward_backward(T, E, d, dtype):
+    x = torch.randn(T, 2 * d, device="cuda", dtype=dtype)[:, ::2].requires_grad_()  # strided rows
+    w = torch.randn(E, d, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(E, device="cuda", dtype=dtype, requires_grad=True)
+    logits = ops.gate_linear(x, w, b)
+    (logits * torch.arange(E, device="cuda")).sum().backward()
+    torch.cuda.synchronize()
+    assert logits.dtype == torch.float32
+    assert torch.isfinite(w.grad.float()).all() and torch.isfinite(b.grad.float()).all()
 
 
 @pytest.mark.cuda

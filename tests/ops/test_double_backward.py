@@ -3,7 +3,8 @@ naming the op (STYLE.md §8), never autograd's "not used in the graph" or a sile
 without a backward (index outputs only: make_plan, unified_topk) have no first derivative either:
 their outputs are integers outside the graph, even for inputs that require grad. An op whose
 backward runs other smoe ops (expert_mlp recomputes through permute, grouped_mm and swiglu) hits
-their refusal."""
+their refusal. gate_linear's backward is two ATen GEMMs: it is twice differentiable, and checked
+so."""
 
 import pytest
 import torch
@@ -155,13 +156,30 @@ def test_double_backward_of_a_composed_backward_errors_clearly(op):
         torch.autograd.grad(g.square().sum(), x)
 
 
+# Ops whose backward is made of ATen ops only -> (inputs, fn): twice differentiable.
+def _gate_linear():
+    x, w, b = (
+        torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((7, 5), (3, 5), (3,))
+    )
+    return (x, w, b), ops.gate_linear
+
+
+TWICE = {"gate_linear": _gate_linear}
+
+
+@pytest.mark.parametrize("op", sorted(TWICE))
+def test_ops_with_an_aten_backward_are_twice_differentiable(op):
+    inputs, fn = TWICE[op]()
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
 def test_every_op_without_a_backward_is_listed():
     from smoe import _loader
 
     ops_ = set(_loader.registered_ops())
     with_backward = {op for op in ops_ if op.endswith("_backward")}
     with_backward |= {op.removesuffix("_backward") for op in with_backward}
-    assert ops_ - with_backward == set(NO_BACKWARD) | set(COMPOSED)
+    assert ops_ - with_backward == set(NO_BACKWARD) | set(COMPOSED) | set(TWICE)
 
 
 @pytest.mark.parametrize("op", sorted(NO_BACKWARD))

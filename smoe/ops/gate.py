@@ -1,0 +1,86 @@
+"""The routers' gate: ``gate_linear``, their logits in float32 from the exact values of 16-bit
+inputs.
+
+One section per op, in schema order (csrc/registration.cpp): wrapper, fake, autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from smoe.ops._common import FLOATS, check_devices
+
+__all__ = ["gate_linear"]
+
+
+# ---------------------------------------------------------------------------------------------
+# gate_linear
+# ---------------------------------------------------------------------------------------------
+def gate_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """A router's logits ``x @ weight.T (+ bias)`` in float32 (float64 for float64 ``x``).
+
+    The same values as ``F.linear(x.float(), weight.float(), bias.float())`` up to summation order:
+    the logits are never rounded to 16 bits, whatever the dtypes of ``x``, ``weight`` and ``bias``
+    (a 16-bit routing decision flips near-ties between experts).
+
+    Args:
+        x: ``[T, d]`` float.
+        weight: ``[E, d]`` float (any float dtype; a float32 master weight under autocast too).
+        bias: None or ``[E]`` float.
+
+    Returns:
+        ``[T, E]`` float32 (float64 for float64 ``x``). Differentiable in ``x``, ``weight`` and
+        ``bias``; the backward is two GEMMs in the logits' dtype, each gradient cast to its input's
+        dtype.
+
+    Note:
+        CPU, ``x`` and ``weight`` both bfloat16 (a model cast to bf16): rows of ``x`` run through
+        oneDNN's bf16 micro-kernel with float32 accumulators (products of bf16 values are exact in
+        float32), at the bf16 GEMM's rate and without a float32 copy of ``x``;
+        ``python -m smoe.info`` says whether it runs here (``SMOE_CPU_BRGEMM=0`` turns it off).
+        Every other case, and CUDA, runs the float32 GEMM on the upcast inputs.
+    """
+    return torch.ops.smoe.gate_linear.default(x, weight, bias)
+
+
+@torch.library.register_fake("smoe::gate_linear")
+def _gate_linear_fake(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    op = "smoe::gate_linear"
+    check_devices("gate_linear", x=x, weight=weight, bias=bias)
+    torch._check(x.dtype in FLOATS, lambda: f"{op}: x must be floating")
+    torch._check(weight.dtype in FLOATS, lambda: f"{op}: weight must be floating")
+    torch._check(x.dim() == 2, lambda: f"{op}: x must be 2-D [T, d]")
+    torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D [E, d]")
+    torch._check(weight.shape[1] == x.shape[1], lambda: f"{op}: weight must be [E, d]")
+    if bias is not None:
+        torch._check(bias.dtype in FLOATS, lambda: f"{op}: bias must be floating")
+        torch._check(
+            bias.dim() == 1 and bias.shape[0] == weight.shape[0], lambda: f"{op}: bias must be [E]"
+        )
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=dtype)
+
+
+def _setup_context_gate_linear(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward_gate_linear(ctx, grad: Tensor):
+    x, weight = ctx.saved_tensors
+    dt = grad.dtype
+    grad_x = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = (grad @ weight.to(dt)).to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_weight = (grad.t() @ x.to(dt)).to(weight.dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        grad_bias = grad.sum(0).to(ctx.bias_dtype)
+    return grad_x, grad_weight, grad_bias
+
+
+torch.library.register_autograd(
+    "smoe::gate_linear", _backward_gate_linear, setup_context=_setup_context_gate_linear
+)
