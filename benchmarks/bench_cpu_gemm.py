@@ -1,7 +1,7 @@
 """What bounds the fine-grained MoE layer's GEMMs on CPU (issue 25): the BLAS rate of one
 expert's GEMM against one dense GEMM of the same shape class, ``grouped_mm`` over 1, 8 and 64
-experts with even and uneven (natural) loads, and the router's float32 gate GEMM against the
-bfloat16 rate it cannot use.
+experts with even and uneven (natural) loads, and the router's gate GEMM with float32 logits
+(``smoe.ops.gate_linear``, and ``F.linear`` on float32 upcasts) against the bf16-output rate.
 
     python benchmarks/bench_cpu_gemm.py [--threads 1] [--quick] [--out benchmarks/out]
     python benchmarks/bench_cpu_gemm.py --warmup [--steps 70] [--threads 1]
@@ -79,13 +79,17 @@ def run(quick: bool) -> list[tuple[str, str, float, float]]:
                     r = rate(flops, lambda x=x, w=w, o=off: ops.grouped_mm(x, w, o), quick)
                     what = f"{label}: grouped_mm, {experts} experts, {load} load"
                     out.append((name, what, r, r / dense))
-    # the router's gate: float32 whatever the model's dtype (logits must not round to bf16)
+    # the router's gate: float32 logits whatever the model's dtype (they must not round to bf16)
     T = rows // 8
     x16, w16 = torch.randn(T, D, dtype=torch.bfloat16), torch.randn(E, D, dtype=torch.bfloat16)
     flops = 2.0 * T * D * E
     fp32 = rate(flops, lambda: F.linear(x16.float(), w16.float()), quick)
+    gate = rate(flops, lambda: ops.gate_linear(x16, w16), quick)
     bf16 = rate(flops, lambda: F.linear(x16, w16), quick)
-    out.append(("bf16 x", f"router gate [{T}, {D}] x [{D}, {E}], fp32 (as run)", fp32, fp32 / bf16))
+    shape = f"[{T}, {D}] x [{D}, {E}]"
+    out.append(("bf16 x", f"router gate {shape}: F.linear on fp32 upcasts", fp32, fp32 / bf16))
+    as_run = "router gate: smoe.ops.gate_linear (fp32 logits, as run)"
+    out.append(("bf16 x", as_run, gate, gate / bf16))
     out.append(("bf16 x", "router gate, bf16 output (rounds the logits: not used)", bf16, 1.0))
     return out
 
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         f"Commit `{m['commit']}`, {m.get('cpu', '?')}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s). GFLOP/s; ratio: to the dense GEMM of the same "
-        "K and N and dtype (the router rows: fp32 to bf16).",
+        "K and N and dtype (the router rows: to the bf16-output gate GEMM).",
         "",
         "| dtype | GEMM | GFLOP/s | ratio |",
         "|---|---|---|---|",

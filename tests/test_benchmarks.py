@@ -77,8 +77,8 @@ def test_bench_cpu_gemm_quick_rates_every_gemm(tmp_path):
     bench_cpu_gemm = pytest.importorskip("bench_cpu_gemm")
     res = bench_cpu_gemm.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
     rows = res["rows"]
-    # per dtype and GEMM: dense, one expert, 1 even, 8 even/uneven, 64 even/uneven; + 2 router rows
-    assert len(rows) == 2 * 2 * 7 + 2
+    # per dtype and GEMM: dense, one expert, 1 even, 8 even/uneven, 64 even/uneven; + 3 router rows
+    assert len(rows) == 2 * 2 * 7 + 3
     for dtype, what, gflops, ratio in rows:
         assert gflops > 0 and math.isfinite(ratio) and ratio > 0, (dtype, what)
     dense = [r for r in rows if "dense" in r[1]]

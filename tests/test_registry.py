@@ -84,6 +84,23 @@ def test_registered_router_forward_backward_through_layer(name):
         assert any(p.grad.abs().sum() > 0 for p in params)
 
 
+# Routers whose scores are not a linear gate of x (cosine scores of a projection, through
+# smoe::cosine_scores); every other router's gate GEMM is smoe::gate_linear (StableMoE's too: x
+# against the normalised expert embeddings).
+COSINE_GATES = {"xmoe", "xmoe_community"}
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+def test_registered_router_gate_runs_gate_linear_with_float32_logits(name):
+    layer = MoELayer(D, D_FF, E, K, router=name).to(torch.bfloat16)
+    x = _x().to(torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        layer(x, _ctx(name, x))
+    ran = {e.name for e in prof.events()}
+    want = "smoe::cosine_scores" if name in COSINE_GATES else "smoe::gate_linear"
+    assert want in ran, f"{name}: its gate did not run {want}"
+
+
 @pytest.mark.parametrize("name", ROUTERS)
 def test_registered_router_state_dict_round_trips(name):
     torch.manual_seed(1)

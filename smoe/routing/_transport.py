@@ -8,10 +8,9 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from smoe.routing.base import gate_dtype
+from smoe import ops
 from smoe.routing.context import RoutingContext
 
 DRAWS = ("per_layer", "per_step")
@@ -134,5 +133,4 @@ def _init_weight(weight: Tensor, init_scale: float) -> None:
 
 
 def _logits(x: Tensor, weight: Tensor) -> Tensor:
-    dt = gate_dtype(x)
-    return F.linear(x.to(dt), weight.to(dt))
+    return ops.gate_linear(x, weight)

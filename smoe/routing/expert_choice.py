@@ -13,12 +13,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smoe import ops
 from smoe.ops.dispatch import Plan
-from smoe.routing.base import Routing, gate_dtype
+from smoe.routing.base import Routing
 from smoe.routing.context import RoutingContext
 from smoe.routing.pairs import (
     from_positions,
@@ -137,8 +136,7 @@ class ExpertChoiceRouter(nn.Module):
         ``context`` is read only with ``group_size="position"`` (its ``batch_shape``).
         """
         with torch.autocast(device_type=x.device.type, enabled=False):
-            dt = gate_dtype(x)
-            logits = F.linear(x.to(dt), self.weight.to(dt))
+            logits = ops.gate_linear(x, self.weight)
             if self.group_size == "position":
                 weight, plan = self._by_position(logits, context)
             else:

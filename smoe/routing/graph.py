@@ -10,7 +10,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smoe import ops
@@ -111,10 +110,7 @@ class _GraphRouter(nn.Module):
 
         Weights float32 (float64 for float64 x, also under autocast)."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            dt = gate_dtype(x)
-            u = x.to(dt)
-            bias = self.bias.to(dt) if self.bias is not None else None
-            z = F.linear(u, self.weight.to(dt), bias)
+            z = ops.gate_linear(x, self.weight, self.bias)
             T = z.shape[0]
             if self.lam == 0 or T == 0:  # the baseline gate, bit for bit (§8.1)
                 weight, expert = ops.topk_softmax(z, self.k, renormalize=self._renormalize())
@@ -128,7 +124,8 @@ class _GraphRouter(nn.Module):
                     v, self_coef = torch.softmax(zs, dim=-1), 1.0 - self.lam
                 else:
                     v, self_coef = zs, 1.0 if self.mix == "poe" else 1.0 - self.lam
-                out = self._propagate(u.reshape(B, S, -1), zs, v, self_coef, causal, context)
+                u = x.to(gate_dtype(x)).reshape(B, S, -1)  # the similarity's tokens
+                out = self._propagate(u, zs, v, self_coef, causal, context)
                 out = out.reshape(T, E)
                 if self.mix == "probs":
                     weight, expert, mixed, p_mixed = self._select_probs(out)

@@ -80,7 +80,7 @@ class StableMoECommunityRouter(nn.Module):
             dt = gate_dtype(x)
             emb = self.expert_emb.to(dt)
             unit = emb / torch.linalg.vector_norm(emb, dim=-1, keepdim=True).clamp_min(_NORM_EPS)
-            scores = _finite_rows(x.to(dt) @ unit.T)
+            scores = _finite_rows(ops.gate_linear(x, unit))
             weight, expert = ops.topk_softmax(scores, self.k, renormalize=True)
             balance = xmoe_community_balance_loss(
                 scores, expert, self.num_experts, stats_group=self.stats_group

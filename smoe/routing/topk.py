@@ -135,15 +135,16 @@ class TopKRouter(Float32Buffers, nn.Module):
         """
         with torch.autocast(device_type=x.device.type, enabled=False):
             dt = gate_dtype(x)
-            h = x.to(dt)
+            h = x  # gate_linear reads 16-bit x exactly: no float32 copy of it
             if self.training and self.jitter > 0:
-                h = h * torch.empty_like(h).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-            bias = self.bias.to(dt) if self.bias is not None else None
-            logits = F.linear(h, self.weight.to(dt), bias)
+                h = x.to(dt) * torch.empty(x.shape, dtype=dt, device=x.device).uniform_(
+                    1.0 - self.jitter, 1.0 + self.jitter
+                )
+            logits = ops.gate_linear(h, self.weight, self.bias)
             selection = logits
             if self.noisy and self.training:
                 assert self.noise_weight is not None
-                std = F.softplus(F.linear(h, self.noise_weight.to(dt))) + self.noise_epsilon
+                std = F.softplus(ops.gate_linear(h, self.noise_weight)) + self.noise_epsilon
                 selection = logits + torch.randn_like(logits) * std
             sel_bias = self._selection_bias()
             weight, expert = ops.topk_softmax(

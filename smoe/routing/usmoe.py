@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smoe import ops
-from smoe.routing.base import Routing, gate_dtype
+from smoe.routing.base import Routing
 from smoe.routing.context import RoutingContext
 from smoe.routing.pairs import (
     from_positions,
@@ -162,8 +162,7 @@ class USMoERouter(nn.Module):
         T, E = x.shape[0], self.num_experts
         G, S = self._groups(T, context)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            dt = gate_dtype(x)
-            logits = F.linear(x.to(dt), self.weight.to(dt))
+            logits = ops.gate_linear(x, self.weight)
             real = torch.ones(G * S, dtype=torch.bool, device=x.device)
             if context is not None and context.padding_mask is not None:
                 real[:T] = _padding_mask(context.padding_mask, T, x.device)

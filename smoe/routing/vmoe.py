@@ -11,12 +11,11 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smoe import ops
 from smoe.losses import importance_loss, load_loss
-from smoe.routing.base import Routing, gate_dtype
+from smoe.routing.base import Routing
 from smoe.routing.context import RoutingContext
 from smoe.routing.registry import register_router
 
@@ -205,8 +204,7 @@ class VMoERouter(nn.Module):
         """
         T = x.shape[0]
         with torch.autocast(device_type=x.device.type, enabled=False):
-            dt = gate_dtype(x)
-            logits = F.linear(x.to(dt), self.weight.to(dt))
+            logits = ops.gate_linear(x, self.weight)
             noisy = self.training and self.noise_std > 0
             selection = logits + torch.randn_like(logits) * self.sigma if noisy else logits
             weight, expert = ops.topk_softmax(selection, self.k, renormalize=False)
