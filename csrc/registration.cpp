@@ -7,6 +7,14 @@
 
 #include "cpu/brgemm.h"
 
+#include <string>
+
+#ifdef SMOE_WITH_CUDA
+namespace smoe::ops {
+std::string cuda_grouped_mm_path();  // csrc/cuda/grouped_mm_launch.cpp
+}
+#endif
+
 #ifndef SMOE_TORCH_VERSION
 #define SMOE_TORCH_VERSION "unknown"
 #endif
@@ -231,9 +239,19 @@ PyObject* cpu_gate_path(PyObject*, PyObject*) {
   return PyUnicode_FromString(smoe::ops::brgemm::bf16_path().c_str());
 }
 
+PyObject* cuda_grouped_mm_path(PyObject*, PyObject*) {
+#ifdef SMOE_WITH_CUDA
+  return PyUnicode_FromString(smoe::ops::cuda_grouped_mm_path().c_str());
+#else
+  return PyUnicode_FromString("CUDA grouped_mm: not compiled in");
+#endif
+}
+
 PyMethodDef smoe_c_methods[] = {
     {"cpu_gate_path", cpu_gate_path, METH_NOARGS,
      "Which path gate_linear's CPU bf16 GEMM takes here, and why (one line)."},
+    {"cuda_grouped_mm_path", cuda_grouped_mm_path, METH_NOARGS,
+     "Which path CUDA grouped_mm takes, by dtype and device (one line)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef smoe_c_module = {PyModuleDef_HEAD_INIT, "_C", "smoe build information", -1,

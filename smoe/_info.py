@@ -86,6 +86,7 @@ def info() -> str:
         *filter(None, [device_arch_line()]),
         _allocator_line(),
         _C.cpu_gate_path(),
+        _C.cuda_grouped_mm_path(),
         "",
         f"{'op':<{width}}{'CPU':<6}{'CUDA':<6}",
     ]

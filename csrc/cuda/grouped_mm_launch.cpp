@@ -1,6 +1,7 @@
 // CUDA glue of grouped_mm and its backward. The offsets stay on the device: their validity is
 // checked with asynchronous device asserts built from a few ATen ops (no host sync), with the CPU
-// op's messages minus the data-dependent numbers.
+// op's messages minus the data-dependent numbers. bf16 on sm90/sm100 takes ATen's _grouped_mm
+// (tensor cores, cuda/grouped_mm_tensor_core.h); everything else smoe's tiled kernel.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_assert_async.h>
@@ -16,6 +17,7 @@
 
 #include "checks_grouped_mm.h"
 #include "cuda/grouped_mm.h"
+#include "cuda/grouped_mm_tensor_core.h"
 #include "cuda_glue.h"
 
 namespace smoe::ops {
@@ -56,6 +58,12 @@ at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w, bool transp
   const int64_t N = transpose_w ? w.size(1) : w.size(2);
   const int64_t sb_k = transpose_w ? w.stride(2) : w.stride(1);
   const int64_t sb_n = transpose_w ? w.stride(1) : w.stride(2);
+#if SMOE_HAVE_ATEN_GROUPED_MM
+  const at::Tensor w_kn = transpose_w ? w.transpose(1, 2) : w;  // [E, K, N]
+  if (tensor_core::eligible(x, w_kn, bias.has_value())) {
+    return tensor_core::grouped_mm(x, w_kn, offsets);
+  }
+#endif
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -80,6 +88,11 @@ at::Tensor grouped_mm_weight_grad(const at::Tensor& grad, const at::Tensor& x, c
                       ? at::empty_strided({E, d_in, d_out}, {d_in * d_out, 1, d_in}, w.options())
                       : at::empty({E, d_in, d_out}, w.options());
   if (gw.numel() == 0) return gw;
+#if SMOE_HAVE_ATEN_GROUPED_MM
+  if (M > 0 && tensor_core::eligible(x, w, false) && tensor_core::aligned(grad)) {
+    return tensor_core::weight_grad(grad, x, is_transposed_weight(w), offsets);
+  }
+#endif
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   SMOE_CUDA_DISPATCH(x.scalar_type(), "grouped_mm_backward", [&] {
     C10_CUDA_CHECK(cuda::grouped_mm_weight_grad(
@@ -144,6 +157,8 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& gr
 }
 
 }  // namespace
+
+std::string cuda_grouped_mm_path() { return tensor_core::path(); }
 
 TORCH_LIBRARY_IMPL(smoe, CUDA, m) {
   m.impl("grouped_mm", &grouped_mm_cuda);
