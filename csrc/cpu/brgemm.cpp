@@ -22,7 +22,9 @@ using bf16 = c10::BFloat16;
 // Why the probe failed, or empty when it passed.
 std::string probe() {
   // Small integers: every product and sum is exact in float32, so the result must match exactly.
-  constexpr int64_t M = 3, N = 16, K = 32;
+  // N and K off every block size (16, 32, 64): a CPU whose kernel reads B in another layout (AMX
+  // blocking, say) fails here and keeps the float32 path.
+  constexpr int64_t M = 5, N = 40, K = 66;
   std::vector<bf16> a(M * K), b(K * N), packed(K * N);
   std::vector<float> c(M * N, -1.0f), want(M * N, 0.0f);
   for (int64_t i = 0; i < M * K; ++i) a[i] = static_cast<float>(i % 7 - 3);

@@ -1,11 +1,9 @@
 // bf16 GEMM tiles with float32 accumulators through oneDNN's brgemm micro-kernel, the one that
-// libtorch_cpu exports as at::native::cpublas::brgemm (its CPU flash attention uses it). One call
+// libtorch_cpu exports as at::native::cpublas::brgemm (its CPU flash attention uses it): ATen has
+// no CPU bf16 x bf16 -> float32 matmul, and oneDNN's own symbols are not exported. One call
 // computes C[M, N] = A[M, K] B[K, N] for a tile, single-threaded, with the kernel JIT-compiled once
-// per shape and thread (20-50 us) and then looked up, where a bf16 torch.mm call pays ATen's
-// dispatch and a oneDNN primitive lookup (~14 us; a primitive built afresh for every new row count,
-// which made bf16 training's first tens of steps 2-4x slower, benchmarks/RESULTS.md). The products
-// of bf16 values are exact in float32 and the accumulator stays float32 until the caller rounds it
-// once, after its epilogue (bias, activation).
+// per shape and thread (20-50 us) and then looked up. The products of bf16 values are exact in
+// float32 and the accumulator stays float32 (gate_linear's logits).
 //
 // B is read in the VNNI layout [K / 2][N][2] (pairs of consecutive k interleaved), which pack_vnni
 // writes from any strided [K, N] view; K must be even. torch's own packing routine needs AMX; this

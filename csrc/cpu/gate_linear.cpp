@@ -2,7 +2,7 @@
 // x) from the exact values of 16-bit inputs. When x and weight are both bf16, row tiles of x run
 // through the bf16 micro-kernel with float32 accumulators (csrc/cpu/brgemm.h): the products of bf16
 // values are exact in float32, so these are the logits of the float32 GEMM on the upcast inputs up
-// to summation order, at the bf16 GEMM's rate (~4x the float32 one on AVX512-BF16, RESULTS.md),
+// to summation order, at the bf16 GEMM's rate (5x the float32 one on this AVX512-BF16 CPU, RESULTS.md),
 // without the float32 copy of x. Every other case is that float32 GEMM itself (torch.linear).
 // Tiles are fixed by T alone and each is one single-threaded call, so the bits do not depend on
 // the thread count.
