@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "cpu/brgemm.h"
+#include "cpu/workspace.h"
 
 #include <string>
 
@@ -232,7 +233,7 @@ TORCH_LIBRARY(smoe, m) {
       "Tensor grad_p_in, Tensor grad_v_in)");
 }
 
-// ---- the _C module: build information (and the CPU gate's path), no ops ----
+// ---- the _C module: build information, the kernels' paths and the CPU cache; no ops ----
 namespace {
 
 PyObject* cpu_gate_path(PyObject*, PyObject*) {
@@ -247,11 +248,28 @@ PyObject* cuda_grouped_mm_path(PyObject*, PyObject*) {
 #endif
 }
 
+PyObject* cpu_cache_bytes(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(smoe::ops::workspace::cached_bytes());
+}
+
+PyObject* cpu_cache_cap(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(smoe::ops::workspace::cap_bytes());
+}
+
+PyObject* release_cpu_cache(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(smoe::ops::workspace::release());
+}
+
 PyMethodDef smoe_c_methods[] = {
     {"cpu_gate_path", cpu_gate_path, METH_NOARGS,
      "Which path gate_linear's CPU bf16 GEMM takes here, and why (one line)."},
     {"cuda_grouped_mm_path", cuda_grouped_mm_path, METH_NOARGS,
      "Which path CUDA grouped_mm takes, by dtype and device (one line)."},
+    {"cpu_cache_bytes", cpu_cache_bytes, METH_NOARGS,
+     "Bytes of freed large CPU op outputs cached for reuse (csrc/cpu/workspace.h)."},
+    {"cpu_cache_cap", cpu_cache_cap, METH_NOARGS, "The cache's cap in bytes (SMOE_CPU_CACHE_MB)."},
+    {"release_cpu_cache", release_cpu_cache, METH_NOARGS,
+     "Frees every cached block; returns the bytes freed."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef smoe_c_module = {PyModuleDef_HEAD_INIT, "_C", "smoe build information", -1,

@@ -3,7 +3,12 @@
 __version__ = "0.1.0"
 
 from smoe._info import info
-from smoe.allocator import cpu_allocator_settings, tune_cpu_allocator
+from smoe.allocator import (
+    cpu_allocator_settings,
+    cpu_cache_info,
+    release_cpu_cache,
+    tune_cpu_allocator,
+)
 from smoe.balance import ExpertBiasUpdater
 from smoe.experts import Experts
 from smoe.layer import MoEAux, MoELayer
@@ -90,6 +95,7 @@ __all__ = [
     "convert",
     "cosine_scores",
     "cpu_allocator_settings",
+    "cpu_cache_info",
     "expert_choice",
     "expert_choice_capacity",
     "grouped_mm",
@@ -106,6 +112,7 @@ __all__ = [
     "switch_balance_loss",
     "topk_sigmoid",
     "topk_softmax",
+    "release_cpu_cache",
     "tune_cpu_allocator",
     "unconvert",
     "unified_topk",

@@ -68,6 +68,14 @@ def _allocator_line() -> str:
     )
 
 
+def _cache_line() -> str:
+    cap = _C.cpu_cache_cap() >> 20
+    if cap == 0:
+        return "CPU output cache: off (SMOE_CPU_CACHE_MB=0)"
+    held = _C.cpu_cache_bytes() >> 20
+    return f"CPU output cache: {held} MB held, cap {cap} MB (SMOE_CPU_CACHE_MB)"
+
+
 def info() -> str:
     """Print and return a short report: versions, CUDA support, per-op kernels."""
     from smoe import __version__
@@ -85,6 +93,7 @@ def info() -> str:
         f"CUDA device available now: {torch.cuda.is_available()}",
         *filter(None, [device_arch_line()]),
         _allocator_line(),
+        _cache_line(),
         _C.cpu_gate_path(),
         _C.cuda_grouped_mm_path(),
         "",

@@ -1,4 +1,11 @@
-"""Keep large CPU tensors' memory mapped between calls: glibc's malloc thresholds, set in process.
+"""Keep large CPU tensors' memory mapped between calls: smoe's cache of its own large outputs (on by
+default), and glibc's malloc thresholds for everything else (opt-in, set in process).
+
+smoe's CPU ops take each output of 32 MiB or more from a cache of freed blocks (csrc/cpu/
+workspace.h), so a training step reuses the previous step's resident pages instead of page-faulting
+fresh ones. ``SMOE_CPU_CACHE_MB`` caps it (default 2048; 0 turns it off, read once per process),
+:func:`release_cpu_cache` frees what it holds, :func:`cpu_cache_info` says how much that is. The
+rest of this module tunes glibc itself, for the tensors that torch's own ops allocate:
 
 glibc serves every allocation above its mmap threshold (adaptive, at most 32 MiB) with a fresh
 ``mmap`` and returns it to the kernel on free, so each MoE layer call page-faults its large
@@ -27,7 +34,7 @@ import ctypes.util
 import os
 import platform
 
-__all__ = ["tune_cpu_allocator", "cpu_allocator_settings"]
+__all__ = ["cpu_allocator_settings", "cpu_cache_info", "release_cpu_cache", "tune_cpu_allocator"]
 
 # mallopt parameters (glibc's malloc.h); mallopt takes a C int value
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -94,3 +101,21 @@ def tune_cpu_allocator(
 def cpu_allocator_settings() -> dict[str, int]:
     """What :func:`tune_cpu_allocator` set in this process (empty when it has not run)."""
     return dict(_settings)
+
+
+def cpu_cache_info() -> dict[str, int]:
+    """``{"cached_bytes": ..., "cap_bytes": ...}`` of smoe's CPU output cache: freed large outputs
+    of smoe's ops kept for reuse (no tensor uses them), and the cap (``SMOE_CPU_CACHE_MB``)."""
+    from smoe import _C, _loader
+
+    _loader.load_library()
+    return {"cached_bytes": _C.cpu_cache_bytes(), "cap_bytes": _C.cpu_cache_cap()}
+
+
+def release_cpu_cache() -> int:
+    """Free every block smoe's CPU output cache holds (say, after training, before a long
+    inference-only phase); returns the bytes freed. Tensors in use are never affected."""
+    from smoe import _C, _loader
+
+    _loader.load_library()
+    return _C.release_cpu_cache()

@@ -27,6 +27,7 @@
 #include "cpu/gemm_glue.h"
 #include "cpu/permute_kernel.h"
 #include "cpu/swiglu_kernel.h"
+#include "cpu/workspace.h"
 
 namespace smoe::ops {
 namespace {
@@ -106,7 +107,7 @@ at::Tensor expert_mlp_cpu(const at::Tensor& x_in, const std::optional<at::Tensor
   const int64_t E = w_in.size(0), d = x.size(1), n_in = w_in.size(2), d_ff = w_out.size(1),
                 d_out = w_out.size(2);
   const int64_t* off = offsets.const_data_ptr<int64_t>();
-  at::Tensor out = at::empty({M, d_out}, x.options());
+  at::Tensor out = workspace::empty({M, d_out}, x.options());
   if (off[E] < M) out.narrow(0, off[E], M - off[E]).zero_();
   if (off[E] == 0 || d_out == 0) return out;
 

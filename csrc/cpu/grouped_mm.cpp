@@ -22,6 +22,7 @@
 
 #include "checks_grouped_mm.h"
 #include "cpu/gemm_glue.h"
+#include "cpu/workspace.h"
 
 namespace smoe::ops {
 namespace {
@@ -67,7 +68,7 @@ at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w, const at::T
                            const std::optional<at::Tensor>& bias = std::nullopt) {
   const int64_t M = x.size(0), E = w.size(0), d_out = w.size(2);
   const int64_t* off = offsets.const_data_ptr<int64_t>();
-  at::Tensor out = at::empty({M, d_out}, x.options());
+  at::Tensor out = workspace::empty({M, d_out}, x.options());
   if (off[E] < M) out.narrow(0, off[E], M - off[E]).zero_();
   if (off[E] == 0 || d_out == 0) return out;
   if (x.size(1) == 0 && !bias.has_value()) {
@@ -143,8 +144,9 @@ at::Tensor grouped_mm_weight_grad(const at::Tensor& grad, const at::Tensor& x, c
   const int64_t E = w.size(0), d_in = w.size(1), d_out = w.size(2);
   const bool transposed = is_transposed_weight(w);
   at::Tensor gw = transposed
-                      ? at::empty_strided({E, d_in, d_out}, {d_in * d_out, 1, d_in}, w.options())
-                      : at::empty({E, d_in, d_out}, w.options());
+                      ? workspace::empty_strided({E, d_in, d_out}, {d_in * d_out, 1, d_in},
+                                                 w.options())
+                      : workspace::empty({E, d_in, d_out}, w.options());
   const int64_t* off = offsets.const_data_ptr<int64_t>();
   const int64_t col = kColBlock;
   const int64_t n_col = std::max<int64_t>(1, (d_out + col - 1) / col);

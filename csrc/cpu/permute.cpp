@@ -10,6 +10,7 @@
 
 #include "checks.h"
 #include "cpu/permute_kernel.h"
+#include "cpu/workspace.h"
 
 namespace smoe::ops {
 namespace {
@@ -43,7 +44,7 @@ at::Tensor permute_cpu(const at::Tensor& x_in, const at::Tensor& token_in, const
   const at::Tensor x = rows_dense(x_in), token = token_in.contiguous();
   const int64_t M = token.size(0), d = x.size(1);
   check_range("permute", "token", token, x.size(0), "T");
-  at::Tensor out = at::empty({M, d}, x.options());
+  at::Tensor out = workspace::empty({M, d}, x.options());
   if (M == 0 || d == 0) return out;
   SMOE_DISPATCH(x.scalar_type(), "permute", [&] {
     const auto* src = kptr<scalar_t>(x);
@@ -61,7 +62,7 @@ at::Tensor permute_backward_cpu(const at::Tensor& grad_in, const at::Tensor& row
   const at::Tensor grad = rows_dense(grad_in), row = row_in.contiguous();
   const int64_t T = row.size(0), k = row.size(1), d = grad.size(1);
   check_range("permute_backward", "row", row, grad.size(0), "M");
-  at::Tensor out = at::empty({T, d}, grad.options());
+  at::Tensor out = workspace::empty({T, d}, grad.options());
   if (T == 0 || d == 0) return out;
   SMOE_DISPATCH(grad.scalar_type(), "permute_backward", [&] {
     const auto* src = kptr<scalar_t>(grad);
@@ -81,7 +82,7 @@ at::Tensor combine_cpu(const at::Tensor& ys_in, const at::Tensor& weight_in,
                    row = row_in.contiguous();
   const int64_t T = row.size(0), k = row.size(1), d = ys.size(1);
   check_range("combine", "row", row, ys.size(0), "M");
-  at::Tensor out = at::empty({T, d}, ys.options());
+  at::Tensor out = workspace::empty({T, d}, ys.options());
   if (T == 0 || d == 0) return out;
   SMOE_DISPATCH(ys.scalar_type(), "combine", [&] {
     const auto* src = kptr<scalar_t>(ys);
@@ -107,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(
   check_range("combine_backward", "row", row, M, "M");
   check_range("combine_backward", "token", token, T, "T");
   check_range("combine_backward", "slot", slot, T * k, "T*k");
-  at::Tensor grad_ys = at::empty({M, d}, ys.options());
+  at::Tensor grad_ys = workspace::empty({M, d}, ys.options());
   at::Tensor grad_w = at::empty({T, k}, ys.options());
   SMOE_DISPATCH(ys.scalar_type(), "combine_backward", [&] {
     const auto* g = kptr<scalar_t>(grad);

@@ -9,6 +9,7 @@
 
 #include "checks.h"
 #include "cpu/swiglu_kernel.h"
+#include "cpu/workspace.h"
 
 namespace smoe::ops {
 namespace {
@@ -19,7 +20,7 @@ at::Tensor swiglu_cpu(const at::Tensor& h_in) {
   check_swiglu("swiglu", h_in);
   const at::Tensor h = rows_dense(h_in);
   const int64_t M = h.size(0), f = h.size(1) / 2;
-  at::Tensor out = at::empty({M, f}, h.options());
+  at::Tensor out = workspace::empty({M, f}, h.options());
   if (M == 0 || f == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "swiglu", [&] {
     using T = typename kernel_type<scalar_t>::type;
@@ -36,7 +37,7 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad_in, const at::Tensor& h_in
   const at::Tensor h = rows_dense(h_in);
   const at::Tensor grad = rows_dense(grad_in);
   const int64_t M = h.size(0), f = h.size(1) / 2;
-  at::Tensor dh = at::empty({M, 2 * f}, h.options());
+  at::Tensor dh = workspace::empty({M, 2 * f}, h.options());
   if (M == 0 || f == 0) return dh;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, h.scalar_type(), "swiglu_backward", [&] {

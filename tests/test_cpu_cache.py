@@ -1,0 +1,115 @@
+"""smoe's CPU output cache (csrc/cpu/workspace.h): outputs of 32 MiB or more of smoe's CPU ops
+come from freed blocks of earlier calls (the same pages, no fresh page faults), smaller ones do
+not; blocks in use are never handed out twice; the cap (SMOE_CPU_CACHE_MB, read once per process:
+those cases run in a subprocess), release, the report and the bad setting."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import smoe
+from smoe import MoELayer, ops
+
+ROWS, D = 20000, 512  # float32 [20000, 512]: 41 MB, past the 32 MiB threshold
+
+
+def _case(rows=ROWS, d=D):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, d, generator=g)
+    expert = torch.randint(0, 8, (rows, 1), generator=g, dtype=torch.int32)
+    return x, ops.make_plan(expert, 8)
+
+
+def test_a_freed_large_output_is_reused_with_its_pages():
+    x, plan = _case()
+    smoe.release_cpu_cache()
+    want = x[plan.token.long()]
+    a = ops.permute(x, plan)
+    ptr = a.data_ptr()
+    assert torch.equal(a, want)
+    del a
+    assert smoe.cpu_cache_info()["cached_bytes"] == ROWS * D * 4
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    b = ops.permute(x, plan)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert b.data_ptr() == ptr and torch.equal(b, want)
+    assert faults < ROWS * D * 4 // 4096 // 10  # a fresh block would fault in ~10,000 pages
+    assert smoe.cpu_cache_info()["cached_bytes"] == 0
+
+
+def test_blocks_in_use_are_never_shared_and_small_outputs_bypass_the_cache():
+    x, plan = _case()
+    smoe.release_cpu_cache()
+    a, b = ops.permute(x, plan), ops.permute(x * 2, plan)
+    assert a.data_ptr() != b.data_ptr()
+    assert torch.equal(b, 2 * a)
+    small = ops.permute(x[:100], ops.make_plan(plan.token[:100, None].remainder(8).int(), 8))
+    del small
+    assert smoe.cpu_cache_info()["cached_bytes"] == 0
+    del a, b
+    assert smoe.cpu_cache_info()["cached_bytes"] == 2 * ROWS * D * 4
+    assert smoe.release_cpu_cache() == 2 * ROWS * D * 4
+    assert smoe.cpu_cache_info()["cached_bytes"] == 0
+
+
+def test_training_steps_through_cached_blocks_repeat_bitwise():
+    # x_sorted [16384, 512], the hidden [16384, 1024] and their gradients all pass 32 MiB
+    torch.manual_seed(0)
+    layer = MoELayer(D, 512, 8, 2, activation="swiglu")
+    x = torch.randn(8192, D)
+    smoe.release_cpu_cache()
+    runs = []
+    for _ in range(2):
+        layer.zero_grad(set_to_none=True)
+        xs = x.clone().requires_grad_()
+        y, aux = layer(xs)
+        (y.square().mean() + aux.loss()).backward()
+        runs.append([y.detach(), xs.grad, *(p.grad for p in layer.parameters())])
+        del y, aux, xs
+        assert smoe.cpu_cache_info()["cached_bytes"] > 0  # the step's intermediates, freed
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+PROBE = """
+import json, torch, smoe
+from smoe import ops
+x = torch.randn(20000, 512)
+plan = ops.make_plan(torch.randint(0, 8, (20000, 1), dtype=torch.int32), 8)
+a, b = ops.permute(x, plan), ops.permute(x, plan)
+del a, b
+print(json.dumps(dict(smoe.cpu_cache_info(), info=[l for l in smoe.info().splitlines()
+                                                    if l.startswith("CPU output cache")])))
+"""
+
+
+def _probe(value: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, SMOE_CPU_CACHE_MB=value)
+    return subprocess.run(
+        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize("mb,held", [("0", 0), ("50", 1), ("100", 2)])
+def test_the_cap_bounds_what_is_held(mb, held):
+    out = _probe(mb)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["cap_bytes"] == int(mb) << 20
+    assert res["cached_bytes"] == held * 20000 * 512 * 4
+    held_mb = res["cached_bytes"] >> 20
+    on = f"CPU output cache: {held_mb} MB held, cap {mb} MB (SMOE_CPU_CACHE_MB)"
+    assert res["info"] == ["CPU output cache: off (SMOE_CPU_CACHE_MB=0)" if mb == "0" else on]
+
+
+def test_a_bad_setting_is_refused_by_name():
+    out = _probe("lots")
+    assert out.returncode != 0
+    assert "SMOE_CPU_CACHE_MB must be a whole number of MB, got 'lots'" in out.stderr
