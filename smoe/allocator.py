@@ -1,7 +1,7 @@
 """Keep large CPU tensors' memory mapped between calls: smoe's cache of its own large outputs (on by
 default), and glibc's malloc thresholds for everything else (opt-in, set in process).
 
-smoe's CPU ops take each output of 32 MiB or more from a cache of freed blocks (csrc/cpu/
+smoe's CPU ops take each output of 4 MiB or more from a cache of freed blocks (csrc/cpu/
 workspace.h), so a training step reuses the previous step's resident pages instead of page-faulting
 fresh ones. ``SMOE_CPU_CACHE_MB`` caps it (default 2048; 0 turns it off, read once per process),
 :func:`release_cpu_cache` frees what it holds, :func:`cpu_cache_info` says how much that is. The

@@ -1,4 +1,4 @@
-"""smoe's CPU output cache (csrc/cpu/workspace.h): outputs of 32 MiB or more of smoe's CPU ops
+"""smoe's CPU output cache (csrc/cpu/workspace.h): outputs of 4 MiB or more of smoe's CPU ops
 come from freed blocks of earlier calls (the same pages, no fresh page faults), smaller ones do
 not; blocks in use are never handed out twice; the cap (SMOE_CPU_CACHE_MB, read once per process:
 those cases run in a subprocess), release, the report and the bad setting."""
@@ -17,7 +17,7 @@ import torch
 import smoe
 from smoe import MoELayer, ops
 
-ROWS, D = 20000, 512  # float32 [20000, 512]: 41 MB, past the 32 MiB threshold
+ROWS, D = 20000, 512  # float32 [20000, 512]: 41 MB, past the 4 MiB threshold
 
 
 def _case(rows=ROWS, d=D):
@@ -60,7 +60,7 @@ def test_blocks_in_use_are_never_shared_and_small_outputs_bypass_the_cache():
 
 
 def test_training_steps_through_cached_blocks_repeat_bitwise():
-    # x_sorted [16384, 512], the hidden [16384, 1024] and their gradients all pass 32 MiB
+    # x_sorted [16384, 512], the hidden [16384, 1024] and their gradients all pass 4 MiB
     torch.manual_seed(0)
     layer = MoELayer(D, 512, 8, 2, activation="swiglu")
     x = torch.randn(8192, D)

@@ -1,11 +1,12 @@
 // Large CPU op outputs from a small cache of freed blocks. glibc serves every allocation above
-// 32 MB with a fresh mmap and unmaps it on free, so the kernel zero-fills its pages again on first
-// touch: a training step that allocates the same expert intermediates (x_sorted, the hidden, their
-// gradients) every step pays those page faults every step (RESULTS.md "Allocator": the
-// fine-grained fp32 fwd+bwd 164 vs 130 ms). The ops take their outputs of at least kMinBytes from
-// here instead: a freed block goes back to the cache (up to a cap) and the next request of about
-// its size gets it with its pages already resident. Smaller outputs, which glibc recycles itself,
-// are plain at::empty tensors.
+// 32 MiB with a fresh mmap and unmaps it on free, and trims the top of its heap when more than
+// twice its (adaptive) mmap threshold is free there, so the kernel zero-fills the pages of the
+// expert intermediates (x_sorted, the hidden, their gradients) again on first touch, every step
+// (RESULTS.md "Allocator": the fine-grained fp32 fwd+bwd 164 vs 130 ms; a 16 MiB bf16
+// combine_backward output 5.2 ms inside a training step against 1.2 ms alone). The ops take their
+// outputs of at least kMinBytes from here instead: a freed block goes back to the cache (up to a
+// cap) and the next request of about its size gets it with its pages already resident. Smaller
+// outputs, which glibc recycles well, are plain at::empty tensors.
 //
 // The cap is SMOE_CPU_CACHE_MB (default 2048 MB; 0 turns the cache off); smoe.release_cpu_cache()
 // hands every cached block back to the OS. The cache only ever holds blocks no tensor uses.
@@ -19,8 +20,10 @@
 
 namespace smoe::ops::workspace {
 
-// Outputs smaller than this are plain at::empty tensors (glibc's mmap threshold ceiling).
-constexpr int64_t kMinBytes = int64_t{32} << 20;
+// Outputs smaller than this are plain at::empty tensors. 4 MiB, not glibc's 32 MiB mmap ceiling:
+// the fine-grained bf16 layer's 16 MiB intermediates were page-faulted too (fwd+bwd 50-60 ms with
+// 32 MiB here, 41-44 ms with 4 MiB; RESULTS.md "CPU output cache").
+constexpr int64_t kMinBytes = int64_t{4} << 20;
 
 // An uninitialised CPU tensor of `sizes` (contiguous), or of `sizes` with `strides` when given.
 at::Tensor empty(c10::IntArrayRef sizes, const at::TensorOptions& options);
