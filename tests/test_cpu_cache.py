@@ -5,6 +5,7 @@ those cases run in a subprocess), release, the report and the bad setting."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -20,6 +21,13 @@ from smoe import MoELayer, ops
 ROWS, D = 20000, 512  # float32 [20000, 512]: 41 MB, past the 4 MiB threshold
 
 
+def _empty_cache() -> None:
+    """No cached block left, and none held by a reference cycle of an earlier test that the
+    collector could free in the middle of this one."""
+    gc.collect()
+    smoe.release_cpu_cache()
+
+
 def _case(rows=ROWS, d=D):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, d, generator=g)
@@ -29,7 +37,7 @@ def _case(rows=ROWS, d=D):
 
 def test_a_freed_large_output_is_reused_with_its_pages():
     x, plan = _case()
-    smoe.release_cpu_cache()
+    _empty_cache()
     want = x[plan.token.long()]
     a = ops.permute(x, plan)
     ptr = a.data_ptr()
@@ -46,7 +54,7 @@ def test_a_freed_large_output_is_reused_with_its_pages():
 
 def test_blocks_in_use_are_never_shared_and_small_outputs_bypass_the_cache():
     x, plan = _case()
-    smoe.release_cpu_cache()
+    _empty_cache()
     a, b = ops.permute(x, plan), ops.permute(x * 2, plan)
     assert a.data_ptr() != b.data_ptr()
     assert torch.equal(b, 2 * a)
@@ -64,7 +72,7 @@ def test_training_steps_through_cached_blocks_repeat_bitwise():
     torch.manual_seed(0)
     layer = MoELayer(D, 512, 8, 2, activation="swiglu")
     x = torch.randn(8192, D)
-    smoe.release_cpu_cache()
+    _empty_cache()
     runs = []
     for _ in range(2):
         layer.zero_grad(set_to_none=True)
