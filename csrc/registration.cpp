@@ -1,14 +1,17 @@
 // The table of contents of smoe: every op schema, in data-flow order, in one TORCH_LIBRARY block.
 // Kernels live in cpu/<op>.cpp and cuda/<op>_launch.cpp; fakes and autograd in
 // smoe/ops/<family>.py, named by the set_python_module call above each family's schemas (torch
-// checks it). This file also creates the `_C` Python module, which carries build information only.
+// checks it). This file also creates the `_C` Python module: build information, which paths the
+// kernels take, and the CPU output cache's controls (no ops).
 #include <Python.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
+
+#include <exception>
+#include <string>
 
 #include "cpu/brgemm.h"
 #include "cpu/workspace.h"
-
-#include <string>
 
 #ifdef SMOE_WITH_CUDA
 namespace smoe::ops {
@@ -236,28 +239,42 @@ TORCH_LIBRARY(smoe, m) {
 // ---- the _C module: build information, the kernels' paths and the CPU cache; no ops ----
 namespace {
 
+// Runs fn() -> PyObject*; a C++ exception (a bad SMOE_CPU_CACHE_MB, say) becomes a Python
+// RuntimeError instead of escaping through the C API.
+template <typename F>
+PyObject* guarded(F fn) {
+  try {
+    return fn();
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
 PyObject* cpu_gate_path(PyObject*, PyObject*) {
-  return PyUnicode_FromString(smoe::ops::brgemm::bf16_path().c_str());
+  return guarded([] { return PyUnicode_FromString(smoe::ops::brgemm::bf16_path().c_str()); });
 }
 
 PyObject* cuda_grouped_mm_path(PyObject*, PyObject*) {
 #ifdef SMOE_WITH_CUDA
-  return PyUnicode_FromString(smoe::ops::cuda_grouped_mm_path().c_str());
+  return guarded([] { return PyUnicode_FromString(smoe::ops::cuda_grouped_mm_path().c_str()); });
 #else
   return PyUnicode_FromString("CUDA grouped_mm: not compiled in");
 #endif
 }
 
 PyObject* cpu_cache_bytes(PyObject*, PyObject*) {
-  return PyLong_FromLongLong(smoe::ops::workspace::cached_bytes());
+  return guarded([] { return PyLong_FromLongLong(smoe::ops::workspace::cached_bytes()); });
 }
 
 PyObject* cpu_cache_cap(PyObject*, PyObject*) {
-  return PyLong_FromLongLong(smoe::ops::workspace::cap_bytes());
+  return guarded([] { return PyLong_FromLongLong(smoe::ops::workspace::cap_bytes()); });
 }
 
 PyObject* release_cpu_cache(PyObject*, PyObject*) {
-  return PyLong_FromLongLong(smoe::ops::workspace::release());
+  return guarded([] { return PyLong_FromLongLong(smoe::ops::workspace::release()); });
 }
 
 PyMethodDef smoe_c_methods[] = {

@@ -118,6 +118,15 @@ def test_the_cap_bounds_what_is_held(mb, held):
 
 
 def test_a_bad_setting_is_refused_by_name():
-    out = _probe("lots")
-    assert out.returncode != 0
-    assert "SMOE_CPU_CACHE_MB must be a whole number of MB, got 'lots'" in out.stderr
+    message = "SMOE_CPU_CACHE_MB must be a whole number of MB, got 'lots'"
+    out = _probe("lots")  # an op's large output: the dispatcher's RuntimeError
+    assert out.returncode == 1 and message in out.stderr
+    env = dict(os.environ, SMOE_CPU_CACHE_MB="lots")
+    info = subprocess.run(  # the report: a RuntimeError too, never an abort
+        [sys.executable, "-c", "import smoe; smoe.info()"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert info.returncode == 1 and "RuntimeError" in info.stderr and message in info.stderr
