@@ -25,6 +25,15 @@ from smoe.reference_momentum import momentum_update  # noqa: F401 (re-exported)
 from smoe.reference_ot import plan_gates, sinkhorn, sinkhorn_scaling  # noqa: F401 (re-exported)
 
 
+def gate_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """A router's logits x @ weight^T (+ bias), exact in float64, returned in float32 (float64 for
+    float64 x): 16-bit inputs are never rounded to 16-bit logits."""
+    out = x.double() @ weight.double().T
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
 def topk_softmax(
     logits: Tensor, k: int, *, renormalize: bool = True, selection_bias: Tensor | None = None
 ) -> TopK:

@@ -1,8 +1,8 @@
 """gate_linear: the routers' logits in float32 from the exact values of 16-bit inputs.
 
-The oracle is the definition itself: ``F.linear`` on the inputs upcast to float64 (every product
-of 16-bit values is exact there), and ``F.linear`` on the inputs upcast to float32 (what the
-routers ran before this op), which the op must match up to summation order.
+The oracles: ``smoe.reference.gate_linear`` on float64 copies of the inputs (every product of
+16-bit values is exact there), and the routers' former gate, ``F.linear`` on the inputs upcast to
+float32 (``tests.low_precision.gate_linear``), which the op must match up to summation order.
 """
 
 import math
@@ -12,13 +12,14 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
 from smoe import _C, ops
+from smoe import reference as ref
 from tests.helpers import DTYPES, noncontig
 from tests.low_precision import ci_settings
+from tests.low_precision import gate_linear as upcast_linear
 from tests.test_low_precision import DEVICES, LOW, draw_scale, run_rule
 
 # T covers: no tokens, fewer than the micro-kernel path's 16, one and several 64-row tiles with
@@ -41,8 +42,8 @@ def _case(T, d, E, dtype, bias=True, seed=0):
     return x, w, b
 
 
-def _ref(x, w, b, dt):
-    return F.linear(x.to(dt), w.to(dt), None if b is None else b.to(dt))
+def _exact(x, w, b):
+    return ref.gate_linear(x.double(), w.double(), None if b is None else b.double())
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -53,8 +54,8 @@ def test_gate_linear_matches_the_upcast_linear(T, d, E, dtype, bias):
     got = ops.gate_linear(x, w, b)
     want_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert got.shape == (T, E) and got.dtype == want_dtype
-    exact = _ref(x, w, b, torch.float64)
-    upcast = _ref(x, w, b, want_dtype)
+    exact = _exact(x, w, b)
+    upcast = upcast_linear(x, w, b)
     # within 2x the float32 GEMM's own error against the exact logits (summation order only)
     err = (got.double() - exact).abs().max().item() if got.numel() else 0.0
     base = (upcast.double() - exact).abs().max().item() if got.numel() else 0.0
@@ -74,7 +75,7 @@ def test_gate_linear_mixed_dtypes():
     x, w, b = _case(100, 32, 8, torch.bfloat16)
     w32, b16 = w.float() + 1e-3, b.half()
     torch.testing.assert_close(
-        ops.gate_linear(x, w32, b16), _ref(x, w32, b16, torch.float32), atol=1e-5, rtol=1e-5
+        ops.gate_linear(x, w32, b16), upcast_linear(x, w32, b16), atol=1e-5, rtol=1e-5
     )
 
 
@@ -95,7 +96,7 @@ def test_gate_linear_micro_kernel_and_float32_paths_agree():
     with torch.backends.mkldnn.flags(enabled=False):
         slow = ops.gate_linear(x, w, b)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(slow, _ref(x, w, b, torch.float32), atol=0, rtol=0)
+    torch.testing.assert_close(slow, upcast_linear(x, w, b), atol=0, rtol=0)
 
 
 def test_gate_linear_path_is_reported_and_can_be_turned_off():
@@ -116,7 +117,7 @@ def test_gate_linear_gradients_equal_the_upcast_linear(dtype):
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     got = torch.autograd.grad(ops.gate_linear(*leaves), leaves, g)
     leaves2 = [t.clone().requires_grad_() for t in (x, w, b)]
-    want = torch.autograd.grad(_ref(*leaves2, torch.float32), leaves2, g)
+    want = torch.autograd.grad(upcast_linear(*leaves2), leaves2, g)
     for a, e in zip(got, want, strict=True):
         assert a.dtype == dtype and torch.equal(a, e)
 
