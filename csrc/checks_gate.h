@@ -1,7 +1,9 @@
-// Argument checks of gate_linear (the routers' gate GEMM), shared by the CPU and CUDA glue.
+// What the CPU and CUDA glue of gate_linear (the routers' gate GEMM) share: its argument checks
+// and the float32 GEMM on upcast inputs (CUDA's path, the CPU's outside the bf16 micro-kernel).
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/linear.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -37,6 +39,15 @@ inline void check_gate_linear(const at::Tensor& x, const at::Tensor& weight,
                 "smoe::gate_linear: bias must be [E] with E = ", weight.size(0),
                 " (weight's rows), got ", bias->sizes());
   }
+}
+
+// The logits as torch.linear on the inputs upcast to the logits' dtype.
+inline at::Tensor gate_linear_upcast(const at::Tensor& x, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias) {
+  const at::ScalarType dt = gate_dtype(x);
+  std::optional<at::Tensor> b;
+  if (bias.has_value()) b = bias->to(dt);
+  return at::linear(x.to(dt), weight.to(dt), b);
 }
 
 }  // namespace smoe::ops

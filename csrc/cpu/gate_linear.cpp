@@ -9,7 +9,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/linear.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -67,10 +66,7 @@ at::Tensor gate_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias) {
   check_gate_linear(x, weight, bias);
   if (use_tiles(x, weight)) return gate_linear_tiles(x, weight, bias);
-  const at::ScalarType dt = gate_dtype(x);
-  std::optional<at::Tensor> b;
-  if (bias.has_value()) b = bias->to(dt);
-  return at::linear(x.to(dt), weight.to(dt), b);
+  return gate_linear_upcast(x, weight, bias);
 }
 
 }  // namespace

@@ -12,8 +12,8 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
-#include <vector>
 
 namespace smoe::ops::workspace {
 namespace {
@@ -68,11 +68,13 @@ void give_back(void* ptr, int64_t size) {
   c10::free_cpu(ptr);
 }
 
-at::Tensor wrap(int64_t bytes, c10::IntArrayRef sizes, c10::IntArrayRef strides,
+// A tensor over a cached or new block of `bytes`; contiguous unless `strides` are given.
+at::Tensor wrap(int64_t bytes, c10::IntArrayRef sizes, std::optional<c10::IntArrayRef> strides,
                 const at::TensorOptions& options) {
   const auto [ptr, size] = take(bytes);
-  return at::from_blob(
-      ptr, sizes, strides, [size = size](void* p) { give_back(p, size); }, options);
+  const auto deleter = [size = size](void* p) { give_back(p, size); };
+  return strides.has_value() ? at::from_blob(ptr, sizes, *strides, deleter, options)
+                             : at::from_blob(ptr, sizes, deleter, options);
 }
 
 }  // namespace
@@ -87,11 +89,7 @@ at::Tensor empty(c10::IntArrayRef sizes, const at::TensorOptions& options) {
   for (const int64_t s : sizes) n *= s;
   const int64_t bytes = n * static_cast<int64_t>(c10::elementSize(options.dtype().toScalarType()));
   if (bytes < kMinBytes || cap_bytes() == 0) return at::empty(sizes, options);
-  std::vector<int64_t> strides(sizes.size(), 1);
-  for (int64_t i = static_cast<int64_t>(sizes.size()) - 2; i >= 0; --i) {
-    strides[i] = strides[i + 1] * std::max<int64_t>(1, sizes[i + 1]);
-  }
-  return wrap(bytes, sizes, strides, options);
+  return wrap(bytes, sizes, std::nullopt, options);
 }
 
 at::Tensor empty_strided(c10::IntArrayRef sizes, c10::IntArrayRef strides,

@@ -1,7 +1,6 @@
 // CUDA glue of gate_linear: the float32 (float64) GEMM on upcast inputs, as torch.linear runs it
 // (ATen ops only: no kernel of ours, hence no device or architecture guard).
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/linear.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -14,10 +13,7 @@ namespace {
 at::Tensor gate_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias) {
   check_gate_linear(x, weight, bias);
-  const at::ScalarType dt = gate_dtype(x);
-  std::optional<at::Tensor> b;
-  if (bias.has_value()) b = bias->to(dt);
-  return at::linear(x.to(dt), weight.to(dt), b);
+  return gate_linear_upcast(x, weight, bias);
 }
 
 }  // namespace
