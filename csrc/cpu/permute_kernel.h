@@ -19,6 +19,38 @@ inline int64_t first_out_of_range(const int32_t* idx, int64_t n, int64_t hi) {
   return -1;
 }
 
+// Software prefetch for the gathers of combine and of the backwards. Their source rows are
+// scattered (a token's k rows lie in k experts' groups), and a short row of a few cache lines ends
+// before the hardware prefetcher has seen a stream, so each row would wait on memory. So the
+// row-by-token loops fetch the k rows of the token kAhead ahead, and the row-by-row loop the row
+// kRowsAhead ahead. Measured one thread, fine-grained shape (d = 256, k = 8, E = 64), C++ harness
+// alternating both versions: combine fp32 2.2 -> 1.8 ms, its weight gradient 2.2 -> 1.6-1.9 ms, the
+// bf16 scaled gather 0.8 -> 0.6 ms. Rows over kPrefetchRowBytes are left to the hardware prefetcher,
+// which follows them (at Mixtral's d = 1024, prefetching them too made bf16 combine slower). The
+// arithmetic is untouched: results are bitwise the same.
+constexpr int64_t kAhead = 2;
+constexpr int64_t kRowsAhead = 16;
+constexpr int64_t kPrefetchRowBytes = 1024;
+
+template <typename T>
+SMOE_INLINE bool worth_prefetch(int64_t d) {
+  return d * static_cast<int64_t>(sizeof(T)) <= kPrefetchRowBytes;
+}
+
+template <typename T>
+SMOE_INLINE void prefetch_row(const T* src, int64_t ld, int32_t r, int64_t d) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  if (r < 0) return;
+  const T* s = src + r * ld;
+  for (int64_t c = 0; c < d; c += kLine) __builtin_prefetch(s + c);
+}
+
+// The rows r[0 .. k) of one token.
+template <typename T>
+SMOE_INLINE void prefetch_rows(const T* src, int64_t ld, const int32_t* r, int64_t k, int64_t d) {
+  for (int64_t j = 0; j < k; ++j) prefetch_row(src, ld, r[j], d);
+}
+
 // out[i] = src[idx[i]] (a copy), or 0 where idx[i] < 0. src rows have stride ld; out is dense.
 template <typename T>
 void gather_rows(const T* src, int64_t ld, const int32_t* idx, int64_t d, int64_t begin,
@@ -38,8 +70,10 @@ template <typename T>
 SMOE_INLINE void scaled_gather_rows(const T* src, int64_t ld, const int32_t* idx, const T* scale,
                         const int32_t* sidx, int64_t d, int64_t begin, int64_t end, T* out) {
   using A = acc_t<T>;
+  const bool prefetch = worth_prefetch<T>(d);
   for (int64_t i = begin; i < end; ++i) {
     T* o = out + i * d;
+    if (prefetch && i + kRowsAhead < end) prefetch_row(src, ld, idx[i + kRowsAhead], d);
     if (idx[i] < 0) {
       std::memset(static_cast<void*>(o), 0, sizeof(T) * d);
       continue;
@@ -54,15 +88,16 @@ SMOE_INLINE void scaled_gather_rows(const T* src, int64_t ld, const int32_t* idx
 // accumulated in acc_t<T>; each element adds its k terms in j order (0 + w0·x0 + w1·x1 + ...), so
 // the sum is reproducible. Columns go in chunks through a local accumulator, the j loop outside
 // the column loop, so that the column loop vectorises.
-template <typename T>
-SMOE_INLINE void combine_rows(const T* src, int64_t ld, const int32_t* row, const T* weight, int64_t k,
-                  int64_t d, int64_t begin, int64_t end, T* out) {
+template <bool kPrefetch, typename T>
+SMOE_INLINE void combine_rows_impl(const T* src, int64_t ld, const int32_t* row, const T* weight,
+                                   int64_t k, int64_t d, int64_t begin, int64_t end, T* out) {
   using A = acc_t<T>;
   constexpr int64_t kChunk = 512;
   A acc[kChunk];
   for (int64_t t = begin; t < end; ++t) {
     const int32_t* r = row + t * k;
     T* o = out + t * d;
+    if (kPrefetch && t + kAhead < end) prefetch_rows(src, ld, row + (t + kAhead) * k, k, d);
     for (int64_t c0 = 0; c0 < d; c0 += kChunk) {
       const int64_t n = d - c0 < kChunk ? d - c0 : kChunk;
       for (int64_t c = 0; c < n; ++c) acc[c] = A(0);
@@ -74,6 +109,15 @@ SMOE_INLINE void combine_rows(const T* src, int64_t ld, const int32_t* row, cons
       }
       for (int64_t c = 0; c < n; ++c) o[c0 + c] = from_acc<T>(acc[c]);
     }
+  }
+}
+template <typename T>
+SMOE_INLINE void combine_rows(const T* src, int64_t ld, const int32_t* row, const T* weight,
+                              int64_t k, int64_t d, int64_t begin, int64_t end, T* out) {
+  if (worth_prefetch<T>(d)) {
+    combine_rows_impl<true>(src, ld, row, weight, k, d, begin, end, out);
+  } else {
+    combine_rows_impl<false>(src, ld, row, weight, k, d, begin, end, out);
   }
 }
 
@@ -97,17 +141,30 @@ SMOE_INLINE acc_t<T> dot_lanes(const T* a, const T* b, int64_t d) {
 }
 
 // grad_weight[t, j] = <grad_out[t], y_sorted[row[t, j]]> (dot_lanes), 0 for dropped slots.
-template <typename T>
-SMOE_INLINE void combine_weight_grad_rows(const T* grad_out, int64_t ld_g, const T* y_sorted,
+template <bool kPrefetch, typename T>
+SMOE_INLINE void combine_weight_grad_impl(const T* grad_out, int64_t ld_g, const T* y_sorted,
                                           int64_t ld_y, const int32_t* row, int64_t k, int64_t d,
                                           int64_t begin, int64_t end, T* grad_weight) {
   using A = acc_t<T>;
   for (int64_t t = begin; t < end; ++t) {
+    if (kPrefetch && t + kAhead < end) prefetch_rows(y_sorted, ld_y, row + (t + kAhead) * k, k, d);
     for (int64_t j = 0; j < k; ++j) {
       const int32_t r = row[t * k + j];
       const A acc = r >= 0 ? dot_lanes(grad_out + t * ld_g, y_sorted + r * ld_y, d) : A(0);
       grad_weight[t * k + j] = from_acc<T>(acc);
     }
+  }
+}
+template <typename T>
+SMOE_INLINE void combine_weight_grad_rows(const T* grad_out, int64_t ld_g, const T* y_sorted,
+                                          int64_t ld_y, const int32_t* row, int64_t k, int64_t d,
+                                          int64_t begin, int64_t end, T* grad_weight) {
+  if (worth_prefetch<T>(d)) {
+    combine_weight_grad_impl<true>(grad_out, ld_g, y_sorted, ld_y, row, k, d, begin, end,
+                                   grad_weight);
+  } else {
+    combine_weight_grad_impl<false>(grad_out, ld_g, y_sorted, ld_y, row, k, d, begin, end,
+                                    grad_weight);
   }
 }
 

@@ -45,6 +45,27 @@ def test_combine_matches_reference(T, k, E, d, capacity, dtype):
     assert_close(got, ref.combine(y_sorted.double(), weight.double(), plan), dtype)
 
 
+# The CPU gathers prefetch rows of up to 1 KiB and leave longer ones to the hardware (two loops):
+# rows on each side of that limit in every dtype, with dropped slots, forward and backward.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [128, 300])
+def test_gathers_match_reference_on_both_sides_of_the_prefetch_limit(d, dtype):
+    plan, x, y_sorted, weight = setup(40, 3, 6, d, 15, dtype)
+    x.requires_grad_(True)
+    y_sorted.requires_grad_(True)
+    weight.requires_grad_(True)
+    xs, y = ops.permute(x, plan), ops.combine(y_sorted, weight, plan)
+    g_xs, g_y = torch.randn_like(xs), torch.randn_like(y)
+    got = torch.autograd.grad((xs, y), (x, y_sorted, weight), (g_xs, g_y))
+    x64, ys64, w64 = (t.detach().double().requires_grad_(True) for t in (x, y_sorted, weight))
+    xs_ref, y_ref = ref.permute(x64, plan), ref.combine(ys64, w64, plan)
+    want = torch.autograd.grad((xs_ref, y_ref), (x64, ys64, w64), (g_xs.double(), g_y.double()))
+    assert torch.equal(xs, xs_ref.to(dtype))
+    assert_close(y, y_ref, dtype)
+    for a, b in zip(got, want):
+        assert_close(a, b, dtype)
+
+
 def test_permute_then_combine_with_unit_weights_sums_each_token_k_times():
     plan, x, _, _ = setup(10, 3, 5, 4, None)
     y = ops.combine(ops.permute(x, plan), torch.ones(10, 3, dtype=x.dtype), plan)
