@@ -33,9 +33,15 @@ TORCH_LIBRARY(smoe, m) {
   // ---- the gate ----
   m.set_python_module("smoe.ops.gate");
   // a router's logits [T, E] = x [T, d] @ weight [E, d]^T (+ bias [E]) in float32 (float64 for
-  // float64 x) from the exact values of 16-bit inputs, never rounded to 16 bits. Differentiable
-  // (the backward is two float32 GEMMs, in smoe/ops/gate.py).
+  // float64 x) from the exact values of 16-bit inputs, never rounded to 16 bits. Differentiable.
   m.def("gate_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  // its backward from the logits' gradient grad [T, E] (the logits' dtype): grad_x [T, d] in x's
+  // dtype and grad_weight [E, d] in weight's (each empty when not needed). The GEMMs run in the
+  // logits' dtype on upcasts; on CPU with bf16 x and weight, through the bf16 micro-kernel with grad
+  // as two bf16 parts (hi + lo, ~2^-17 relative) and float32 accumulators.
+  m.def(
+      "gate_linear_backward(Tensor grad, Tensor x, Tensor weight, bool need_x, bool need_weight)"
+      " -> (Tensor, Tensor)");
 
   // ---- routers ----
   m.set_python_module("smoe.ops.routing");

@@ -2,7 +2,8 @@
 tests/determinism_cases.py's OP_CASES: T = 4100 tokens (64 full row tiles of the bf16
 micro-kernel path and a tail of 4), d = 96, E = 300 experts (two column blocks), with a bias, in
 bf16 (the micro-kernel where it runs) and fp32 (torch.linear), and the gradients of x, weight and
-bias.
+bias; its backward op alone at the same shape (bf16: the micro-kernel's split-gradient GEMMs, two
+weight-gradient column items), with each gradient asked for alone too.
 """
 
 from __future__ import annotations
@@ -35,4 +36,21 @@ def _gate_linear(device: str) -> dict[str, Tensor]:
     return out
 
 
-OP_CASES: dict[str, Callable[[str], dict[str, Tensor]]] = {"gate_linear": _gate_linear}
+def _gate_linear_backward(device: str) -> dict[str, Tensor]:
+    out = {}
+    op = torch.ops.smoe.gate_linear_backward.default
+    for dtype in DTYPES:
+        x = _randn(T, D, salt=0, device=device, dtype=dtype)
+        w = _randn(E, D, salt=1, device=device, dtype=dtype) / 8
+        grad = _randn(T, E, salt=3, device=device, dtype=torch.float32)
+        gx, gw = op(grad, x, w, True, True)
+        out |= {f"grad_x_{dtype}": gx, f"grad_w_{dtype}": gw}
+        out |= {f"grad_x_alone_{dtype}": op(grad, x, w, True, False)[0]}
+        out |= {f"grad_w_alone_{dtype}": op(grad, x, w, False, True)[1]}
+    return out
+
+
+OP_CASES: dict[str, Callable[[str], dict[str, Tensor]]] = {
+    "gate_linear": _gate_linear,
+    "gate_linear_backward": _gate_linear_backward,
+}

@@ -30,16 +30,19 @@ def gate_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
         bias: None or ``[E]`` float.
 
     Returns:
-        ``[T, E]`` float32 (float64 for float64 ``x``). Differentiable in ``x``, ``weight`` and
-        ``bias``; the backward is two GEMMs in the logits' dtype, each gradient cast to its input's
-        dtype.
+        ``[T, E]`` float32 (float64 for float64 ``x``). Differentiable (twice) in ``x``,
+        ``weight`` and ``bias``; the backward is two GEMMs in the logits' dtype, each gradient cast
+        to its input's dtype.
 
     Note:
         CPU, ``x`` and ``weight`` both bfloat16 (a model cast to bf16): rows of ``x`` run through
         oneDNN's bf16 micro-kernel with float32 accumulators (products of bf16 values are exact in
         float32), at the bf16 GEMM's rate and without a float32 copy of ``x``;
         ``python -m smoe.info`` says whether it runs here (``SMOE_CPU_BRGEMM=0`` turns it off).
-        Every other case, and CUDA, runs the float32 GEMM on the upcast inputs.
+        The backward's GEMMs run there too, with the float32 logit gradient as two bf16 parts
+        (hi + lo, ~2^-17 relative): the gradients equal those of the float32 GEMMs up to that
+        and the summation order, before their rounding to bf16. Every other case, and CUDA, runs
+        the float32 GEMMs on the upcast inputs.
     """
     return torch.ops.smoe.gate_linear.default(x, weight, bias)
 
@@ -70,12 +73,20 @@ def _setup_context_gate_linear(ctx, inputs, output) -> None:
 
 def _backward_gate_linear(ctx, grad: Tensor):
     x, weight = ctx.saved_tensors
-    dt = grad.dtype
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_x = grad_weight = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = (grad @ weight.to(dt)).to(x.dtype)
-    if ctx.needs_input_grad[1]:
-        grad_weight = (grad.t() @ x.to(dt)).to(weight.dtype)
+    if torch.is_grad_enabled():
+        # create_graph (a double backward): the same GEMMs as ATen ops, which autograd can
+        # differentiate again (the op below has no backward of its own)
+        dt = grad.dtype
+        if need_x:
+            grad_x = (grad @ weight.to(dt)).to(x.dtype)
+        if need_w:
+            grad_weight = (grad.t() @ x.to(dt)).to(weight.dtype)
+    elif need_x or need_w:
+        gx, gw = torch.ops.smoe.gate_linear_backward.default(grad, x, weight, need_x, need_w)
+        grad_x = gx if need_x else None
+        grad_weight = gw if need_w else None
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
         grad_bias = grad.sum(0).to(ctx.bias_dtype)
     return grad_x, grad_weight, grad_bias
@@ -84,3 +95,24 @@ def _backward_gate_linear(ctx, grad: Tensor):
 torch.library.register_autograd(
     "smoe::gate_linear", _backward_gate_linear, setup_context=_setup_context_gate_linear
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# gate_linear_backward
+# ---------------------------------------------------------------------------------------------
+@torch.library.register_fake("smoe::gate_linear_backward")
+def _gate_linear_backward_fake(
+    grad: Tensor, x: Tensor, weight: Tensor, need_x: bool, need_weight: bool
+) -> tuple[Tensor, Tensor]:
+    op = "smoe::gate_linear_backward"
+    _gate_linear_fake(x, weight)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    torch._check(grad.device == x.device, lambda: f"{op}: grad must be on x's device")
+    torch._check(grad.dtype == dtype, lambda: f"{op}: grad must be {dtype}")
+    torch._check(
+        grad.dim() == 2 and grad.shape[0] == x.shape[0] and grad.shape[1] == weight.shape[0],
+        lambda: f"{op}: grad must be [T, E]",
+    )
+    gx = x.new_empty(x.shape) if need_x else x.new_empty((0,))
+    gw = weight.new_empty(weight.shape) if need_weight else weight.new_empty((0,))
+    return gx, gw

@@ -1,6 +1,7 @@
-"""Bad inputs of gate_linear (the routers' gate GEMM): every check of csrc/checks_gate.h, of the
-fake and of the sparse refusal. The good call has x [4, 6] bf16, weight [3, 6] bf16 and a float32
-bias [3] (mixed float dtypes are valid). Empty edges (no tokens, no experts, d = 0) are defined
+"""Bad inputs of gate_linear (the routers' gate GEMM) and of its backward: every check of
+csrc/checks_gate.h, of the fakes and of the sparse refusal. The good call has x [4, 6] bf16,
+weight [3, 6] bf16 and a float32 bias [3] (mixed float dtypes are valid); the backward's, the
+float32 logit gradient grad [4, 3] too. Empty edges (no tokens, no experts, d = 0) are defined
 rows; the logits are float32 whatever the 16-bit inputs.
 """
 
@@ -72,4 +73,62 @@ _defined = [
     ),
 ]
 
-CASES: list[Case] = [*op_cases("gate_linear", _good, _rows), *_defined]
+
+# ---- gate_linear_backward ----------------------------------------------------------------------
+def _bwd_good(d):
+    return {"grad": d.f(T, E), **{k: v for k, v in _good(d).items() if k != "bias"}} | {
+        "need_x": True,
+        "need_weight": True,
+    }
+
+
+_bwd_rows = [
+    *standard_rows(
+        {"grad": ("bfloat16", "float64", "int32"), "x": ("int64",), "weight": ("bool",)}
+    ),
+    row("size", "grad [T+1, E]", arg("grad"), grad=lambda d, a: d.f(T + 1, E)),
+    row("size", "grad [T, E+1]", arg("grad"), grad=lambda d, a: d.f(T, E + 1)),
+    row("size", "weight d+1", arg("weight"), weight=lambda d, a: d.f(E, D + 1)),
+    row(
+        "meta",
+        "meta grad [T, E+1]",
+        arg("grad"),
+        grad=lambda d, a: torch.empty(T, E + 1, device="meta"),
+        x=lambda d, a: a["x"].to("meta"),
+        weight=lambda d, a: a["weight"].to("meta"),
+    ),
+    row("sparse", "grad sparse COO", arg("grad"), grad=lambda d, a: a["grad"].to_sparse()),
+]
+
+
+def _bwd_empty_edges_are_valid(d) -> bool:
+    """No tokens gives zero weight gradients, no experts zero x gradients, each in its dtype."""
+    op = torch.ops.smoe.gate_linear_backward.default
+    x, w = d.f(0, D, dtype=torch.bfloat16), d.f(E, D, dtype=torch.bfloat16)
+    gx, gw = op(d.f(0, E), x, w, True, True)
+    gx2, gw2 = op(d.f(T, 0), d.f(T, D), d.f(0, D), True, True)
+    return (
+        gx.shape == (0, D)
+        and gx.dtype == torch.bfloat16
+        and torch.equal(gw, torch.zeros_like(w))
+        and torch.equal(gx2, torch.zeros(T, D, device=gx2.device))
+        and gw2.shape == (0, D)
+    )
+
+
+_bwd_defined = [
+    Case(
+        "smoe::gate_linear_backward/T = 0, E = 0 (valid)",
+        "smoe::gate_linear_backward",
+        "size",
+        _bwd_empty_edges_are_valid,
+        defined("T = 0 gives a zero weight gradient, E = 0 a zero x gradient"),
+    ),
+]
+
+CASES: list[Case] = [
+    *op_cases("gate_linear", _good, _rows),
+    *_defined,
+    *op_cases("gate_linear_backward", _bwd_good, _bwd_rows),
+    *_bwd_defined,
+]

@@ -317,6 +317,7 @@ BACKWARD_OF = {
     "momentum_update_backward": "momentum_update",
     "graph_mix_backward": "graph_mix",
     "s2moe_perturb_backward": "s2moe_perturb",
+    "gate_linear_backward": "gate_linear",
 }
 
 # Each registered router -> the reference its layer is checked against (test_fuzz_layer.py):

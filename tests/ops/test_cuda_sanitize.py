@@ -24,6 +24,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 # Each op of the smoe namespace is exercised by one case below; the gate test keeps this honest.
 COVERED = {
     "gate_linear": "test_gate_linear_forward_backward",  # ATen GEMMs on CUDA: no kernel of ours
+    "gate_linear_backward": "test_gate_linear_forward_backward",
     "topk_softmax": "test_routing_dispatch_experts_forward_backward",
     "topk_softmax_backward": "test_routing_dispatch_experts_forward_backward",
     "make_plan": "test_routing_dispatch_experts_forward_backward",

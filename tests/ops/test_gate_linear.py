@@ -110,8 +110,9 @@ def test_gate_linear_path_is_reported_and_can_be_turned_off():
     assert "float32 GEMM on upcast inputs (SMOE_CPU_BRGEMM=0)" in out.stdout
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gate_linear_gradients_equal_the_upcast_linear(dtype):
+    # outside the bf16 micro-kernel the backward is the float32 GEMMs on upcasts, bit for bit
     x, w, b = _case(120, 32, 8, dtype)
     g = torch.randn(120, 8)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
@@ -120,6 +121,88 @@ def test_gate_linear_gradients_equal_the_upcast_linear(dtype):
     want = torch.autograd.grad(upcast_linear(*leaves2), leaves2, g)
     for a, e in zip(got, want, strict=True):
         assert a.dtype == dtype and torch.equal(a, e)
+
+
+def _backward_exact(grad, x, w):
+    """The float64 gradients of x and weight from the float32 logit gradient, and their error
+    scale |grad| @ |w| and |grad|^T @ |x| (a GEMM's own error is relative to it)."""
+    g, x64, w64 = grad.double(), x.double(), w.double()
+    return (g @ w64, g.t() @ x64), (g.abs() @ w64.abs(), g.abs().t() @ x64.abs())
+
+
+@pytest.mark.parametrize("T,d,E", SHAPES)
+def test_gate_linear_backward_bf16_within_its_rounding_of_the_exact_gradients(T, d, E):
+    # bf16 x and weight: the micro-kernel with the logit gradient as hi + lo bf16 parts. Each
+    # gradient is the exact one rounded to bf16 (2^-8 relative at most) up to 2^-14 of the error
+    # scale; without lo (the gradient rounded to bf16) the error would be ~2^-9 of the scale.
+    x, w, _ = _case(T, d, E, torch.bfloat16)
+    grad = torch.randn(T, E, generator=torch.Generator().manual_seed(1))
+    got = torch.ops.smoe.gate_linear_backward(grad, x, w, True, True)
+    exact, scale = _backward_exact(grad, x, w)
+    upcast = [(grad @ w.float()).bfloat16(), (grad.t() @ x.float()).bfloat16()]
+    for a, e, s, u in zip(got, exact, scale, upcast, strict=True):
+        assert a.dtype == torch.bfloat16 and a.shape == e.shape
+        err = (a.double() - e).abs()
+        assert (err <= 2**-8 * e.abs() + 2**-14 * s).all(), (err - 2**-8 * e.abs()).max()
+        if a.numel():  # the same bits as the float32 GEMMs' but for rare rounding-boundary flips
+            assert (a != u).double().mean() < 0.02
+
+
+def test_gate_linear_backward_micro_kernel_and_float32_paths_agree():
+    # oneDNN disabled: the float32 GEMMs on upcasts, bit for bit; enabled: within the bf16 rounding
+    x, w, _ = _case(1000, 128, 64, torch.bfloat16)
+    grad = torch.randn(1000, 64)
+    fast = torch.ops.smoe.gate_linear_backward(grad, x, w, True, True)
+    with torch.backends.mkldnn.flags(enabled=False):
+        slow = torch.ops.smoe.gate_linear_backward(grad, x, w, True, True)
+    assert torch.equal(slow[0], (grad @ w.float()).bfloat16())
+    assert torch.equal(slow[1], (grad.t() @ x.float()).bfloat16())
+    for a, e in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, e, atol=2e-2, rtol=2**-7)
+
+
+def test_gate_linear_backward_gives_each_gradient_alone_and_noncontiguous_inputs_alike():
+    x, w, _ = _case(150, 64, 12, torch.bfloat16)
+    grad = torch.randn(150, 12)
+    op = torch.ops.smoe.gate_linear_backward
+    gx, gw = op(grad, x, w, True, True)
+    assert torch.equal(op(grad, x, w, True, False)[0], gx)
+    assert torch.equal(op(grad, x, w, False, True)[1], gw)
+    assert (
+        op(grad, x, w, False, True)[0].numel() == 0 and op(grad, x, w, True, False)[1].numel() == 0
+    )
+    got = op(noncontig(grad), noncontig(x), w.t().contiguous().t(), True, True)
+    assert torch.equal(got[0], gx) and torch.equal(got[1], gw)
+
+
+def test_gate_linear_backward_keeps_infinite_gradients_infinite():
+    # an infinite logit gradient has no finite lo part: hi alone carries it (hi + lo would be NaN)
+    x, w, _ = _case(64, 32, 4, torch.bfloat16)
+    x, w = x.abs() + 0.1, w.abs() + 0.1  # positive products: the sum stays +inf
+    grad = torch.rand(64, 4)
+    grad[3, 1] = float("inf")
+    gx, gw = torch.ops.smoe.gate_linear_backward(grad, x, w, True, True)
+    assert torch.isinf(gx[3]).all() and torch.isfinite(gx[torch.arange(64) != 3]).all()
+    assert torch.isinf(gw[1]).all() and torch.isfinite(gw[[0, 2, 3]]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
+def test_gate_linear_backward_opcheck(dtype, need):
+    x, w, _ = _case(40, 16, 5, dtype)
+    grad = torch.randn(40, 5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.library.opcheck(torch.ops.smoe.gate_linear_backward.default, (grad, x, w, *need))
+
+
+def test_gate_linear_backward_is_the_autograd_backward_and_double_backward_still_works():
+    x, w, b = (t.requires_grad_() for t in _case(80, 16, 6, torch.bfloat16))
+    g = torch.randn(80, 6)
+    got = torch.autograd.grad(ops.gate_linear(x, w, b), (x, w), g)
+    want = torch.ops.smoe.gate_linear_backward(g, x.detach(), w.detach(), True, True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # create_graph: the ATen GEMMs on upcasts, differentiable again
+    gx, gw = torch.autograd.grad(ops.gate_linear(x, w, b), (x, w), g, create_graph=True)
+    assert gx.requires_grad and torch.equal(gx.detach(), (g @ w.detach().float()).bfloat16())
 
 
 @pytest.mark.parametrize("T,d,E", [(0, 4, 3), (5, 8, 1), (17, 6, 4), (9, 5, 3)])
@@ -171,6 +254,21 @@ def test_gate_linear_rejects_bad_input(name, bad, message):
     x, w, b = _case(10, 8, 4, torch.float32)
     with pytest.raises(RuntimeError, match=rf"smoe::gate_linear: {message}"):
         ops.gate_linear(*bad(x, w, b))
+
+
+BACKWARD_ERRORS = [
+    ("grad-dtype", lambda g, x, w: (g.bfloat16(), x, w), r"grad must be Float \(the logits' dtype"),
+    ("grad-rows", lambda g, x, w: (g[1:], x, w), r"grad must be \[T, E\] = \[10, 4\]"),
+    ("grad-cols", lambda g, x, w: (g[:, 1:], x, w), r"grad must be \[T, E\] = \[10, 4\]"),
+    ("w-d", lambda g, x, w: (g, x, w[:, :-1]), r"weight must be \[E, d\] with d = 8"),
+]
+
+
+@pytest.mark.parametrize("name,bad,message", BACKWARD_ERRORS, ids=[e[0] for e in BACKWARD_ERRORS])
+def test_gate_linear_backward_rejects_bad_input(name, bad, message):
+    x, w, _ = _case(10, 8, 4, torch.bfloat16)
+    with pytest.raises(RuntimeError, match=rf"smoe::gate_linear_backward: {message}"):
+        torch.ops.smoe.gate_linear_backward(*bad(torch.randn(10, 4), x, w), True, True)
 
 
 @pytest.mark.cuda
