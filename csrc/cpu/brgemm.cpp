@@ -89,11 +89,11 @@ void pack_vnni(const bf16* b, int64_t ld_k, int64_t ld_n, int64_t K, int64_t N, 
 }
 
 void gemm(int64_t M, int64_t N, int64_t K, const bf16* a, int64_t lda, const bf16* packed,
-          int64_t ld_b, float* c, int64_t ldc) {
+          int64_t ld_b, float* c, int64_t ldc, bool accumulate) {
   for (int64_t m = 0; m < M; m += kTileRows) {
     const int64_t rows = std::min(kTileRows, M - m);
-    at::native::cpublas::brgemm(rows, N, K, lda, ld_b, ldc, /*add_C=*/false, a + m * lda, packed,
-                                c + m * ldc, /*is_vnni=*/true);
+    at::native::cpublas::brgemm(rows, N, K, lda, ld_b, ldc, /*add_C=*/accumulate, a + m * lda,
+                                packed, c + m * ldc, /*is_vnni=*/true);
   }
 }
 

@@ -35,10 +35,12 @@ void pack_vnni(const c10::BFloat16* b, int64_t ld_k, int64_t ld_n, int64_t K, in
                c10::BFloat16* out);
 
 // c [M, N] (row stride ldc) = a [M, K] (row stride lda) x packed [K, N], float32, in calls of
-// kTileRows rows. packed: pack_vnni's layout with ld_b words per k pair (ld_b = N for a panel of
-// exactly N columns; a wider panel's column c starts at packed + 2 c).
+// kTileRows rows (accumulate: c += instead of c =). packed: pack_vnni's layout with ld_b words
+// per k pair (ld_b = N for a panel of exactly N columns; a wider panel's column c starts at
+// packed + 2 c).
 void gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* a, int64_t lda,
-          const c10::BFloat16* packed, int64_t ld_b, float* c, int64_t ldc);
+          const c10::BFloat16* packed, int64_t ld_b, float* c, int64_t ldc,
+          bool accumulate = false);
 
 // Releases the calling thread's hardware context (AMX tile state) after its last gemm call.
 void release();

@@ -82,9 +82,11 @@ at::Tensor gate_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
 
 // ---- backward ----
 
-// Output columns of a weight-gradient item: its x panel ([2T, kColsW] bf16) is packed once and
-// read by one micro-kernel call per 64 experts.
+// Output columns of a weight-gradient item, and the tokens of one of its reduction chunks: each
+// chunk packs its x panel ([2 kChunkTokens, kColsW] bf16, 512 KiB: it stays in L2, and the scratch
+// does not grow with T) and adds its product into the item's float32 tile.
 constexpr int64_t kColsW = 64;
+constexpr int64_t kChunkTokens = 2048;
 
 uint32_t* words(at::Tensor& t) { return reinterpret_cast<uint32_t*>(t.mutable_data_ptr<bf16>()); }
 const uint16_t* halves(const at::Tensor& t) {
@@ -122,8 +124,9 @@ at::Tensor grad_x_tiles(const at::Tensor& grad, const at::Tensor& weight) {
 }
 
 // grad_weight [E, d] = grad^T [E, T] @ x [T, d] as A [E, 2T] (each expert's column of grad as
-// (hi, lo) pairs) x B [2T, d] (x's rows twice), in items of kColsW columns: each packs its panel of
-// x and sums over all T tokens in one micro-kernel call per row tile, so no sum crosses items.
+// (hi, lo) pairs) x B [2T, d] (x's rows twice), in items of kColsW columns, each summing over all
+// T tokens in chunks of kChunkTokens, in a fixed order: no sum crosses items, and the chunks
+// follow from T alone, so the bits do not depend on the thread count.
 at::Tensor grad_weight_tiles(const at::Tensor& grad, const at::Tensor& x) {
   const int64_t T = grad.size(0), E = grad.size(1), d = x.size(1);
   at::Tensor a = at::empty({E, 2 * T}, x.options());
@@ -136,14 +139,17 @@ at::Tensor grad_weight_tiles(const at::Tensor& grad, const at::Tensor& x) {
   const bf16* ap = a.const_data_ptr<bf16>();
   const int64_t items = (d + kColsW - 1) / kColsW;
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> panel(T * std::min(kColsW, d));
+    std::vector<uint32_t> panel(std::min(kChunkTokens, T) * std::min(kColsW, d));
     std::vector<float> c(E * std::min(kColsW, d));
     for (int64_t i = begin; i < end; ++i) {
       const int64_t col = i * kColsW, nc = std::min(kColsW, d - col);
-      cpu::pack_vnni_dup(halves(x) + col * x.stride(1), x.stride(0), x.stride(1), T, nc,
-                         panel.data());
-      brgemm::gemm(E, nc, 2 * T, ap, 2 * T, reinterpret_cast<const bf16*>(panel.data()), nc,
-                   c.data(), nc);
+      for (int64_t t0 = 0; t0 < T; t0 += kChunkTokens) {
+        const int64_t n = std::min(kChunkTokens, T - t0);
+        cpu::pack_vnni_dup(halves(x) + t0 * x.stride(0) + col * x.stride(1), x.stride(0),
+                           x.stride(1), n, nc, panel.data());
+        brgemm::gemm(E, nc, 2 * n, ap + 2 * t0, 2 * T, reinterpret_cast<const bf16*>(panel.data()),
+                     nc, c.data(), nc, /*accumulate=*/t0 > 0);
+      }
       cpu::round_bf16(c.data(), nc, E, nc, halves(out) + col, d);
     }
     brgemm::release();
