@@ -64,13 +64,14 @@ bool bf16_enabled() {
 }
 
 std::string bf16_path() {
-  const std::string head = "CPU bf16 router gate (gate_linear): ";
+  const std::string head = "CPU bf16 router gate (gate_linear and its backward): ";
   if (disabled_by_env()) return head + "float32 GEMM on upcast inputs (SMOE_CPU_BRGEMM=0)";
   if (!at::globalContext().userEnabledMkldnn()) {
     return head + "float32 GEMM on upcast inputs (torch.backends.mkldnn is disabled)";
   }
   if (!probe_result().empty()) return head + "float32 GEMM on upcast inputs (" + probe_result() + ")";
-  return head + "oneDNN bf16 brgemm micro-kernel, float32 accumulators";
+  return head + "oneDNN bf16 brgemm micro-kernel, float32 accumulators (the backward's logit "
+                "gradient as bf16 hi + lo)";
 }
 
 void pack_vnni(const bf16* b, int64_t ld_k, int64_t ld_n, int64_t K, int64_t N, bf16* out) {

@@ -101,7 +101,7 @@ def test_gate_linear_micro_kernel_and_float32_paths_agree():
 
 def test_gate_linear_path_is_reported_and_can_be_turned_off():
     line = _C.cpu_gate_path()
-    assert line.startswith("CPU bf16 router gate (gate_linear): ")
+    assert line.startswith("CPU bf16 router gate (gate_linear and its backward): ")
     code = "from smoe import _C; print(_C.cpu_gate_path())"
     env = dict(os.environ, SMOE_CPU_BRGEMM="0")
     out = subprocess.run(
