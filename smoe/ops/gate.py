@@ -47,10 +47,10 @@ def gate_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     return torch.ops.smoe.gate_linear.default(x, weight, bias)
 
 
-@torch.library.register_fake("smoe::gate_linear")
-def _gate_linear_fake(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    op = "smoe::gate_linear"
-    check_devices("gate_linear", x=x, weight=weight, bias=bias)
+def _check_gate_args(name: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> torch.dtype:
+    """The fakes' checks of x, weight and bias (csrc/checks_gate.h); returns the logits' dtype."""
+    op = f"smoe::{name}"
+    check_devices(name, x=x, weight=weight, bias=bias)
     torch._check(x.dtype in FLOATS, lambda: f"{op}: x must be floating")
     torch._check(weight.dtype in FLOATS, lambda: f"{op}: weight must be floating")
     torch._check(x.dim() == 2, lambda: f"{op}: x must be 2-D [T, d]")
@@ -61,7 +61,12 @@ def _gate_linear_fake(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
         torch._check(
             bias.dim() == 1 and bias.shape[0] == weight.shape[0], lambda: f"{op}: bias must be [E]"
         )
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("smoe::gate_linear")
+def _gate_linear_fake(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    dtype = _check_gate_args("gate_linear", x, weight, bias)
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=dtype)
 
 
@@ -105,8 +110,7 @@ def _gate_linear_backward_fake(
     grad: Tensor, x: Tensor, weight: Tensor, need_x: bool, need_weight: bool
 ) -> tuple[Tensor, Tensor]:
     op = "smoe::gate_linear_backward"
-    _gate_linear_fake(x, weight)
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = _check_gate_args("gate_linear_backward", x, weight, None)
     torch._check(grad.device == x.device, lambda: f"{op}: grad must be on x's device")
     torch._check(grad.dtype == dtype, lambda: f"{op}: grad must be {dtype}")
     torch._check(
