@@ -46,6 +46,13 @@ def gate_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     return out.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
+def gate_linear_backward(grad: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """gate_linear's gradients of x and weight from the logits' gradient, exact in float64 (not
+    rounded to the inputs' dtypes): grad @ weight and grad^T @ x."""
+    g = grad.double()
+    return g @ weight.double(), g.t() @ x.double()
+
+
 def make_plan(
     expert: Tensor,
     num_experts: int,
