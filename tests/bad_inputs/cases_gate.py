@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.bad_inputs.cases import Case, T, arg, defined, op_cases, row, standard_rows
+from tests.bad_inputs.cases import Case, T, arg, defined, on_meta, op_cases, row, standard_rows
 
 D, E = 6, 3
 
@@ -47,16 +47,16 @@ _rows = [
         "meta",
         "meta weight d+1",
         arg("weight"),
-        x=lambda d, a: a["x"].to("meta"),
+        x=on_meta("x"),
         weight=lambda d, a: torch.empty(E, D + 1, device="meta"),
-        bias=lambda d, a: a["bias"].to("meta"),
+        bias=on_meta("bias"),
     ),
     row(
         "meta",
         "meta bias [E+1]",
         arg("bias"),
-        x=lambda d, a: a["x"].to("meta"),
-        weight=lambda d, a: a["weight"].to("meta"),
+        x=on_meta("x"),
+        weight=on_meta("weight"),
         bias=lambda d, a: torch.empty(E + 1, device="meta"),
     ),
     row("sparse", "x sparse COO", arg("x"), x=lambda d, a: a["x"].to_sparse()),
@@ -76,7 +76,8 @@ _defined = [
 
 # ---- gate_linear_backward ----------------------------------------------------------------------
 def _bwd_good(d):
-    return {"grad": d.f(T, E), **{k: v for k, v in _good(d).items() if k != "bias"}} | {
+    good = _good(d)
+    return {"grad": d.f(T, E), "x": good["x"], "weight": good["weight"]} | {
         "need_x": True,
         "need_weight": True,
     }
@@ -94,8 +95,8 @@ _bwd_rows = [
         "meta grad [T, E+1]",
         arg("grad"),
         grad=lambda d, a: torch.empty(T, E + 1, device="meta"),
-        x=lambda d, a: a["x"].to("meta"),
-        weight=lambda d, a: a["weight"].to("meta"),
+        x=on_meta("x"),
+        weight=on_meta("weight"),
     ),
     row("sparse", "grad sparse COO", arg("grad"), grad=lambda d, a: a["grad"].to_sparse()),
 ]
