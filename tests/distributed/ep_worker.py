@@ -17,6 +17,8 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.distributed.teardown import end_rank  # noqa: E402
+
 
 def _errors(rank: int, world: int) -> dict[str, str]:
     """The setup errors, as each rank sees them."""
@@ -124,12 +126,11 @@ def gpu_worker(rank: int, world: int, rdv: str, out: str, backend: str) -> None:
                 report["cases"][case.name] = result
         if rank == 0:
             Path(out).write_text(json.dumps(report, indent=1))
-        dist.barrier()
     except Exception:
         traceback.print_exc()
-        raise
-    finally:
         dist.destroy_process_group()
+        raise
+    end_rank()
 
 
 def worker(rank: int, world: int, rdv: str, out: str, only: str | None) -> None:
@@ -164,12 +165,11 @@ def worker(rank: int, world: int, rdv: str, out: str, only: str | None) -> None:
                 report["cases"][case.name] = result
         if rank == 0:
             Path(out).write_text(json.dumps(report, indent=1))
-        dist.barrier()  # no rank tears its group down while another is still in a collective
     except Exception:
         traceback.print_exc()
-        raise
-    finally:
         dist.destroy_process_group()
+        raise
+    end_rank()
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import traceback
 from pathlib import Path
@@ -20,6 +19,8 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.distributed.teardown import end_rank  # noqa: E402
+
 
 def _grads(model) -> dict[str, torch.Tensor]:
     out = {}
@@ -30,7 +31,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+def worker(rank: int, world: int, rdv: str, model_dir: str, out: str) -> None:
     import transformers
     from transformers.distributed import DistributedConfig
 
@@ -38,10 +39,9 @@ def worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
 
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=world)
     try:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, 64, (world, 9), generator=g)
@@ -78,9 +78,9 @@ def worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
             Path(out).write_text(json.dumps(everyone, indent=1))
     except Exception:
         traceback.print_exc()
-        raise
-    finally:
         dist.destroy_process_group()
+        raise
+    end_rank()
 
 
 def main() -> None:
@@ -89,10 +89,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--world", type=int, default=2)
     a = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(a.world, port, a.model, a.out), nprocs=a.world, join=True)
+    rdv = str(Path(a.out).parent / "rendezvous")
+    mp.spawn(worker, args=(a.world, rdv, a.model, a.out), nprocs=a.world, join=True)
 
 
 if __name__ == "__main__":
