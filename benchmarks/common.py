@@ -151,15 +151,29 @@ def profile_top(fn: Callable[[], object], rows: int = 8) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # The physical limit
 # ---------------------------------------------------------------------------------------------
+def limit_dtype(dtype: torch.dtype, device="cpu") -> torch.dtype:
+    """The dtype a dense GEMM runs fastest in for ``dtype`` data: itself, except a 16-bit dtype on
+    a CPU where smoe's expert GEMMs take the float32 path on upcast inputs (csrc/cpu/gemm16.h),
+    because torch's own 16-bit mm there is a scalar loop at ~1 GF/s (any AVX2-only x86 CPU)."""
+    if torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return dtype
+    from smoe import _C
+
+    name = "bf16" if dtype == torch.bfloat16 else "fp16"
+    path = _C.cpu_gemm16_path().split(f"{name} ", 1)[1]
+    return torch.float32 if path.startswith("float32 GEMM on upcast inputs") else dtype
+
+
 def dense_limit(
     rows: int, d: int, inner: int, d_ff: int, dtype: torch.dtype, backward: bool, device="cpu"
 ) -> Callable[[], None]:
     """The expert GEMMs of a layer as plain dense ``torch.mm`` calls over ``rows`` rows.
 
     ``inner`` is the first GEMM's width (2·d_ff for SwiGLU, d_ff for GELU). Forward: 2 GEMMs;
-    forward+backward: 6 (dX and dW of each).
+    forward+backward: 6 (dX and dW of each). On a CPU where torch has no native kernel for a
+    16-bit dtype (see :func:`limit_dtype`), the limit is the float32 GEMMs of the same shapes.
     """
-    kw = {"dtype": dtype, "device": device}
+    kw = {"dtype": limit_dtype(dtype, device), "device": device}
     x, w1 = torch.randn(rows, d, **kw), torch.randn(d, inner, **kw)
     a, w2 = torch.randn(rows, d_ff, **kw), torch.randn(d_ff, d, **kw)
     gy, gh = torch.randn(rows, d, **kw), torch.randn(rows, inner, **kw)
@@ -225,6 +239,11 @@ def machine(device: str = "cpu") -> dict:
         commit=commit,
         device=device,
     )
+    if not device.startswith("cuda"):
+        info["cpu_16bit_limit"] = {  # the dtype of dense_limit's GEMMs for 16-bit data
+            "bf16": str(limit_dtype(torch.bfloat16)).removeprefix("torch."),
+            "fp16": str(limit_dtype(torch.float16)).removeprefix("torch."),
+        }
     if device.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1))

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "cpu/brgemm.h"
+#include "cpu/gemm16.h"
 #include "cpu/workspace.h"
 
 #ifdef SMOE_WITH_CUDA
@@ -251,6 +252,8 @@ template <typename F>
 PyObject* guarded(F fn) {
   try {
     return fn();
+  } catch (const c10::ValueError& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
   } catch (const std::exception& e) {
@@ -261,6 +264,22 @@ PyObject* guarded(F fn) {
 
 PyObject* cpu_gate_path(PyObject*, PyObject*) {
   return guarded([] { return PyUnicode_FromString(smoe::ops::brgemm::bf16_path().c_str()); });
+}
+
+PyObject* cpu_gemm16_path(PyObject*, PyObject*) {
+  return guarded([] { return PyUnicode_FromString(smoe::ops::gemm16_path().c_str()); });
+}
+
+PyObject* set_cpu_gemm16(PyObject*, PyObject* arg) {
+  if (!PyUnicode_Check(arg)) {
+    PyErr_SetString(PyExc_TypeError,
+                    "smoe: mode must be a str: \"auto\", \"native\" or \"upcast\"");
+    return nullptr;
+  }
+  return guarded([arg] {
+    smoe::ops::set_gemm16_mode(PyUnicode_AsUTF8(arg));
+    Py_RETURN_NONE;
+  });
 }
 
 PyObject* cuda_grouped_mm_path(PyObject*, PyObject*) {
@@ -286,6 +305,10 @@ PyObject* release_cpu_cache(PyObject*, PyObject*) {
 PyMethodDef smoe_c_methods[] = {
     {"cpu_gate_path", cpu_gate_path, METH_NOARGS,
      "Which path gate_linear's CPU bf16 GEMM takes here, and why (one line)."},
+    {"cpu_gemm16_path", cpu_gemm16_path, METH_NOARGS,
+     "Which path the CPU expert GEMMs take for bf16 and fp16 here, and why (one line)."},
+    {"set_cpu_gemm16", set_cpu_gemm16, METH_O,
+     "Sets that path: \"auto\", \"native\" or \"upcast\" (SMOE_CPU_GEMM16 sets it at start)."},
     {"cuda_grouped_mm_path", cuda_grouped_mm_path, METH_NOARGS,
      "Which path CUDA grouped_mm takes, by dtype and device (one line)."},
     {"cpu_cache_bytes", cpu_cache_bytes, METH_NOARGS,

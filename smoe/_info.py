@@ -94,6 +94,7 @@ def info() -> str:
         *filter(None, [device_arch_line()]),
         _allocator_line(),
         _cache_line(),
+        _C.cpu_gemm16_path(),
         _C.cpu_gate_path(),
         _C.cuda_grouped_mm_path(),
         "",

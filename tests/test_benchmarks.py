@@ -91,3 +91,19 @@ def test_bench_cpu_gemm_warmup_reports_each_span():
     bench_cpu_gemm = pytest.importorskip("bench_cpu_gemm")
     spans = bench_cpu_gemm.main(["--warmup", "--steps", "12", "--threads", "1"])["spans"]
     assert [s for s, _ in spans] == ["0-9", "10-11"] and all(ms > 0 for _, ms in spans)
+
+
+def test_bench_gemm16_quick_times_both_paths(tmp_path):
+    from tests.helpers import run_quick_benchmark
+
+    data, md, _ = run_quick_benchmark("bench_gemm16.py", tmp_path, "--dtype", "bf16",
+                                      stem="bench_gemm16")  # fmt: skip
+    assert [(r["shape"], r["mode"]) for r in data["rows"]] == [
+        ("mixtral-like", "fwd"), ("mixtral-like", "fwd+bwd"),
+        ("fine-grained", "fwd"), ("fine-grained", "fwd+bwd"),
+    ]  # fmt: skip
+    for r in data["rows"]:
+        assert set(r["ms"]) == {"native", "upcast", "float32 layer", "dense bf16", "dense float32"}
+        assert all(math.isfinite(v) and v > 0 for v in r["ms"].values())
+    assert "auto here: CPU 16-bit expert GEMMs" in md and md.count("| bf16 |") == 4
+    assert data["machine"]["cpu_16bit_limit"]["bf16"] in ("float32", "bfloat16")

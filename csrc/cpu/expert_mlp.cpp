@@ -10,10 +10,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/gelu.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/relu.h>
 #include <torch/library.h>
 
@@ -24,6 +22,7 @@
 #include <vector>
 
 #include "checks_expert_mlp.h"
+#include "cpu/gemm16.h"
 #include "cpu/gemm_glue.h"
 #include "cpu/permute_kernel.h"
 #include "cpu/swiglu_kernel.h"
@@ -52,11 +51,9 @@ void mm_cols(at::Tensor& out, const at::Tensor& a, const at::Tensor& w,
   for (int64_t c = 0; c < w.size(1); c += kColBlock) {
     const int64_t nc = std::min(kColBlock, w.size(1) - c);
     at::Tensor o = out.narrow(1, c, nc);
-    if (bias.has_value()) {
-      at::addmm_out(o, bias->narrow(0, c, nc), a, w.narrow(1, c, nc));
-    } else {
-      at::mm_out(o, a, w.narrow(1, c, nc));
-    }
+    std::optional<at::Tensor> bs;
+    if (bias.has_value()) bs = bias->narrow(0, c, nc);
+    block_mm(o, a, w.narrow(1, c, nc), bs);
   }
 }
 

@@ -1,5 +1,6 @@
 // CPU glue of grouped_mm and its backward: one single-threaded BLAS GEMM per work item (expert,
-// row block, column block), spread over torch's thread pool. Work-item sizes follow from the
+// row block, column block), spread over torch's thread pool; 16-bit items take the path that
+// csrc/cpu/gemm16.h chooses for this CPU. Work-item sizes follow from the
 // shapes, never from the thread count, and no item reduces into another's output, so results are
 // bitwise equal for every torch.set_num_threads (tests/test_determinism.py); a big expert is still
 // many items, so it keeps every core busy.
@@ -9,9 +10,7 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty_strided.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -21,6 +20,7 @@
 #include <vector>
 
 #include "checks_grouped_mm.h"
+#include "cpu/gemm16.h"
 #include "cpu/gemm_glue.h"
 #include "cpu/workspace.h"
 
@@ -81,11 +81,9 @@ at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w, const at::T
     at::Tensor o = out.narrow(0, b.begin, b.rows).narrow(1, b.col, b.cols);
     const at::Tensor xs = x.narrow(0, b.begin, b.rows);
     const at::Tensor ws = w.select(0, b.expert).narrow(1, b.col, b.cols);
-    if (bias.has_value()) {
-      at::addmm_out(o, bias->select(0, b.expert).narrow(0, b.col, b.cols), xs, ws);
-    } else {
-      at::mm_out(o, xs, ws);
-    }
+    std::optional<at::Tensor> bs;
+    if (bias.has_value()) bs = bias->select(0, b.expert).narrow(0, b.col, b.cols);
+    block_mm(o, xs, ws, bs);
   });
   return out;
 }
@@ -164,9 +162,9 @@ at::Tensor grouped_mm_weight_grad(const at::Tensor& grad, const at::Tensor& x, c
                      gs = grad.narrow(0, off[e], rows).narrow(1, c0, nc);
     if (transposed) {
       at::Tensor ot = o.t();  // [nc, d_in], row-major in gw's storage
-      at::mm_out(ot, gs.t(), xs);
+      block_mm(ot, gs.t(), xs);
     } else {
-      at::mm_out(o, xs.t(), gs);
+      block_mm(o, xs.t(), gs);
     }
   });
   return gw;

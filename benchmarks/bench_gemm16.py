@@ -1,0 +1,110 @@
+"""The CPU expert GEMMs' 16-bit path (csrc/cpu/gemm16.h): ATen's own bf16/fp16 mm ("native") or
+the float32 GEMM on upcast inputs, rounded once ("upcast"), measured side by side in one process.
+
+    python benchmarks/bench_gemm16.py [--tokens 512] [--dtype bf16 fp16] [--quick] [--out D]
+
+For each of bench_layer.py's shapes (at ``--tokens`` tokens) and each 16-bit dtype: ``MoELayer``'s
+forward (under ``torch.no_grad``) and forward+backward with each path, the float32 layer, and the
+dense limits: ``torch.mm`` GEMMs of the layer's expert FLOPs in the dtype and in float32. What
+"auto" picks on this CPU is in the header (``smoe.info()`` says it too). Ratios are to the native
+path and to the float32 dense limit. Writes ``bench_gemm16.md`` and ``.json`` under ``--out``
+(git-ignored by default); never writes RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from bench_layer import SHAPES, run_layer  # benchmarks/bench_layer.py
+from common import machine, measure
+from tqdm import tqdm
+
+from smoe import _C, MoELayer
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dense(rows: int, d: int, inner: int, d_ff: int, dtype: torch.dtype, backward: bool):
+    """The layer's expert GEMMs as dense ``torch.mm`` calls in ``dtype`` (bench_layer's limit,
+    without its float32 substitution)."""
+    x, w1 = torch.randn(rows, d, dtype=dtype), torch.randn(d, inner, dtype=dtype)
+    a, w2 = torch.randn(rows, d_ff, dtype=dtype), torch.randn(d_ff, d, dtype=dtype)
+    gy, gh = torch.randn(rows, d, dtype=dtype), torch.randn(rows, inner, dtype=dtype)
+
+    def fn() -> None:
+        torch.mm(x, w1), torch.mm(a, w2)
+        if backward:
+            torch.mm(gy, w2.t()), torch.mm(a.t(), gy), torch.mm(gh, w1.t()), torch.mm(x.t(), gh)
+
+    return fn
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--min-run-time", type=float, default=1.0)
+    p.add_argument("--quick", action="store_true", help="16 tokens, short timing (CI-sized)")
+    p.add_argument("--out", default="benchmarks/out")
+    args = p.parse_args()
+    if args.quick:
+        args.tokens, args.min_run_time = 16, 0.01
+
+    def clock(fn) -> float:  # a slow call (the scalar fallback takes seconds) gets 3 samples
+        return measure(fn, min_run_time=args.min_run_time, slow_s=0.5).median
+
+    torch.manual_seed(0)
+    rows, jobs = [], [(s, d, b) for s in SHAPES for d in args.dtype for b in (False, True)]
+    for shape_name, dname, backward in tqdm(jobs, desc="bench_gemm16"):
+        shape = dict(SHAPES[shape_name], T=args.tokens)
+        dtype = DTYPES[dname]
+        layer = MoELayer(shape["d"], shape["d_ff"], shape["E"], shape["k"], activation="swiglu")
+        x = torch.randn(1, shape["T"], shape["d"])
+        times = {}
+        try:
+            for mode in ("native", "upcast"):
+                _C.set_cpu_gemm16(mode)
+                m = layer.to(dtype)
+                times[mode] = clock(run_layer(m, x.to(dtype).requires_grad_(backward), backward))
+        finally:
+            _C.set_cpu_gemm16("auto")
+        times["float32 layer"] = clock(
+            run_layer(layer.float(), x.clone().requires_grad_(backward), backward)
+        )
+        n, d, f = shape["T"] * shape["k"], shape["d"], shape["d_ff"]
+        times[f"dense {dname}"] = clock(dense(n, d, 2 * f, f, dtype, backward))
+        times["dense float32"] = clock(dense(n, d, 2 * f, f, torch.float32, backward))
+        rows.append(dict(shape=shape_name, dtype=dname, mode="fwd+bwd" if backward else "fwd",
+                         ms={k: v * 1e3 for k, v in times.items()}))  # fmt: skip
+
+    head = ["shape", "dtype", "mode", "native ms", "upcast ms", "upcast / native speed-up",
+            "float32 layer ms", "dense 16-bit ms", "dense float32 ms",
+            "efficiency (dense float32 / upcast)"]  # fmt: skip
+    lines = [
+        f"machine: {machine()}",
+        f"auto here: {_C.cpu_gemm16_path()}",
+        f"tokens: {args.tokens}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in rows:
+        ms = r["ms"]
+        cells = [r["shape"], r["dtype"], r["mode"], f"{ms['native']:.1f}", f"{ms['upcast']:.1f}",
+                 f"{ms['native'] / ms['upcast']:.1f}x", f"{ms['float32 layer']:.1f}",
+                 f"{ms['dense ' + r['dtype']]:.1f}", f"{ms['dense float32']:.1f}",
+                 f"{ms['dense float32'] / ms['upcast']:.2f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_gemm16.md").write_text(text + "\n")
+    (out / "bench_gemm16.json").write_text(json.dumps(dict(rows=rows, machine=machine()), indent=1))
+
+
+if __name__ == "__main__":
+    main()
