@@ -170,3 +170,23 @@ def test_a_bad_environment_variable_is_an_error_that_names_it():
     out = _run(code, "fastest")
     assert out.returncode != 0
     assert 'SMOE_CPU_GEMM16 must be "auto", "native" or "upcast", got "fastest"' in out.stderr
+
+
+def _upcasts(fn) -> int:
+    """How many float32 copies an op made (one work item: it runs on the calling thread)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events()].count("aten::_to_copy")
+
+
+@pytest.mark.parametrize(("mode", "rows", "upcasts"), [
+    ("upcast", 4, 2), ("upcast", 3, 0), ("native", 4, 0),
+])  # fmt: skip
+def test_items_of_under_4_rows_keep_the_native_matrix_vector_product(gemm16, mode, rows, upcasts):
+    # decoding: a few rows per expert read each weight once; upcasting the weight first would
+    # triple that traffic (bench_gemm16.py --tokens 1), so such items keep ATen's own mm
+    gemm16(mode)
+    x, w = torch.randn(rows, 64).bfloat16(), torch.randn(1, 64, 30).bfloat16()
+    assert _upcasts(lambda: ops.grouped_mm(x, w, torch.tensor([0, rows]))) == upcasts
