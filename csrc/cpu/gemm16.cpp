@@ -8,7 +8,6 @@
 #include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -16,12 +15,19 @@
 namespace smoe::ops {
 namespace {
 
-// An item with fewer output rows (or columns) than this keeps ATen's own 16-bit mm even where the
-// path is upcast: there the GEMM is a matrix-vector product that reads each weight once, and
-// upcasting the weight block first triples its memory traffic. Decoding one token at the
-// Mixtral-like shape (bench_gemm16.py --tokens 1): 1.6 ms native, 5.7 ms upcast; at 8 tokens
-// (about 2 rows per expert) the two are at par, and from 32 tokens on upcast is faster.
-constexpr int64_t kUpcastMinDim = 4;
+// ATen's 16-bit fallback is fast in one case: few rows against a weight block stored
+// output-major (b's columns contiguous, as Experts' [E, out, in] weights are handed over), which it
+// runs as dot products that read each weight once. Upcasting the block first would triple that
+// traffic. bf16 [M, 3584] x [3584, 256], one thread, native / upcast ms: output-major
+// 0.10 / 0.41 at M = 1, 0.36 / 0.66 at M = 4, 0.68 / 0.44 at M = 8; row-major 2.55 / 0.62 at
+// M = 1 and worse after (its scalar loop walks the weight by rows). So an item of fewer than
+// kNativeMaxRows rows over an output-major block keeps ATen's mm: decoding, where one token at the
+// Mixtral-like shape took 5.7 ms upcast and 1.6 ms native (bench_gemm16.py --tokens 1).
+constexpr int64_t kNativeMaxRows = 6;
+
+bool dot_product_form(const at::Tensor& out, const at::Tensor& b) {
+  return out.size(0) < kNativeMaxRows && b.stride(0) == 1 && b.size(0) > 1;
+}
 
 Gemm16Mode parse(const std::string& mode, const char* what) {
   if (mode == "auto") return Gemm16Mode::kAuto;
@@ -99,7 +105,7 @@ std::string gemm16_path() {
 
 void block_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
               const std::optional<at::Tensor>& bias) {
-  if (!gemm16_upcast(out.scalar_type()) || std::min(out.size(0), out.size(1)) < kUpcastMinDim) {
+  if (!gemm16_upcast(out.scalar_type()) || dot_product_form(out, b)) {
     if (bias.has_value()) {
       at::addmm_out(out, *bias, a, b);
     } else {

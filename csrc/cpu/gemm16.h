@@ -32,7 +32,8 @@ bool gemm16_upcast(at::ScalarType dtype);
 std::string gemm16_path();
 
 // out = a @ b (+ bias, broadcast over rows), any strides, on the path above for out's dtype; an
-// out of fewer than 4 rows or columns (a matrix-vector product: decoding) keeps ATen's own mm.
+// out of fewer than 6 rows over an output-major b (decoding: dot products that read each weight
+// once, ATen's fallback at its fastest) keeps ATen's own mm.
 void block_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
               const std::optional<at::Tensor>& bias = std::nullopt);
 

@@ -181,12 +181,22 @@ def _upcasts(fn) -> int:
     return [e.name for e in prof.events()].count("aten::_to_copy")
 
 
-@pytest.mark.parametrize(("mode", "rows", "upcasts"), [
-    ("upcast", 4, 2), ("upcast", 3, 0), ("native", 4, 0),
+@pytest.mark.parametrize(("mode", "rows", "output_major", "upcasts"), [
+    ("upcast", 5, True, 0), ("upcast", 6, True, 2), ("upcast", 1, False, 2),
+    ("native", 6, True, 0), ("native", 1, False, 0),
 ])  # fmt: skip
-def test_items_of_under_4_rows_keep_the_native_matrix_vector_product(gemm16, mode, rows, upcasts):
-    # decoding: a few rows per expert read each weight once; upcasting the weight first would
-    # triple that traffic (bench_gemm16.py --tokens 1), so such items keep ATen's own mm
+def test_few_rows_over_an_output_major_weight_keep_the_native_dot_products(
+    gemm16, mode, rows, output_major, upcasts
+):
+    # decoding: ATen's fallback runs a few rows against a weight stored [out, in] (how Experts
+    # hands its weights over) as dot products that read each weight once, faster than upcasting
+    # the block first; against a row-major [in, out] weight its scalar loop is slower at any M
     gemm16(mode)
-    x, w = torch.randn(rows, 64).bfloat16(), torch.randn(1, 64, 30).bfloat16()
+    x = torch.randn(rows, 64).bfloat16()
+    w = (
+        torch.randn(1, 30, 64).bfloat16().transpose(1, 2)
+        if output_major
+        else torch.randn(1, 64, 30)
+    )
+    w = w.bfloat16()
     assert _upcasts(lambda: ops.grouped_mm(x, w, torch.tensor([0, rows]))) == upcasts
