@@ -10,7 +10,6 @@
 
 #include <atomic>
 #include <cstdlib>
-#include <cstring>
 
 namespace smoe::ops {
 namespace {
