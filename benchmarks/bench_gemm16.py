@@ -19,27 +19,12 @@ from pathlib import Path
 
 import torch
 from bench_layer import SHAPES, run_layer  # benchmarks/bench_layer.py
-from common import machine, measure
+from common import dense_limit, machine, measure
 from tqdm import tqdm
 
 from smoe import _C, MoELayer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def dense(rows: int, d: int, inner: int, d_ff: int, dtype: torch.dtype, backward: bool):
-    """The layer's expert GEMMs as dense ``torch.mm`` calls in ``dtype`` (bench_layer's limit,
-    without its float32 substitution)."""
-    x, w1 = torch.randn(rows, d, dtype=dtype), torch.randn(d, inner, dtype=dtype)
-    a, w2 = torch.randn(rows, d_ff, dtype=dtype), torch.randn(d_ff, d, dtype=dtype)
-    gy, gh = torch.randn(rows, d, dtype=dtype), torch.randn(rows, inner, dtype=dtype)
-
-    def fn() -> None:
-        torch.mm(x, w1), torch.mm(a, w2)
-        if backward:
-            torch.mm(gy, w2.t()), torch.mm(a.t(), gy), torch.mm(gh, w1.t()), torch.mm(x.t(), gh)
-
-    return fn
 
 
 def main() -> None:
@@ -75,8 +60,8 @@ def main() -> None:
             run_layer(layer.float(), x.clone().requires_grad_(backward), backward)
         )
         n, d, f = shape["T"] * shape["k"], shape["d"], shape["d_ff"]
-        times[f"dense {dname}"] = clock(dense(n, d, 2 * f, f, dtype, backward))
-        times["dense float32"] = clock(dense(n, d, 2 * f, f, torch.float32, backward))
+        times[f"dense {dname}"] = clock(dense_limit(n, d, 2 * f, f, dtype, backward, as_given=True))
+        times["dense float32"] = clock(dense_limit(n, d, 2 * f, f, torch.float32, backward))
         rows.append(dict(shape=shape_name, dtype=dname, mode="fwd+bwd" if backward else "fwd",
                          ms={k: v * 1e3 for k, v in times.items()}))  # fmt: skip
 

@@ -165,15 +165,24 @@ def limit_dtype(dtype: torch.dtype, device="cpu") -> torch.dtype:
 
 
 def dense_limit(
-    rows: int, d: int, inner: int, d_ff: int, dtype: torch.dtype, backward: bool, device="cpu"
+    rows: int,
+    d: int,
+    inner: int,
+    d_ff: int,
+    dtype: torch.dtype,
+    backward: bool,
+    device="cpu",
+    *,
+    as_given: bool = False,
 ) -> Callable[[], None]:
     """The expert GEMMs of a layer as plain dense ``torch.mm`` calls over ``rows`` rows.
 
     ``inner`` is the first GEMM's width (2·d_ff for SwiGLU, d_ff for GELU). Forward: 2 GEMMs;
     forward+backward: 6 (dX and dW of each). On a CPU where torch has no native kernel for a
-    16-bit dtype (see :func:`limit_dtype`), the limit is the float32 GEMMs of the same shapes.
+    16-bit dtype (see :func:`limit_dtype`), the limit is the float32 GEMMs of the same shapes,
+    unless ``as_given`` (then ``dtype`` itself, however slow).
     """
-    kw = {"dtype": limit_dtype(dtype, device), "device": device}
+    kw = {"dtype": dtype if as_given else limit_dtype(dtype, device), "device": device}
     x, w1 = torch.randn(rows, d, **kw), torch.randn(d, inner, **kw)
     a, w2 = torch.randn(rows, d_ff, **kw), torch.randn(d_ff, d, **kw)
     gy, gh = torch.randn(rows, d, **kw), torch.randn(rows, inner, **kw)
