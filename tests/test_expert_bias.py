@@ -3,9 +3,6 @@ smoe.ExpertBiasUpdater (DeepSeek-V3; Wang et al. 2024)."""
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -157,30 +154,27 @@ def test_updater_errors():
         ExpertBiasUpdater(_router(), coeff=0.0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank(rank: int, port: int, out) -> None:
+def _rank(rank: int, rdv: str, out) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from tests.distributed.teardown import end_rank
+
+    dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=2)
     try:
         r = _router()
         r.expert_counts.copy_(torch.tensor([4.0, 0, 0, 0, 0, 0]) if rank == 0 else torch.tensor(
             [0.0, 0, 0, 0, 0, 8.0]))  # fmt: skip
         ExpertBiasUpdater(r, coeff=1.0, center=False).step()
         out[rank] = r.expert_bias.clone()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    end_rank()  # barrier, destroy, os._exit(0): no rank aborts in interpreter teardown
 
 
-def test_counts_are_all_reduced_over_two_gloo_ranks():
+def test_counts_are_all_reduced_over_two_gloo_ranks(tmp_path):
     out = mp.Manager().dict()
-    mp.spawn(_rank, args=(_free_port(), out), nprocs=2, join=True)
+    mp.spawn(_rank, args=(str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
     # summed counts [4, 0, 0, 0, 0, 8], mean 2: experts 0 and 5 over, the rest under
     want = torch.tensor([-1.0, 1.0, 1.0, 1.0, 1.0, -1.0])
     assert torch.equal(out[0], want) and torch.equal(out[1], want)
