@@ -123,6 +123,14 @@ TORCH_LIBRARY(smoe, m) {
       "s2moe_perturb(Tensor x, Tensor n1, Tensor n2, Tensor mu, Tensor s_mul, Tensor s_add) -> "
       "Tensor");
 
+  // ---- the auxiliary losses' statistics ----
+  m.set_python_module("smoe.ops.stats");
+  // one pass over router logits [T, E]: prob_sum [E] = sum over tokens of softmax(logits_t) (the
+  // balance losses' P, times T) and lse [T] = logsumexp(logits_t) (the z-loss's), float32 (float64
+  // for float64 logits) from the exact 16-bit values. prob_sum adds fixed blocks of rows in order:
+  // the same bits at any thread count. NaN propagates; a row of only -inf has lse -inf.
+  m.def("router_stats(Tensor logits) -> (Tensor prob_sum, Tensor lse)");
+
   // ---- dispatch ----
   m.set_python_module("smoe.ops.dispatch");
   // stable counting sort of the T*k slots by expert, with optional capacity dropping (rank-major);
@@ -214,6 +222,11 @@ TORCH_LIBRARY(smoe, m) {
       "s2moe_perturb_backward(Tensor grad, Tensor x, Tensor n1, Tensor n2, Tensor mu, Tensor "
       "s_mul, Tensor s_add, bool[4] output_mask) -> (Tensor grad_x, Tensor grad_mu, Tensor "
       "grad_s_mul, Tensor grad_s_add)");
+  m.set_python_module("smoe.ops.stats");
+  // d logits [T, E] (logits' dtype) of router_stats from d prob_sum [E] and d lse [T] (either
+  // None: zero), recomputing the softmax p as the forward does: p (d prob_sum - <p, d prob_sum> +
+  // d lse).
+  m.def("router_stats_backward(Tensor? grad_prob_sum, Tensor? grad_lse, Tensor logits) -> Tensor");
   m.set_python_module("smoe.ops.dispatch");
   // d x of permute: grad_x[t] = sum_j grad_out[row[t, j]]; [T, d].
   m.def("permute_backward(Tensor grad_out, Tensor row) -> Tensor");

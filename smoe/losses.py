@@ -1,4 +1,5 @@
-"""Router auxiliary losses: plain torch compositions (cheap), returned unweighted."""
+"""Router auxiliary losses, returned unweighted: torch compositions around one pass of
+``smoe.ops.router_stats`` over the logits (their softmax column sums and logsumexps)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from smoe import ops
+from smoe.ops.stats import RouterStats
+
 
 def switch_balance_loss(
     logits: Tensor,
@@ -16,6 +20,7 @@ def switch_balance_loss(
     *,
     first_choice_only: bool = False,
     stats_group: Any = None,
+    stats: RouterStats | None = None,
 ) -> Tensor:
     """Switch load-balancing loss ``E * sum_e f_e * P_e`` (specs/classic_routers.md §2).
 
@@ -32,18 +37,21 @@ def switch_balance_loss(
             rank's, so the mean over ranks of this loss, with equal T per rank, is the loss of
             all ranks' tokens at once (global-batch balancing) and its gradients, averaged as
             data parallelism does, are that loss's. None (default): this rank's tokens only.
+        stats: ``smoe.ops.router_stats(logits)``, when the caller has it (a router that also
+            returns :func:`router_z_loss` computes it once for both); None: computed here.
 
     Returns:
-        A float32 scalar; multiply by the coefficient alpha (1e-2 in Switch) yourself.
+        A float32 scalar (float64 for float64 logits); multiply by the coefficient alpha (1e-2
+        in Switch) yourself.
     """
     T = logits.shape[0]
-    probs = torch.softmax(logits.float(), dim=-1)
+    prob_sum = (ops.router_stats(logits) if stats is None else stats).prob_sum
     chosen = (expert[:, :1] if first_choice_only else expert).reshape(-1)
     # Counts by scatter-add of ones (exact in fp32 below 2^24 per expert); -1 entries add 0.
     # A one_hot would materialise [T, k, E] int64.
-    valid = (chosen >= 0).float()
-    counts = probs.new_zeros(num_experts).scatter_add_(0, chosen.clamp_min(0).long(), valid)
-    p = probs.sum(dim=0) / max(T, 1)
+    valid = (chosen >= 0).to(prob_sum.dtype)
+    counts = prob_sum.new_zeros(num_experts).scatter_add_(0, chosen.clamp_min(0).long(), valid)
+    p = prob_sum / max(T, 1)
     n: int | Tensor = max(T, 1)  # the tokens f counts over
     if stats_group is not None:
         counts, n = _all_reduced_counts(counts, T, stats_group)
@@ -51,9 +59,11 @@ def switch_balance_loss(
     return num_experts * (f * p).sum()
 
 
-def router_z_loss(logits: Tensor) -> Tensor:
-    """ST-MoE router z-loss ``mean_t logsumexp(h_t)^2`` in float32 (specs/classic_routers.md §3)."""
-    lse = torch.logsumexp(logits.float(), dim=-1)
+def router_z_loss(logits: Tensor, *, stats: RouterStats | None = None) -> Tensor:
+    """ST-MoE router z-loss ``mean_t logsumexp(h_t)^2`` in float32 (float64 for float64 logits;
+    specs/classic_routers.md §3). ``stats``: ``smoe.ops.router_stats(logits)`` when the caller
+    has it (see :func:`switch_balance_loss`)."""
+    lse = (ops.router_stats(logits) if stats is None else stats).lse
     return (lse * lse).sum() / max(logits.shape[0], 1)
 
 
@@ -116,17 +126,17 @@ def _balance(
     = the sum over tokens of ``softmax(logits)_i`` over ``T·slots``; at least float32. With a
     ``stats_group``, f counts the tokens of all its ranks (see :func:`switch_balance_loss`)."""
     T = logits.shape[0]
-    probs = torch.softmax(_at_least_fp32(logits), dim=-1)
+    prob_sum = ops.router_stats(logits).prob_sum
     flat = chosen.reshape(-1)
-    valid = (flat >= 0).to(probs.dtype)
-    counts = probs.new_zeros(num_experts).scatter_add_(0, flat.clamp_min(0).long(), valid)
+    valid = (flat >= 0).to(prob_sum.dtype)
+    counts = prob_sum.new_zeros(num_experts).scatter_add_(0, flat.clamp_min(0).long(), valid)
     total = max(T * slots, 1)
     if stats_group is not None:
         counts, n = _all_reduced_counts(counts, T, stats_group)
         f = counts / (n * slots)
     else:
         f = counts / total
-    return num_experts * (f * (probs.sum(dim=0) / total)).sum()
+    return num_experts * (f * (prob_sum / total)).sum()
 
 
 def _all_reduced_counts(counts: Tensor, T: int, group: Any) -> tuple[Tensor, Tensor]:
@@ -203,11 +213,14 @@ def importance_loss(
         A float32 scalar (float64 for float64 logits): 0 for perfectly uniform importance,
         E - 1 with all mass on one expert. Weight 0.005 in V-MoE's configs.
     """
-    p = torch.softmax(_at_least_fp32(logits), dim=-1)
     if stats_group is not None and group_size is None:
-        return _global_cv_squared(p.sum(dim=0), stats_group)  # every rank, even with T = 0
+        imp = ops.router_stats(logits).prob_sum
+        return _global_cv_squared(imp, stats_group)  # every rank, even with T = 0
     if logits.shape[0] == 0:
         return logits.new_zeros((), dtype=torch.float32)
+    if group_size is None:  # one group: Imp is router_stats' column sum (one pass)
+        return _cv_squared(ops.router_stats(logits).prob_sum)
+    p = torch.softmax(_at_least_fp32(logits), dim=-1)
     return _cv_squared(_group_sums(p, group_size)).mean()
 
 

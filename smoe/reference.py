@@ -27,6 +27,7 @@ from smoe.reference_routing import (  # noqa: F401 (re-exported)
     expert_choice,
     importance_loss,
     load_loss,
+    router_stats,
     router_z_loss,
     switch_balance_loss,
     topk_softmax,

@@ -80,6 +80,23 @@ def switch_balance_loss(
     return num_experts * (f * probs.mean(0)).sum()
 
 
+def router_stats(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """The statistics of ``smoe.ops.router_stats`` in float64, returned in float32 (float64 for
+    float64 logits): the sum over tokens of softmax(logits_t), and logsumexp(logits_t).
+
+    The logsumexp is written out around torch.logsumexp's shift (the row max, 0 where infinite),
+    held constant: the same values, and a gradient that is the softmax itself (torch.logsumexp's
+    backward, exp(x - lse), loses it where |lse| is so large that lse rounds to the max).
+    """
+    wide = logits.double()
+    dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    prob_sum = torch.softmax(wide, dim=-1).sum(0)
+    m = wide.detach().amax(dim=-1, keepdim=True)
+    m = torch.where(m.isinf(), 0.0, m)
+    lse = (m + torch.exp(wide - m).sum(dim=-1, keepdim=True).log()).squeeze(-1)
+    return prob_sum.to(dt), lse.to(dt)
+
+
 def router_z_loss(logits: Tensor) -> Tensor:
     """specs/classic_routers.md §3: mean over tokens of logsumexp(logits)^2."""
     return (torch.logsumexp(logits.double(), dim=-1) ** 2).mean()

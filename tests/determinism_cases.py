@@ -8,7 +8,8 @@ past offsets[E]) and 384 output columns, in fp32, bf16 and fp16 (expert_mlp like
 tests/determinism_cases_expert_mlp.py); cosine_scores, sinkhorn, momentum_update and graph_mix
 their own shapes (tests/determinism_cases_families.py); unified_topk 48 groups of 512 tied
 scores (tests/determinism_cases_usmoe.py); gate_linear 4100 tokens x 300 experts
-(tests/determinism_cases_gate.py); s2moe_perturb 262144 elements with sequence, token,
+(tests/determinism_cases_gate.py), and router_stats 4100 x 300 there too; s2moe_perturb 262144
+elements with sequence, token,
 batch and scalar statistics (tests/determinism_cases_s2moe.py); the layers route 1536 tokens
 (attention-aware routing with causal attention probabilities [6, 4, 256, 256]).
 

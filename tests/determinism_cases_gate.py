@@ -3,7 +3,10 @@ tests/determinism_cases.py's OP_CASES: T = 4100 tokens (64 full row tiles of the
 micro-kernel path and a tail of 4), d = 96, E = 300 experts (two column blocks), with a bias, in
 bf16 (the micro-kernel where it runs) and fp32 (torch.linear), and the gradients of x, weight and
 bias; its backward op alone at the same shape (bf16: the micro-kernel's split-gradient GEMMs, two
-weight-gradient column items), with each gradient asked for alone too.
+weight-gradient column items), with each gradient asked for alone too. Also router_stats (the
+auxiliary losses' statistics) at T = 4100, E = 300 (17 of the CPU's 256-row blocks, 129 of
+CUDA's 32-row blocks, each added in order), bf16 and fp32, with its gradient, and its backward
+op with either gradient alone.
 """
 
 from __future__ import annotations
@@ -50,7 +53,34 @@ def _gate_linear_backward(device: str) -> dict[str, Tensor]:
     return out
 
 
+def _router_stats(device: str) -> dict[str, Tensor]:
+    out = {}
+    for dtype in DTYPES:
+        logits = (_randn(T, E, salt=4, device=device, dtype=dtype) * 3).requires_grad_()
+        prob_sum, lse = torch.ops.smoe.router_stats.default(logits)
+        gp, gl = _randn(E, salt=5, device=device, dtype=torch.float32), lse.detach().cos()
+        torch.autograd.backward((prob_sum, lse), (gp, gl))
+        out |= {f"prob_sum_{dtype}": prob_sum.detach(), f"lse_{dtype}": lse.detach()}
+        out |= {f"grad_{dtype}": logits.grad}
+    return out
+
+
+def _router_stats_backward(device: str) -> dict[str, Tensor]:
+    out = {}
+    op = torch.ops.smoe.router_stats_backward.default
+    for dtype in DTYPES:
+        logits = _randn(T, E, salt=4, device=device, dtype=dtype) * 3
+        gp = _randn(E, salt=5, device=device, dtype=torch.float32)
+        gl = _randn(T, salt=6, device=device, dtype=torch.float32)
+        out |= {f"grad_{dtype}": op(gp, gl, logits)}
+        out |= {f"grad_prob_sum_alone_{dtype}": op(gp, None, logits)}
+        out |= {f"grad_lse_alone_{dtype}": op(None, gl, logits)}
+    return out
+
+
 OP_CASES: dict[str, Callable[[str], dict[str, Tensor]]] = {
     "gate_linear": _gate_linear,
     "gate_linear_backward": _gate_linear_backward,
+    "router_stats": _router_stats,
+    "router_stats_backward": _router_stats_backward,
 }

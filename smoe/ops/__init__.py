@@ -13,6 +13,7 @@ wrapper, fake, autograd. The kernels live in csrc/; nothing numerical happens he
 - :mod:`smoe.ops.graph`: ``graph_mix`` (Similarity-Aware and Attention-Aware routing)
 - :mod:`smoe.ops.usmoe`: ``unified_topk`` (USMoE)
 - :mod:`smoe.ops.s2moe`: ``s2moe_perturb`` (S2MoE)
+- :mod:`smoe.ops.stats`: ``router_stats`` (the auxiliary losses' statistics)
 
 A new router family adds its own module here (and its csrc files), then re-exports it below.
 """
@@ -36,6 +37,7 @@ try:  # each family registers fakes and autograd for ops the compiled _C must de
     from smoe.ops.routing import ExpertChoice, TopK, expert_choice, topk_sigmoid, topk_softmax
     from smoe.ops.s2moe import s2moe_perturb
     from smoe.ops.sinkhorn import Sinkhorn, sinkhorn
+    from smoe.ops.stats import RouterStats, router_stats
     from smoe.ops.usmoe import unified_topk
     from smoe.ops.xmoe import CosineScores, cosine_scores
 except RuntimeError as e:
@@ -55,6 +57,7 @@ __all__ = [
     "MomentumUpdate",
     "Plan",
     "RobustCoefficients",
+    "RouterStats",
     "Sinkhorn",
     "TopK",
     "combine",
@@ -68,6 +71,7 @@ __all__ = [
     "momentum_update",
     "permute",
     "robust_coefficients",
+    "router_stats",
     "s2moe_perturb",
     "sinkhorn",
     "swiglu",

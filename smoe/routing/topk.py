@@ -158,14 +158,16 @@ class TopKRouter(Float32Buffers, nn.Module):
                 weight = torch.sigmoid(torch.gather(logits, 1, expert.long()))
             aux: dict[str, Tensor] = {}
             if self.aux:
+                stats = ops.router_stats(logits)  # one pass for both losses
                 aux["balance"] = switch_balance_loss(
                     logits,
                     expert,
                     self.num_experts,
                     first_choice_only=self.balance_first_choice_only,
                     stats_group=self.stats_group,
+                    stats=stats,
                 )
-                aux["z"] = router_z_loss(logits)
+                aux["z"] = router_z_loss(logits, stats=stats)
         return Routing(expert=expert, weight=weight, logits=logits, aux=aux)
 
 

@@ -25,16 +25,16 @@ Nothing here builds a tensor at import time: the runner's parent process imports
 forks one child per case, and must run no torch op before forking.
 
 The tables live beside this file, one per op family: ``cases_gate.py`` (gate_linear),
-``cases_routing.py`` (topk_softmax,
-expert_choice), ``cases_sigmoid.py`` (topk_sigmoid), ``cases_dispatch.py`` (make_plan, permute,
-combine), ``cases_experts.py`` (grouped_mm, swiglu, the Experts module), ``cases_expert_mlp.py``
-(expert_mlp), ``cases_xmoe.py`` (cosine_scores), ``cases_sinkhorn.py`` (sinkhorn),
-``cases_momentum.py`` (momentum_update), ``cases_graph.py`` (graph_mix), ``cases_usmoe.py``
-(unified_topk), ``cases_s2moe.py`` (s2moe_perturb), ``cases_modules.py`` (MoELayer with each
-router, the routers' constructors), ``cases_layers.py`` (MoELayer's and S2MoELayer's own
-options), ``cases_graph_routers.py`` (the graph-of-tokens routers, their
-context), ``cases_usmoe_router.py`` (USMoE's router: options, sequences, padding) and
-``cases_models.py`` (smoe.models' constructors).
+``cases_routing.py`` (topk_softmax, expert_choice), ``cases_sigmoid.py`` (topk_sigmoid),
+``cases_dispatch.py`` (make_plan, permute, combine), ``cases_experts.py`` (grouped_mm, swiglu,
+the Experts module), ``cases_expert_mlp.py`` (expert_mlp), ``cases_xmoe.py`` (cosine_scores),
+``cases_sinkhorn.py`` (sinkhorn), ``cases_momentum.py`` (momentum_update), ``cases_graph.py``
+(graph_mix), ``cases_usmoe.py`` (unified_topk), ``cases_s2moe.py`` (s2moe_perturb),
+``cases_stats.py`` (router_stats), ``cases_modules.py`` (MoELayer with each router, the routers'
+constructors), ``cases_layers.py`` (MoELayer's and S2MoELayer's own options),
+``cases_graph_routers.py`` (the graph-of-tokens routers, their context),
+``cases_usmoe_router.py`` (USMoE's router: options, sequences, padding) and ``cases_models.py``
+(smoe.models' constructors).
 """
 
 from __future__ import annotations
@@ -297,6 +297,7 @@ def all_cases() -> list[Case]:
         cases_s2moe,
         cases_sigmoid,
         cases_sinkhorn,
+        cases_stats,
         cases_usmoe,
         cases_usmoe_router,
         cases_xmoe,
@@ -315,6 +316,7 @@ def all_cases() -> list[Case]:
         *cases_graph.CASES,
         *cases_usmoe.CASES,
         *cases_s2moe.CASES,
+        *cases_stats.CASES,
         *cases_modules.CASES,
         *cases_layers.CASES,
         *cases_graph_routers.CASES,

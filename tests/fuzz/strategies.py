@@ -30,6 +30,7 @@ from tests.fuzz.strategies_momentum import momentum_cases
 from tests.fuzz.strategies_s2moe import s2moe_cases
 from tests.fuzz.strategies_sigmoid import topk_sigmoid_cases
 from tests.fuzz.strategies_sinkhorn import sinkhorn_cases
+from tests.fuzz.strategies_stats import router_stats_cases
 from tests.fuzz.strategies_usmoe import unified_topk_cases
 from tests.fuzz.strategies_xmoe import cosine_scores_cases
 from tests.fuzz.values import (
@@ -300,6 +301,7 @@ OP_STRATEGIES = {
     "s2moe_perturb": s2moe_cases,  # tests/fuzz/strategies_s2moe.py
     "unified_topk": unified_topk_cases,  # tests/fuzz/strategies_usmoe.py (index-only: no backward)
     "expert_mlp": expert_mlp_cases,  # tests/fuzz/strategies_experts.py (backward: the chain's)
+    "router_stats": router_stats_cases,  # tests/fuzz/strategies_stats.py
 }
 
 # Each backward op -> the forward whose fuzz test exercises it.
@@ -318,6 +320,7 @@ BACKWARD_OF = {
     "graph_mix_backward": "graph_mix",
     "s2moe_perturb_backward": "s2moe_perturb",
     "gate_linear_backward": "gate_linear",
+    "router_stats_backward": "router_stats",
 }
 
 # Each registered router -> the reference its layer is checked against (test_fuzz_layer.py):

@@ -53,6 +53,8 @@ COVERED = {
     "unified_topk": "test_unified_topk_forward",  # index-only: no backward
     "s2moe_perturb": "test_s2moe_perturb_forward_backward",
     "s2moe_perturb_backward": "test_s2moe_perturb_forward_backward",
+    "router_stats": "test_router_stats_forward_backward",
+    "router_stats_backward": "test_router_stats_forward_backward",
 }
 
 
@@ -141,6 +143,20 @@ def test_topk_sigmoid_forward_backward(T, E, k, n_group, topk_group, dtype):
         kw = dict(n_group=n_group, topk_group=topk_group, renormalize=renormalize, scale=2.5)
         weight, _ = ops.topk_sigmoid(logits, k, selection_bias=b, **kw)
         (weight.float() * torch.arange(k, device="cuda")).sum().backward()
+    torch.cuda.synchronize()
+    assert torch.isfinite(wide.grad.float()).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.sanitize
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T, E", [(0, 4), (1, 1), (33, 40), (300, 300)])  # 1 to 10 row blocks
+def test_router_stats_forward_backward(T, E, dtype):
+    wide = torch.randn(T, 2 * E, device="cuda", dtype=dtype, requires_grad=True)
+    prob_sum, lse = ops.router_stats(wide[:, ::2])  # strided rows
+    (prob_sum.square().sum() + lse.square().sum()).backward()
+    prob_sum_only = ops.router_stats(wide[:, 1::2]).prob_sum  # the backward with gp alone
+    prob_sum_only.square().sum().backward()
     torch.cuda.synchronize()
     assert torch.isfinite(wide.grad.float()).all()
 

@@ -3,9 +3,9 @@ naming the op (STYLE.md §8), never autograd's "not used in the graph" or a sile
 without a backward (index outputs only: make_plan, unified_topk) have no first derivative either:
 their outputs are integers outside the graph, even for inputs that require grad. An op whose
 backward runs other smoe ops (expert_mlp recomputes through permute, grouped_mm and swiglu) hits
-their refusal. gate_linear is the exception: its backward op serves first derivatives, and under
-create_graph its backward runs the same GEMMs as ATen ops, so it is twice differentiable, and
-checked so."""
+their refusal. gate_linear and router_stats are the exceptions: their backward ops serve first
+derivatives, and under create_graph their backwards run the same formulas as ATen ops, so they
+are twice differentiable, and checked so."""
 
 import pytest
 import torch
@@ -166,7 +166,12 @@ def _gate_linear():
     return (x, w, b), ops.gate_linear
 
 
-TWICE = {"gate_linear": _gate_linear}
+def _router_stats():
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    return (x,), ops.router_stats
+
+
+TWICE = {"gate_linear": _gate_linear, "router_stats": _router_stats}
 
 
 @pytest.mark.parametrize("op", sorted(TWICE))

@@ -1,0 +1,34 @@
+// Torch-free CUDA launchers of router_stats and its backward.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace smoe::cuda {
+
+// Rows per block of prob_sum's partial sums (fixed: the sum's order follows from rows alone).
+constexpr int64_t kStatsBlockRows = 32;
+
+// The partial sums' blocks for rows rows: the scratch router_stats needs is blocks * E floats
+// when there is more than one block (else none).
+inline int64_t router_stats_blocks(int64_t rows) {
+  return (rows + kStatsBlockRows - 1) / kStatsBlockRows;
+}
+
+// logits [rows, E] (row stride ld, columns dense) -> lse [rows] and prob_sum [E] (float), with
+// partial: router_stats_blocks(rows) * E floats, or nullptr when that is one block. rows >= 1.
+// T is float, __half or __nv_bfloat16.
+template <typename T>
+cudaError_t router_stats(const T* logits, int64_t ld, int64_t rows, int64_t E, float* partial,
+                         float* prob_sum, float* lse, cudaStream_t stream);
+
+// grad_logits [rows, E] contiguous = p (gp - <p, gp> + gl) with p the rows' softmax (recomputed
+// from the logits as the forward computes it); gp [E] and gl [rows] float, either nullptr (zero).
+template <typename T>
+cudaError_t router_stats_backward(const float* gp, const float* gl, const T* logits, int64_t ld,
+                                  int64_t rows, int64_t E, T* grad_logits, cudaStream_t stream);
+
+}  // namespace smoe::cuda
