@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,3 +108,39 @@ def test_bench_gemm16_quick_times_both_paths(tmp_path):
         assert all(math.isfinite(v) and v > 0 for v in r["ms"].values())
     assert "auto here: CPU 16-bit expert GEMMs" in md and md.count("| bf16 |") == 4
     assert data["machine"]["cpu_16bit_limit"]["bf16"] in ("float32", "bfloat16")
+
+
+def test_bench_router_stats_quick_times_both_paths(tmp_path):
+    from tests.helpers import run_quick_benchmark
+
+    data, md, _ = run_quick_benchmark("bench_router_stats.py", tmp_path, stem="bench_router_stats")
+    assert [(r["shape"], r["dtype"], r["mode"]) for r in data["rows"]][:2] == [
+        ("mixtral-like", "fp32", "fwd"), ("mixtral-like", "fp32", "fwd+bwd"),
+    ]  # fmt: skip
+    assert len(data["rows"]) == 8  # 2 shapes x 2 dtypes x 2 modes
+    for r in data["rows"]:
+        assert set(r["ms"]) == {"losses smoe", "losses aten", "router smoe", "router aten"}
+        assert all(math.isfinite(v) and v > 0 for v in r["ms"].values())
+    assert md.count("| fine-grained |") == 4
+
+
+def test_bench_router_stats_baselines_are_the_same_losses():
+    """The ATen compositions the benchmark times against compute what smoe's losses compute, and
+    its patched TopKRouter returns the same aux values: the comparison is like for like."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    bench = pytest.importorskip("bench_router_stats")
+    from smoe.losses import router_z_loss, switch_balance_loss
+    from smoe.routing import TopKRouter
+
+    logits = torch.randn(300, 16, dtype=torch.float64).float()
+    expert = torch.topk(logits, 2, dim=-1).indices.int()
+    torch.testing.assert_close(
+        bench.aten_balance(logits, expert, 16), switch_balance_loss(logits, expert, 16)
+    )
+    torch.testing.assert_close(bench.aten_z(logits), router_z_loss(logits))
+    router, x = TopKRouter(32, 16, 2), torch.randn(300, 32)
+    ours = router(x).aux
+    with bench.aten_losses():
+        theirs = router(x).aux
+    for name in ("balance", "z"):
+        torch.testing.assert_close(ours[name], theirs[name])
