@@ -68,8 +68,9 @@ def main() -> None:
     head = ["shape", "dtype", "mode", "native ms", "upcast ms", "upcast / native speed-up",
             "float32 layer ms", "dense 16-bit ms", "dense float32 ms",
             "efficiency (dense float32 / upcast)"]  # fmt: skip
+    info = machine()
     lines = [
-        f"machine: {machine()}",
+        f"machine: {info}",
         f"auto here: {_C.cpu_gemm16_path()}",
         f"tokens: {args.tokens}",
         "",
@@ -88,7 +89,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_gemm16.md").write_text(text + "\n")
-    (out / "bench_gemm16.json").write_text(json.dumps(dict(rows=rows, machine=machine()), indent=1))
+    (out / "bench_gemm16.json").write_text(json.dumps(dict(rows=rows, machine=info), indent=1))
 
 
 if __name__ == "__main__":

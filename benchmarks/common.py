@@ -159,9 +159,8 @@ def limit_dtype(dtype: torch.dtype, device="cpu") -> torch.dtype:
         return dtype
     from smoe import _C
 
-    name = "bf16" if dtype == torch.bfloat16 else "fp16"
-    path = _C.cpu_gemm16_path().split(f"{name} ", 1)[1]
-    return torch.float32 if path.startswith("float32 GEMM on upcast inputs") else dtype
+    upcasts = _C.cpu_gemm16_upcasts("bfloat16" if dtype == torch.bfloat16 else "float16")
+    return torch.float32 if upcasts else dtype
 
 
 def dense_limit(

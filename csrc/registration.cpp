@@ -295,6 +295,22 @@ PyObject* set_cpu_gemm16(PyObject*, PyObject* arg) {
   });
 }
 
+PyObject* cpu_gemm16_upcasts(PyObject*, PyObject* arg) {
+  if (!PyUnicode_Check(arg)) {
+    PyErr_SetString(PyExc_TypeError, "smoe: dtype must be a str: \"bfloat16\" or \"float16\"");
+    return nullptr;
+  }
+  const std::string dtype = PyUnicode_AsUTF8(arg);
+  if (dtype != "bfloat16" && dtype != "float16") {
+    PyErr_Format(PyExc_ValueError, "smoe: dtype must be \"bfloat16\" or \"float16\", got %R", arg);
+    return nullptr;
+  }
+  return guarded([&dtype] {
+    const bool up = smoe::ops::gemm16_upcast(dtype == "bfloat16" ? at::kBFloat16 : at::kHalf);
+    return PyBool_FromLong(up ? 1 : 0);
+  });
+}
+
 PyObject* cuda_grouped_mm_path(PyObject*, PyObject*) {
 #ifdef SMOE_WITH_CUDA
   return guarded([] { return PyUnicode_FromString(smoe::ops::cuda_grouped_mm_path().c_str()); });
@@ -320,6 +336,9 @@ PyMethodDef smoe_c_methods[] = {
      "Which path gate_linear's CPU bf16 GEMM takes here, and why (one line)."},
     {"cpu_gemm16_path", cpu_gemm16_path, METH_NOARGS,
      "Which path the CPU expert GEMMs take for bf16 and fp16 here, and why (one line)."},
+    {"cpu_gemm16_upcasts", cpu_gemm16_upcasts, METH_O,
+     "Whether the CPU expert GEMMs of this dtype (\"bfloat16\" or \"float16\") run as float32 "
+     "GEMMs on upcasts here (the decision cpu_gemm16_path describes)."},
     {"set_cpu_gemm16", set_cpu_gemm16, METH_O,
      "Sets that path: \"auto\", \"native\" or \"upcast\" (SMOE_CPU_GEMM16 sets it at start)."},
     {"cuda_grouped_mm_path", cuda_grouped_mm_path, METH_NOARGS,

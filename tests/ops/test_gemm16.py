@@ -124,8 +124,11 @@ def test_auto_upcasts_exactly_where_onednn_has_no_16bit_kernel(gemm16):
         part = line.split(f"{name} ", 1)[1]
         want = "ATen's 16-bit mm" if has else "float32 GEMM on upcast inputs"
         assert part.startswith(want), line
+        # the decision itself, as a bool (what benchmarks/common.limit_dtype reads)
+        assert _C.cpu_gemm16_upcasts({"bf16": "bfloat16", "fp16": "float16"}[name]) == (not has)
     with torch.backends.mkldnn.flags(enabled=False):
         off = _C.cpu_gemm16_path()
+        assert _C.cpu_gemm16_upcasts("bfloat16") and _C.cpu_gemm16_upcasts("float16")
     assert off.count("float32 GEMM on upcast inputs (torch.backends.mkldnn is disabled)") == 2
 
 
@@ -136,6 +139,15 @@ def test_a_forced_mode_is_reported(gemm16, mode):
     assert line.count(f"(SMOE_CPU_GEMM16={mode})") == 2
     want = "float32 GEMM on upcast inputs" if mode == "upcast" else "ATen's 16-bit mm"
     assert line.count(want) == 2
+    for dtype in ("bfloat16", "float16"):
+        assert _C.cpu_gemm16_upcasts(dtype) == (mode == "upcast")
+
+
+def test_the_upcast_query_rejects_what_is_not_a_16bit_dtype_name():
+    with pytest.raises(ValueError, match=r"dtype must be \"bfloat16\" or \"float16\", got 'bf16'"):
+        _C.cpu_gemm16_upcasts("bf16")
+    with pytest.raises(TypeError, match="dtype must be a str"):
+        _C.cpu_gemm16_upcasts(torch.bfloat16)
 
 
 def test_set_cpu_gemm16_rejects_an_unknown_mode():
