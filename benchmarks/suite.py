@@ -25,7 +25,8 @@ Sections (``--section``):
   vs a per-expert mask loop, and one decoder over every row as the limit.
 - ``routers``: every router in smoe.routing (TopKRouter plain and noisy, VMoERouter in training
   and with BPR at C = 0.5, ExpertChoiceRouter at c = k), the topk_softmax op against softmax +
-  topk in torch, and the expert_choice op against softmax + top-C over tokens in torch.
+  topk in torch, the router_stats op against softmax column sums + logsumexp in torch, and the
+  expert_choice op against softmax + top-C over tokens in torch.
 - ``ops``: make_plan / permute / combine alone against their torch equivalents.
 - ``scaling``: layer time as tokens grow (1k to 64k) and as experts grow (8 to 256) at fixed
   FLOPs per token, plotted.

@@ -103,6 +103,17 @@ def bench_routers(shapes: list[tuple], dtypes: list[str], clock: Clock) -> list[
                 z = logits.logsumexp(dim=-1).square().mean()
                 return w.sum() + balance + z
 
+            def stats_op(lg: Tensor) -> Tensor:
+                prob_sum, lse = ops.router_stats(lg)
+                return prob_sum.square().sum() + lse.square().sum()
+
+            def stats_torch(lg: Tensor) -> Tensor:
+                """The losses' statistics as torch computes them: softmax column sums, logsumexp."""
+                wide = lg.float()
+                return (
+                    wide.softmax(dim=-1).sum(0).square().sum() + wide.logsumexp(-1).square().sum()
+                )
+
             def torch_expert_choice(lg: Tensor, c: int = min(T, -(-T * k // E))) -> Tensor:
                 """Expert choice in torch: softmax, then top-C over tokens per expert."""
                 probs = lg.softmax(dim=-1)
@@ -122,6 +133,8 @@ def bench_routers(shapes: list[tuple], dtypes: list[str], clock: Clock) -> list[
                 )
                 res["topk_softmax op"] = clock(run_layer(op, lin, backward))
                 res["softmax+topk (torch)"] = clock(run_layer(ref, lin, backward))
+                res["router_stats op"] = clock(run_layer(stats_op, lin, backward))
+                res["softmax sums+logsumexp (torch)"] = clock(run_layer(stats_torch, lin, backward))
                 res["expert_choice op (c=k)"] = clock(run_layer(ec_op, lin, backward))
                 res["softmax+topk over tokens (torch)"] = clock(
                     run_layer(torch_expert_choice, lin, backward)

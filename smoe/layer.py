@@ -21,8 +21,9 @@ class MoEAux(NamedTuple):
     """Side results of a :class:`MoELayer` forward (all tensors, traceable).
 
     Fields:
-        losses: the router's unweighted auxiliary losses by name (float32 scalars), e.g.
-            ``"balance"`` and ``"z"`` (top-k), ``"importance"`` and ``"load"`` (V-MoE).
+        losses: the router's unweighted auxiliary losses by name (float32 scalars; float64 for
+            a float64 layer), e.g. ``"balance"`` and ``"z"`` (top-k), ``"importance"`` and
+            ``"load"`` (V-MoE).
         tokens_per_expert: ``[E]`` int64 kept assignments per expert (after capacity).
         dropped_fraction: fraction of the router's assignments dropped by the capacity.
     """

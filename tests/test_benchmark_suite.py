@@ -107,6 +107,7 @@ def test_suite_quick_has_every_other_section(quick_run):
     sec = data["sections"]
     routers = {r["router"] for r in sec["routers"]}
     assert {"topk", "topk-noisy (train)", "topk_softmax op", "softmax+topk (torch)"} <= routers
+    assert {"router_stats op", "softmax sums+logsumexp (torch)"} <= routers
     assert {"vmoe (train)", "vmoe-bpr (eval, C=0.5)", "expert-choice (c=k)"} <= routers
     assert {"expert_choice op (c=k)", "softmax+topk over tokens (torch)"} <= routers
     assert all(_finite_positive(r["time"]["median"]) for r in sec["routers"])
