@@ -32,30 +32,40 @@ __device__ __forceinline__ float row_exp_sum(const T* l, int64_t E, int lane, fl
   return warp_sum(s);
 }
 
+// lse [rows], and each row's shift and 1 / s into shift, inv [rows] (what the probabilities are
+// computed from: exp(l - lse) would lose them where lse rounds to the max).
 template <typename T>
 __global__ void lse_kernel(const T* __restrict__ logits, int64_t ld, int64_t rows, int64_t E,
-                           float* __restrict__ lse) {
+                           float* __restrict__ lse, float* __restrict__ shift_out,
+                           float* __restrict__ inv_out) {
   const int lane = static_cast<int>(threadIdx.x % kWarp);
   for (int64_t t = global_warp(); t < rows; t += warps_in_grid()) {
     float shift;
     const float s = row_exp_sum(logits + t * ld, E, lane, &shift);
-    if (lane == 0) lse[t] = logf(s) + shift;
+    if (lane == 0) {
+      lse[t] = logf(s) + shift;
+      shift_out[t] = shift;
+      inv_out[t] = 1.f / s;
+    }
   }
 }
 
-// out[b * E + e] = sum over the rows of block b of exp(l[t, e] - lse[t]); blockIdx.y strides
-// over the blocks of rows, threads over the experts.
+// out[b * E + e] = sum over the rows t of block b of exp(l[t, e] - shift[t]) * inv[t];
+// blockIdx.y strides over the blocks of rows, threads over the experts.
 template <typename T>
 __global__ void block_sums_kernel(const T* __restrict__ logits, int64_t ld, int64_t rows,
-                                  int64_t E, int64_t blocks, const float* __restrict__ lse,
-                                  float* __restrict__ out) {
+                                  int64_t E, int64_t blocks, const float* __restrict__ shift,
+                                  const float* __restrict__ inv, float* __restrict__ out) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= E) return;
   for (int64_t b = blockIdx.y; b < blocks; b += gridDim.y) {
     const int64_t begin = b * kStatsBlockRows;
     const int64_t end = begin + kStatsBlockRows < rows ? begin + kStatsBlockRows : rows;
     float acc = 0.f;
-    for (int64_t t = begin; t < end; ++t) acc += expf(to_float(logits[t * ld + e]) - lse[t]);
+#pragma unroll 8
+    for (int64_t t = begin; t < end; ++t) {
+      acc += expf(to_float(logits[t * ld + e]) - shift[t]) * inv[t];
+    }
     out[b * E + e] = acc;
   }
 }
@@ -64,6 +74,7 @@ __global__ void sum_blocks_kernel(const float* __restrict__ partial, int64_t blo
                                   float* __restrict__ out) {
   for (int64_t e = global_thread(); e < E; e += threads_in_grid()) {
     float acc = 0.f;
+#pragma unroll 16  // the loads issue ahead of the (ordered) chain of adds
     for (int64_t b = 0; b < blocks; ++b) acc += partial[b * E + e];
     out[e] = acc;
   }
@@ -88,7 +99,7 @@ __global__ void router_stats_backward_kernel(const float* __restrict__ gp,
     const float base = (gl != nullptr ? gl[t] : 0.f) - dot;
     for (int64_t e = lane; e < E; e += kWarp) {
       const float p = expf(to_float(l[e]) - shift) * inv;
-      grad_logits[t * E + e] = from_float<T>(p * ((gp != nullptr ? gp[e] : 0.f) + base));
+      grad_logits[t * E + e] = from_float<T>(gp != nullptr ? p * (gp[e] + base) : p * base);
     }
   }
 }
@@ -96,11 +107,14 @@ __global__ void router_stats_backward_kernel(const float* __restrict__ gp,
 }  // namespace
 
 template <typename T>
-cudaError_t router_stats(const T* logits, int64_t ld, int64_t rows, int64_t E, float* partial,
+cudaError_t router_stats(const T* logits, int64_t ld, int64_t rows, int64_t E, float* scratch,
                          float* prob_sum, float* lse, cudaStream_t stream) {
   if (rows <= 0 || E <= 0) return cudaSuccess;
+  float* shift = scratch;
+  float* inv = scratch + rows;
+  float* partial = scratch + 2 * rows;
   lse_kernel<T><<<static_cast<unsigned>(blocks_for_rows(rows)), kThreads, 0, stream>>>(
-      logits, ld, rows, E, lse);
+      logits, ld, rows, E, lse, shift, inv);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int64_t blocks = router_stats_blocks(rows);
@@ -108,7 +122,7 @@ cudaError_t router_stats(const T* logits, int64_t ld, int64_t rows, int64_t E, f
   const dim3 grid(static_cast<unsigned>((E + threads - 1) / threads),
                   static_cast<unsigned>(blocks < 65535 ? blocks : 65535));
   block_sums_kernel<T><<<grid, static_cast<unsigned>(threads), 0, stream>>>(
-      logits, ld, rows, E, blocks, lse, blocks == 1 ? prob_sum : partial);
+      logits, ld, rows, E, blocks, shift, inv, blocks == 1 ? prob_sum : partial);
   err = cudaGetLastError();
   if (err != cudaSuccess || blocks == 1) return err;
   sum_blocks_kernel<<<static_cast<unsigned>(blocks_for(E)), kThreads, 0, stream>>>(partial, blocks,

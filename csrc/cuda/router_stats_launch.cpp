@@ -29,14 +29,13 @@ std::tuple<at::Tensor, at::Tensor> router_stats_cuda(const at::Tensor& logits_in
   at::Tensor lse = at::empty({T}, opts);
   if (T == 0) return {at::zeros({E}, opts), lse};
   at::Tensor prob_sum = at::empty({E}, opts);
-  const int64_t blocks = cuda::router_stats_blocks(T);
-  at::Tensor partial = blocks > 1 ? at::empty({blocks, E}, opts) : at::Tensor();
+  at::Tensor scratch = at::empty({cuda::router_stats_scratch(T, E)}, opts);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   SMOE_CUDA_DISPATCH(logits.scalar_type(), "router_stats", [&] {
-    C10_CUDA_CHECK(cuda::router_stats(
-        kptr<scalar_t>(logits), logits.stride(0), T, E,
-        partial.defined() ? partial.mutable_data_ptr<float>() : nullptr,
-        prob_sum.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(), stream));
+    C10_CUDA_CHECK(cuda::router_stats(kptr<scalar_t>(logits), logits.stride(0), T, E,
+                                      scratch.mutable_data_ptr<float>(),
+                                      prob_sum.mutable_data_ptr<float>(),
+                                      lse.mutable_data_ptr<float>(), stream));
   });
   return {prob_sum, lse};
 }
