@@ -1,5 +1,6 @@
-"""What every op module shares: the accepted float dtypes, the fakes' device check, the
-double-backward guard and the refusal of sparse inputs."""
+"""What every op module shares: the accepted float dtypes and the float32-or-float64 dtype of
+outputs computed at float32 precision, the fakes' device check, the double-backward guard and
+the refusal of sparse inputs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ import torch
 from torch import Tensor
 
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def acc_dtype(t: Tensor) -> torch.dtype:
+    """The dtype of an output an op computes in float32 from ``t`` (16-bit values read exactly):
+    float64 for float64 ``t``, else float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def refuse_double_backward(*ops: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from smoe.ops._common import FLOATS, check_devices
+from smoe.ops._common import FLOATS, acc_dtype, check_devices
 
 __all__ = ["gate_linear"]
 
@@ -61,7 +61,7 @@ def _check_gate_args(name: str, x: Tensor, weight: Tensor, bias: Tensor | None) 
         torch._check(
             bias.dim() == 1 and bias.shape[0] == weight.shape[0], lambda: f"{op}: bias must be [E]"
         )
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return acc_dtype(x)
 
 
 @torch.library.register_fake("smoe::gate_linear")

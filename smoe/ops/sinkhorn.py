@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from smoe.ops._common import FLOATS, check_devices, refuse_double_backward
+from smoe.ops._common import FLOATS, acc_dtype, check_devices, refuse_double_backward
 
 __all__ = ["Sinkhorn", "sinkhorn"]
 
@@ -116,10 +116,6 @@ def sinkhorn(
     return Sinkhorn(*out[:6])
 
 
-def _acc_dtype(scores: Tensor) -> torch.dtype:
-    return torch.float64 if scores.dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("smoe::sinkhorn")
 def _sinkhorn_fake(
     scores: Tensor,
@@ -139,7 +135,7 @@ def _sinkhorn_fake(
     torch._check(max_iter >= 1, lambda: f"smoe::{op}: max_iter must be >= 1, got {max_iter}")
     torch._check(check_every >= 1, lambda: f"smoe::{op}: check_every must be >= 1")
     T, E = scores.shape
-    dt = _acc_dtype(scores)
+    dt = acc_dtype(scores)
     new = scores.new_empty
     return (
         new((T, E), dtype=dt),
@@ -164,7 +160,7 @@ def _setup_context_sinkhorn(ctx, inputs, keyword_only_inputs, output) -> None:
 def _backward_sinkhorn(ctx, grad_log_plan, grad_f, grad_g, *_unused):
     scores, f_hist, g_hist, iters_done = ctx.saved_tensors
     T, E = scores.shape
-    dt = _acc_dtype(scores)
+    dt = acc_dtype(scores)
     zeros = scores.new_zeros
     grad_log_plan = zeros((T, E), dtype=dt) if grad_log_plan is None else grad_log_plan
     grad_f = zeros((T,), dtype=dt) if grad_f is None else grad_f
@@ -206,7 +202,7 @@ def _sinkhorn_backward_fake(
     )
     torch._check(scores.dim() == 2, lambda: f"smoe::{op}: scores must be 2-D [T, E]")
     T, E = scores.shape
-    dt = _acc_dtype(scores)
+    dt = acc_dtype(scores)
     for name, t, shape in (
         ("grad_log_plan", grad_log_plan, (T, E)),
         ("grad_f", grad_f, (T,)),

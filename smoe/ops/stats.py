@@ -11,13 +11,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from smoe.ops._common import FLOATS, check_devices
+from smoe.ops._common import FLOATS, acc_dtype, check_devices
 
 __all__ = ["RouterStats", "router_stats"]
-
-
-def _stats_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def _check_logits_fake(op: str, logits: Tensor) -> None:
@@ -67,7 +63,7 @@ def router_stats(logits: Tensor) -> RouterStats:
 @torch.library.register_fake("smoe::router_stats")
 def _router_stats_fake(logits: Tensor) -> tuple[Tensor, Tensor]:
     _check_logits_fake("router_stats", logits)
-    dt = _stats_dtype(logits)
+    dt = acc_dtype(logits)
     T, E = logits.shape
     return logits.new_empty((E,), dtype=dt), logits.new_empty((T,), dtype=dt)
 
@@ -85,7 +81,7 @@ def _backward_router_stats(ctx, grad_prob_sum: Tensor | None, grad_lse: Tensor |
     if torch.is_grad_enabled():
         # create_graph (a double backward): the same formula as ATen ops, which autograd can
         # differentiate again (the op below has no backward of its own)
-        p = torch.softmax(logits.to(_stats_dtype(logits)), dim=-1)
+        p = torch.softmax(logits.to(acc_dtype(logits)), dim=-1)
         inner = torch.zeros_like(p) if grad_lse is None else grad_lse.unsqueeze(1).expand_as(p)
         if grad_prob_sum is not None:
             inner = inner + grad_prob_sum - (p @ grad_prob_sum).unsqueeze(1)
@@ -108,7 +104,7 @@ def _router_stats_backward_fake(
     op = "router_stats_backward"
     _check_logits_fake(op, logits)
     check_devices(op, logits=logits, grad_prob_sum=grad_prob_sum, grad_lse=grad_lse)
-    dt = _stats_dtype(logits)
+    dt = acc_dtype(logits)
     T, E = logits.shape
     for name, t, n in (("grad_prob_sum", grad_prob_sum, E), ("grad_lse", grad_lse, T)):
         if t is None:

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from smoe.ops._common import FLOATS, check_devices, refuse_double_backward
+from smoe.ops._common import FLOATS, acc_dtype, check_devices, refuse_double_backward
 
 __all__ = ["CosineScores", "cosine_scores"]
 
@@ -79,10 +79,6 @@ def cosine_scores(
     return CosineScores(cos, logits)
 
 
-def _out_dtype(h: Tensor) -> torch.dtype:
-    return torch.float64 if h.dtype == torch.float64 else torch.float32
-
-
 def _check_cosine_inputs(
     op: str, h: Tensor, proj: Tensor, expert_emb: Tensor, temperature: Tensor, eps: float
 ) -> None:
@@ -116,7 +112,7 @@ def _cosine_scores_fake(
 ) -> tuple[Tensor, Tensor]:
     _check_cosine_inputs("cosine_scores", h, proj, expert_emb, temperature, eps)
     shape = (h.shape[0], expert_emb.shape[0])
-    dt = _out_dtype(h)
+    dt = acc_dtype(h)
     return h.new_empty(shape, dtype=dt), h.new_empty(shape, dtype=dt)
 
 
@@ -130,7 +126,7 @@ def _setup_context_cosine_scores(ctx, inputs, keyword_only_inputs, output) -> No
 def _backward_cosine_scores(ctx, grad_cos: Tensor | None, grad_logits: Tensor | None):
     h, proj, expert_emb, temperature = ctx.saved_tensors
     shape = (h.shape[0], expert_emb.shape[0])
-    dt = _out_dtype(h)
+    dt = acc_dtype(h)
     grad_cos = h.new_zeros(shape, dtype=dt) if grad_cos is None else grad_cos.contiguous()
     grad_logits = h.new_zeros(shape, dtype=dt) if grad_logits is None else grad_logits.contiguous()
     grads = torch.ops.smoe.cosine_scores_backward.default(
@@ -152,7 +148,7 @@ def _cosine_scores_backward_fake(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     op = "cosine_scores_backward"
     _check_cosine_inputs(op, h, proj, expert_emb, temperature, eps)
-    shape, dt = (h.shape[0], expert_emb.shape[0]), _out_dtype(h)
+    shape, dt = (h.shape[0], expert_emb.shape[0]), acc_dtype(h)
     for name, g in (("grad_cos", grad_cos), ("grad_logits", grad_logits)):
         torch._check(
             g.device == h.device and g.dtype == dt and g.dim() == 2 and tuple(g.shape) == shape,
