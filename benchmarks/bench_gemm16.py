@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from bench_layer import SHAPES, run_layer  # benchmarks/bench_layer.py
-from common import dense_limit, machine, measure
+from common import dense_limit, machine, measure, table
 from tqdm import tqdm
 
 from smoe import _C, MoELayer
@@ -69,21 +69,21 @@ def main() -> None:
             "float32 layer ms", "dense 16-bit ms", "dense float32 ms",
             "efficiency (dense float32 / upcast)"]  # fmt: skip
     info = machine()
+
+    def cells(r: dict) -> list[str]:
+        ms = r["ms"]
+        return [r["shape"], r["dtype"], r["mode"], f"{ms['native']:.1f}", f"{ms['upcast']:.1f}",
+                f"{ms['native'] / ms['upcast']:.1f}x", f"{ms['float32 layer']:.1f}",
+                f"{ms['dense ' + r['dtype']]:.1f}", f"{ms['dense float32']:.1f}",
+                f"{ms['dense float32'] / ms['upcast']:.2f}"]  # fmt: skip
+
     lines = [
         f"machine: {info}",
         f"auto here: {_C.cpu_gemm16_path()}",
         f"tokens: {args.tokens}",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
+        *table(head, [cells(r) for r in rows]),
     ]
-    for r in rows:
-        ms = r["ms"]
-        cells = [r["shape"], r["dtype"], r["mode"], f"{ms['native']:.1f}", f"{ms['upcast']:.1f}",
-                 f"{ms['native'] / ms['upcast']:.1f}x", f"{ms['float32 layer']:.1f}",
-                 f"{ms['dense ' + r['dtype']]:.1f}", f"{ms['dense float32']:.1f}",
-                 f"{ms['dense float32'] / ms['upcast']:.2f}"]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)

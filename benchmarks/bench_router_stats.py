@@ -23,7 +23,7 @@ from unittest import mock
 
 import torch
 from bench_layer import SHAPES  # benchmarks/bench_layer.py
-from common import machine, measure
+from common import machine, measure, table
 from tqdm import tqdm
 
 import smoe.routing.topk as topk_module
@@ -122,16 +122,21 @@ def main(argv: list[str] | None = None) -> dict:
     head = ["shape", "dtype", "mode", "losses: aten ms", "smoe ms", "aten / smoe",
             "TopKRouter: aten ms", "smoe ms", "aten / smoe"]  # fmt: skip
     info = machine()
-    lines = [f"machine: {info}", f"tokens: {args.tokens}", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
-    for r in rows:
+
+    def cells(r: dict) -> list[str]:
         ms = r["ms"]
-        cells = [r["shape"], r["dtype"], r["mode"],
-                 f"{ms['losses aten']:.3f}", f"{ms['losses smoe']:.3f}",
-                 f"{ms['losses aten'] / ms['losses smoe']:.2f}x",
-                 f"{ms['router aten']:.3f}", f"{ms['router smoe']:.3f}",
-                 f"{ms['router aten'] / ms['router smoe']:.2f}x"]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
+        return [r["shape"], r["dtype"], r["mode"],
+                f"{ms['losses aten']:.3f}", f"{ms['losses smoe']:.3f}",
+                f"{ms['losses aten'] / ms['losses smoe']:.2f}x",
+                f"{ms['router aten']:.3f}", f"{ms['router smoe']:.3f}",
+                f"{ms['router aten'] / ms['router smoe']:.2f}x"]  # fmt: skip
+
+    lines = [
+        f"machine: {info}",
+        f"tokens: {args.tokens}",
+        "",
+        *table(head, [cells(r) for r in rows]),
+    ]
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)

@@ -98,6 +98,13 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines (and a blank line after it)."""
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out + [""]
+
+
 def _clock() -> float:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()

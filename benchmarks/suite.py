@@ -60,7 +60,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_layer import DTYPES, TUNED_MALLOC  # noqa: E402
-from common import MODES, Clock, log, machine, maybe_reexec_tuned_malloc  # noqa: E402
+from common import MODES, Clock, log, machine, maybe_reexec_tuned_malloc, table  # noqa: E402
 from suite_layer import (  # noqa: E402
     BASELINE_ORDER,
     FULL_SHAPES,
@@ -76,7 +76,6 @@ from suite_report import (  # noqa: E402
     evaluate_targets,
     render_markdown,
     render_plots,
-    table,
     write_results,
 )
 from suite_scaling import SCALING, bench_compile, bench_scaling  # noqa: E402

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from bench_layer import OVERHEAD_TARGET, TARGETS
-from common import LOADS, MODES, STAGES, write_block
+from common import LOADS, MODES, STAGES, table, write_block
 from suite_layer import BASELINE_ORDER
 
 BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
@@ -76,12 +76,6 @@ def fmt_ms(s: dict | None) -> str:
 
 def ratio(b: dict | None, ours: dict) -> str:
     return f"{b['median'] / ours['median']:.2f}x" if b else "-"
-
-
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return out + [""]
 
 
 def render_markdown(data: dict) -> str:
