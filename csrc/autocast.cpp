@@ -1,7 +1,7 @@
 // Autocast rules of the ops that run matmuls, so that a model under torch.autocast runs its experts
 // in the autocast dtype as nn.Linear does (transformers' Trainer with bf16=True, say). Only
-// grouped_mm and expert_mlp run in lower precision: their floating inputs (float32; float64 is left alone, as
-// autocast does for aten::mm) are cast to the autocast dtype of the device, through autocast's
+// grouped_mm, gather_mm and expert_mlp run in lower precision: their floating inputs (float32;
+// float64 is left alone, as autocast does for aten::mm) are cast to the autocast dtype of the device, through autocast's
 // cache of casted weights. The routing ops keep their own fp32 rule (the routers disable autocast)
 // and the elementwise ops (swiglu, permute, combine) follow their inputs' dtype.
 #include <ATen/autocast_mode.h>
@@ -35,6 +35,23 @@ at::Tensor grouped_mm_autocast(const at::Tensor& x, const at::Tensor& w, const a
                          at::autocast::cached_cast(dtype, w, device), offsets, cast_bias);
 }
 
+template <c10::DeviceType device, c10::DispatchKey key>
+at::Tensor gather_mm_autocast(const at::Tensor& x, const at::Tensor& token, const at::Tensor& row,
+                              const at::Tensor& w, const at::Tensor& offsets,
+                              const std::optional<at::Tensor>& bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("smoe::gather_mm", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&,
+                                         const std::optional<at::Tensor>&)>();
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
+  const at::ScalarType dtype = at::autocast::get_autocast_dtype(device);
+  std::optional<at::Tensor> cast_bias;
+  if (bias.has_value()) cast_bias = at::autocast::cached_cast(dtype, *bias, device);
+  return op.call(at::autocast::cached_cast(dtype, x, device), token, row,
+                 at::autocast::cached_cast(dtype, w, device), offsets, cast_bias);
+}
+
 template <c10::DeviceType device>
 std::optional<at::Tensor> cast_optional(at::ScalarType dtype, const std::optional<at::Tensor>& t) {
   if (!t.has_value()) return std::nullopt;
@@ -66,11 +83,13 @@ at::Tensor expert_mlp_autocast(const at::Tensor& x, const std::optional<at::Tens
 
 TORCH_LIBRARY_IMPL(smoe, AutocastCPU, m) {
   m.impl("grouped_mm", &grouped_mm_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
+  m.impl("gather_mm", &gather_mm_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
   m.impl("expert_mlp", &expert_mlp_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
 }
 
 TORCH_LIBRARY_IMPL(smoe, AutocastCUDA, m) {
   m.impl("grouped_mm", &grouped_mm_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
+  m.impl("gather_mm", &gather_mm_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
   m.impl("expert_mlp",
          &expert_mlp_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
 }

@@ -70,4 +70,36 @@ inline void check_grouped_mm_backward(const at::Tensor& grad_out, const at::Tens
               w.size(2), "] with x's dtype, got ", grad_out.sizes(), " ", grad_out.scalar_type());
 }
 
+// gather_mm and its backward (op): x [T, d_in] with a plan's token [M] and row [T, k], w [E, d_in,
+// d_out] of x's dtype and device, offsets [E+1] int64.
+inline void check_gather_mm(const char* op, const at::Tensor& x, const at::Tensor& token,
+                            const at::Tensor& row, const at::Tensor& w, const at::Tensor& offsets) {
+  check_float(op, "x", x);
+  TORCH_CHECK(x.dim() == 2, "smoe::", op, ": x must be 2-D [T, d_in], got ", x.dim(), "-D");
+  check_plan(op, x, row.dim() == 2 ? row.size(0) : -1, "x (T = row.size(0))", &token, nullptr,
+             row);
+  TORCH_CHECK(w.device() == x.device(), "smoe::", op, ": w must be on ", x.device(),
+              " like x, got ", w.device());
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "smoe::", op, ": w must have x's dtype ",
+              x.scalar_type(), ", got ", w.scalar_type());
+  TORCH_CHECK(w.dim() == 3, "smoe::", op, ": w must be 3-D [E, d_in, d_out], got ", w.dim(), "-D");
+  TORCH_CHECK(w.size(1) == x.size(1), "smoe::", op, ": w must be [E, d_in, d_out] with d_in = ",
+              x.size(1), " (x.size(1)), got w of shape ", w.sizes());
+  check_index(op, "offsets", offsets, x, 1, at::kLong);
+  TORCH_CHECK(offsets.size(0) == w.size(0) + 1, "smoe::", op, ": offsets must have E + 1 = ",
+              w.size(0) + 1, " entries, got ", offsets.size(0));
+}
+
+inline void check_gather_mm_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                     const at::Tensor& token, const at::Tensor& row,
+                                     const at::Tensor& w, const at::Tensor& offsets) {
+  check_gather_mm("gather_mm_backward", x, token, row, w, offsets);
+  TORCH_CHECK(grad_out.device() == x.device(), "smoe::gather_mm_backward: grad_out must be on ",
+              x.device(), " like x, got ", grad_out.device());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() && grad_out.dim() == 2 &&
+                  grad_out.size(0) == token.size(0) && grad_out.size(1) == w.size(2),
+              "smoe::gather_mm_backward: grad_out must be [M, d_out] = [", token.size(0), ", ",
+              w.size(2), "] with x's dtype, got ", grad_out.sizes(), " ", grad_out.scalar_type());
+}
+
 }  // namespace smoe::ops

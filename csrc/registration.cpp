@@ -152,6 +152,15 @@ TORCH_LIBRARY(smoe, m) {
   // offsets[e+1], zero rows past offsets[E]; w [E, d_in, d_out] may be a transposed view of
   // [E, d_out, d_in] (no copy); bias [E, d_out] is added in the GEMM's epilogue.
   m.def("grouped_mm(Tensor x, Tensor w, Tensor offsets, Tensor? bias=None) -> Tensor");
+  m.set_python_module("smoe.ops.gather");
+  // grouped_mm over the rows a plan gathers: out[r] = x[token[r]] @ w[e] (+ bias[e]) for
+  // offsets[e] <= r < offsets[e+1] (x[token[r]] = 0 where token[r] < 0), zero rows past
+  // offsets[E]: permute -> grouped_mm without materialising x_sorted (CPU: each row block is
+  // gathered into a thread's scratch). x [T, d_in]; `row` is used only by the backward.
+  m.def(
+      "gather_mm(Tensor x, Tensor token, Tensor row, Tensor w, Tensor offsets, Tensor? bias=None) "
+      "-> Tensor");
+  m.set_python_module("smoe.ops.experts");
   // SwiGLU on a fused gate/up projection h [M, 2f] (gate columns first, transformers' gate_up_proj
   // layout): silu(gate) * up in one pass; returns [M, f].
   m.def("swiglu(Tensor h) -> Tensor");
@@ -242,6 +251,14 @@ TORCH_LIBRARY(smoe, m) {
   m.def(
       "grouped_mm_backward(Tensor grad_out, Tensor x, Tensor w, Tensor offsets, bool need_x, bool "
       "need_w) -> (Tensor grad_x, Tensor grad_w)");
+  m.set_python_module("smoe.ops.gather");
+  // d x [T, d_in] (per-token sums of the grouped rows' gradient, as permute_backward) and d w
+  // (grouped_mm_backward's layout) of gather_mm; an output not asked for is an empty [0] tensor.
+  // Its bias gradient is grouped_mm_bias_backward's.
+  m.def(
+      "gather_mm_backward(Tensor grad_out, Tensor x, Tensor token, Tensor row, Tensor w, Tensor "
+      "offsets, bool need_x, bool need_w) -> (Tensor grad_x, Tensor grad_w)");
+  m.set_python_module("smoe.ops.experts");
   // d bias [E, d_out] of grouped_mm: each group's rows of grad_out summed in row order.
   m.def("grouped_mm_bias_backward(Tensor grad_out, Tensor offsets) -> Tensor");
   m.set_python_module("smoe.ops.momentum");

@@ -46,6 +46,18 @@ def needs_grad(x: Tensor, params) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
 
 
+def gathers(x: Tensor, plan: ops.Plan) -> bool:
+    """Whether :class:`Experts` runs its first GEMM as :func:`smoe.ops.gather_mm` on the tokens
+    ``x [T, d]`` of ``plan`` (when it needs a gradient): on CPU, where the grouped rows
+    ``[M, d]`` that permute would write pass ``ops.experts.FUSE_MIN_BYTES`` (their pages would
+    be faulted in, and the graph would hold them). Below that, permute is cheap and
+    grouped_mm's (expert, row block, column block) items keep more threads busy than
+    gather_mm's one task per row block. On CUDA gather_mm is the unfused chain, so permute
+    runs as itself."""
+    nbytes = plan.token.shape[0] * x.shape[1] * x.element_size()
+    return x.device.type == "cpu" and nbytes > ops.experts.FUSE_MIN_BYTES
+
+
 def experts_on_tokens(experts: nn.Module, tokens: Tensor, plan: ops.Plan) -> Tensor:
     """``experts`` (an :class:`Experts` or any module called as ``experts(x_sorted, offsets)``) on
     ``tokens [T, d]`` routed by ``plan``: grouped rows ``[M, d]``. A plain :class:`Experts`
@@ -135,26 +147,35 @@ class Experts(nn.Module):
         gradient is needed (inference: ``torch.no_grad``/``inference_mode``, or frozen experts on
         tokens that need none) and no dropout is active, the experts then run as one
         :func:`smoe.ops.expert_mlp`, which never materialises the grouped rows or the hidden;
-        otherwise as permute -> grouped_mm -> activation -> grouped_mm. The two agree to float
-        rounding.
+        otherwise as permute -> grouped_mm -> activation -> grouped_mm, where on CPU the first
+        two are one :func:`smoe.ops.gather_mm` once the grouped rows would pass
+        ``ops.experts.FUSE_MIN_BYTES``: the autograd graph then holds the tokens, not their k
+        grouped copies. The paths agree to float rounding (gather_mm bitwise).
         """
+        # biases fused into the GEMMs (under autocast cast with the weights, as nn.Linear's)
+        w_in = self.w_in.transpose(1, 2)
         if plan is not None:
             check_tokens("Experts", "x", x_sorted, self.d_model, self.w_in.device)
             if self._fusable(x_sorted):
                 return ops.expert_mlp(
                     x_sorted,
                     offsets,
-                    self.w_in.transpose(1, 2),
+                    w_in,
                     self.w_out.transpose(1, 2),
                     b_in=self.b_in,
                     b_out=self.b_out,
                     activation=self.activation,
                     plan=plan,
                 )
+            if gathers(x_sorted, plan):
+                h = ops.gather_mm(x_sorted, plan, w_in, self.b_in)
+                return self._second_half(h, offsets)
             x_sorted = ops.permute(x_sorted, plan)
         check_tokens("Experts", "x_sorted", x_sorted, self.d_model, self.w_in.device)
-        # biases fused into the GEMMs (under autocast cast with the weights, as nn.Linear's)
-        h = ops.grouped_mm(x_sorted, self.w_in.transpose(1, 2), offsets, self.b_in)
+        return self._second_half(ops.grouped_mm(x_sorted, w_in, offsets, self.b_in), offsets)
+
+    def _second_half(self, h: Tensor, offsets: Tensor) -> Tensor:
+        """The activation, dropout and second GEMM on the first GEMM's output ``h``."""
         if self.activation == "swiglu":
             a = ops.swiglu(h)
         else:

@@ -141,6 +141,11 @@ def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None = None
     return out.to(x.dtype)
 
 
+def gather_mm(x: Tensor, plan: Plan, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """grouped_mm of the rows the plan gathers: row r is x[token[r]] @ w[e] (+ bias[e])."""
+    return grouped_mm(permute(x, plan), w, plan.offsets, bias)
+
+
 def swiglu(h: Tensor) -> Tensor:
     """silu(gate) * up on a fused [M, 2f] projection, gate columns first."""
     gate, up = h.double().chunk(2, dim=-1)

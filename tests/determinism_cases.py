@@ -4,9 +4,9 @@ Each case builds its inputs from a fixed seed (never from the global RNG state),
 or an :class:`smoe.MoELayer` forward and backward, and returns its results by name. The shapes are
 big enough that every CPU kernel splits its work into several work items: the ops see T = 3000
 tokens, E = 8, k = 2, d = 64, and grouped_mm 6000 rows in uneven groups (one empty, padding rows
-past offsets[E]) and 384 output columns, in fp32, bf16 and fp16 (expert_mlp likewise:
-tests/determinism_cases_expert_mlp.py); cosine_scores, sinkhorn, momentum_update and graph_mix
-their own shapes (tests/determinism_cases_families.py); unified_topk 48 groups of 512 tied
+past offsets[E]) and 384 output columns, in fp32, bf16 and fp16 (expert_mlp and gather_mm
+likewise: tests/determinism_cases_expert_mlp.py); cosine_scores, sinkhorn, momentum_update and
+graph_mix their own shapes (tests/determinism_cases_families.py); unified_topk 48 groups of 512 tied
 scores (tests/determinism_cases_usmoe.py); gate_linear 4100 tokens x 300 experts
 (tests/determinism_cases_gate.py), and router_stats 4100 x 300 there too; s2moe_perturb 262144
 elements with sequence, token,
@@ -226,7 +226,7 @@ OP_CASES: dict[str, Callable[[str], Results]] = {
     **FAMILY_CASES,  # tests/determinism_cases_families.py: cosine_scores, sinkhorn, momentum, graph
     **USMOE_CASES,  # tests/determinism_cases_usmoe.py
     **S2MOE_CASES,  # tests/determinism_cases_s2moe.py
-    **EXPERT_MLP_CASES,  # tests/determinism_cases_expert_mlp.py
+    **EXPERT_MLP_CASES,  # tests/determinism_cases_expert_mlp.py: expert_mlp, gather_mm
 }
 
 

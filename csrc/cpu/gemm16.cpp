@@ -93,7 +93,7 @@ bool gemm16_upcast(at::ScalarType dtype) {
 }
 
 std::string gemm16_path() {
-  std::string line = "CPU 16-bit expert GEMMs (grouped_mm, expert_mlp):";
+  std::string line = "CPU 16-bit expert GEMMs (grouped_mm, gather_mm, expert_mlp):";
   for (const auto dtype : {at::kBFloat16, at::kHalf}) {
     line += dtype == at::kBFloat16 ? " bf16 " : "; fp16 ";
     line += gemm16_upcast(dtype) ? "float32 GEMM on upcast inputs" : "ATen's 16-bit mm";

@@ -1,6 +1,6 @@
-// What the CPU glue of the GEMM ops (grouped_mm, expert_mlp) shares: the offsets' check, and
-// work items whose BLAS GEMMs run single-threaded on torch's thread pool, so that every item's
-// summation order (hence its bits) is the same for every thread count.
+// What the CPU glue of the GEMM ops (grouped_mm, gather_mm, expert_mlp) shares: the offsets'
+// check, and work items whose BLAS GEMMs run single-threaded on torch's thread pool, so that every
+// item's summation order (hence its bits) is the same for every thread count.
 #pragma once
 
 #include <ATen/Parallel.h>

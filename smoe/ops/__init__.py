@@ -7,6 +7,7 @@ wrapper, fake, autograd. The kernels live in csrc/; nothing numerical happens he
 - :mod:`smoe.ops.routing`: ``topk_softmax``, ``topk_sigmoid``, ``expert_choice``
 - :mod:`smoe.ops.dispatch`: ``make_plan``, ``permute``, ``combine`` (and :class:`Plan`)
 - :mod:`smoe.ops.experts`: ``grouped_mm``, ``swiglu``, ``expert_mlp``
+- :mod:`smoe.ops.gather`: ``gather_mm`` (grouped_mm over a plan's gathered rows)
 - :mod:`smoe.ops.xmoe`: ``cosine_scores`` (X-MoE)
 - :mod:`smoe.ops.sinkhorn`: ``sinkhorn`` (SSR, S-BASE)
 - :mod:`smoe.ops.momentum`: ``momentum_update`` (MomentumSMoE, AdamSMoE, Robust MomentumSMoE)
@@ -27,6 +28,7 @@ try:  # each family registers fakes and autograd for ops the compiled _C must de
     from smoe.ops.dispatch import Plan, combine, make_plan, permute
     from smoe.ops.experts import MLP_ACTIVATIONS, expert_mlp, grouped_mm, swiglu
     from smoe.ops.gate import gate_linear
+    from smoe.ops.gather import gather_mm
     from smoe.ops.graph import graph_mix
     from smoe.ops.momentum import (
         MomentumUpdate,
@@ -64,6 +66,7 @@ __all__ = [
     "cosine_scores",
     "expert_choice",
     "expert_mlp",
+    "gather_mm",
     "gate_linear",
     "graph_mix",
     "grouped_mm",

@@ -27,14 +27,14 @@ forks one child per case, and must run no torch op before forking.
 The tables live beside this file, one per op family: ``cases_gate.py`` (gate_linear),
 ``cases_routing.py`` (topk_softmax, expert_choice), ``cases_sigmoid.py`` (topk_sigmoid),
 ``cases_dispatch.py`` (make_plan, permute, combine), ``cases_experts.py`` (grouped_mm, swiglu,
-the Experts module), ``cases_expert_mlp.py`` (expert_mlp), ``cases_xmoe.py`` (cosine_scores),
-``cases_sinkhorn.py`` (sinkhorn), ``cases_momentum.py`` (momentum_update), ``cases_graph.py``
-(graph_mix), ``cases_usmoe.py`` (unified_topk), ``cases_s2moe.py`` (s2moe_perturb),
-``cases_stats.py`` (router_stats), ``cases_modules.py`` (MoELayer with each router, the routers'
-constructors), ``cases_layers.py`` (MoELayer's and S2MoELayer's own options),
-``cases_graph_routers.py`` (the graph-of-tokens routers, their context),
-``cases_usmoe_router.py`` (USMoE's router: options, sequences, padding) and ``cases_models.py``
-(smoe.models' constructors).
+the Experts module), ``cases_expert_mlp.py`` (expert_mlp), ``cases_gather_mm.py`` (gather_mm),
+``cases_xmoe.py`` (cosine_scores), ``cases_sinkhorn.py`` (sinkhorn), ``cases_momentum.py``
+(momentum_update), ``cases_graph.py`` (graph_mix), ``cases_usmoe.py`` (unified_topk),
+``cases_s2moe.py`` (s2moe_perturb), ``cases_stats.py`` (router_stats), ``cases_modules.py``
+(MoELayer with each router, the routers' constructors), ``cases_layers.py`` (MoELayer's and
+S2MoELayer's own options), ``cases_graph_routers.py`` (the graph-of-tokens routers, their
+context), ``cases_usmoe_router.py`` (USMoE's router: options, sequences, padding) and
+``cases_models.py`` (smoe.models' constructors).
 """
 
 from __future__ import annotations
@@ -287,6 +287,7 @@ def all_cases() -> list[Case]:
         cases_expert_mlp,
         cases_experts,
         cases_gate,
+        cases_gather_mm,
         cases_graph,
         cases_graph_routers,
         cases_layers,
@@ -310,6 +311,7 @@ def all_cases() -> list[Case]:
         *cases_dispatch.CASES,
         *cases_experts.CASES,
         *cases_expert_mlp.CASES,
+        *cases_gather_mm.CASES,
         *cases_xmoe.CASES,
         *cases_sinkhorn.CASES,
         *cases_momentum.CASES,

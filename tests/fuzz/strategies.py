@@ -21,6 +21,7 @@ from tests.fuzz.strategies_experts import (  # noqa: F401 (GroupedMMCase, ...: r
     SwigluCase,
     build_weight,
     expert_mlp_cases,
+    gather_mm_cases,
     grouped_mm_cases,
     swiglu_cases,
 )
@@ -302,6 +303,7 @@ OP_STRATEGIES = {
     "unified_topk": unified_topk_cases,  # tests/fuzz/strategies_usmoe.py (index-only: no backward)
     "expert_mlp": expert_mlp_cases,  # tests/fuzz/strategies_experts.py (backward: the chain's)
     "router_stats": router_stats_cases,  # tests/fuzz/strategies_stats.py
+    "gather_mm": gather_mm_cases,  # tests/fuzz/strategies_experts.py
 }
 
 # Each backward op -> the forward whose fuzz test exercises it.
@@ -321,6 +323,7 @@ BACKWARD_OF = {
     "s2moe_perturb_backward": "s2moe_perturb",
     "gate_linear_backward": "gate_linear",
     "router_stats_backward": "router_stats",
+    "gather_mm_backward": "gather_mm",
 }
 
 # Each registered router -> the reference its layer is checked against (test_fuzz_layer.py):

@@ -1,4 +1,5 @@
-"""The fuzz strategies of the expert ops: grouped_mm (with and without a bias), swiglu, expert_mlp.
+"""The fuzz strategies of the expert ops: grouped_mm (with and without a bias), swiglu, expert_mlp,
+gather_mm.
 
 expert_mlp's: 1 to 8 experts, token counts that leave experts empty or send every slot to one, a
 capacity that drops slots (padding rows past offsets[E]), the gather through a plan or grouped rows
@@ -144,3 +145,44 @@ def _expert_mlp_cases(draw) -> ExpertMLPCase:
 
 
 expert_mlp_cases = _expert_mlp_cases()
+
+
+class GatherMMCase(NamedTuple):
+    T: int
+    E: int
+    k: int
+    skew: str  # "spread" (random experts), "one" (every slot to experts 0..k-1)
+    capacity: int | None
+    d_in: int
+    d_out: int
+    bias: bool
+    dtype: str
+    x_layout: str
+    w_layout: str
+    x: Values
+    w: Values  # the bias from seed + 1
+
+
+@st.composite
+def _gather_mm_cases(draw) -> GatherMMCase:
+    """gather_mm's: as expert_mlp's plans (empty experts, one expert taking every slot, capacity
+    drops), every dtype and layout, the full value range (one product per output, as grouped_mm)."""
+    E = draw(st.integers(1, 8))
+    return GatherMMCase(
+        T=draw(st.integers(0, 24)),
+        E=E,
+        k=draw(st.integers(1, min(E, 3))),
+        skew=draw(st.sampled_from(["spread", "one"])),
+        capacity=draw(st.none() | st.integers(1, 6)),
+        d_in=draw(st.integers(1, 32)),
+        d_out=draw(st.integers(1, 32)),
+        bias=draw(st.booleans()),
+        dtype=draw(dtypes),
+        x_layout=draw(layouts),
+        w_layout=draw(st.sampled_from(W_LAYOUTS)),
+        x=draw(values()),
+        w=draw(values()),
+    )
+
+
+gather_mm_cases = _gather_mm_cases()

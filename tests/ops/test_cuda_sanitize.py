@@ -38,6 +38,8 @@ COVERED = {
     "swiglu": "test_routing_dispatch_experts_forward_backward",
     "swiglu_backward": "test_routing_dispatch_experts_forward_backward",
     "expert_mlp": "test_expert_mlp_forward_backward",
+    "gather_mm": "test_gather_mm_forward_backward",
+    "gather_mm_backward": "test_gather_mm_forward_backward",
     "topk_sigmoid": "test_topk_sigmoid_forward_backward",
     "topk_sigmoid_backward": "test_topk_sigmoid_forward_backward",
     "expert_choice": "test_expert_choice_forward_backward",
@@ -105,6 +107,23 @@ def test_expert_mlp_forward_backward(T, E, k, d, dtype):
         y.float().square().sum().backward()
     torch.cuda.synchronize()
     for g in (x.grad, w_in.grad, w_out.grad):
+        assert torch.isfinite(g.float()).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.sanitize
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T, E, k, d", SHAPES)
+def test_gather_mm_forward_backward(T, E, k, d, dtype):
+    x = torch.randn(T, d, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.randn(E, 2 * d, d, device="cuda", dtype=dtype, requires_grad=True)  # [E, out, in]
+    b = torch.randn(E, 2 * d, device="cuda", dtype=dtype, requires_grad=True)
+    expert = torch.rand(T, E, device="cuda").argsort(dim=-1)[:, :k].int()
+    for capacity in (None, max(1, T * k // (2 * E))):
+        plan = ops.make_plan(expert, E, capacity=capacity)
+        ops.gather_mm(x, plan, w.transpose(1, 2), b).float().square().sum().backward()
+    torch.cuda.synchronize()
+    for g in (x.grad, w.grad, b.grad):
         assert torch.isfinite(g.float()).all()
 
 

@@ -62,6 +62,12 @@ def grouped_mm_bias():
     return b, ops.grouped_mm(x, w, torch.tensor([0, 2, 6, 9]), b)
 
 
+def gather_mm():
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, 5, dtype=torch.float64)
+    return x, ops.gather_mm(x, _plan(), w)
+
+
 def cosine_scores():
     h = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     proj, emb = torch.randn(3, 5, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
@@ -101,6 +107,7 @@ MAKERS = [
     swiglu,
     grouped_mm,
     grouped_mm_bias,
+    gather_mm,
     cosine_scores,
     sinkhorn,
     momentum_update,

@@ -119,7 +119,7 @@ def test_auto_upcasts_exactly_where_onednn_has_no_16bit_kernel(gemm16):
         "fp16": torch.ops.mkldnn._is_mkldnn_fp16_supported(),
     }
     line = _C.cpu_gemm16_path()
-    assert line.startswith("CPU 16-bit expert GEMMs (grouped_mm, expert_mlp): ")
+    assert line.startswith("CPU 16-bit expert GEMMs (grouped_mm, gather_mm, expert_mlp): ")
     for name, has in native.items():
         part = line.split(f"{name} ", 1)[1]
         want = "ATen's 16-bit mm" if has else "float32 GEMM on upcast inputs"

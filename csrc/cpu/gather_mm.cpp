@@ -1,0 +1,76 @@
+// CPU glue of gather_mm and its backward: grouped_mm whose rows are read through a plan's token
+// (csrc/cpu/grouped_mm.h, gather mode), so that the grouped input x_sorted [M, d_in] of
+// permute -> grouped_mm is never materialised, in the forward or in the weight gradient, and the
+// autograd graph keeps x [T, d_in] instead of it. The input gradient is the unfused one: the
+// grouped rows' gradient [M, d_in] from the GEMM, then permute_backward's per-token sums in a
+// fixed order (a scatter from the GEMM's epilogue would need atomics or an order across experts).
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "checks_grouped_mm.h"
+#include "cpu/gemm_glue.h"
+#include "cpu/grouped_mm.h"
+#include "cpu/permute_kernel.h"
+
+namespace smoe::ops {
+namespace {
+
+// The checked, dense-row inputs both directions read on the CPU.
+struct Inputs {
+  at::Tensor x, token, offsets;
+};
+
+Inputs prepare(const char* op, const at::Tensor& x_in, const at::Tensor& token_in,
+               const at::Tensor& offsets_in) {
+  Inputs in{rows_dense(x_in), token_in.contiguous(), offsets_in.contiguous()};
+  const int64_t M = in.token.size(0);
+  check_offsets_cpu(in.offsets, M, op, "token");
+  const int32_t* idx = in.token.const_data_ptr<int32_t>();
+  const int64_t bad = cpu::first_out_of_range(idx, M, in.x.size(0));
+  TORCH_CHECK(bad < 0, "smoe::", op, ": token entry ", bad, " is ", bad < 0 ? 0 : idx[bad],
+              ", outside [-1, T = ", in.x.size(0), ")");
+  return in;
+}
+
+at::Tensor gather_mm_cpu(const at::Tensor& x, const at::Tensor& token, const at::Tensor& row,
+                         const at::Tensor& w, const at::Tensor& offsets,
+                         const std::optional<at::Tensor>& bias) {
+  check_gather_mm("gather_mm", x, token, row, w, offsets);
+  if (bias.has_value()) check_expert_bias("gather_mm", "bias", *bias, "w", w, "d_out");
+  const Inputs in = prepare("gather_mm", x, token, offsets);
+  return grouped_mm_impl(in.x, w, in.offsets, bias, &in.token);
+}
+
+std::tuple<at::Tensor, at::Tensor> gather_mm_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& token_in,
+    const at::Tensor& row, const at::Tensor& w, const at::Tensor& offsets_in, bool need_x,
+    bool need_w) {
+  check_gather_mm_backward(grad_in, x_in, token_in, row, w, offsets_in);
+  const Inputs in = prepare("gather_mm_backward", x_in, token_in, offsets_in);
+  const at::Tensor grad = rows_dense(grad_in);
+  at::Tensor gx = at::empty({0}, in.x.options()), gw = at::empty({0}, w.options());
+  if (need_x) {
+    static auto permute_backward = c10::Dispatcher::singleton()
+                                       .findSchemaOrThrow("smoe::permute_backward", "")
+                                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // a part of this op, not recorded
+    gx = permute_backward.call(grouped_mm_impl(grad, w.transpose(1, 2), in.offsets), row);
+  }
+  if (need_w) gw = grouped_mm_weight_grad(grad, in.x, w, in.offsets, &in.token);
+  return {gx, gw};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(smoe, CPU, m) {
+  m.impl("gather_mm", &gather_mm_cpu);
+  m.impl("gather_mm_backward", &gather_mm_backward_cpu);
+}
+
+}  // namespace smoe::ops

@@ -1,0 +1,108 @@
+"""gather_mm: :func:`smoe.ops.grouped_mm` over the rows a plan gathers, without materialising them.
+
+One section in schema order (csrc/registration.cpp): wrapper, fake, autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from smoe.ops._common import check_devices, refuse_double_backward
+from smoe.ops.dispatch import Plan
+from smoe.ops.experts import _transposed_weight
+
+__all__ = ["gather_mm"]
+
+
+def gather_mm(x: Tensor, plan: Plan, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``grouped_mm(permute(x, plan), w, plan.offsets, bias)`` in one op: the grouped rows
+    ``x[plan.token[r]]`` are read through the plan, never materialised.
+
+    Args:
+        x: ``[T, d_in]`` tokens (any row stride).
+        plan: a :class:`smoe.ops.Plan` of x's T tokens.
+        w: ``[E, d_in, d_out]``, x's dtype; a transposed view of ``[E, d_out, d_in]`` is used
+            without a copy.
+        bias: optional ``[E, d_out]`` per-expert bias, w's dtype.
+
+    Returns:
+        ``[M, d_out]`` (M = ``plan.token.shape[0]``) grouped by ``plan.offsets``: row r is
+        ``x[plan.token[r]] @ w[e] (+ bias[e])`` (a dropped slot's row reads 0), rows past
+        ``offsets[E]`` are 0. Bitwise :func:`grouped_mm` of :func:`permute`'s output.
+
+    Note:
+        CPU: each (expert, row block) task copies its rows of x into a thread's scratch and makes
+        grouped_mm's own GEMM calls; the weight gradient gathers them again, per expert. So
+        neither the forward nor the autograd graph holds the ``[M, d_in]`` grouped rows (k times
+        x's size): a training step writes and reads that much less memory and keeps x, which the
+        graph holds anyway, instead. The input gradient is the unfused one (the grouped rows'
+        gradient, then :func:`permute`'s backward sums per token in a fixed order). CUDA: the
+        unfused chain on the device (permute -> grouped_mm), no host sync. Deterministic.
+    """
+    return torch.ops.smoe.gather_mm.default(x, plan.token, plan.row, w, plan.offsets, bias)
+
+
+@torch.library.register_fake("smoe::gather_mm")
+def _gather_mm_fake(x, token, row, w, offsets, bias=None):
+    check_devices("gather_mm", x=x, token=token, row=row, w=w, offsets=offsets, bias=bias)
+    torch._check(x.dim() == 2, lambda: "smoe::gather_mm: x must be 2-D [T, d_in]")
+    torch._check(token.dim() == 1 and row.dim() == 2, lambda: "smoe::gather_mm: bad plan tensors")
+    torch._check(x.shape[0] == row.shape[0], lambda: "smoe::gather_mm: x must have T rows")
+    torch._check(w.dim() == 3, lambda: "smoe::gather_mm: w must be 3-D [E, d_in, d_out]")
+    torch._check(w.shape[1] == x.shape[1], lambda: "smoe::gather_mm: w must be [E, d_in, d_out]")
+    torch._check(w.dtype == x.dtype, lambda: "smoe::gather_mm: w must have x's dtype")
+    torch._check(offsets.shape[0] == w.shape[0] + 1, lambda: "smoe::gather_mm: offsets needs E+1")
+    if bias is not None:
+        torch._check(
+            bias.dim() == 2 and bias.shape[0] == w.shape[0] and bias.shape[1] == w.shape[2],
+            lambda: "smoe::gather_mm: bias must be [E, d_out]",
+        )
+        torch._check(bias.dtype == w.dtype, lambda: "smoe::gather_mm: bias must have w's dtype")
+    return x.new_empty((token.shape[0], w.shape[2]))
+
+
+def _setup_context_gather_mm(ctx, inputs, output) -> None:
+    x, token, row, w, offsets = inputs[:5]
+    ctx.save_for_backward(x, token, row, w, offsets)
+
+
+def _backward_gather_mm(ctx, grad: Tensor):
+    x, token, row, w, offsets = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+    gx = gw = gb = None
+    if need_x or need_w:
+        gx, gw = torch.ops.smoe.gather_mm_backward.default(
+            grad, x, token, row, w, offsets, need_x, need_w
+        )
+    # needs_input_grad covers the arguments given: 5 entries when the call passed no bias
+    if len(ctx.needs_input_grad) > 5 and ctx.needs_input_grad[5]:
+        gb = torch.ops.smoe.grouped_mm_bias_backward.default(grad, offsets)
+    return (gx if need_x else None), None, None, (gw if need_w else None), None, gb
+
+
+torch.library.register_autograd(
+    "smoe::gather_mm", _backward_gather_mm, setup_context=_setup_context_gather_mm
+)
+
+
+@torch.library.register_fake("smoe::gather_mm_backward")
+def _gather_mm_backward_fake(grad_out, x, token, row, w, offsets, need_x: bool, need_w: bool):
+    check_devices(
+        "gather_mm_backward", x=x, grad_out=grad_out, token=token, row=row, w=w, offsets=offsets
+    )
+    torch._check(
+        grad_out.dim() == 2, lambda: "smoe::gather_mm_backward: grad_out must be 2-D [M, d_out]"
+    )
+    gx = x.new_empty(x.shape) if need_x else x.new_empty((0,))
+    if not need_w:
+        gw = w.new_empty((0,))
+    elif _transposed_weight(w):
+        E, d_in, d_out = w.shape
+        gw = w.new_empty_strided((E, d_in, d_out), (d_in * d_out, 1, d_in))
+    else:
+        gw = w.new_empty(w.shape)
+    return gx, gw
+
+
+refuse_double_backward("gather_mm")
