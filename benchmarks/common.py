@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from smoe import ops
-from smoe.experts import Experts
+from smoe.experts import Experts, gathers
 
 # isort: split
 # re-exported: the benchmarks import the load patterns from here too
@@ -325,14 +325,15 @@ def stage_times(
     def plan_only() -> Tensor:
         return ops.make_plan(r.expert, E, capacity=capacity).offsets
 
-    # a forward without gradients runs the experts as one expert_mlp that gathers its own rows
-    # (smoe.Experts): then there is no permute stage, and the experts stage includes the gather
+    # a forward without gradients runs the experts as one expert_mlp that gathers its own rows,
+    # and a large training step's first GEMM is one gather_mm (smoe.Experts): then there is no
+    # permute stage, and the experts stage includes the gather (and, backward, permute's sums)
     ex = layer.experts
-    fused = (
-        not backward
-        and type(ex).forward is Experts.forward
-        and ops.experts.fuses(flat, ex.w_in.transpose(1, 2), plan)
-    )
+    plain = type(ex).forward is Experts.forward
+    if backward:
+        fused = plain and gathers(flat, plan)
+    else:
+        fused = plain and ops.experts.fuses(flat, ex.w_in.transpose(1, 2), plan)
     if fused:
         permute, experts = 0.0, stage(lambda: ex(flat, plan.offsets, plan=plan))
     else:

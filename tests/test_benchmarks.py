@@ -144,3 +144,42 @@ def test_bench_router_stats_baselines_are_the_same_losses():
         theirs = router(x).aux
     for name in ("balance", "z"):
         torch.testing.assert_close(ours[name], theirs[name])
+
+
+def test_bench_gather_mm_quick_times_both_paths(tmp_path):
+    from tests.helpers import run_quick_benchmark
+
+    data, md, _ = run_quick_benchmark("bench_gather_mm.py", tmp_path, stem="bench_gather_mm")
+    assert [(r["shape"], r["dtype"]) for r in data["rows"]] == [
+        ("mixtral-like", "fp32"), ("mixtral-like", "bf16"),
+        ("fine-grained", "fp32"), ("fine-grained", "bf16"),
+    ]  # fmt: skip
+    for r in data["rows"]:
+        assert len(r["ms"]) == 6 and all(math.isfinite(v) and v > 0 for v in r["ms"].values())
+        assert not r["gathers"]  # 64 tokens: below the size rule, both layer runs are unfused
+        assert r["saved"]["gather"] == r["saved"]["unfused"] > 0
+    assert md.count("| fine-grained |") == 2
+
+
+def test_bench_gather_mm_switch_turns_the_gather_off():
+    """The benchmark's unfused baseline really runs permute -> grouped_mm in the layer, and the
+    saved-bytes probe sees the grouped rows only then."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    bench = pytest.importorskip("bench_gather_mm")
+    from smoe import MoELayer
+
+    layer, x = MoELayer(64, 48, 8, 8), torch.randn(2304, 64, requires_grad=True)
+    grouped = 2304 * 8 * 64 * 4  # bytes of the [T k, d] grouped rows, past the size rule
+
+    def ran(fn) -> set[str]:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+        return {e.name for e in prof.events()}
+
+    assert "smoe::gather_mm" in ran(lambda: layer(x))
+    gathered = bench.saved_bytes(lambda: layer(x))
+    with bench.unfused_experts():
+        names = ran(lambda: layer(x))
+        unfused = bench.saved_bytes(lambda: layer(x))
+    assert "smoe::permute" in names and "smoe::gather_mm" not in names
+    assert unfused - gathered == grouped
