@@ -1,7 +1,8 @@
 """smoe's CPU output cache (csrc/cpu/workspace.h): outputs of 4 MiB or more of smoe's CPU ops
 come from freed blocks of earlier calls (the same pages, no fresh page faults), smaller ones do
 not; blocks in use are never handed out twice; the cap (SMOE_CPU_CACHE_MB, read once per process:
-those cases run in a subprocess), release, the report and the bad setting."""
+those cases run in a subprocess), release, the report, what the memory profiler sees, and the bad
+setting."""
 
 from __future__ import annotations
 
@@ -65,6 +66,41 @@ def test_blocks_in_use_are_never_shared_and_small_outputs_bypass_the_cache():
     assert smoe.cpu_cache_info()["cached_bytes"] == 2 * ROWS * D * 4
     assert smoe.release_cpu_cache() == 2 * ROWS * D * 4
     assert smoe.cpu_cache_info()["cached_bytes"] == 0
+
+
+def _profiled_bytes(fn) -> tuple[int, int]:
+    """(peak, net) bytes of the CPU memory events torch's profiler records during fn()."""
+    import itertools
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    sizes = [
+        e.nbytes()
+        for e in sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns())
+        if e.name() == "[memory]"
+    ]
+    return max(itertools.accumulate(sizes, initial=0)), sum(sizes)
+
+
+def test_cached_outputs_are_reported_to_the_memory_profiler():
+    """A cached block counts as a tensor's memory while the tensor lives, and a fresh and a reused
+    block alike: profile_memory (and the benchmarks' peak memory) see smoe's large outputs."""
+    x, plan = _case()
+    _empty_cache()
+    size = ROWS * D * 4
+
+    def two_live_then_one():
+        a = ops.permute(x, plan)  # a fresh block
+        b = ops.permute(x, plan)
+        del a
+        c = ops.permute(x, plan)  # a's block, reused
+        del b, c
+
+    peak, net = _profiled_bytes(two_live_then_one)
+    assert peak == 2 * size and net == 0
+    assert smoe.cpu_cache_info()["cached_bytes"] == 2 * size  # held, but no tensor's
 
 
 def test_training_steps_through_cached_blocks_repeat_bitwise():

@@ -1,14 +1,19 @@
 // The CPU workspace cache (csrc/cpu/workspace.h): blocks from c10::alloc_cpu, tensors over them by
-// at::from_blob with a deleter that returns the block to the cache.
+// at::from_blob with a deleter that returns the block to the cache. Each hand-out and return is
+// reported to torch's memory profiler as the CPU allocator reports its own (a tensor's bytes while
+// it lives; cached blocks count as reserved), so that profile_memory and the benchmarks' peak
+// memory see these outputs like any other tensor's.
 #include "cpu/workspace.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
 #include <ATen/ops/from_blob.h>
+#include <c10/core/Allocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -27,6 +32,17 @@ struct Cache {
 Cache& cache() {
   static Cache* c = new Cache();  // never destroyed: tensors may be freed during exit
   return *c;
+}
+
+std::atomic<int64_t> live{0};  // bytes of the blocks tensors use now
+
+// A block of `size` bytes handed out (size > 0) or returned (size < 0), for the profiler.
+void report(void* ptr, int64_t size) {
+  const int64_t now = live.fetch_add(size) + size;
+  if (!c10::memoryProfilingEnabled()) return;
+  const int64_t cached = cached_bytes();
+  c10::reportMemoryUsageToProfiler(ptr, size, static_cast<size_t>(now),
+                                   static_cast<size_t>(now + cached), c10::Device(c10::kCPU));
 }
 
 int64_t read_cap() {
@@ -72,7 +88,11 @@ void give_back(void* ptr, int64_t size) {
 at::Tensor wrap(int64_t bytes, c10::IntArrayRef sizes, std::optional<c10::IntArrayRef> strides,
                 const at::TensorOptions& options) {
   const auto [ptr, size] = take(bytes);
-  const auto deleter = [size = size](void* p) { give_back(p, size); };
+  report(ptr, size);
+  const auto deleter = [size = size](void* p) {
+    report(p, -size);
+    give_back(p, size);
+  };
   return strides.has_value() ? at::from_blob(ptr, sizes, *strides, deleter, options)
                              : at::from_blob(ptr, sizes, deleter, options);
 }
