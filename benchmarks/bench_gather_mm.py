@@ -8,7 +8,9 @@ For each of bench_layer.py's shapes (at ``--tokens`` tokens), per dtype: (1) the
 gradients); (2) a whole ``MoELayer`` training step (forward+backward), once as it runs (its
 ``Experts`` gather past the size rule) and once with the gather turned off (``smoe.experts.gathers``
 patched to False: permute, then grouped_mm); (3) the bytes the layer's autograd graph saves for its
-backward, both ways (distinct storages, measured with ``saved_tensors_hooks``). Ratios are unfused /
+backward, both ways (distinct storages, measured with ``saved_tensors_hooks``), and the step's peak
+memory (``common.peak_bytes``: torch's memory profiler, smoe's cached outputs included; the
+gather's per-thread scratch, allocated on the pool's threads, is not). Ratios are unfused /
 gathering (> 1: gathering ahead). Writes ``bench_gather_mm.md`` and ``.json`` under ``--out``
 (git-ignored by default); never writes RESULTS.md.
 """
@@ -23,7 +25,7 @@ from unittest import mock
 
 import torch
 from bench_layer import SHAPES  # benchmarks/bench_layer.py
-from common import machine, measure, table
+from common import machine, measure, peak_bytes, table
 from tqdm import tqdm
 
 import smoe.experts
@@ -85,9 +87,11 @@ def time_row(shape: dict, dtype: torch.dtype, clock) -> dict:
     with unfused_experts():
         ms["layer unfused"] = 1e3 * clock(step)
         saved_unfused = saved_bytes(lambda: layer(xl))
+        peak_unfused = peak_bytes(step)
     ms["layer gather"] = 1e3 * clock(step)
     saved = dict(unfused=saved_unfused, gather=saved_bytes(lambda: layer(xl)))
-    return dict(ms=ms, saved=saved, gathers=smoe.experts.gathers(x, plan))
+    peak = dict(unfused=peak_unfused, gather=peak_bytes(step))
+    return dict(ms=ms, saved=saved, peak=peak, gathers=smoe.experts.gathers(x, plan))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -114,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     head = ["shape", "dtype", "gathers", "1st GEMM fwd: unfused ms", "gather ms", "ratio",
             "fwd+bwd: unfused ms", "gather ms", "ratio", "layer step: unfused ms", "gather ms",
-            "ratio", "saved MB: unfused", "gather", "ratio"]  # fmt: skip
+            "ratio", "saved MB: unfused", "gather", "ratio", "peak MB: unfused", "gather",
+            "ratio"]  # fmt: skip
 
     def cells(r: dict) -> list[str]:
         ms, sv = r["ms"], r["saved"]
@@ -124,8 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
                      ("layer unfused", "layer gather")):  # fmt: skip
             out += [f"{ms[a]:.2f}", f"{ms[b]:.2f}", f"{ms[a] / ms[b]:.2f}x"]
         mb = 1 / 2**20
-        out += [f"{sv['unfused'] * mb:.1f}", f"{sv['gather'] * mb:.1f}",
-                f"{sv['unfused'] / max(sv['gather'], 1):.2f}x"]  # fmt: skip
+        for v in (sv, r["peak"]):
+            out += [f"{v['unfused'] * mb:.1f}", f"{v['gather'] * mb:.1f}",
+                    f"{v['unfused'] / max(v['gather'], 1):.2f}x"]  # fmt: skip
         return out
 
     info = machine()

@@ -115,9 +115,10 @@ def peak_bytes(fn: Callable[[], object]) -> int:
     """Peak bytes held by torch's CPU allocator during one call, above what was live before.
 
     From the allocation and free events of ``torch.profiler`` (``profile_memory=True``),
-    accumulated in time order. Counts tensors only (not the Python heap, not code); allocations
-    made by OpenMP worker threads are not reported by the profiler (kernels here allocate their
-    outputs before going parallel).
+    accumulated in time order. Counts tensors only (not the Python heap, not code), smoe's cached
+    CPU outputs included (csrc/cpu/workspace.cpp reports them); allocations made by OpenMP worker
+    threads are not reported by the profiler (kernels here allocate their outputs before going
+    parallel; the per-thread scratch of expert_mlp and gather_mm is not counted).
     """
     from torch.profiler import ProfilerActivity, profile
 

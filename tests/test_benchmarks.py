@@ -158,6 +158,7 @@ def test_bench_gather_mm_quick_times_both_paths(tmp_path):
         assert len(r["ms"]) == 6 and all(math.isfinite(v) and v > 0 for v in r["ms"].values())
         assert not r["gathers"]  # 64 tokens: below the size rule, both layer runs are unfused
         assert r["saved"]["gather"] == r["saved"]["unfused"] > 0
+        assert r["peak"]["gather"] > 0 and r["peak"]["unfused"] > 0
     assert md.count("| fine-grained |") == 2
 
 
