@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from smoe import ops
-from smoe.experts import needs_grad
+from smoe.experts import gathers, needs_grad
 
 __all__ = ["expert_rows", "register", "run_experts", "smoe_experts_forward"]
 
@@ -125,6 +125,10 @@ def run_experts(module: nn.Module, hidden_states: Tensor, plan: ops.Plan, weight
         )
         if getattr(module, "has_post_expert_norm", False):
             y = module.post_expert_norm(y)
+    elif gathers(hidden_states, plan):
+        # training at a size where the grouped rows pass 4 MiB: the first GEMM reads the tokens
+        # through the plan (gather_mm), so the graph keeps them instead of their k grouped copies
+        y = expert_rows(module, hidden_states, plan.offsets, plan=plan)
     else:
         y = expert_rows(module, ops.permute(hidden_states, plan), plan.offsets)
     out = ops.combine(y, weight.to(y.dtype), plan)
@@ -154,13 +158,19 @@ def _parts(module: nn.Module) -> tuple[bool, Tensor, Tensor | None, Tensor | Non
     return transposed, w_in, b_in, b_out
 
 
-def expert_rows(module: nn.Module, x: Tensor, offsets: Tensor) -> Tensor:
+def expert_rows(
+    module: nn.Module, x: Tensor, offsets: Tensor, *, plan: ops.Plan | None = None
+) -> Tensor:
     """A transformers experts module's experts on rows grouped by expert (``offsets [E+1]`` over
     the module's ``num_experts``): grouped_mm → gate → grouped_mm (→ post-expert norm), ``[M,
-    d]``; padding rows past ``offsets[E]`` carry no bias."""
+    d]``; padding rows past ``offsets[E]`` carry no bias. With ``plan``, ``x`` is the tokens
+    ``[T, d]`` the plan routes and the first GEMM gathers them (:func:`smoe.ops.gather_mm`)."""
     transposed, w_in, b_in, b_out = _parts(module)
     has_gate = getattr(module, "has_gate", True)
-    h = ops.grouped_mm(x, _weight(w_in, transposed), offsets, b_in)
+    if plan is None:
+        h = ops.grouped_mm(x, _weight(w_in, transposed), offsets, b_in)
+    else:
+        h = ops.gather_mm(x, plan, _weight(w_in, transposed), b_in)
     if not has_gate:
         a = module.act_fn(h)
     elif _fused_swiglu(module):
