@@ -49,8 +49,8 @@ def needs_grad(x: Tensor, params) -> bool:
 def gathers(x: Tensor, plan: ops.Plan) -> bool:
     """Whether :class:`Experts` runs its first GEMM as :func:`smoe.ops.gather_mm` on the tokens
     ``x [T, d]`` of ``plan`` (when it needs a gradient): on CPU, where the grouped rows
-    ``[M, d]`` that permute would write pass ``ops.experts.FUSE_MIN_BYTES`` (their pages would
-    be faulted in, and the graph would hold them). Below that, permute is cheap and
+    ``[M, d]`` that permute would write, and the graph would hold for the backward, pass
+    ``ops.experts.FUSE_MIN_BYTES``. Below that, permute is cheap and
     grouped_mm's (expert, row block, column block) items keep more threads busy than
     gather_mm's one task per row block. On CUDA gather_mm is the unfused chain, so permute
     runs as itself."""

@@ -103,6 +103,23 @@ def test_cached_outputs_are_reported_to_the_memory_profiler():
     assert smoe.cpu_cache_info()["cached_bytes"] == 2 * size  # held, but no tensor's
 
 
+def test_a_block_handed_out_before_profiling_is_not_reported_when_freed():
+    """The profiler hears of a return only where it heard of the hand-out: an output made before
+    profile_memory began, freed inside it, must not drive the count below zero (which would hide
+    the peak of what follows)."""
+    x, plan = _case()
+    _empty_cache()
+    size = ROWS * D * 4
+    held = [ops.permute(x, plan)]
+
+    def free_then_make():
+        held.pop()
+        ops.permute(x, plan)  # the freed block, reused and dropped
+
+    peak, net = _profiled_bytes(free_then_make)
+    assert peak == size and net == 0
+
+
 def test_training_steps_through_cached_blocks_repeat_bitwise():
     # x_sorted [16384, 512], the hidden [16384, 1024] and their gradients all pass 4 MiB
     torch.manual_seed(0)

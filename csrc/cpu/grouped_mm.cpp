@@ -5,7 +5,9 @@
 // bitwise equal for every torch.set_num_threads (tests/test_determinism.py); a big expert is still
 // many items, so it keeps every core busy. The forward and the weight gradient also run in gather
 // mode for gather_mm (csrc/cpu/gather_mm.cpp): their rows x[token[r]] are copied into a thread's
-// scratch as an item needs them, instead of being read from a materialised x_sorted.
+// scratch as an item needs them (the weight gradient, where that would copy a group more than
+// once, gathers every row once up front), instead of being read from an x_sorted that the
+// autograd graph holds from the forward on.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -26,6 +28,7 @@
 #include "cpu/gemm16.h"
 #include "cpu/gemm_glue.h"
 #include "cpu/grouped_mm.h"
+#include "cpu/permute_kernel.h"
 #include "cpu/workspace.h"
 
 namespace smoe::ops {
@@ -65,26 +68,17 @@ std::vector<Block> out_blocks(const int64_t* off, int64_t E, int64_t d_in, int64
   return blocks;
 }
 
-}  // namespace
-
-// Rows [begin, begin + n) of the grouped input, gathered from x through token into buf (a 1-D
-// scratch of x's dtype, 64-byte aligned, at least n * d + 64 / element_size elements): row r is
-// x[token[begin + r]], or 0 where that is negative. The copy starts at the offset modulo 64 bytes
-// that row `begin` of a dense x_sorted [M, d] would have, so that the BLAS sees the alignment of the
-// unfused path (its kernels may choose by it) and gather mode gives permute -> grouped_mm's bits.
-// The source rows are scattered, so each is prefetched 8 rows ahead (the weight gradient's gather
-// of the fine-grained shape, 32 MB per step: +3.0 ms over reading x_sorted without, +1.1 ms with).
-at::Tensor gather_rows(const at::Tensor& x, const int32_t* token, int64_t begin, int64_t n,
-                       const at::Tensor& buf) {
-  const int64_t d = x.size(1), es = x.element_size();
-  const int64_t shift = (begin * d * es) % 64 / es;
-  at::Tensor out = buf.narrow(0, shift, n * d).view({n, d});
+// dst rows [0, n) = x[idx[r]], or 0 where idx[r] < 0 (dst dense, x with dense rows). The source
+// rows are scattered, so a row of at most kPrefetchRowBytes is prefetched 8 rows ahead, as
+// permute's gathers do (the weight gradient's gather of the fine-grained shape, 32 MB per step:
+// +3.0 ms over reading x_sorted without, +1.1 ms with); wider rows are left to the hardware
+// prefetcher, which follows them.
+void copy_rows(const at::Tensor& x, const int32_t* idx, int64_t n, char* dst) {
   const auto* src = static_cast<const char*>(x.const_data_ptr());
-  auto* dst = static_cast<char*>(out.mutable_data_ptr());
-  const int64_t bytes = d * es, ld = x.stride(0) * es;
-  const int32_t* idx = token + begin;
+  const int64_t bytes = x.size(1) * x.element_size(), ld = x.stride(0) * x.element_size();
+  const bool prefetch = bytes <= cpu::kPrefetchRowBytes;
   for (int64_t r = 0; r < n; ++r) {
-    if (r + 8 < n && idx[r + 8] >= 0) {
+    if (prefetch && r + 8 < n && idx[r + 8] >= 0) {
       const char* p = src + idx[r + 8] * ld;
       for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch(p + c);
     }
@@ -94,16 +88,41 @@ at::Tensor gather_rows(const at::Tensor& x, const int32_t* token, int64_t begin,
       std::memcpy(dst + r * bytes, src + idx[r] * ld, bytes);
     }
   }
-  return out;
 }
 
-namespace {
-
+// A gather_rows scratch for up to `rows` rows of x.
 at::Tensor gather_scratch(const at::Tensor& x, int64_t rows) {
   return workspace::empty({rows * x.size(1) + 64 / x.element_size()}, x.options());
 }
 
+// The first `rows` grouped rows x[token[r]] at once, in a dense [rows, d] tensor: the rows'
+// alignment is x_sorted's (both start 64-byte aligned).
+at::Tensor gather_all(const at::Tensor& x, const int32_t* token, int64_t rows) {
+  at::Tensor out = workspace::empty({rows, x.size(1)}, x.options());
+  auto* dst = static_cast<char*>(out.mutable_data_ptr());
+  const int64_t bytes = x.size(1) * x.element_size();
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, bytes));
+  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+    copy_rows(x, token + b, e - b, dst + b * bytes);
+  });
+  return out;
+}
+
 }  // namespace
+
+// Rows [begin, begin + n) of the grouped input, gathered from x through token into buf (a 1-D
+// scratch of x's dtype, 64-byte aligned, at least n * d + 64 / element_size elements): row r is
+// x[token[begin + r]], or 0 where that is negative. The copy starts at the offset modulo 64 bytes
+// that row `begin` of a dense x_sorted [M, d] would have, so that the BLAS sees the alignment of the
+// unfused path (its kernels may choose by it) and gather mode gives permute -> grouped_mm's bits.
+at::Tensor gather_rows(const at::Tensor& x, const int32_t* token, int64_t begin, int64_t n,
+                       const at::Tensor& buf) {
+  const int64_t d = x.size(1), es = x.element_size();
+  const int64_t shift = (begin * d * es) % 64 / es;
+  at::Tensor out = buf.narrow(0, shift, n * d).view({n, d});
+  copy_rows(x, token + begin, n, static_cast<char*>(out.mutable_data_ptr()));
+  return out;
+}
 
 // out [M, d_out] = per-group x @ w[e] (+ bias[e]); rows past offsets[E] are zero. The bias is the
 // GEMM's own beta = 1 input (addmm: the block starts as the broadcast bias row and the product
@@ -209,28 +228,33 @@ at::Tensor grouped_mm_bias_backward_cpu(const at::Tensor& grad_in, const at::Ten
 // grad_w[e] = x[g]^T @ grad[g], written in w's layout (transposed when w is a transposed view, so
 // that the gradient of a [E, d_out, d_in] parameter needs no copy). Work items are (expert,
 // column block of the output): each sums over all of its group's rows in one GEMM, so no
-// reduction crosses items. With token, the group's rows x[token[r]] are gathered into the thread's
-// scratch, once for the consecutive items of one expert that the thread takes.
+// reduction crosses items. With token the group's rows are x[token[r]]: where each expert is one
+// item and the experts' largest group times the threads is less than all the rows (many experts,
+// few threads: the fine-grained shapes), each item gathers its group into its thread's scratch;
+// otherwise (several column blocks per expert, whose items land on different threads, or few
+// experts on many threads) every row is gathered once, up front, into x_sorted's shape, which then
+// lives only for this call. Either way no row is copied twice, and the GEMMs see x_sorted's rows.
 at::Tensor grouped_mm_weight_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w,
                                   const at::Tensor& offsets, const at::Tensor* token) {
   const int64_t E = w.size(0), d_in = w.size(1), d_out = w.size(2);
+  const int64_t* off = offsets.const_data_ptr<int64_t>();
+  const int64_t n_col = std::max<int64_t>(1, (d_out + kColBlock - 1) / kColBlock);
+  int64_t cap = 0;
+  for (int64_t e = 0; e < E; ++e) cap = std::max(cap, off[e + 1] - off[e]);
+  if (token && d_in > 0 && d_out > 0 && (n_col > 1 || at::get_num_threads() * cap >= off[E])) {
+    const at::Tensor xs = gather_all(x, token->const_data_ptr<int32_t>(), off[E]);
+    return grouped_mm_weight_grad(grad, xs, w, offsets);
+  }
   const bool transposed = is_transposed_weight(w);
   at::Tensor gw = transposed
                       ? workspace::empty_strided({E, d_in, d_out}, {d_in * d_out, 1, d_in},
                                                  w.options())
                       : workspace::empty({E, d_in, d_out}, w.options());
-  const int64_t* off = offsets.const_data_ptr<int64_t>();
+  if (gw.numel() == 0) return gw;
   const int64_t col = kColBlock;
-  const int64_t n_col = std::max<int64_t>(1, (d_out + col - 1) / col);
-  struct Gathered {
-    at::Tensor buf, rows;
-    int64_t expert = -1;
-  };
-  std::vector<Gathered> scratch(token ? at::get_num_threads() : 0);
-  int64_t cap = 0;
-  for (int64_t e = 0; e < E; ++e) cap = std::max(cap, off[e + 1] - off[e]);
+  std::vector<at::Tensor> scratch(token ? at::get_num_threads() : 0);
   const auto start = [&] {
-    if (token) scratch.at(at::get_thread_num()).buf = gather_scratch(x, cap);
+    if (token) scratch.at(at::get_thread_num()) = gather_scratch(x, cap);
   };
   for_each_block(E * n_col, [&](int64_t i) {
     const int64_t e = i / n_col, c0 = (i % n_col) * col;
@@ -242,17 +266,10 @@ at::Tensor grouped_mm_weight_grad(const at::Tensor& grad, const at::Tensor& x, c
       o.zero_();
       return;
     }
-    at::Tensor xs;
-    if (token) {
-      Gathered& s = scratch.at(at::get_thread_num());
-      if (s.expert != e) {
-        s.rows = gather_rows(x, token->const_data_ptr<int32_t>(), off[e], rows, s.buf);
-        s.expert = e;
-      }
-      xs = s.rows;
-    } else {
-      xs = x.narrow(0, off[e], rows);
-    }
+    const at::Tensor xs =
+        token ? gather_rows(x, token->const_data_ptr<int32_t>(), off[e], rows,
+                            scratch.at(at::get_thread_num()))
+              : x.narrow(0, off[e], rows);
     const at::Tensor gs = grad.narrow(0, off[e], rows).narrow(1, c0, nc);
     if (transposed) {
       at::Tensor ot = o.t();  // [nc, d_in], row-major in gw's storage

@@ -36,13 +36,18 @@ Cache& cache() {
 
 std::atomic<int64_t> live{0};  // bytes of the blocks tensors use now
 
-// A block of `size` bytes handed out (size > 0) or returned (size < 0), for the profiler.
-void report(void* ptr, int64_t size) {
+// A block of `size` bytes handed out (size > 0) or returned (size < 0); tells the profiler when
+// `profiled` (a return only when its hand-out was told: one made before the profiling began, or on
+// a pool thread, which does not carry the profiler's state, would drive its count below zero).
+// Returns whether the profiler was told. The reserved figure counts a returned block, which is on
+// its way into the cache.
+bool report(void* ptr, int64_t size, bool profiled) {
   const int64_t now = live.fetch_add(size) + size;
-  if (!c10::memoryProfilingEnabled()) return;
-  const int64_t cached = cached_bytes();
+  if (!profiled) return false;
+  const int64_t reserved = now + cached_bytes() + std::max<int64_t>(0, -size);
   c10::reportMemoryUsageToProfiler(ptr, size, static_cast<size_t>(now),
-                                   static_cast<size_t>(now + cached), c10::Device(c10::kCPU));
+                                   static_cast<size_t>(reserved), c10::Device(c10::kCPU));
+  return true;
 }
 
 int64_t read_cap() {
@@ -88,9 +93,9 @@ void give_back(void* ptr, int64_t size) {
 at::Tensor wrap(int64_t bytes, c10::IntArrayRef sizes, std::optional<c10::IntArrayRef> strides,
                 const at::TensorOptions& options) {
   const auto [ptr, size] = take(bytes);
-  report(ptr, size);
-  const auto deleter = [size = size](void* p) {
-    report(p, -size);
+  const bool profiled = report(ptr, size, c10::memoryProfilingEnabled());
+  const auto deleter = [size = size, profiled](void* p) {
+    report(p, -size, profiled);
     give_back(p, size);
   };
   return strides.has_value() ? at::from_blob(ptr, sizes, *strides, deleter, options)

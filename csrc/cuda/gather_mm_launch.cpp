@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -61,8 +62,10 @@ std::tuple<at::Tensor, at::Tensor> gather_mm_backward_cuda(TensorRef grad, Tenso
   check_device_arch(x.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   // the grouped rows only where the weight gradient reads them; else a shape for the checks
-  const at::Tensor xs = need_w ? call_permute(x, token, row)
-                               : at::empty({token.size(0), x.size(1)}, x.options());
+  // (grouped_mm_backward reads no x without need_w), one row's storage broadcast
+  const at::Tensor xs =
+      need_w ? call_permute(x, token, row)
+             : at::empty_strided({token.size(0), x.size(1)}, {0, 1}, x.options());
   auto [gxs, gw] = mm_backward.call(grad, xs, w, offsets, need_x, need_w);
   at::Tensor gx = need_x ? permute_backward.call(gxs, row) : at::empty({0}, x.options());
   return {gx, gw};

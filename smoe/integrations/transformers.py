@@ -126,8 +126,9 @@ def run_experts(module: nn.Module, hidden_states: Tensor, plan: ops.Plan, weight
         if getattr(module, "has_post_expert_norm", False):
             y = module.post_expert_norm(y)
     elif gathers(hidden_states, plan):
-        # training at a size where the grouped rows pass 4 MiB: the first GEMM reads the tokens
-        # through the plan (gather_mm), so the graph keeps them instead of their k grouped copies
+        # grouped rows past 4 MiB (training, or inference the fused op does not take): the first
+        # GEMM reads the tokens through the plan (gather_mm), so a graph keeps them instead of
+        # their k grouped copies
         y = expert_rows(module, hidden_states, plan.offsets, plan=plan)
     else:
         y = expert_rows(module, ops.permute(hidden_states, plan), plan.offsets)

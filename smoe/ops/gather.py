@@ -38,7 +38,8 @@ def gather_mm(x: Tensor, plan: Plan, w: Tensor, bias: Tensor | None = None) -> T
         x's size): a training step writes and reads that much less memory and keeps x, which the
         graph holds anyway, instead. The input gradient is the unfused one (the grouped rows'
         gradient, then :func:`permute`'s backward sums per token in a fixed order). CUDA: the
-        unfused chain on the device (permute -> grouped_mm), no host sync. Deterministic.
+        unfused chain on the device (permute -> grouped_mm), no host sync; a bad plan or offsets
+        value trips those ops' asynchronous device asserts, under their names. Deterministic.
     """
     return torch.ops.smoe.gather_mm.default(x, plan.token, plan.row, w, plan.offsets, bias)
 

@@ -71,6 +71,29 @@ def test_gather_mm_is_bitwise_the_unfused_chain_forward_and_backward(
         assert a.grad.stride() == c.grad.stride()  # w's gradient keeps w's (transposed) layout
 
 
+# (E, d_out): the weight gradient gathers per item into its thread's scratch (many experts, one
+# column block), or every row up front (few experts for the threads; several column blocks)
+@pytest.mark.parametrize(
+    "E,d_out", [(16, 64), (2, 64), (16, 300)], ids=["per-item", "few-experts", "col-blocks"]
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gather_mm_weight_gradient_paths_are_bitwise_the_unfused(E, d_out, threads):
+    x, plan, w, _ = make_case(400, 24, d_out, E, 2, None, dtype=torch.float32)
+    g = torch.randn(plan.token.shape[0], d_out)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        _, gw = torch.ops.smoe.gather_mm_backward.default(
+            g, x, plan.token, plan.row, w, plan.offsets, False, True
+        )
+        _, want = torch.ops.smoe.grouped_mm_backward.default(
+            g, ops.permute(x, plan), w, plan.offsets, False, True
+        )
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(gw, want) and gw.stride() == want.stride()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gather_mm_low_precision_matches_reference(dtype):
     x, plan, w, b = make_case(300, 32, 40, 4, 2, None, dtype=dtype)
