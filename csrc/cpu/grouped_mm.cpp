@@ -108,8 +108,6 @@ at::Tensor gather_all(const at::Tensor& x, const int32_t* token, int64_t rows) {
   return out;
 }
 
-}  // namespace
-
 // Rows [begin, begin + n) of the grouped input, gathered from x through token into buf (a 1-D
 // scratch of x's dtype, 64-byte aligned, at least n * d + 64 / element_size elements): row r is
 // x[token[begin + r]], or 0 where that is negative. The copy starts at the offset modulo 64 bytes
@@ -123,6 +121,8 @@ at::Tensor gather_rows(const at::Tensor& x, const int32_t* token, int64_t begin,
   copy_rows(x, token + begin, n, static_cast<char*>(out.mutable_data_ptr()));
   return out;
 }
+
+}  // namespace
 
 // out [M, d_out] = per-group x @ w[e] (+ bias[e]); rows past offsets[E] are zero. The bias is the
 // GEMM's own beta = 1 input (addmm: the block starts as the broadcast bias row and the product

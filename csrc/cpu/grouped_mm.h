@@ -20,10 +20,4 @@ at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w, const at::T
 at::Tensor grouped_mm_weight_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w,
                                   const at::Tensor& offsets, const at::Tensor* token = nullptr);
 
-// Rows [begin, begin + n) of the gathered input x[token[r]] in buf (1-D, x's dtype, 64-byte
-// aligned, n * x.size(1) + 64 / element_size elements at least), at the alignment modulo 64 bytes
-// that the same rows of a dense x_sorted would have.
-at::Tensor gather_rows(const at::Tensor& x, const int32_t* token, int64_t begin, int64_t n,
-                       const at::Tensor& buf);
-
 }  // namespace smoe::ops
