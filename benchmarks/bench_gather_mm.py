@@ -18,14 +18,12 @@ gathering (> 1: gathering ahead). Writes ``bench_gather_mm.md`` and ``.json`` un
 from __future__ import annotations
 
 import argparse
-import json
 from contextlib import nullcontext
-from pathlib import Path
 from unittest import mock
 
 import torch
 from bench_layer import SHAPES  # benchmarks/bench_layer.py
-from common import machine, measure, peak_bytes, table
+from common import machine, measure, peak_bytes, table, write_report
 from tqdm import tqdm
 
 import smoe.experts
@@ -141,13 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         *table(head, [cells(r) for r in rows]),
     ]
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_gather_mm.md").write_text(text + "\n")
     data = dict(rows=rows, machine=info, tokens=args.tokens)
-    (out / "bench_gather_mm.json").write_text(json.dumps(data, indent=1))
+    write_report(args.out, "bench_gather_mm", "\n".join(lines), data)
     return data
 
 

@@ -14,12 +14,10 @@ path and to the float32 dense limit. Writes ``bench_gemm16.md`` and ``.json`` un
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 from bench_layer import SHAPES, run_layer  # benchmarks/bench_layer.py
-from common import dense_limit, machine, measure, table
+from common import dense_limit, machine, measure, table, write_report
 from tqdm import tqdm
 
 from smoe import _C, MoELayer
@@ -84,12 +82,7 @@ def main() -> None:
         "",
         *table(head, [cells(r) for r in rows]),
     ]
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_gemm16.md").write_text(text + "\n")
-    (out / "bench_gemm16.json").write_text(json.dumps(dict(rows=rows, machine=info), indent=1))
+    write_report(args.out, "bench_gemm16", "\n".join(lines), dict(rows=rows, machine=info))
 
 
 if __name__ == "__main__":

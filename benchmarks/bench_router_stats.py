@@ -16,14 +16,12 @@ default); never writes RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
 from contextlib import contextmanager
-from pathlib import Path
 from unittest import mock
 
 import torch
 from bench_layer import SHAPES  # benchmarks/bench_layer.py
-from common import machine, measure, table
+from common import machine, measure, table, write_report
 from tqdm import tqdm
 
 import smoe.routing.topk as topk_module
@@ -137,13 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         *table(head, [cells(r) for r in rows]),
     ]
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_router_stats.md").write_text(text + "\n")
     data = dict(rows=rows, machine=info, tokens=args.tokens)
-    (out / "bench_router_stats.json").write_text(json.dumps(data, indent=1))
+    write_report(args.out, "bench_router_stats", "\n".join(lines), data)
     return data
 
 

@@ -98,6 +98,19 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def write_report(out_dir: str | os.PathLike, stem: str, text: str, data: dict) -> None:
+    """Prints a benchmark's markdown ``text`` and writes it and ``data`` (JSON) to
+    ``out_dir/<stem>.md`` and ``.json``."""
+    import json
+    from pathlib import Path
+
+    print(text)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(text + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
+
+
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     """A markdown table's lines (and a blank line after it)."""
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

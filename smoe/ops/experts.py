@@ -94,14 +94,18 @@ def _grouped_mm_backward_fake(grad_out, x, w, offsets, need_x: bool, need_w: boo
         grad_out.dim() == 2, lambda: "smoe::grouped_mm_backward: grad_out must be 2-D [M, d_out]"
     )
     gx = x.new_empty(x.shape) if need_x else x.new_empty((0,))
+    return gx, weight_grad_like(w, need_w)
+
+
+def weight_grad_like(w: Tensor, need_w: bool) -> Tensor:
+    """The fake of a grouped GEMM's weight gradient: w's layout (transposed-contiguous for a
+    transposed view, else contiguous), or an empty [0] tensor when not asked for."""
     if not need_w:
-        gw = w.new_empty((0,))
-    elif _transposed_weight(w):
+        return w.new_empty((0,))
+    if _transposed_weight(w):
         E, d_in, d_out = w.shape
-        gw = w.new_empty_strided((E, d_in, d_out), (d_in * d_out, 1, d_in))
-    else:
-        gw = w.new_empty(w.shape)
-    return gx, gw
+        return w.new_empty_strided((E, d_in, d_out), (d_in * d_out, 1, d_in))
+    return w.new_empty(w.shape)
 
 
 @torch.library.register_fake("smoe::grouped_mm_bias_backward")

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from smoe.ops._common import check_devices, refuse_double_backward
 from smoe.ops.dispatch import Plan
-from smoe.ops.experts import _transposed_weight
+from smoe.ops.experts import weight_grad_like
 
 __all__ = ["gather_mm"]
 
@@ -96,14 +96,7 @@ def _gather_mm_backward_fake(grad_out, x, token, row, w, offsets, need_x: bool, 
         grad_out.dim() == 2, lambda: "smoe::gather_mm_backward: grad_out must be 2-D [M, d_out]"
     )
     gx = x.new_empty(x.shape) if need_x else x.new_empty((0,))
-    if not need_w:
-        gw = w.new_empty((0,))
-    elif _transposed_weight(w):
-        E, d_in, d_out = w.shape
-        gw = w.new_empty_strided((E, d_in, d_out), (d_in * d_out, 1, d_in))
-    else:
-        gw = w.new_empty(w.shape)
-    return gx, gw
+    return gx, weight_grad_like(w, need_w)
 
 
 refuse_double_backward("gather_mm")
