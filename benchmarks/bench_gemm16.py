@@ -13,11 +13,9 @@ path and to the float32 dense limit. Writes ``bench_gemm16.md`` and ``.json`` un
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from bench_layer import SHAPES, run_layer  # benchmarks/bench_layer.py
-from common import dense_limit, machine, measure, table, write_report
+from common import bench_args, dense_limit, machine, measure, table, write_report
 from tqdm import tqdm
 
 from smoe import _C, MoELayer
@@ -26,15 +24,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--tokens", type=int, default=512)
-    p.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    p.add_argument("--min-run-time", type=float, default=1.0)
-    p.add_argument("--quick", action="store_true", help="16 tokens, short timing (CI-sized)")
-    p.add_argument("--out", default="benchmarks/out")
-    args = p.parse_args()
-    if args.quick:
-        args.tokens, args.min_run_time = 16, 0.01
+    args = bench_args(__doc__, DTYPES, tokens=512, quick_tokens=16)
 
     def clock(fn) -> float:  # a slow call (the scalar fallback takes seconds) gets 3 samples
         return measure(fn, min_run_time=args.min_run_time, slow_s=0.5).median

@@ -15,13 +15,12 @@ default); never writes RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 from contextlib import contextmanager
 from unittest import mock
 
 import torch
 from bench_layer import SHAPES  # benchmarks/bench_layer.py
-from common import machine, measure, table, write_report
+from common import bench_args, machine, measure, table, write_report
 from tqdm import tqdm
 
 import smoe.routing.topk as topk_module
@@ -95,15 +94,7 @@ def time_row(shape: dict, dtype: torch.dtype, backward: bool, clock) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    p.add_argument("--min-run-time", type=float, default=1.0)
-    p.add_argument("--quick", action="store_true", help="64 tokens, short timing (CI-sized)")
-    p.add_argument("--out", default="benchmarks/out")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.tokens, args.min_run_time = 64, 0.01
+    args = bench_args(__doc__, DTYPES, tokens=4096, quick_tokens=64, argv=argv)
 
     def clock(fn) -> float:
         return measure(fn, min_run_time=args.min_run_time).median

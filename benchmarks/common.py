@@ -98,6 +98,26 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def bench_args(doc: str, dtypes, *, tokens: int, quick_tokens: int, argv=None):
+    """The command line the op benchmarks share (bench_gemm16, bench_router_stats,
+    bench_gather_mm): ``--tokens``, ``--dtype`` (from ``dtypes``), ``--min-run-time``, ``--quick``
+    (``quick_tokens`` tokens and 0.01 s per measurement: CI-sized) and ``--out``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tokens", type=int, default=tokens)
+    p.add_argument("--dtype", nargs="+", default=list(dtypes), choices=list(dtypes))
+    p.add_argument("--min-run-time", type=float, default=1.0)
+    p.add_argument(
+        "--quick", action="store_true", help=f"{quick_tokens} tokens, short timing (CI-sized)"
+    )
+    p.add_argument("--out", default="benchmarks/out")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tokens, args.min_run_time = quick_tokens, 0.01
+    return args
+
+
 def write_report(out_dir: str | os.PathLike, stem: str, text: str, data: dict) -> None:
     """Prints a benchmark's markdown ``text`` and writes it and ``data`` (JSON) to
     ``out_dir/<stem>.md`` and ``.json``."""
