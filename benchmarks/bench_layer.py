@@ -24,11 +24,13 @@ from dataclasses import asdict, dataclass
 import torch
 from common import (  # benchmarks/common.py
     dense_limit,
+    fresh_grads,
     machine,
     maybe_reexec_tuned_malloc,
     measure,
     stage_times,
 )
+from torch import nn
 
 from smoe import MoELayer
 
@@ -68,13 +70,20 @@ def make_layers(shape: dict, dtype: torch.dtype):
     return ours, peers
 
 
-def run_layer(layer, x, backward: bool):
+def run_layer(layer, x, backward: bool, params: nn.Module | None = None):
+    """One call of ``layer(x)``: under ``no_grad``, or a forward+backward that starts, as a
+    training step after ``optimizer.zero_grad()`` does, from no gradients (x's, and those of the
+    parameters of ``layer`` when it is a module, or of ``params`` for a function)."""
+    owner = layer if isinstance(layer, nn.Module) else params
+    drop_grads = fresh_grads(owner, x)
+
     def fwd():
         with torch.no_grad():
             out = layer(x)
         return out
 
     def fwd_bwd():
+        drop_grads()
         out = layer(x)
         y = out[0] if isinstance(out, tuple) else out
         y.backward(torch.ones_like(y))

@@ -325,6 +325,26 @@ def maybe_reexec_tuned_malloc(malloc: str, env: dict[str, str]) -> None:
 STAGES = ("route", "plan", "permute", "experts", "combine")
 
 
+def fresh_grads(*owners: nn.Module | Tensor | None) -> Callable[[], None]:
+    """A function that drops the ``.grad`` of every parameter of the given modules and of the
+    given leaf tensors: what ``optimizer.zero_grad()`` (``set_to_none=True``, torch's default) does
+    before each training step. A timed forward+backward calls it first, so that no call adds its
+    gradients into those the call before left (an ``add_`` over every weight gradient, which no
+    training step without gradient accumulation pays and the dense limit never pays)."""
+    leaves: list[Tensor] = []
+    for o in owners:
+        if isinstance(o, nn.Module):
+            leaves.extend(o.parameters())
+        elif isinstance(o, Tensor):
+            leaves.append(o)
+
+    def drop() -> None:
+        for t in leaves:
+            t.grad = None
+
+    return drop
+
+
 def stage_times(
     layer: nn.Module, x: Tensor, backward: bool, *, clock: Callable[..., Stat]
 ) -> dict[str, float]:
@@ -347,8 +367,11 @@ def stage_times(
     w = r.weight.detach().to(ys.dtype).requires_grad_(backward)
     grad = torch.enable_grad if backward else torch.no_grad
 
+    drop_grads = fresh_grads(layer, flat, xs, ys, w)
+
     def stage(f: Callable[[], Tensor]) -> float:
         def go() -> None:
+            drop_grads()
             with grad():
                 out = f()
                 if backward:

@@ -257,8 +257,11 @@ def bench_vae(cfg: dict, dtypes: list[str], clock: Clock) -> list[dict]:
             for mode in MODES:
                 backward = mode == "fwd+bwd"
                 z = z0.clone().requires_grad_(backward)
-                t = {n: stat(clock(run_layer(f, z, backward))) for n, f in contenders.items()}
-                lim = clock(run_layer(dense, z, backward))
+                t = {
+                    n: stat(clock(run_layer(f, z, backward, params=model)))
+                    for n, f in contenders.items()
+                }
+                lim = clock(run_layer(dense, z, backward, params=model))
                 row = dict(
                     dtype=dname,
                     load=load,

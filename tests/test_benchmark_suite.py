@@ -286,3 +286,53 @@ def test_stage_times_count_no_permute_where_the_forward_fuses(T, fused):
     fwd = stage_times(layer, x, False, clock=clock)
     assert (fwd["permute"] == 0.0) == fused and fwd["experts"] == 1.0
     assert stage_times(layer, x, True, clock=clock)["permute"] == 1.0
+
+
+def test_timed_training_steps_start_from_no_gradients():
+    # A timed forward+backward is one training step after optimizer.zero_grad(): calling it twice
+    # leaves the gradients of one call, not their sum (an add_ over every weight gradient that no
+    # training step pays and the dense limit never pays).
+    from bench_layer import run_layer
+
+    torch.manual_seed(0)
+    layer = MoELayer(32, 48, num_experts=4, k=2, activation="swiglu")
+    x = torch.randn(64, 32, requires_grad=True)
+    step = run_layer(layer, x, True)
+    step()
+    once = [p.grad.clone() for p in layer.parameters()] + [x.grad.clone()]
+    step()
+    twice = [p.grad for p in layer.parameters()] + [x.grad]
+    for a, b in zip(once, twice, strict=True):
+        torch.testing.assert_close(b, a)
+
+    # a function's step drops the gradients of the parameters it is given
+    lin = torch.nn.Linear(32, 8)
+    step = run_layer(lambda z: lin(z), x, True, params=lin)
+    step()
+    first = lin.weight.grad.clone()
+    step()
+    torch.testing.assert_close(lin.weight.grad, first)
+
+
+def test_stage_times_start_each_stage_from_no_gradients():
+    from common import stage_times
+
+    layer = MoELayer(32, 48, num_experts=4, k=2, activation="swiglu")
+    x = torch.randn(64, 32)
+    grads: dict[str, list[torch.Tensor]] = {}
+
+    def clock(fn):
+        fn()
+        first = [p.grad.clone() for p in layer.parameters() if p.grad is not None]
+        fn()
+        grads[f"stage{len(grads)}"] = [
+            (a, p.grad)
+            for a, p in zip(first, [p for p in layer.parameters() if p.grad is not None])
+        ]
+        return type("Stat", (), {"median": 1.0})()
+
+    stage_times(layer, x, True, clock=clock)
+    pairs = [pair for v in grads.values() for pair in v]
+    assert pairs  # the route and experts stages reach the layer's parameters
+    for first, second in pairs:
+        torch.testing.assert_close(second, first)
