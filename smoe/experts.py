@@ -53,8 +53,8 @@ def gathers(x: Tensor, plan: ops.Plan) -> bool:
     ``ops.experts.FUSE_MIN_BYTES``. Below that, permute is cheap and
     grouped_mm's (expert, row block, column block) items keep more threads busy than
     gather_mm's one task per row block. On CUDA gather_mm is the unfused chain, so permute
-    runs as itself."""
-    nbytes = plan.token.shape[0] * x.shape[1] * x.element_size()
+    runs as itself. The size is in the dtype the op runs in (autocast's under torch.autocast)."""
+    nbytes = plan.token.shape[0] * x.shape[1] * ops.experts.run_itemsize(x)
     return x.device.type == "cpu" and nbytes > ops.experts.FUSE_MIN_BYTES
 
 

@@ -181,11 +181,24 @@ MLP_ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh", "relu")
 FUSE_MIN_BYTES = 4 << 20  # expert_mlp(fused=None) fuses on CPU when the hidden passes this
 
 
+def run_itemsize(x: Tensor) -> int:
+    """Bytes per element that the GEMM ops (grouped_mm, gather_mm, expert_mlp) run ``x`` in: the
+    autocast dtype's under ``torch.autocast`` for x's device (their autocast rules,
+    csrc/autocast.cpp, cast every floating input but float64), else x's own."""
+    if (
+        x.is_floating_point()
+        and x.dtype != torch.float64
+        and torch.is_autocast_enabled(x.device.type)
+    ):
+        return torch.get_autocast_dtype(x.device.type).itemsize
+    return x.element_size()
+
+
 def fuses(x: Tensor, w_in: Tensor, plan=None) -> bool:
     """Whether :func:`expert_mlp` with ``fused=None`` runs the fused op: on CPU, when the hidden
-    ``[M, n_in]`` in x's dtype would pass ``FUSE_MIN_BYTES``."""
+    ``[M, n_in]`` in the dtype the op runs in (x's, or autocast's) would pass ``FUSE_MIN_BYTES``."""
     rows = x.shape[0] if plan is None else plan.token.shape[0]
-    return x.device.type == "cpu" and rows * w_in.shape[-1] * x.element_size() > FUSE_MIN_BYTES
+    return x.device.type == "cpu" and rows * w_in.shape[-1] * run_itemsize(x) > FUSE_MIN_BYTES
 
 
 def expert_mlp(

@@ -218,6 +218,26 @@ def test_experts_small_training_step_keeps_permute():
     assert "smoe::permute" in names and "smoe::gather_mm" not in names
 
 
+def test_size_rules_count_the_dtype_the_ops_run_in_under_autocast():
+    """Under torch.autocast the GEMM ops run in bf16, so the 4 MiB rules of gather_mm and
+    expert_mlp weigh the rows at 2 bytes, not at float32's 4: rows of 6 MiB in float32 are 3 MiB
+    as run, and take the unfused paths; float64 is never cast, so it keeps its own size."""
+    from smoe.experts import gathers
+
+    T, d, E, k = 3072, 64, 8, 8  # grouped rows 3072 * 8 * 64: 6 MiB fp32, 3 MiB bf16
+    x = torch.randn(T, d)
+    plan = ops.make_plan(torch.rand(T, E).topk(k, dim=-1).indices.int(), E)
+    w_in = torch.empty(E, d, d)  # hidden [M, d]: the same sizes for expert_mlp's rule
+    assert gathers(x, plan) and ops.experts.fuses(x, w_in, plan)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert ops.experts.run_itemsize(x) == 2
+        assert not gathers(x, plan) and not ops.experts.fuses(x, w_in, plan)
+        assert gathers(x.double(), plan) and ops.experts.run_itemsize(x.double()) == 8
+        assert ops.experts.run_itemsize(plan.token) == 4  # not floating: never cast
+    with torch.autocast("cpu", torch.bfloat16, enabled=False):
+        assert gathers(x, plan)
+
+
 def test_gather_mm_rejects_bad_input():
     x, plan, w, b = make_case(10, 8, 6, 4, 2, None, dtype=torch.float32)
     op = torch.ops.smoe.gather_mm.default
