@@ -7,7 +7,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <optional>
 #include <tuple>
 
@@ -38,7 +37,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ch
   const bool wide = logits.scalar_type() == at::kDouble;
   at::Tensor probs = at::empty({T, E}, logits.options().dtype(wide ? at::kDouble : at::kFloat));
   at::Tensor scratch = at::empty({E * T}, idx);
-  std::atomic<int64_t> bad_row{-1};
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, logits.scalar_type(), "expert_choice", [&] {
         using T_ = typename kernel_type<scalar_t>::type;
@@ -46,15 +44,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ch
         const auto* l = reinterpret_cast<const T_*>(logits.const_data_ptr<scalar_t>());
         auto* w = reinterpret_cast<T_*>(weight.mutable_data_ptr<scalar_t>());
         A* p = probs.mutable_data_ptr<A>();
-        at::parallel_for(0, T, grain_rows(E), [&](int64_t b, int64_t e) {
-          const int64_t bad = cpu::expert_choice_probs(l, logits.stride(0), E, b, e, p);
-          if (bad >= 0) keep_first(bad_row, bad);
+        const int64_t bad_row = first_bad_row(T, grain_rows(E), [&](int64_t b, int64_t e) {
+          return cpu::expert_choice_probs(l, logits.stride(0), E, b, e, p);
         });
         TORCH_CHECK(
-            bad_row.load() < 0,
+            bad_row < 0,
             "smoe::expert_choice: logits must be finite or -inf with a finite value in every "
             "row, got NaN, +inf or only -inf in row ",
-            bad_row.load());
+            bad_row);
         int32_t* r = row.mutable_data_ptr<int32_t>();
         at::parallel_for(0, E * G, 1, [&](int64_t b, int64_t e) {
           cpu::expert_choice_select(p, shape, b, e, scratch.mutable_data_ptr<int32_t>(),

@@ -24,6 +24,7 @@
 #include "checks_expert_mlp.h"
 #include "cpu/gemm16.h"
 #include "cpu/gemm_glue.h"
+#include "cpu/index_check.h"
 #include "cpu/permute_kernel.h"
 #include "cpu/swiglu_kernel.h"
 #include "cpu/workspace.h"
@@ -95,12 +96,7 @@ at::Tensor expert_mlp_cpu(const at::Tensor& x_in, const std::optional<at::Tensor
   check_offsets_cpu(offsets, M, "expert_mlp", gather ? "token" : "x");
   const at::Tensor x = rows_dense(x_in);
   const at::Tensor token = gather ? token_in->contiguous() : at::Tensor();
-  if (gather) {
-    const int32_t* idx = token.const_data_ptr<int32_t>();
-    const int64_t bad = cpu::first_out_of_range(idx, M, x.size(0));
-    TORCH_CHECK(bad < 0, "smoe::expert_mlp: token entry ", bad, " is ", bad < 0 ? 0 : idx[bad],
-                ", outside [-1, T = ", x.size(0), ")");
-  }
+  if (gather) check_index_range("expert_mlp", "token", token, x.size(0), "T");
   const int64_t E = w_in.size(0), d = x.size(1), n_in = w_in.size(2), d_ff = w_out.size(1),
                 d_out = w_out.size(2);
   const int64_t* off = offsets.const_data_ptr<int64_t>();

@@ -16,7 +16,7 @@
 #include "checks_grouped_mm.h"
 #include "cpu/gemm_glue.h"
 #include "cpu/grouped_mm.h"
-#include "cpu/permute_kernel.h"
+#include "cpu/index_check.h"
 
 namespace smoe::ops {
 namespace {
@@ -31,10 +31,7 @@ Inputs prepare(const char* op, const at::Tensor& x_in, const at::Tensor& token_i
   Inputs in{rows_dense(x_in), token_in.contiguous(), offsets_in.contiguous()};
   const int64_t M = in.token.size(0);
   check_offsets_cpu(in.offsets, M, op, "token");
-  const int32_t* idx = in.token.const_data_ptr<int32_t>();
-  const int64_t bad = cpu::first_out_of_range(idx, M, in.x.size(0));
-  TORCH_CHECK(bad < 0, "smoe::", op, ": token entry ", bad, " is ", bad < 0 ? 0 : idx[bad],
-              ", outside [-1, T = ", in.x.size(0), ")");
+  check_index_range(op, "token", in.token, in.x.size(0), "T");
   return in;
 }
 

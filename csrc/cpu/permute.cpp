@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "cpu/index_check.h"
 #include "cpu/permute_kernel.h"
 #include "cpu/workspace.h"
 
@@ -19,16 +20,6 @@ int64_t grain(int64_t d) { return std::max<int64_t>(1, 65536 / std::max<int64_t>
 
 #define SMOE_DISPATCH(dtype, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
-
-// Index values are checked on the CPU (a cheap pass) so that a bad plan is an error naming the
-// argument, not a read past the end; on CUDA the kernels' device asserts do this.
-void check_range(const char* op, const char* name, const at::Tensor& idx, int64_t hi,
-                 const char* bound) {
-  const int64_t bad = cpu::first_out_of_range(idx.const_data_ptr<int32_t>(), idx.numel(), hi);
-  TORCH_CHECK(bad < 0, "smoe::", op, ": ", name, " entry ", bad, " is ",
-              bad < 0 ? 0 : idx.const_data_ptr<int32_t>()[bad], ", outside [-1, ", bound, " = ", hi,
-              ")");
-}
 
 template <typename S>
 auto kptr(const at::Tensor& t) {
@@ -43,7 +34,7 @@ at::Tensor permute_cpu(const at::Tensor& x_in, const at::Tensor& token_in, const
   check_permute(x_in, token_in, row);
   const at::Tensor x = rows_dense(x_in), token = token_in.contiguous();
   const int64_t M = token.size(0), d = x.size(1);
-  check_range("permute", "token", token, x.size(0), "T");
+  check_index_range("permute", "token", token, x.size(0), "T");
   at::Tensor out = workspace::empty({M, d}, x.options());
   if (M == 0 || d == 0) return out;
   SMOE_DISPATCH(x.scalar_type(), "permute", [&] {
@@ -61,7 +52,7 @@ at::Tensor permute_backward_cpu(const at::Tensor& grad_in, const at::Tensor& row
   check_permute_backward(grad_in, row_in);
   const at::Tensor grad = rows_dense(grad_in), row = row_in.contiguous();
   const int64_t T = row.size(0), k = row.size(1), d = grad.size(1);
-  check_range("permute_backward", "row", row, grad.size(0), "M");
+  check_index_range("permute_backward", "row", row, grad.size(0), "M");
   at::Tensor out = workspace::empty({T, d}, grad.options());
   if (T == 0 || d == 0) return out;
   SMOE_DISPATCH(grad.scalar_type(), "permute_backward", [&] {
@@ -81,7 +72,7 @@ at::Tensor combine_cpu(const at::Tensor& ys_in, const at::Tensor& weight_in,
   const at::Tensor ys = rows_dense(ys_in), weight = weight_in.contiguous(),
                    row = row_in.contiguous();
   const int64_t T = row.size(0), k = row.size(1), d = ys.size(1);
-  check_range("combine", "row", row, ys.size(0), "M");
+  check_index_range("combine", "row", row, ys.size(0), "M");
   at::Tensor out = workspace::empty({T, d}, ys.options());
   if (T == 0 || d == 0) return out;
   SMOE_DISPATCH(ys.scalar_type(), "combine", [&] {
@@ -105,9 +96,9 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(
   const at::Tensor token = token_in.contiguous(), slot = slot_in.contiguous(),
                    row = row_in.contiguous();
   const int64_t T = row.size(0), k = row.size(1), d = ys.size(1), M = ys.size(0);
-  check_range("combine_backward", "row", row, M, "M");
-  check_range("combine_backward", "token", token, T, "T");
-  check_range("combine_backward", "slot", slot, T * k, "T*k");
+  check_index_range("combine_backward", "row", row, M, "M");
+  check_index_range("combine_backward", "token", token, T, "T");
+  check_index_range("combine_backward", "slot", slot, T * k, "T*k");
   at::Tensor grad_ys = workspace::empty({M, d}, ys.options());
   at::Tensor grad_w = at::empty({T, k}, ys.options());
   SMOE_DISPATCH(ys.scalar_type(), "combine_backward", [&] {

@@ -5,7 +5,6 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <optional>
 #include <tuple>
 
@@ -32,22 +31,19 @@ std::tuple<at::Tensor, at::Tensor> topk_sigmoid_cpu(const at::Tensor& logits_in,
   at::Tensor weight = at::empty({T, k}, logits.options());
   at::Tensor expert = at::empty({T, k}, logits.options().dtype(at::kInt));
   if (T == 0) return {weight, expert};
-  std::atomic<int64_t> bad_row{-1};
+  int64_t bad_row = -1;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_sigmoid", [&] {
         using T_ = typename kernel_type<scalar_t>::type;
         const auto* l = reinterpret_cast<const T_*>(logits.const_data_ptr<scalar_t>());
         auto* w = reinterpret_cast<T_*>(weight.mutable_data_ptr<scalar_t>());
         auto* ex = expert.mutable_data_ptr<int32_t>();
-        at::parallel_for(0, T, grain_rows(E * k), [&](int64_t b, int64_t e) {
-          const int64_t bad =
-              cpu::topk_sigmoid(l, logits.stride(0), E, k, n_group, topk_group,
-                                         renormalize, scale, bias, b, e, w, ex);
-          if (bad >= 0) keep_first(bad_row, bad);
+        bad_row = first_bad_row(T, grain_rows(E * k), [&](int64_t b, int64_t e) {
+          return cpu::topk_sigmoid(l, logits.stride(0), E, k, n_group, topk_group, renormalize,
+                                   scale, bias, b, e, w, ex);
         });
       });
-  TORCH_CHECK(bad_row.load() < 0, "smoe::topk_sigmoid: logits must not be NaN, got NaN in row ",
-              bad_row.load());
+  TORCH_CHECK(bad_row < 0, "smoe::topk_sigmoid: logits must not be NaN, got NaN in row ", bad_row);
   return {weight, expert};
 }
 

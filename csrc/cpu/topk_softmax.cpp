@@ -6,7 +6,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <tuple>
 
@@ -29,23 +28,21 @@ std::tuple<at::Tensor, at::Tensor> topk_softmax_cpu(const at::Tensor& logits_in,
   at::Tensor weight = at::empty({T, k}, logits.options());
   at::Tensor expert = at::empty({T, k}, logits.options().dtype(at::kInt));
   if (T == 0) return {weight, expert};
-  std::atomic<int64_t> bad_row{-1};
+  int64_t bad_row = -1;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_softmax", [&] {
         using T_ = typename kernel_type<scalar_t>::type;
         const auto* l = reinterpret_cast<const T_*>(logits.const_data_ptr<scalar_t>());
         auto* w = reinterpret_cast<T_*>(weight.mutable_data_ptr<scalar_t>());
         auto* ex = expert.mutable_data_ptr<int32_t>();
-        at::parallel_for(0, T, grain_rows(E * k), [&](int64_t b, int64_t e) {
-          const int64_t bad =
-              cpu::topk_softmax(l, logits.stride(0), E, k, renormalize, bias, b, e, w, ex);
-          if (bad >= 0) keep_first(bad_row, bad);
+        bad_row = first_bad_row(T, grain_rows(E * k), [&](int64_t b, int64_t e) {
+          return cpu::topk_softmax(l, logits.stride(0), E, k, renormalize, bias, b, e, w, ex);
         });
       });
-  TORCH_CHECK(bad_row.load() < 0,
+  TORCH_CHECK(bad_row < 0,
               "smoe::topk_softmax: logits must be finite or -inf with a finite value in every "
               "row, got NaN, +inf or only -inf in row ",
-              bad_row.load());
+              bad_row);
   return {weight, expert};
 }
 

@@ -5,7 +5,6 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <optional>
 
 #include "checks.h"
@@ -33,19 +32,18 @@ at::Tensor unified_topk_cpu(const at::Tensor& scores_in, int64_t n,
   }
   at::Tensor out = at::empty({G, n}, scores.options().dtype(at::kLong));
   if (G == 0 || L == 0) return out;  // (n = 0 still scans for NaN)
-  std::atomic<int64_t> bad_group{-1};
+  int64_t bad_group = -1;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, scores.scalar_type(), "unified_topk", [&] {
         using T_ = typename kernel_type<scalar_t>::type;
         const auto* s = reinterpret_cast<const T_*>(scores.const_data_ptr<scalar_t>());
         int64_t* o = out.mutable_data_ptr<int64_t>();
-        at::parallel_for(0, G, grain_rows(L * 8), [&](int64_t b, int64_t e) {
-          const int64_t bad = cpu::unified_topk_rows<T_>(s, scores.stride(0), L, n, c, b, e, o);
-          if (bad >= 0) keep_first(bad_group, bad);
+        bad_group = first_bad_row(G, grain_rows(L * 8), [&](int64_t b, int64_t e) {
+          return cpu::unified_topk_rows<T_>(s, scores.stride(0), L, n, c, b, e, o);
         });
       });
-  TORCH_CHECK(bad_group.load() < 0, "smoe::unified_topk: scores must not be NaN, got NaN in group ",
-              bad_group.load());
+  TORCH_CHECK(bad_group < 0, "smoe::unified_topk: scores must not be NaN, got NaN in group ",
+              bad_group);
   return out;
 }
 
