@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 from bench_layer import SHAPES, run_layer  # benchmarks/bench_layer.py
-from common import bench_args, dense_limit, machine, measure, table, write_report
+from common import bench_args, machine, measure, table, write_report
+from layer_metrics import dense_limit
 from tqdm import tqdm
 
 from smoe import _C, MoELayer

@@ -38,8 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from baselines import build_baselines  # noqa: E402
 from bench_layer import DTYPES, run_layer  # noqa: E402
-from common import LOADS, dense_limit, machine, pattern_bias, peak_bytes, profile_top  # noqa: E402
+from common import LOADS, machine, pattern_bias, peak_bytes, profile_top  # noqa: E402
 from gpu_report import TARGETS, line, render, targets  # noqa: E402
+from layer_metrics import dense_limit  # noqa: E402
 from suite import MODES, Clock, Shape, make_layer, write_results  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -22,14 +22,8 @@ import os
 from dataclasses import asdict, dataclass
 
 import torch
-from common import (  # benchmarks/common.py
-    dense_limit,
-    fresh_grads,
-    machine,
-    maybe_reexec_tuned_malloc,
-    measure,
-    stage_times,
-)
+from common import machine, maybe_reexec_tuned_malloc, measure
+from layer_metrics import dense_limit, fresh_grads, stage_times
 from torch import nn
 
 from smoe import MoELayer

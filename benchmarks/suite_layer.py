@@ -14,15 +14,13 @@ from common import (
     Clock,
     PatternRouter,
     Stat,
-    dense_limit,
-    expert_flops,
     log,
     pattern_bias,
     peak_bytes,
     profile_top,
-    stage_times,
     stat,
 )
+from layer_metrics import dense_limit, expert_flops, stage_times
 from torch import Tensor, nn
 
 from smoe import MoELayer

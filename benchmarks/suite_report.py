@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 
 from bench_layer import OVERHEAD_TARGET, TARGETS
-from common import LOADS, MODES, STAGES, table, write_block
+from common import LOADS, MODES, table, write_block
+from layer_metrics import STAGES
 from suite_layer import BASELINE_ORDER
 
 BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"

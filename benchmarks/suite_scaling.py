@@ -10,7 +10,8 @@ import warnings
 import torch
 from baselines import build_baselines
 from bench_layer import DTYPES, run_layer
-from common import MODES, Clock, dense_limit, log, stat
+from common import MODES, Clock, log, stat
+from layer_metrics import dense_limit
 from suite_layer import Shape, make_layer
 from torch import Tensor
 

@@ -274,7 +274,7 @@ def test_bench_gpu_logic_runs_on_cpu(tmp_path):
 def test_stage_times_count_no_permute_where_the_forward_fuses(T, fused):
     # A forward without gradients past the fusion rule runs one expert_mlp that gathers its own
     # rows: the time shares then have no permute stage. Small calls and fwd+bwd keep it.
-    from common import stage_times
+    from layer_metrics import stage_times
 
     layer = MoELayer(64, 256, num_experts=4, k=2, activation="swiglu")
     x = torch.randn(T, 64)
@@ -315,7 +315,7 @@ def test_timed_training_steps_start_from_no_gradients():
 
 
 def test_stage_times_start_each_stage_from_no_gradients():
-    from common import stage_times
+    from layer_metrics import stage_times
 
     layer = MoELayer(32, 48, num_experts=4, k=2, activation="swiglu")
     x = torch.randn(64, 32)
