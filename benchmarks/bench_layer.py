@@ -64,12 +64,14 @@ def make_layers(shape: dict, dtype: torch.dtype):
     return ours, peers
 
 
-def run_layer(layer, x, backward: bool, params: nn.Module | None = None):
+def run_layer(layer, x, backward: bool, params: nn.Module | None = None, fresh: bool = True):
     """One call of ``layer(x)``: under ``no_grad``, or a forward+backward that starts, as a
     training step after ``optimizer.zero_grad()`` does, from no gradients (x's, and those of the
-    parameters of ``layer`` when it is a module, or of ``params`` for a function)."""
+    parameters of ``layer`` when it is a module, or of ``params`` for a function). ``fresh=False``:
+    the caller has dropped them (a memory probe does, before the window it measures, so that the
+    freed gradients of the call before are not credited to the step)."""
     owner = layer if isinstance(layer, nn.Module) else params
-    drop_grads = fresh_grads(owner, x)
+    drop_grads = fresh_grads(owner if fresh else None, x if fresh else None)
 
     def fwd():
         with torch.no_grad():
