@@ -22,7 +22,7 @@ import os
 from dataclasses import asdict, dataclass
 
 import torch
-from common import machine, maybe_reexec_tuned_malloc, measure
+from common import machine, maybe_reexec_tuned_malloc, measure, measure_many
 from layer_metrics import dense_limit, fresh_grads, stage_times
 from torch import nn
 
@@ -118,9 +118,12 @@ def main() -> None:
     maybe_reexec_tuned_malloc(args.malloc, TUNED_MALLOC)
     min_run_time = args.min_run_time or (0.05 if args.quick else 2.0)
 
-    def clock(fn):  # blocks of >= min_run_time / 1000, as Timer.blocked_autorange sizes them
-        block_s = max(2e-3, min_run_time / 1000)
-        return measure(fn, min_run_time=min_run_time, block_s=block_s, max_samples=1000)
+    # blocks of >= min_run_time / 1000, as Timer.blocked_autorange sizes them
+    block_s = max(2e-3, min_run_time / 1000)
+    timing = dict(min_run_time=min_run_time, block_s=block_s, max_samples=1000)
+
+    def clock(fn):
+        return measure(fn, **timing)
 
     torch.manual_seed(0)
     rows = []
@@ -135,9 +138,16 @@ def main() -> None:
             for backward in (False, True):
                 mode = "fwd+bwd" if backward else "fwd"
                 xin = x.clone().requires_grad_(backward)
-                ours_t = clock(run_layer(ours, xin, backward))
+                # smoe and its peers interleaved, so that a drift of the machine touches all alike
+                contenders = {"smoe": ours, **peers}
+                runs = {n: run_layer(m, xin, backward) for n, m in contenders.items()}
+                timed = measure_many(runs, **timing)
+                for res in timed.values():
+                    if isinstance(res, RuntimeError):
+                        raise res
+                ours_t = timed.pop("smoe")
                 t, iqr = ours_t.median, ours_t.iqr
-                peer_t = {n: clock(run_layer(m, xin, backward)).median for n, m in peers.items()}
+                peer_t = {n: s.median for n, s in timed.items()}
                 N, d, f = shape["T"] * shape["k"], shape["d"], shape["d_ff"]
                 dense = clock(dense_limit(N, d, 2 * f, f, dtype, backward)).median
                 shares = stage_times(ours, x, backward, clock=clock)

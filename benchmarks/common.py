@@ -53,19 +53,62 @@ def measure(
     warm-up call took longer than ``slow_s``: the spread of a slow call is already small next to
     its median, and the suite has a time budget).
     """
-    timer = timeit.Timer(stmt=fn, timer=_clock)
-    first = timer.timeit(1)  # warm-up, and a first estimate
-    number = max(1, int(block_s / max(first, 1e-9)))
-    if first > slow_s:
-        min_samples = min(min_samples, 3)
-    times: list[float] = []
-    total = 0.0
-    while len(times) < max_samples and (total < min_run_time or len(times) < min_samples):
-        t = timer.timeit(number)
-        times.append(t / number)
-        total += t
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return Stat(statistics.median(times), q[2] - q[0], len(times))
+    kw = dict(min_samples=min_samples, max_samples=max_samples, block_s=block_s, slow_s=slow_s)
+    out = measure_many({"fn": fn}, min_run_time=min_run_time, **kw)["fn"]
+    if isinstance(out, BaseException):
+        raise out
+    return out
+
+
+def measure_many(
+    fns: dict[str, Callable[[], object]],
+    *,
+    min_run_time: float,
+    min_samples: int = 5,
+    max_samples: int = 200,
+    block_s: float = 2e-3,
+    slow_s: float = float("inf"),
+) -> dict[str, Stat | RuntimeError]:
+    """:func:`measure` for the contenders of one row at once, interleaved: after one warm-up
+    call each, the samples are taken round-robin (one block of every contender per round) until
+    each has its samples, so that a drift of the machine's speed over the row (a shared VM's is
+    10-15 % over minutes) touches every contender alike rather than whichever ran in a slow
+    spell. A contender that raises ``RuntimeError`` (a case it cannot run, out of memory) gets the
+    exception instead of a :class:`Stat` and leaves the rounds; the others go on."""
+    out: dict[str, Stat | RuntimeError] = {}
+    timers, number, need = {}, {}, {}
+    times: dict[str, list[float]] = {}
+    total: dict[str, float] = {}
+    for name, fn in fns.items():
+        timer = timeit.Timer(stmt=fn, timer=_clock)
+        try:
+            first = timer.timeit(1)  # warm-up, and a first estimate
+        except RuntimeError as e:
+            out[name] = e
+            continue
+        timers[name] = timer
+        number[name] = max(1, int(block_s / max(first, 1e-9)))
+        need[name] = min(min_samples, 3) if first > slow_s else min_samples
+        times[name], total[name] = [], 0.0
+    active = list(timers)
+    while active:
+        for name in list(active):
+            try:
+                t = timers[name].timeit(number[name])
+            except RuntimeError as e:
+                out[name] = e
+                active.remove(name)
+                continue
+            times[name].append(t / number[name])
+            total[name] += t
+            n = len(times[name])
+            if n >= max_samples or (total[name] >= min_run_time and n >= need[name]):
+                active.remove(name)
+    for name, ts in times.items():
+        if name not in out:
+            q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+            out[name] = Stat(statistics.median(ts), q[2] - q[0], len(ts))
+    return {name: out[name] for name in fns}
 
 
 class Clock:
@@ -82,6 +125,16 @@ class Clock:
             fn,
             min_run_time=self.min_run_time,
             min_samples=min_samples or self.min_samples,
+            block_s=self.block_s,
+            slow_s=self.slow_s,
+        )
+
+    def many(self, fns: dict[str, Callable[[], object]]) -> dict[str, Stat | RuntimeError]:
+        """The contenders of one row, interleaved (:func:`measure_many`)."""
+        return measure_many(
+            fns,
+            min_run_time=self.min_run_time,
+            min_samples=self.min_samples,
             block_s=self.block_s,
             slow_s=self.slow_s,
         )

@@ -123,15 +123,19 @@ def bench_layer_shape(name: str, shape: Shape, dname: str, clock: Clock) -> tupl
         for mode in MODES:
             backward = mode == "fwd+bwd"
             xin = x.clone().requires_grad_(backward)
-            ours = clock(run_layer(layer, xin, backward))
+            contenders = {"smoe": layer, **baselines}
+            measured = clock.many({n: run_layer(m, xin, backward) for n, m in contenders.items()})
+            ours = measured.pop("smoe")
+            if isinstance(ours, RuntimeError):
+                raise ours
             times: dict[str, dict | None] = {}
             errors: dict[str, str] = dict(skipped)
-            for bname, module in baselines.items():
-                try:
-                    times[bname] = stat(clock(run_layer(module, xin, backward)))
-                except RuntimeError as e:  # a baseline that cannot run this case
-                    errors[bname] = f"{type(e).__name__}: {e}"[:160]
+            for bname, res in measured.items():
+                if isinstance(res, RuntimeError):  # a baseline that cannot run this case
+                    errors[bname] = f"{type(res).__name__}: {res}"[:160]
                     times[bname] = None
+                else:
+                    times[bname] = stat(res)
             key = (kept, backward)
             if key not in dense_cache:
                 fn = dense_limit(kept, shape.d, shape.inner, shape.d_ff, dtype, backward)

@@ -349,3 +349,33 @@ def test_step_peak_counts_the_gradients_a_step_holds():
     one_step = lin.weight.grad.clone()
     assert step_peak(lin, x, True) >= 1024 * 1024 * 4
     torch.testing.assert_close(lin.weight.grad, one_step)  # kept, and not added to the last
+
+
+def test_contenders_of_a_row_are_timed_interleaved():
+    # One block of each contender per round, so that a drift of the machine touches all alike; a
+    # contender that fails gets its error and leaves the rounds, the others go on.
+    from common import measure, measure_many
+
+    calls: list[str] = []
+
+    def contender(name: str):
+        return lambda: calls.append(name)
+
+    def broken():
+        calls.append("broken")
+        if calls.count("broken") > 1:
+            raise RuntimeError("out of memory")
+
+    out = measure_many(
+        {"a": contender("a"), "b": contender("b"), "broken": broken},
+        min_run_time=0.0,
+        min_samples=4,
+        block_s=0.0,
+    )
+    assert out["a"].n == out["b"].n == 4
+    assert isinstance(out["broken"], RuntimeError)
+    # warm-up calls first, then rounds: a and b alternate (broken left in the first round)
+    assert calls[:3] == ["a", "b", "broken"]
+    assert calls[3:] == ["a", "b", "broken"] + ["a", "b"] * 3
+    with pytest.raises(RuntimeError, match="out of memory"):
+        measure(lambda: broken(), min_run_time=0.0)
