@@ -37,10 +37,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from baselines import build_baselines  # noqa: E402
-from bench_layer import DTYPES, run_layer  # noqa: E402
+from bench_layer import DTYPES, probe_step, run_layer  # noqa: E402
 from common import LOADS, machine, pattern_bias, peak_bytes, profile_top  # noqa: E402
 from gpu_report import TARGETS, line, render, targets  # noqa: E402
-from layer_metrics import dense_limit, fresh_grads  # noqa: E402
+from layer_metrics import dense_limit  # noqa: E402
 from suite import MODES, Clock, Shape, make_layer, write_results  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -161,9 +161,7 @@ def bench_shape(
                     times[cname] = {"median": s.median, "iqr": s.iqr, "n": s.n}
                     if not backward:
                         syncs[cname] = count_syncs(run_layer(module, xin, False), device)
-                    if backward:  # dropped before the window, as zero_grad() runs before a step
-                        fresh_grads(module, xin)()
-                    peaks[cname] = peak_mib(run_layer(module, xin, backward, fresh=False), device)
+                    peaks[cname] = peak_mib(probe_step(module, xin, backward), device)
                 except RuntimeError as e:  # OOM, or a kernel this torch lacks
                     times[cname] = None
                     errors[cname] = f"{type(e).__name__}: {str(e).splitlines()[0]}"[:160]

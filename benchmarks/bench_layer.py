@@ -68,10 +68,9 @@ def run_layer(layer, x, backward: bool, params: nn.Module | None = None, fresh: 
     """One call of ``layer(x)``: under ``no_grad``, or a forward+backward that starts, as a
     training step after ``optimizer.zero_grad()`` does, from no gradients (x's, and those of the
     parameters of ``layer`` when it is a module, or of ``params`` for a function). ``fresh=False``:
-    the caller has dropped them (a memory probe does, before the window it measures, so that the
-    freed gradients of the call before are not credited to the step)."""
+    the caller has dropped them (:func:`probe_step`)."""
     owner = layer if isinstance(layer, nn.Module) else params
-    drop_grads = fresh_grads(owner if fresh else None, x if fresh else None)
+    drop_grads = fresh_grads(owner, x) if fresh else (lambda: None)
 
     def fwd():
         with torch.no_grad():
@@ -85,6 +84,17 @@ def run_layer(layer, x, backward: bool, params: nn.Module | None = None, fresh: 
         y.backward(torch.ones_like(y))
 
     return fwd_bwd if backward else fwd
+
+
+def probe_step(layer, x, backward: bool, params: nn.Module | None = None):
+    """:func:`run_layer` for a memory probe: a training step's gradients are dropped now, before
+    the probe's window opens, as ``zero_grad()`` runs before a step, and the step holds its new
+    ones to the end. Dropped inside the window, the last step's gradients would be credited to the
+    step as freed (measured: torch's CPU profiler did so for the baselines' gradients, and a
+    baseline of allocated bytes, as CUDA's, does so for all)."""
+    if backward:
+        fresh_grads(layer if isinstance(layer, nn.Module) else params, x)()
+    return run_layer(layer, x, backward, params, fresh=False)
 
 
 @dataclass

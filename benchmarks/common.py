@@ -55,7 +55,7 @@ def measure(
     """
     kw = dict(min_samples=min_samples, max_samples=max_samples, block_s=block_s, slow_s=slow_s)
     out = measure_many({"fn": fn}, min_run_time=min_run_time, **kw)["fn"]
-    if isinstance(out, BaseException):
+    if isinstance(out, RuntimeError):
         raise out
     return out
 
@@ -120,24 +120,20 @@ class Clock:
         self.min_run_time, self.min_samples, self.block_s = min_run_time, min_samples, block_s
         self.slow_s = slow_s
 
-    def __call__(self, fn: Callable[[], object], min_samples: int | None = None) -> Stat:
-        return measure(
-            fn,
+    def _settings(self, min_samples: int | None = None) -> dict:
+        return dict(
             min_run_time=self.min_run_time,
             min_samples=min_samples or self.min_samples,
             block_s=self.block_s,
             slow_s=self.slow_s,
         )
 
+    def __call__(self, fn: Callable[[], object], min_samples: int | None = None) -> Stat:
+        return measure(fn, **self._settings(min_samples))
+
     def many(self, fns: dict[str, Callable[[], object]]) -> dict[str, Stat | RuntimeError]:
         """The contenders of one row, interleaved (:func:`measure_many`)."""
-        return measure_many(
-            fns,
-            min_run_time=self.min_run_time,
-            min_samples=self.min_samples,
-            block_s=self.block_s,
-            slow_s=self.slow_s,
-        )
+        return measure_many(fns, **self._settings())
 
 
 def stat(s: Stat) -> dict:

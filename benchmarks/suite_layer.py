@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from baselines import build_baselines
-from bench_layer import DTYPES, OVERHEAD_TARGET, SHAPES, TARGETS, run_layer
+from bench_layer import DTYPES, OVERHEAD_TARGET, SHAPES, TARGETS, probe_step, run_layer
 from common import (
     LOADS,
     MODES,
@@ -20,7 +20,7 @@ from common import (
     profile_top,
     stat,
 )
-from layer_metrics import dense_limit, expert_flops, fresh_grads, stage_times
+from layer_metrics import dense_limit, expert_flops, stage_times
 from torch import Tensor, nn
 
 from smoe import MoELayer
@@ -86,17 +86,6 @@ def make_layer(shape: Shape, dtype: torch.dtype) -> tuple[MoELayer, PatternRoute
     return layer.eval(), router
 
 
-def step_peak(module: nn.Module, x: Tensor, backward: bool) -> int:
-    """Peak tensor bytes of one call of ``module(x)``. A training step starts from no gradients,
-    dropped before the window opens, as ``zero_grad()`` runs before a step, and holds its new
-    ones to the end. (Torch's CPU profiler ignores frees of blocks allocated before the window,
-    so on CPU dropping inside it would read the same; a baseline of allocated bytes, as CUDA's,
-    would credit the step with freeing the last step's gradients.)"""
-    if backward:
-        fresh_grads(module, x)()
-    return peak_bytes(run_layer(module, x, backward, fresh=False))
-
-
 def bench_layer_shape(name: str, shape: Shape, dname: str, clock: Clock) -> tuple[list, dict]:
     """Every load x mode row of one shape and dtype; plus a profile when a target is missed."""
     dtype = DTYPES[dname]
@@ -146,10 +135,10 @@ def bench_layer_shape(name: str, shape: Shape, dname: str, clock: Clock) -> tupl
             shares = {s: v / total for s, v in stages.items()}
             peaks = None
             if load == "natural":
-                peaks = {"smoe": step_peak(layer, xin, backward)}
+                peaks = {"smoe": peak_bytes(probe_step(layer, xin, backward))}
                 for bname, module in baselines.items():
                     if times[bname] is not None:
-                        peaks[bname] = step_peak(module, xin, backward)
+                        peaks[bname] = peak_bytes(probe_step(module, xin, backward))
             flops = expert_flops(kept, shape.d, shape.inner, shape.d_ff, backward)
             row = dict(
                 shape=name,

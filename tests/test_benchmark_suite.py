@@ -337,16 +337,17 @@ def test_stage_times_start_each_stage_from_no_gradients():
     assert checked == set(params)  # the route and experts stages reach every parameter
 
 
-def test_step_peak_counts_the_gradients_a_step_holds():
+def test_probed_step_peak_counts_the_gradients_a_step_holds():
     # The suite's peak memory of a training step: it starts from no gradients (those of the call
     # before dropped, not accumulated into) and holds its new ones to the end, so they count.
-    from suite_layer import step_peak
+    from bench_layer import probe_step
+    from common import peak_bytes
 
     lin = torch.nn.Linear(1024, 1024, bias=False)  # a 4 MiB weight, so a 4 MiB gradient
     x = torch.randn(4, 1024, requires_grad=True)
     lin(x).sum().backward()  # gradients from an earlier step
     one_step = lin.weight.grad.clone()
-    assert step_peak(lin, x, True) >= 1024 * 1024 * 4
+    assert peak_bytes(probe_step(lin, x, True)) >= 1024 * 1024 * 4
     torch.testing.assert_close(lin.weight.grad, one_step)  # kept, and not added to the last
 
 
