@@ -21,7 +21,9 @@ cudaError_t probe_device_arch(int device, int* major, int* minor) {
   cudaFuncAttributes attributes;
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attributes, arch_probe_kernel);
   if (previous != device) cudaSetDevice(previous);
-  cudaGetLastError();  // the probe's failure is an answer, not an error for the next launch
+  // The probe's own failure is an answer, not an error for the next launch: clear it (and only
+  // then, so that an unrelated error pending from earlier work still reaches its checker).
+  if (err != cudaSuccess) cudaGetLastError();
   return err;
 }
 

@@ -2,7 +2,7 @@
 // torchtitan's MoE layers use. torch runs it without a host sync only for bf16 on sm90 / sm100;
 // elsewhere its fallback loops over the groups and reads the offsets on the host, so we dispatch to
 // it only there, and only where its input checks pass (16-byte aligned pointers and strides, one
-// unit stride per matrix, no bias). Everything else keeps smoe's tiled kernel (cuda/grouped_mm.cu).
+// unit stride per matrix, fewer than 1024 experts, no bias). Everything else keeps smoe's tiled kernel (cuda/grouped_mm.cu).
 // SMOE_CUDA_GROUPED_MM=tiled forces the tiled kernel (the CUDA tests compare both paths).
 //
 // Offsets: _grouped_mm takes int32 end offsets [E] (our offsets[1:], converted on the device). Rows
@@ -14,9 +14,11 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/arange.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <string>
 
@@ -34,19 +36,33 @@ inline bool forced_tiled() {
   return v != nullptr && std::strcmp(v, "tiled") == 0;
 }
 
-// A matrix _grouped_mm accepts: one unit stride among its last two dims, the other a multiple of
-// 8 elements (16 bytes of bf16), every other stride too, and a 16-byte aligned data pointer.
+// A matrix _grouped_mm accepts, by ATen's own rule (check_valid_strides_and_return_transposed,
+// which throws rather than falls back): a 16-byte aligned data pointer; among the last two dims one
+// unit stride and the other at least the first's size (no stride-0 or overlapping rows, such as
+// the expanded gradient of a sum) and a multiple of 8 elements (16 bytes of bf16), size-1 dims
+// included; a 3-D batch stride a multiple of 8 too.
 inline bool aligned(const at::Tensor& t) {
   if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 != 0) return false;
   const int64_t d = t.dim();
-  const bool row_major = t.stride(d - 1) == 1, col_major = t.stride(d - 2) == 1;
-  if (!row_major && !col_major) return false;
-  for (int64_t i = 0; i < d; ++i) {
-    const bool unit = (i == d - 1 && row_major) || (i == d - 2 && !row_major && col_major);
-    if (!unit && t.size(i) > 1 && t.stride(i) % 8 != 0) return false;
+  const int64_t rows = t.size(d - 2), cols = t.size(d - 1);
+  const int64_t s_row = t.stride(d - 2), s_col = t.stride(d - 1);
+  int64_t lead;  // the non-unit stride of the last two dims
+  if (s_row == 1 && s_col >= std::max<int64_t>(1, rows)) {
+    lead = s_col;  // column-major (ATen checks this order first)
+  } else if (s_col == 1 && s_row >= std::max<int64_t>(1, cols)) {
+    lead = s_row;
+  } else {
+    return false;
+  }
+  if (lead % 8 != 0) return false;
+  for (int64_t i = 0; i + 2 < d; ++i) {
+    if (t.stride(i) % 8 != 0) return false;
   }
   return true;
 }
+
+// torch's CUTLASS grouped GEMM takes fewer than 1024 groups, and int32 row offsets.
+constexpr int64_t kMaxGroups = 1023;
 
 // Whether out = per-group a @ b[e] (a [M, K], b [E, K, N]) and its weight gradient take
 // _grouped_mm here (the caller has checked shapes, devices and dtypes agree).
@@ -54,6 +70,7 @@ inline bool eligible(const at::Tensor& a, const at::Tensor& b, bool has_bias) {
 #if SMOE_HAVE_ATEN_GROUPED_MM
   if (has_bias || forced_tiled() || a.scalar_type() != at::kBFloat16) return false;
   if (a.size(0) == 0 || a.size(1) == 0 || b.size(0) == 0 || b.size(2) == 0) return false;
+  if (b.size(0) > kMaxGroups || a.size(0) > std::numeric_limits<int32_t>::max()) return false;
   if (a.size(1) % 8 != 0 || b.size(2) % 8 != 0) return false;  // K and N: 16-byte rows
   const int major = at::cuda::getDeviceProperties(a.device().index())->major;
   if (major != 9 && major != 10) return false;  // torch's CUTLASS path: sm90 / sm100 only

@@ -88,3 +88,47 @@ def test_grouped_mm_tensor_core_path_is_skipped_where_torch_would_sync(monkeypat
 
 def test_grouped_mm_cuda_path_is_reported():
     assert _C.cuda_grouped_mm_path().startswith("CUDA grouped_mm: ")
+
+
+def _refused_by_aten(kind: str):
+    """bf16 CUDA inputs that pass the tensor-core path's size rules but that ATen's _grouped_mm
+    would refuse with an error (its stride rule throws rather than falls back): (x, w, offsets,
+    grad), x a leaf that requires grad."""
+    g = torch.Generator().manual_seed(1)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).bfloat16().cuda()
+
+    if kind == "1024 experts":  # torch's CUTLASS grouped GEMM takes fewer than 1024 groups
+        E = 1024
+        x, w, grad = randn(2 * E, 16), randn(E, 16, 16), randn(2 * E, 16)
+        off = torch.arange(0, 2 * E + 1, 2)
+    elif kind == "one row, stride 19":  # a size-1 dim's stride is checked too
+        x = torch.zeros(1, 19, dtype=torch.bfloat16, device="cuda")[:, :16].copy_(randn(1, 16))
+        w, grad, off = randn(2, 16, 8), randn(1, 8), torch.tensor([0, 1, 1])
+        assert x.stride() == (19, 1)
+    else:  # "expanded grad": out.sum(0)'s gradient, rows of stride 0
+        x, w, grad, off = (
+            randn(9, 16),
+            randn(2, 16, 8),
+            randn(8).expand(9, 8),
+            torch.tensor([0, 3, 9]),
+        )
+    return x.requires_grad_(), w.requires_grad_(), off.cuda(), grad
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["1024 experts", "one row, stride 19", "expanded grad"])
+def test_grouped_mm_inputs_aten_refuses_take_the_tiled_kernel(kind, monkeypatch):
+    monkeypatch.delenv("SMOE_CUDA_GROUPED_MM", raising=False)
+    x, w, off, grad = _refused_by_aten(kind)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = ops.grouped_mm(x, w, off)
+        out.backward(grad)
+    assert not any(e.name == "aten::_grouped_mm" for e in prof.events())
+    xd, wd, gd = (t.detach().double().cpu() for t in (x, w, grad))
+    o = off.cpu()
+    torch.testing.assert_close(out.double().cpu(), ref.grouped_mm(xd, wd, o), atol=0.06, rtol=0.02)
+    groups = [slice(int(o[e]), int(o[e + 1])) for e in range(w.shape[0])]
+    want_gw = torch.stack([xd[r].T @ gd[r] for r in groups])
+    torch.testing.assert_close(w.grad.double().cpu(), want_gw, atol=0.06, rtol=0.02)
