@@ -196,9 +196,12 @@ def test_losses_on_router_stats_match_their_reference(dtype):
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("T,E", SHAPES)
 def test_router_stats_cuda_matches_cpu(T, E, dtype):
-    logits = noncontig(_logits(T, E, dtype)) if T else _logits(T, E, dtype)
+    # strided rows on the device itself (.cuda() of a strided view would copy it contiguous)
+    dev = noncontig(_logits(T, E, dtype).cuda()) if T else _logits(T, E, dtype).cuda()
+    assert T == 0 or dev.stride(0) == 2 * E
+    logits = dev.cpu()
     cpu = ops.router_stats(logits)
-    gpu = ops.router_stats(logits.cuda())
+    gpu = ops.router_stats(dev)
     assert gpu.prob_sum.dtype == gpu.lse.dtype == torch.float32
     torch.testing.assert_close(gpu.prob_sum.cpu(), cpu.prob_sum, atol=1e-5, rtol=4e-5)
     torch.testing.assert_close(gpu.lse.cpu(), cpu.lse, **TOL[torch.float32])
@@ -206,7 +209,7 @@ def test_router_stats_cuda_matches_cpu(T, E, dtype):
     for grads in ((gp, gl), (gp, None), (None, gl)):
         want = torch.ops.smoe.router_stats_backward.default(*grads, logits)
         cuda_grads = [None if g is None else g.cuda() for g in grads]
-        got = torch.ops.smoe.router_stats_backward.default(*cuda_grads, logits.cuda())
+        got = torch.ops.smoe.router_stats_backward.default(*cuda_grads, dev)
         assert got.dtype == dtype
         torch.testing.assert_close(got.cpu(), want, **TOL[dtype])
 
