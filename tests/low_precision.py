@@ -244,7 +244,11 @@ def topk_sigmoid_oracle(
 def expert_choice_oracle(
     logits: Tensor, capacity: int, *, group_size: int | None = None
 ) -> ExpertChoice:
-    plan = smoe_ops["expert_choice"](logits.detach(), capacity, group_size=group_size).plan
+    x = logits.detach()
+    if x.dtype == torch.float64 and x.is_cuda:  # smoe's CUDA kernels take no float64
+        x = x.cpu()
+    plan = smoe_ops["expert_choice"](x, capacity, group_size=group_size).plan
+    plan = type(plan)(*(t.to(logits.device) for t in plan))
     return ExpertChoice(torch.where(plan.row >= 0, _PairwiseSoftmax.apply(logits), 0.0), plan)
 
 

@@ -373,7 +373,9 @@ def test_vae_eval_is_deterministic():
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.cuda
 @pytest.mark.parametrize("routing", ["unsupervised", "supervised"])
-def test_vae_cuda_matches_cpu(routing):
+def test_vae_cuda_matches_cpu(routing, monkeypatch):
+    # cuDNN convolutions default to TF32, whose 10-bit mantissas alone exceed the 1e-4 tolerance
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     cpu = SMoEVAE(5, routing=routing, sample_in_eval=False)
     gpu = SMoEVAE(5, routing=routing, sample_in_eval=False).cuda()
     gpu.load_state_dict(cpu.state_dict())
