@@ -6,6 +6,7 @@ from torch import nn
 
 from smoe import Experts, MoELayer
 from smoe import reference as ref
+from tests.helpers import capture_cuda_graph
 
 
 def reference_output(layer: MoELayer, x: torch.Tensor, capacity=None):
@@ -246,11 +247,7 @@ def test_layer_cuda_graph_capture_and_replay():
     layer = MoELayer(32, 64, 8, 2, activation="swiglu").cuda().eval()
     static_x = torch.randn(128, 32, device="cuda")
     with torch.no_grad():
-        for _ in range(2):  # warm up on a side stream, as torch.cuda.graphs requires
-            layer(static_x)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y, _ = layer(static_x)
+        graph, (static_y, _) = capture_cuda_graph(lambda: layer(static_x))
         new_x = torch.randn(128, 32, device="cuda")
         static_x.copy_(new_x)
         graph.replay()
