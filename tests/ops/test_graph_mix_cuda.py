@@ -127,7 +127,7 @@ def test_graph_mix_cuda_many_batch_entries_and_row_tiles():
     # more batch entries than one grid dimension holds (65535) walk the grid-stride loop
     B = 70000
     x, A, _ = _inputs(B, 2, 3, None, torch.float32)
-    _close(_run(x.cuda(), A.cuda()), _run(x, A))
+    _close(_run(x.cuda(), A.cuda(), None), _run(x, A, None))
 
 
 @pytest.mark.cuda

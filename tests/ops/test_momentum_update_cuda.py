@@ -114,8 +114,10 @@ def test_momentum_update_cuda_unused_outputs_get_zero_gradients():
     for kind in KINDS:
         u, m, p, v = _inputs((64, 33), kind, torch.bfloat16, "cuda", strided=True)
         for device in ("cuda", "cpu"):
+            # fresh leaves each pass (detach: the last pass's leaves would make .to() a non-leaf)
             leaves = [
-                t.to(device).requires_grad_() if t is not None else None for t in (u, m, p, v)
+                t.detach().to(device).requires_grad_() if t is not None else None
+                for t in (u, m, p, v)
             ]
             ops.momentum_update(*leaves, kind=kind).m.sum().backward()
             assert (leaves[1].grad == (0.7 if kind != "robust" else 0.04)).all()
