@@ -19,7 +19,7 @@ namespace {
 using namespace grid;  // NOLINT: launch helpers of this file's kernels
 
 constexpr int64_t kChunk = 256;  // tokens per partial sum of the token reductions
-constexpr float kMinTemperature = 1e-4f;
+constexpr double kMinTemperature = 1e-4;  // compared in double, as the CPU op does
 
 __device__ __forceinline__ float warp_min(float v) {
 #pragma unroll
@@ -27,8 +27,10 @@ __device__ __forceinline__ float warp_min(float v) {
   return v;
 }
 
-__device__ __forceinline__ float clamp_tau(float tau) {
-  return tau < kMinTemperature ? kMinTemperature : tau;
+// The temperature as used: max(tau, 1e-4) in double (a float32 1e-4 is below it and clamps, as on
+// the CPU), then float.
+__device__ __forceinline__ float clamp_tau(double tau) {
+  return static_cast<float>(tau < kMinTemperature ? kMinTemperature : tau);
 }
 
 __device__ __forceinline__ float floored(float r, float eps) { return r < eps ? eps : r; }
@@ -114,7 +116,7 @@ __device__ bool raw_scores(const float* zhat, const float* ehat, int64_t N, int6
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     cosine_scores_kernel(const T* __restrict__ h, int64_t ldh, const T* __restrict__ proj,
-                         const float* __restrict__ ehat, const float* __restrict__ tau,
+                         const float* __restrict__ ehat, const double* __restrict__ tau,
                          int64_t rows, int64_t d, int64_t de, int64_t N, float eps, bool normalize,
                          float* __restrict__ zbuf, float* __restrict__ cos,
                          float* __restrict__ logits) {
@@ -151,7 +153,7 @@ __global__ void __launch_bounds__(kThreads)
     cosine_backward_rows_kernel(const float* __restrict__ grad_cos,
                                 const float* __restrict__ grad_logits, const T* __restrict__ h,
                                 int64_t ldh, const T* __restrict__ proj,
-                                const float* __restrict__ ehat, const float* __restrict__ tau,
+                                const float* __restrict__ ehat, const double* __restrict__ tau,
                                 int64_t rows, int64_t d, int64_t de, int64_t N, float eps,
                                 bool normalize, float* __restrict__ zbuf, float* __restrict__ gbuf,
                                 float* __restrict__ gzbuf, float* __restrict__ p,
@@ -237,7 +239,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // grad_tau = -sum_t p[t] / tauc^2 (0 where tau < 1e-4): one block, a fixed-order tree.
 __global__ void __launch_bounds__(kThreads)
-    tau_backward_kernel(const float* __restrict__ p, int64_t rows, const float* __restrict__ tau,
+    tau_backward_kernel(const float* __restrict__ p, int64_t rows, const double* __restrict__ tau,
                         float* __restrict__ grad_tau) {
   __shared__ float partial[kThreads];
   float acc = 0.f;
@@ -249,7 +251,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    const float raw = *tau, tauc = clamp_tau(raw);
+    const double raw = *tau;
+    const float tauc = clamp_tau(raw);
     *grad_tau = raw < kMinTemperature ? 0.f : -partial[0] / (tauc * tauc);
   }
 }
@@ -281,7 +284,7 @@ BackwardLayout backward_layout(int64_t rows, int64_t d, int64_t de, int64_t N) {
 }  // namespace
 
 template <typename T>
-cudaError_t cosine_scores(const T* h, int64_t ldh, const T* proj, const T* emb, const float* tau,
+cudaError_t cosine_scores(const T* h, int64_t ldh, const T* proj, const T* emb, const double* tau,
                           int64_t rows, int64_t d, int64_t de, int64_t N, float eps, bool normalize,
                           float* ehat, float* enorm, float* zbuf, float* cos, float* logits,
                           cudaStream_t stream) {
@@ -299,7 +302,7 @@ size_t cosine_scores_backward_workspace(int64_t rows, int64_t d, int64_t de, int
 
 template <typename T>
 cudaError_t cosine_scores_backward(const float* grad_cos, const float* grad_logits, const T* h,
-                                   int64_t ldh, const T* proj, const T* emb, const float* tau,
+                                   int64_t ldh, const T* proj, const T* emb, const double* tau,
                                    int64_t rows, int64_t d, int64_t de, int64_t N, float eps,
                                    bool normalize, void* workspace, T* grad_h, T* grad_proj,
                                    T* grad_emb, float* grad_tau, cudaStream_t stream) {
@@ -336,11 +339,11 @@ cudaError_t cosine_scores_backward(const float* grad_cos, const float* grad_logi
 }
 
 #define SMOE_INSTANTIATE(T)                                                                      \
-  template cudaError_t cosine_scores<T>(const T*, int64_t, const T*, const T*, const float*,     \
+  template cudaError_t cosine_scores<T>(const T*, int64_t, const T*, const T*, const double*,    \
                                         int64_t, int64_t, int64_t, int64_t, float, bool, float*, \
                                         float*, float*, float*, float*, cudaStream_t);           \
   template cudaError_t cosine_scores_backward<T>(                                                \
-      const float*, const float*, const T*, int64_t, const T*, const T*, const float*, int64_t,  \
+      const float*, const float*, const T*, int64_t, const T*, const T*, const double*, int64_t, \
       int64_t, int64_t, int64_t, float, bool, void*, T*, T*, T*, float*, cudaStream_t);
 SMOE_INSTANTIATE(float)
 SMOE_INSTANTIATE(__half)

@@ -11,11 +11,11 @@
 namespace smoe::cuda {
 
 // h [rows, d] (row stride ldh), proj [de, d] and emb [N, de] contiguous; tau points to the raw
-// temperature (float, on the device: never read on the host). cos and logits [rows, N] float.
+// temperature (double, on the device: never read on the host). cos and logits [rows, N] float.
 // ehat [N, de], enorm [N] and zbuf [rows, de] are float scratch the caller allocates.
 // T is float, __half or __nv_bfloat16.
 template <typename T>
-cudaError_t cosine_scores(const T* h, int64_t ldh, const T* proj, const T* emb, const float* tau,
+cudaError_t cosine_scores(const T* h, int64_t ldh, const T* proj, const T* emb, const double* tau,
                           int64_t rows, int64_t d, int64_t de, int64_t N, float eps, bool normalize,
                           float* ehat, float* enorm, float* zbuf, float* cos, float* logits,
                           cudaStream_t stream);
@@ -28,7 +28,7 @@ size_t cosine_scores_backward_workspace(int64_t rows, int64_t d, int64_t de, int
 // chunks summed in chunk order: no atomics, bitwise reproducible.
 template <typename T>
 cudaError_t cosine_scores_backward(const float* grad_cos, const float* grad_logits, const T* h,
-                                   int64_t ldh, const T* proj, const T* emb, const float* tau,
+                                   int64_t ldh, const T* proj, const T* emb, const double* tau,
                                    int64_t rows, int64_t d, int64_t de, int64_t N, float eps,
                                    bool normalize, void* workspace, T* grad_h, T* grad_proj,
                                    T* grad_emb, float* grad_tau, cudaStream_t stream);

@@ -1,5 +1,6 @@
 // CUDA glue of cosine_scores and cosine_scores_backward. The temperature stays on the device (a
-// float copy when it has another dtype): nothing is read on the host, so no sync.
+// double copy, so that the 1e-4 clamp compares as the CPU op's does): nothing is read on the host,
+// so no sync.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -35,14 +36,14 @@ std::tuple<at::Tensor, at::Tensor> cosine_scores_cuda(const at::Tensor& h_in,
   at::Tensor cos = at::empty({T, N}, f32);
   at::Tensor logits = at::empty({T, N}, f32);
   if (T == 0) return {cos, logits};
-  const at::Tensor tau = temperature.to(at::kFloat).contiguous();
+  const at::Tensor tau = temperature.to(at::kDouble).contiguous();
   at::Tensor ehat = at::empty({N, de}, f32), enorm = at::empty({N}, f32);
   at::Tensor zbuf = at::empty({T, de}, f32);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   SMOE_CUDA_DISPATCH(h.scalar_type(), "cosine_scores", [&] {
     C10_CUDA_CHECK(cuda::cosine_scores(
         kptr<scalar_t>(h), h.stride(0), kptr<scalar_t>(proj), kptr<scalar_t>(emb),
-        tau.const_data_ptr<float>(), T, d, de, N, static_cast<float>(eps), normalize_tokens,
+        tau.const_data_ptr<double>(), T, d, de, N, static_cast<float>(eps), normalize_tokens,
         ehat.mutable_data_ptr<float>(), enorm.mutable_data_ptr<float>(),
         zbuf.mutable_data_ptr<float>(), cos.mutable_data_ptr<float>(),
         logits.mutable_data_ptr<float>(), stream));
@@ -69,15 +70,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cosine_scores_backwar
   }
   at::Tensor grad_proj = at::empty({de, d}, proj.options());
   at::Tensor grad_emb = at::empty({N, de}, emb.options());
-  const at::Tensor tau = temperature.to(at::kFloat).contiguous();
-  at::Tensor grad_tau = at::empty_like(tau);
+  const at::Tensor tau = temperature.to(at::kDouble).contiguous();
+  at::Tensor grad_tau = at::empty({}, tau.options().dtype(at::kFloat));
   const auto bytes = static_cast<int64_t>(cuda::cosine_scores_backward_workspace(T, d, de, N));
   at::Tensor workspace = at::empty({bytes}, h.options().dtype(at::kByte));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   SMOE_CUDA_DISPATCH(h.scalar_type(), "cosine_scores_backward", [&] {
     C10_CUDA_CHECK(cuda::cosine_scores_backward(
         grad_cos.const_data_ptr<float>(), grad_logits.const_data_ptr<float>(), kptr<scalar_t>(h),
-        h.stride(0), kptr<scalar_t>(proj), kptr<scalar_t>(emb), tau.const_data_ptr<float>(), T, d,
+        h.stride(0), kptr<scalar_t>(proj), kptr<scalar_t>(emb), tau.const_data_ptr<double>(), T, d,
         de, N, static_cast<float>(eps), normalize_tokens, workspace.mutable_data_ptr(),
         kmut<scalar_t>(grad_h), kmut<scalar_t>(grad_proj), kmut<scalar_t>(grad_emb),
         grad_tau.mutable_data_ptr<float>(), stream));

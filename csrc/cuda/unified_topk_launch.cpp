@@ -29,13 +29,13 @@ at::Tensor unified_topk_cuda(const at::Tensor& scores_in, int64_t n,
   const at::Tensor scores = rows_dense(scores_in);
   const int64_t G = scores.size(0), L = scores.size(1);
   at::Tensor out = at::empty({G, n}, scores.options().dtype(at::kLong));
-  if (G == 0 || L == 0) return out;  // (n = 0 still scans for NaN)
   at::Tensor counts;
-  if (counts_in.has_value()) {
+  if (counts_in.has_value()) {  // checked before any early return, as on the CPU
     counts = counts_in->contiguous();
     at::_assert_async(counts.ge(0).logical_and(counts.le(n)).all(),
                       "smoe::unified_topk: counts must be in [0, n]");
   }
+  if (G == 0 || L == 0) return out;  // (n = 0 still scans for NaN)
   at::Tensor invalid = at::zeros({1}, scores.options().dtype(at::kInt));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   SMOE_CUDA_DISPATCH(scores.scalar_type(), "unified_topk", [&] {

@@ -73,6 +73,14 @@ _rows = [
     value_row("ids", "counts value = n+1", arg("counts"), counts=_counts_value(N + 1)),
     value_row("ids", "counts value = -1", arg("counts"), counts=_counts_value(-1)),
     value_row("ids", "counts value = 2^63-1", arg("counts"), counts=_counts_value(2**63 - 1)),
+    value_row(  # checked before the empty-scores early return (the CUDA glue skipped it)
+        "ids",
+        "counts value = 1 > n = L = 0",
+        arg("counts"),
+        scores=lambda d, a: d.f(T, 0),
+        n=lambda d, a: 0,
+        counts=_counts_value(1),
+    ),
     value_row(
         "nan", "scores NaN", arg("scores"), scores=lambda d, a: _with(a, "scores", 1, 0, NAN)
     ),

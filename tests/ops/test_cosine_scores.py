@@ -352,3 +352,20 @@ def test_cosine_scores_cuda_rejects_mixed_devices_and_float64():
         ops.cosine_scores(h, proj.cpu(), emb, temp)
     with pytest.raises(RuntimeError, match="float64 is supported on CPU only"):
         ops.cosine_scores(h.double(), proj.double(), emb.double(), temp)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tau_dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_cosine_scores_cuda_clamps_the_temperature_as_the_cpu(tau_dtype):
+    # a float32 1e-4 (9.99999974e-05, what clamp_(min=1e-4) of a float32 temperature gives) is
+    # below the clamp in double: its gradient is 0 on CPU and CUDA alike, and just above it is not
+    for value in (1e-4, 1.0001e-4, 0.3):
+        inputs = list(_inputs(6, 4, 3, 5, torch.float32))
+        inputs[3] = torch.tensor(value, dtype=torch.float32).to(tau_dtype)
+        fn = ops.cosine_scores
+        g = torch.randn(6, 4), torch.randn(6, 4)
+        cpu = _grads(fn, inputs, *g)
+        gpu = _grads(fn, [t.cuda() for t in inputs], *[x.cuda() for x in g])
+        assert gpu[3].dtype == tau_dtype
+        assert (cpu[3] == 0).item() == (gpu[3].cpu() == 0).item(), value
+        torch.testing.assert_close(gpu[3].cpu().double(), cpu[3].double(), rtol=1e-4, atol=0)
