@@ -75,7 +75,9 @@ def _block_classes() -> dict[type, str]:
 
 def _record_router_logits(logits: Tensor) -> None:
     """Hand the router logits to transformers' output capture (``output_router_logits=True``),
-    as the hook on the original router class did."""
+    as the hook on the original router class did. Under ``torch.compile`` on a torch whose dynamo
+    cannot trace ``ContextVar.get`` (2.11; 2.14 can), reading the capture is one graph break, as in
+    transformers' own capture hooks."""
     try:
         from transformers.utils.output_capturing import _active_collector
     except ImportError:  # a transformers without output capture: nothing asks for them

@@ -303,7 +303,7 @@ def test_discovery_finds_every_decorated_class():
             if isinstance(c, type) and c.__module__ == modname and _is_wrapped(c)
         }
     assert walked == set(CLASSES), (set(CLASSES) ^ walked, "differ")
-    assert len(CLASSES) >= 60  # transformers 5.24 has 68; far fewer means the scan broke
+    assert len(CLASSES) >= 50  # transformers 5.17 has 55, 5.24 68; far fewer: the scan broke
     assert set(SKIP) <= set(CLASSES) and set(XFAIL) <= set(CLASSES), "stale SKIP/XFAIL entry"
 
 
