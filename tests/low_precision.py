@@ -89,10 +89,16 @@ def topk_sigmoid(
     return _topk_sigmoid(torch.sigmoid, *args)
 
 
+def _for_smoe(x: Tensor, *others: Tensor | None) -> tuple[Tensor | None, ...]:
+    """``(x, *others)`` where smoe's ops take them: all on the host when ``x`` is the oracle's
+    float64 CUDA tensor (smoe's CUDA kernels take no float64), else as given."""
+    if x.dtype == torch.float64 and x.is_cuda:
+        return (x.cpu(), *(None if t is None else t.cpu() for t in others))
+    return (x, *others)
+
+
 def _topk_sigmoid(sigmoid, logits, k, selection_bias, n_group, topk_group, renormalize, scale):
-    x, bias = logits.detach(), selection_bias
-    if x.dtype == torch.float64 and x.is_cuda:  # the oracle's: smoe's CUDA kernels take no float64
-        x, bias = x.cpu(), None if bias is None else bias.cpu()
+    x, bias = _for_smoe(logits.detach(), selection_bias)
     kw = dict(selection_bias=bias, n_group=n_group, topk_group=topk_group)
     expert = smoe_ops["topk_sigmoid"](x, k, **kw).expert.to(logits.device)
     weight = torch.gather(sigmoid(logits), 1, expert.long())
@@ -244,9 +250,7 @@ def topk_sigmoid_oracle(
 def expert_choice_oracle(
     logits: Tensor, capacity: int, *, group_size: int | None = None
 ) -> ExpertChoice:
-    x = logits.detach()
-    if x.dtype == torch.float64 and x.is_cuda:  # smoe's CUDA kernels take no float64
-        x = x.cpu()
+    (x,) = _for_smoe(logits.detach())
     plan = smoe_ops["expert_choice"](x, capacity, group_size=group_size).plan
     plan = type(plan)(*(t.to(logits.device) for t in plan))
     return ExpertChoice(torch.where(plan.row >= 0, _PairwiseSoftmax.apply(logits), 0.0), plan)

@@ -6,6 +6,7 @@ bias under ExpertBiasUpdater; every registered router converted or refused; erro
 from __future__ import annotations
 
 import contextvars
+import functools
 import os
 import subprocess
 import sys
@@ -230,6 +231,7 @@ def test_a_router_module_is_copied_into_each_block():
         assert all(torch.equal(v, want[k]) for k, v in gate.state_dict().items())
 
 
+@functools.cache
 def _dynamo_traces_context_vars() -> bool:
     """Whether this torch's dynamo traces ``ContextVar.get`` (2.14 does, 2.11 does not):
     transformers' output capture, which a converted block hands its router logits, reads one."""
