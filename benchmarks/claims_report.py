@@ -7,8 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from common import machine  # benchmarks/common.py
-from zoo_report import _pm, _shown  # benchmarks/zoo_report.py
+from common import machine, pm, shown  # benchmarks/common.py
 
 _COLUMNS = (
     ("bpc", "val bpc", 1.0, 4),
@@ -105,7 +104,7 @@ def render(
     ks = sorted({r["setup"]["k"] for rs in runs.values() for r in rs})
     k_text = str(ks[0]) if len(ks) == 1 else "per arm (below)"
     minutes = sum(r["seconds"] for rs in runs.values() for r in rs) / 60
-    shown = [
+    columns = [
         c for c in _COLUMNS if any(not math.isnan(r[c[0]][0]) for r in summary["table"].values())
     ]
     lines = [
@@ -118,16 +117,16 @@ def render(
         f"steps of {cfg.get('batch_size')} x {cfg.get('context')} characters, evaluated every "
         f"{cfg.get('eval_every')}; each arm with its router's default auxiliary-loss weights. "
         f"Seeds {seeds}, mean ± std over seeds. Written at commit `{m['commit']}` on "
-        f"{m.get('cpu', '?')}; {minutes:.0f} min of training in all. Runs: `{_shown(out)}`; "
-        f"plot: `{_shown(plot)}`.",
+        f"{m.get('cpu', '?')}; {minutes:.0f} min of training in all. Runs: `{shown(out)}`; "
+        f"plot: `{shown(plot)}`.",
         "",
-        "| arm | router, options | " + " | ".join(c[1] for c in shown) + " |",
-        "|---|---|" + "---|" * len(shown),
+        "| arm | router, options | " + " | ".join(c[1] for c in columns) + " |",
+        "|---|---|" + "---|" * len(columns),
     ]
     for arm, row in summary["table"].items():
         a = study.arms[arm]
         opts = ", ".join(f"{k}={v}" for k, v in {**a.options, **a.charlm}.items()) or "defaults"
-        cells = [_pm(row[key], scale, digits) for key, _, scale, digits in shown]
+        cells = [pm(row[key], scale, digits) for key, _, scale, digits in columns]
         lines.append(
             f"| {a.label} (n = {row['n']}) | `{a.router}` ({opts}) | " + " | ".join(cells) + " |"
         )

@@ -13,6 +13,7 @@ import time
 import timeit
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -21,6 +22,7 @@ import torch
 from loads import FORCE, LOADS, PatternRouter, pattern_bias, pattern_experts  # noqa: F401
 
 MODES = ("fwd", "fwd+bwd")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,3 +353,18 @@ def same_setup(stored: dict | None, current: dict, defaults: dict | None = None)
     if defaults:
         stored = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
     return stored == current
+
+
+def pm(ms: tuple[float, float], scale: float = 1.0, digits: int = 3, nan: str = "n/a") -> str:
+    """A ``(mean, std)`` pair as ``"m ± s"`` times ``scale`` (100: percentages), ``nan`` for a
+    NaN mean (an arm without the metric)."""
+    m, s = ms
+    return nan if m != m else f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (what a report prints)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)

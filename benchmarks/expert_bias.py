@@ -33,17 +33,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import machine, same_setup, write_block  # benchmarks/common.py
+from arm_study import parse_study_args, stored_or_run, study_parser  # benchmarks/arm_study.py
+from common import machine, pm, shown, write_block  # benchmarks/common.py
 from router_zoo import mean_std, verdict  # benchmarks/router_zoo.py
 from zoo_entries import Claim  # benchmarks/zoo_entries.py
 
@@ -198,11 +196,6 @@ def bias_range(rec: dict) -> float:
     return spread / (2 * coeff * len(rec["step_vio"]))
 
 
-def _pm(ms: tuple[float, float], scale: float = 1.0, digits: int = 3) -> str:
-    m, s = ms
-    return "–" if math.isnan(m) else f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
-
-
 def _verdict_rows(items: list[dict]) -> list[str]:
     lines = []
     for v in items:
@@ -250,17 +243,17 @@ def render(summary: dict[str, Any], runs: dict[str, dict[int, dict]], args, out:
         "ceiling 2·u·steps; near 1, the bias was still moving at full rate (rate-limited). "
         "smoe's router adds the bias to the logits; the paper adds it to the gating scores "
         "G(logit) in (0, 1), where the same u moves the selection more: hence the extra arm at "
-        f"u = 1e-2, not a paper setting. Runs: `{_shown(out)}`.",
+        f"u = 1e-2, not a paper setting. Runs: `{shown(out)}`.",
         "",
         "| arm | test accuracy (%) | MaxVio_batch, training | MaxVio_batch, last epoch "
         "| MaxVio_global (test) | bias range / 2·u·steps | train loss | s / run |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for arm, row in table.items():
-        cells = [_pm(row["accuracy"], 100, 2)]
-        cells += [_pm(row[k]) for k in ("vio_train", "vio_last", "vio_test")]
-        cells += [_pm(row["bias_range"], 1, 2), _pm(row["train_loss"])]
-        cells.append(_pm(row["seconds"], 1, 0))
+        cells = [pm(row["accuracy"], 100, 2)]
+        cells += [pm(row[k]) for k in ("vio_train", "vio_last", "vio_test")]
+        cells += [pm(row["bias_range"], 1, 2, nan="–"), pm(row["train_loss"])]
+        cells.append(pm(row["seconds"], 1, 0))
         lines.append(f"| {ARMS[arm].label} (n = {row['n']}) | " + " | ".join(cells) + " |")
     for arm, row in table.items():
         share = row["bias_range"][0]
@@ -296,13 +289,6 @@ def render(summary: dict[str, Any], runs: dict[str, dict[int, dict]], args, out:
     return "\n".join(lines) + "\n"
 
 
-def _shown(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
-
-
 def render_plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
     import matplotlib
 
@@ -336,60 +322,35 @@ def render_plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
 # main
 # ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--arms", nargs="+", default=list(ARMS))
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
-    p.add_argument("--epochs", type=int, default=None, help=f"default {DEFAULT_EPOCHS} (quick: 2)")
-    p.add_argument("--quick", action="store_true", help="CI size: seconds per run")
-    p.add_argument("--out", type=Path, default=None, help=f"default {DEFAULT_OUT}")
-    p.add_argument("--results", type=Path, default=None, help=f"default {DEFAULT_RESULTS}")
-    p.add_argument("--plot", type=Path, default=None, help=f"default {DEFAULT_PLOT}")
-    p.add_argument("--threads", type=int, default=None)
-    args = p.parse_args(argv)
-    for arm in args.arms:
-        if arm not in ARMS:
-            p.error(f"unknown arm {arm!r}; choose from {list(ARMS)}")
-    if args.epochs is not None and args.epochs < 1:
-        p.error(f"--epochs must be >= 1, got {args.epochs}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.epochs = args.epochs or (2 if args.quick else DEFAULT_EPOCHS)
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    scratch = ROOT / "benchmarks" / "out"
-    out = args.out or (scratch / "expert_bias_quick" if args.quick else DEFAULT_OUT)
-    results = args.results or (
-        scratch / "RESULTS_expert_bias_quick.md" if args.quick else DEFAULT_RESULTS
+    p = study_parser(__doc__, ARMS, epochs_help=f"default {DEFAULT_EPOCHS} (quick: 2)")
+    args = parse_study_args(
+        p,
+        argv,
+        ARMS,
+        name="expert_bias",
+        out=DEFAULT_OUT,
+        results=DEFAULT_RESULTS,
+        plot=DEFAULT_PLOT,
     )
-    plot = args.plot or (scratch / "expert_bias_quick.png" if args.quick else DEFAULT_PLOT)
-    out.mkdir(parents=True, exist_ok=True)
+    args.epochs = args.epochs or (2 if args.quick else DEFAULT_EPOCHS)
+    start = time.perf_counter()
     arms = ["switch", *[a for a in args.arms if a != "switch"]]  # the baseline of the claims
-    start, trained = time.perf_counter(), 0
-    runs: dict[str, dict[int, dict]] = {a: {} for a in arms}
-    todo = [(a, s) for s in seeds for a in arms]  # seed by seed: an early stop leaves pairs
-    for i, (arm, seed) in enumerate(todo):
-        path = out / f"{arm}_seed{seed}.json"
-        cfg = setup(arm, args)
-        rec = json.loads(path.read_text()) if path.exists() else None
-        if rec is None or not same_setup(rec.get("setup"), cfg):
-            rec = run_one(cfg, seed, progress=sys.stderr.isatty())
-            path.write_text(json.dumps(rec, indent=1))
-            trained += 1
-            left = (time.perf_counter() - start) / trained * (len(todo) - i - 1)
-            print(
-                f"expert_bias: {arm} seed {seed} done in {rec['seconds']:.0f} s (accuracy "
-                f"{rec['accuracy']:.3f}, MaxVio {rec['vio_train']:.3f}); at most "
-                f"{left / 60:.0f} min left",
-                flush=True,
-            )
-        runs[arm][seed] = rec
+    runs, trained = stored_or_run(
+        "expert_bias",
+        [(a, s) for s in args.seeds for a in arms],  # seed by seed: an early stop leaves pairs
+        args.out,
+        lambda arm: setup(arm, args),
+        run_one,
+        lambda r: f"accuracy {r['accuracy']:.3f}, MaxVio {r['vio_train']:.3f}",
+    )
     summary = summarize(runs)
-    block = render(summary, runs, args, out)
-    write_block(results, block, BEGIN, END)
-    render_plot(runs, plot)
+    block = render(summary, runs, args, args.out)
+    write_block(args.results, block, BEGIN, END)
+    render_plot(runs, args.plot)
     print(block)
     elapsed = time.perf_counter() - start
-    print(f"expert_bias: {elapsed:.0f} s in this invocation; results in {results}")
-    return {**summary, "trained": trained, "seconds": elapsed, "out": str(out)}
+    print(f"expert_bias: {elapsed:.0f} s in this invocation; results in {args.results}")
+    return {**summary, "trained": trained, "seconds": elapsed, "out": str(args.out)}
 
 
 if __name__ == "__main__":

@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
+import functools
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import machine, same_setup, write_block  # benchmarks/common.py
+from arm_study import parse_study_args, stored_or_run, study_parser  # benchmarks/arm_study.py
+from common import machine, pm, shown, write_block  # benchmarks/common.py
 from router_zoo import mean_std, verdict, vit_data, vit_epochs  # benchmarks/router_zoo.py
 from torch import Tensor
 from vmoe_capacity import evaluate, train  # benchmarks/vmoe_capacity.py
@@ -201,11 +201,6 @@ def summarize(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
     return table
 
 
-def _pm(ms: tuple[float, float], scale: float = 100.0, digits: int = 1) -> str:
-    m, s = ms
-    return "n/a" if math.isnan(m) else f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
-
-
 def render(table: dict[str, dict], runs: dict[str, dict[int, dict]], args, out: Path) -> str:
     cfg = next(r["setup"] for by in runs.values() for r in by.values())
     names = [n for n in next(iter(table.values())) if n.startswith(("noise ", "blur "))]
@@ -236,14 +231,14 @@ def render(table: dict[str, dict], runs: dict[str, dict[int, dict]], args, out: 
         "reference repository's history), 0.7 is its WikiText-103 value. Test accuracy (%); "
         "corruptions (Gaussian pixel noise of std σ, Gaussian blur of std σ pixels) are our "
         "stand-in for ImageNet-C, nothing stands in for ImageNet-R/A. "
-        f"Runs: `{_shown(out)}`.",
+        f"Runs: `{shown(out)}`.",
         "",
         "| arm | clean | " + " | ".join(names) + " | mean corrupted | train loss | s / step |",
         "|---|" + "---|" * (len(names) + 4),
     ]
     for arm, row in table.items():
-        cells = [_pm(row["clean"]), *(_pm(row[n]) for n in names), _pm(row["corrupted"])]
-        cells += [_pm(row["train_loss"], 1, 3), _pm(row["step_s"], 1, 3)]
+        cells = [pm(row[n], 100, 1) for n in ("clean", *names, "corrupted")]
+        cells += [pm(row["train_loss"]), pm(row["step_s"])]
         lines.append(f"| {ARMS[arm].label} (n = {row['n']}) | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -264,13 +259,6 @@ def render(table: dict[str, dict], runs: dict[str, dict[int, dict]], args, out: 
     if not args.quick:
         lines += ["![accuracy vs corruption severity](plots/momentum_vision.png)", ""]
     return "\n".join(lines) + "\n"
-
-
-def _shown(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
 
 
 def render_plot(table: dict[str, dict], path: Path) -> None:
@@ -311,69 +299,39 @@ def render_plot(table: dict[str, dict], path: Path) -> None:
 # main
 # ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--arms", nargs="+", default=list(ARMS))
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
-    p.add_argument("--epochs", type=int, default=None, help="default router_zoo's (quick: 1)")
+    p = study_parser(__doc__, ARMS, epochs_help="default router_zoo's (quick: 1)")
     p.add_argument("--noise", type=float, nargs="+", default=[0.25, 0.5])
     p.add_argument("--blur", type=float, nargs="+", default=[1.0, 2.0])
-    p.add_argument("--quick", action="store_true", help="CI size: seconds per run")
-    p.add_argument("--out", type=Path, default=None, help=f"default {DEFAULT_OUT}")
-    p.add_argument("--results", type=Path, default=None, help=f"default {DEFAULT_RESULTS}")
-    p.add_argument("--plot", type=Path, default=None, help=f"default {DEFAULT_PLOT}")
-    p.add_argument("--threads", type=int, default=None)
-    args = p.parse_args(argv)
-    for arm in args.arms:
-        if arm not in ARMS:
-            p.error(f"unknown arm {arm!r}; choose from {list(ARMS)}")
+    args = parse_study_args(
+        p,
+        argv,
+        ARMS,
+        name="momentum_vision",
+        out=DEFAULT_OUT,
+        results=DEFAULT_RESULTS,
+        plot=DEFAULT_PLOT,
+    )
     if any(s <= 0 for s in args.noise + args.blur):
         p.error("--noise and --blur severities must be > 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     args.epochs = args.epochs or vit_epochs(args.quick)
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    scratch = ROOT / "benchmarks" / "out"
-    out = args.out or (scratch / "momentum_vision_quick" if args.quick else DEFAULT_OUT)
-    results = args.results or (
-        scratch / "RESULTS_momentum_vision_quick.md" if args.quick else DEFAULT_RESULTS
-    )
-    plot = args.plot or (scratch / "momentum_vision_quick.png" if args.quick else DEFAULT_PLOT)
-    out.mkdir(parents=True, exist_ok=True)
+    start, data = time.perf_counter(), functools.cache(lambda: vit_data(args.quick))
     arms = ["vmoe", *[a for a in args.arms if a != "vmoe"]]  # the baseline of every verdict
-    start, data = time.perf_counter(), None
-    runs: dict[str, dict[int, dict]] = {a: {} for a in arms}
-    todo = [(a, s) for a in arms for s in seeds]
-    trained = 0
-    for i, (arm, seed) in enumerate(todo):
-        path = out / f"{arm}_seed{seed}.json"
-        cfg = setup(arm, args)
-        rec = json.loads(path.read_text()) if path.exists() else None
-        if rec is None or not same_setup(rec.get("setup"), cfg):
-            data = data or vit_data(args.quick)
-            rec = run_one(cfg, seed, data, progress=sys.stderr.isatty())
-            path.write_text(json.dumps(rec, indent=1))
-            trained += 1
-            spent = time.perf_counter() - start
-            left = (
-                spent
-                / trained
-                * sum(1 for a, s in todo[i + 1 :] if not (out / f"{a}_seed{s}.json").exists())
-            )
-            print(
-                f"momentum_vision: {arm} seed {seed} done in {rec['seconds']:.0f} s "
-                f"(clean {rec['clean']:.3f}, corrupted {rec['corrupted']:.3f}); about "
-                f"{left / 60:.0f} min left",
-                flush=True,
-            )
-        runs[arm][seed] = rec
+    runs, _ = stored_or_run(
+        "momentum_vision",
+        [(a, s) for a in arms for s in args.seeds],
+        args.out,
+        lambda arm: setup(arm, args),
+        lambda cfg, seed, progress: run_one(cfg, seed, data(), progress),
+        lambda r: f"clean {r['clean']:.3f}, corrupted {r['corrupted']:.3f}",
+    )
     table = summarize(runs)
-    block = render(table, runs, args, out)
-    write_block(results, block, BEGIN, END)
-    render_plot(table, plot)
+    block = render(table, runs, args, args.out)
+    write_block(args.results, block, BEGIN, END)
+    render_plot(table, args.plot)
     print(block)
     elapsed = time.perf_counter() - start
-    print(f"momentum_vision: {elapsed:.0f} s in this invocation; results in {results}")
-    return {"table": table, "seconds": elapsed, "out": str(out)}
+    print(f"momentum_vision: {elapsed:.0f} s in this invocation; results in {args.results}")
+    return {"table": table, "seconds": elapsed, "out": str(args.out)}
 
 
 if __name__ == "__main__":

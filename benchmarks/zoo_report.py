@@ -7,23 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from common import machine  # benchmarks/common.py
-
-
-def _pm(ms: tuple[float, float], scale: float = 1.0, digits: int = 3) -> str:
-    m, s = ms
-    if math.isnan(m):
-        return "n/a"
-    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
-
-
-def _shown(path: Path) -> str:
-    """The path relative to the repository when it is inside it."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        return str(path.resolve().relative_to(root))
-    except ValueError:
-        return str(path)
+from common import machine, pm, shown  # benchmarks/common.py
 
 
 def _setup_line(runs: dict[str, dict[int, dict]], noise_std: float) -> str:
@@ -69,7 +53,7 @@ def render(
         f"Table written at commit `{m['commit']}` on {m.get('cpu', '?')}, {m.get('threads', '?')} "
         f"threads; seeds {seeds} (mean ± std over seeds); same backbone, steps and optimiser for "
         f"every router. {_setup_line(runs, noise_std)} Runs (JSON, with the commit and machine of "
-        f"each): `{_shown(out)}`.",
+        f"each): `{shown(out)}`.",
         "",
         "| router | bpc | bpc attacked | late RF | MaxVio | step time / top-k | ViT acc % "
         "| ViT acc % (noise) |",
@@ -78,13 +62,13 @@ def render(
     for name, row in table.items():
         lm = row["in_lm"]
         cells = [
-            _pm(row["bpc"]) if lm else row.get("lm_missing", "not causal"),
-            _pm(row["bpc_attacked"]) if lm else "–",
-            _pm(row["late_rf"], digits=4) if lm else "–",
-            _pm(row["max_vio"]) if lm else "–",
+            pm(row["bpc"]) if lm else row.get("lm_missing", "not causal"),
+            pm(row["bpc_attacked"]) if lm else "–",
+            pm(row["late_rf"], digits=4) if lm else "–",
+            pm(row["max_vio"]) if lm else "–",
             f"{row['step_ratio']:.2f}" if lm and not math.isnan(row["step_ratio"]) else "–",
-            _pm(row["vit_acc"], 100, 1),
-            _pm(row["vit_acc_noisy"], 100, 1),
+            pm(row["vit_acc"], 100, 1),
+            pm(row["vit_acc_noisy"], 100, 1),
         ]
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     lines += [
