@@ -28,9 +28,15 @@ faster), with the range over rounds.
 Experts' share of step time: "null" is an experts forward of negligible cost
 (``hidden_states * sum(top_k_weights)``: no expert GEMMs, the router stays in the graph). The
 share of an implementation is ``(t - t_null) / t``: the marginal cost of its experts forward and
-backward. Everything else (attention, router, shared experts, loss, the whole optimizer step,
-including the update of the expert weights, whose zero gradients are kept by
-``zero_grad(set_to_none=False)``) is in both terms.
+backward. Everything else (attention, router, shared experts, loss, the optimizer step over the
+other weights) is in both terms.
+
+Gradients between steps: ``--zero-grad none`` (default) drops them, as ``optimizer.zero_grad()``
+does by default and so every step of a transformers ``Trainer``: each backward writes fresh
+gradients, and the null row's expert weights get none, so AdamW skips them there and the experts'
+share includes their optimizer update. ``--zero-grad zeros`` (``set_to_none=False``, the default
+before 2026-12-06) keeps zeroed gradients: every backward adds into them (an ``add_`` over every
+weight gradient, paid alike by every implementation) and AdamW updates every weight in every row.
 
 Writes ``bench_transformers_<device>[_quick].md`` and ``.json`` under ``--out`` (default
 ``benchmarks/out/``, git-ignored). Never writes RESULTS.md.
@@ -146,9 +152,11 @@ def batched_mm_bytes(shape: dict, tokens: int, dtype: torch.dtype) -> int:
 # ---------------------------------------------------------------------------------------------
 # Measurement
 # ---------------------------------------------------------------------------------------------
-def step_fn(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor):
+def step_fn(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, zero: str):
+    set_to_none = zero == "none"
+
     def step() -> float:
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad(set_to_none=set_to_none)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
@@ -171,7 +179,7 @@ def bench_model(name: str, prefix: str, kw: dict, dtype_name: str, args) -> list
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, s["vocab"], (s["batch"], s["seq"]), generator=g).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
-    step = step_fn(model, opt, ids)
+    step = step_fn(model, opt, ids, args.zero_grad)
 
     need = batched_mm_bytes(shape, tokens, dtype)
     skipped = {}
@@ -260,11 +268,13 @@ def render(rows: list[dict], meta: dict, args) -> str:
         "",
         "A step: forward, loss, backward, AdamW (lr 0: same weights and routing for every "
         f"implementation), {rows[0]['tokens']} tokens. {args.rounds} interleaved rounds of "
-        f"{args.steps} timed steps each. ms/step and tokens/s: median over rounds; vs grouped_mm: "
+        f"{args.steps} timed steps each, gradients between steps: {args.zero_grad} "
+        f"(`--zero-grad`). ms/step and tokens/s: median over rounds; vs grouped_mm: "
         "median over rounds of the same round's time ratio (> 1 is faster), range over rounds in "
         "brackets; experts share: (t − t_null) / t, the null experts costing nothing (router, "
-        "attention, shared experts and the whole optimizer step stay in both); loss rel. Δ: first "
-        "step's loss against grouped_mm's.",
+        "attention, shared experts and the optimizer step over the other weights stay in both; "
+        "with `--zero-grad none` the experts' own AdamW update is in the share); loss rel. Δ: "
+        "first step's loss against grouped_mm's.",
         "",
     ]
     for name in dict.fromkeys(r["model"] for r in rows):
@@ -306,6 +316,12 @@ def main(argv: list[str] | None = None) -> dict:
         type=float,
         default=8.0,
         help="skip batched_mm when its gathered weights need more (default 8)",
+    )
+    p.add_argument(
+        "--zero-grad",
+        default="none",
+        choices=("none", "zeros"),
+        help="between steps: none (torch's default, what a Trainer does) or zeroed gradients",
     )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
     argv = sys.argv[1:] if argv is None else argv

@@ -95,3 +95,16 @@ def test_batched_mm_is_skipped_beyond_its_budget(tmp_path):
     md = (tmp_path / "bench_transformers_cpu_quick.md").read_text()
     line = next(ln for ln in md.splitlines() if ln.startswith("| olmoe | fp32 | batched_mm |"))
     assert "skipped: needs ~" in line and len(line.strip("|").split("|")) == 8
+
+
+@pytest.mark.parametrize("zero", ["none", "zeros"])
+def test_step_drops_or_zeroes_gradients_between_steps(zero):
+    prefix, kw = bt.configs(True, "cpu")["mixtral"]
+    model = bt.build(prefix, kw, torch.float32, "cpu")
+    ids = torch.randint(3, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    step = bt.step_fn(model, torch.optim.AdamW(model.parameters(), lr=0.0), ids, zero)
+    step()
+    first = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    step()
+    kept = [model.get_parameter(n).grad is g for n, g in first.items()]
+    assert len(kept) > 10 and (all(kept) if zero == "zeros" else not any(kept))
