@@ -286,7 +286,8 @@ def convert(
         **options: keyword options of a router built by name.
 
     Raises:
-        ValueError: no supported block in ``model`` (the message lists the supported ones);
+        ValueError: no supported block in ``model`` (the message lists the supported ones), or
+            a model converted already (unconvert it first);
             ``options`` without a router name; a router that cannot run in a causal decoder
             (expert choice, a stack-level method, one that needs attention probabilities).
         TypeError: ``router`` of another type.
@@ -309,6 +310,11 @@ def convert(
     ]
     if type(model) in classes:
         targets.append((None, None, model))
+    if not targets and any(isinstance(m, ConvertedMoE) for m in model.modules()):
+        raise ValueError(
+            f"smoe.convert: {type(model).__name__} is converted already; smoe.unconvert(model) "
+            "first to convert it again (another router, layer or momentum)"
+        )
     if not targets:
         raise ValueError(
             f"smoe.convert: no supported MoE block in {type(model).__name__}; supported: "

@@ -221,6 +221,16 @@ def test_convert_errors_name_what_is_wrong():
         smoe.convert(_model("mixtral"), router="no_such_router")
 
 
+def test_converting_twice_says_unconvert_first():
+    model = smoe.convert(_model("mixtral"))
+    with pytest.raises(ValueError, match="MixtralForCausalLM is converted already; smoe.unconvert"):
+        smoe.convert(model, router="xmoe")
+    smoe.unconvert(model)
+    smoe.convert(model, router="xmoe")  # then it converts again
+    gates = [m.gate for m in model.modules() if isinstance(m, ConvertedMoE)]
+    assert len(gates) == 2 and all(isinstance(g, smoe.XMoERouter) for g in gates)
+
+
 def test_a_router_module_is_copied_into_each_block():
     router = smoe.TopKRouter(32, 4, k=2)
     model = smoe.convert(_model("olmoe"), router=router)
