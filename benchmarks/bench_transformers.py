@@ -23,7 +23,9 @@ round), so drift in the machine's load hits all alike. In each round an implemen
 untimed step after the switch, then ``--steps`` timed steps (``common.measure``); its round time is
 their median. ms/step and tokens/s are the median over rounds; "vs grouped_mm" is the median over
 rounds of grouped_mm's round time / this implementation's round time in the same round (> 1 is
-faster), with the range over rounds.
+faster), with the range over rounds. Each timed step is also split into forward (with the loss),
+backward and ``AdamW.step`` (medians over all timed steps; on CUDA the device is synchronised at
+each boundary), which shows the part of a step no experts implementation moves.
 
 Experts' share of step time: "null" is an experts forward of negligible cost
 (``hidden_states * sum(top_k_weights)``: no expert GEMMs, the router stays in the graph). The
@@ -51,6 +53,7 @@ import math
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -63,8 +66,8 @@ IMPLS = ("eager", "grouped_mm", "batched_mm", "smoe")
 NULL = "bench_null"  # registered below; the "null" row
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HEADER = (
-    "| model | dtype | experts | ms / step | tokens/s | vs grouped_mm (range) | experts share "
-    "| loss rel. Δ |"
+    "| model | dtype | experts | ms / step | forward / backward / AdamW ms | tokens/s "
+    "| vs grouped_mm (range) | experts share | loss rel. Δ |"
 )
 
 
@@ -152,14 +155,31 @@ def batched_mm_bytes(shape: dict, tokens: int, dtype: torch.dtype) -> int:
 # ---------------------------------------------------------------------------------------------
 # Measurement
 # ---------------------------------------------------------------------------------------------
-def step_fn(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, zero: str):
+def step_fn(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    ids: torch.Tensor,
+    zero: str,
+    phases: list[tuple[float, float, float]] | None = None,
+):
+    """One training step; with ``phases``, each step appends its (forward, backward, optimizer)
+    seconds (the device synchronised at each boundary)."""
     set_to_none = zero == "none"
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
 
     def step() -> float:
+        t0 = time.perf_counter()
         opt.zero_grad(set_to_none=set_to_none)
         loss = model(input_ids=ids, labels=ids).loss
+        sync()
+        t1 = time.perf_counter()
         loss.backward()
+        sync()
+        t2 = time.perf_counter()
         opt.step()
+        if phases is not None:
+            sync()
+            phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
         return loss.detach()
 
     return step
@@ -179,7 +199,8 @@ def bench_model(name: str, prefix: str, kw: dict, dtype_name: str, args) -> list
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, s["vocab"], (s["batch"], s["seq"]), generator=g).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
-    step = step_fn(model, opt, ids, args.zero_grad)
+    phases: list[tuple[float, float, float]] = []
+    step = step_fn(model, opt, ids, args.zero_grad, phases)
 
     need = batched_mm_bytes(shape, tokens, dtype)
     skipped = {}
@@ -201,6 +222,7 @@ def bench_model(name: str, prefix: str, kw: dict, dtype_name: str, args) -> list
     impls = [i for i in [*IMPLS, NULL] if i not in skipped]
     load0 = os.getloadavg()[0]
     times: dict[str, list[float]] = {i: [] for i in impls}
+    split: dict[str, list[tuple[float, float, float]]] = {i: [] for i in impls}
     for r in range(args.rounds):
         order = impls[r % len(impls) :] + impls[: r % len(impls)]
         for impl in order:
@@ -209,6 +231,7 @@ def bench_model(name: str, prefix: str, kw: dict, dtype_name: str, args) -> list
                 step, min_run_time=0.0, min_samples=args.steps, max_samples=args.steps, block_s=0.0
             )
             times[impl].append(st.median)
+            split[impl] += phases[-args.steps :]  # the timed steps (measure warms up once)
     load1 = os.getloadavg()[0]
     del model, opt
 
@@ -237,6 +260,7 @@ def bench_model(name: str, prefix: str, kw: dict, dtype_name: str, args) -> list
                 skipped=None,
                 round_s=times[impl],
                 step_s=t,
+                phase_s=[statistics.median(p[j] for p in split[impl]) for j in range(3)],
                 tokens_per_s=tokens / t,
                 ratio=statistics.median(ratios),
                 ratio_min=min(ratios),
@@ -269,7 +293,8 @@ def render(rows: list[dict], meta: dict, args) -> str:
         "A step: forward, loss, backward, AdamW (lr 0: same weights and routing for every "
         f"implementation), {rows[0]['tokens']} tokens. {args.rounds} interleaved rounds of "
         f"{args.steps} timed steps each, gradients between steps: {args.zero_grad} "
-        f"(`--zero-grad`). ms/step and tokens/s: median over rounds; vs grouped_mm: "
+        f"(`--zero-grad`). ms/step and tokens/s: median over rounds; forward / backward / "
+        "AdamW: medians over the timed steps; vs grouped_mm: "
         "median over rounds of the same round's time ratio (> 1 is faster), range over rounds in "
         "brackets; experts share: (t − t_null) / t, the null experts costing nothing (router, "
         "attention, shared experts and the optimizer step over the other weights stay in both; "
@@ -284,20 +309,21 @@ def render(rows: list[dict], meta: dict, args) -> str:
             f"- `{name}`: d {r0['d']}, d_ff {r0['d_ff']}, E {r0['E']}, k {r0['k']}{shared}, "
             f"{r0['layers']} layers, vocab {r0['vocab']}"
         )
-    lines += ["", HEADER, "|---|---|---|---|---|---|---|---|"]
+    lines += ["", HEADER, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         head = f"| {r['model']} | {r['dtype']} | {r['impl']} |"
         if r["skipped"]:
-            lines.append(f"{head} skipped: {r['skipped']} | | | | |")
+            lines.append(f"{head} skipped: {r['skipped']} | | | | | |")
             continue
         share = "" if r["experts_share"] is None else f"{100 * r['experts_share']:.0f} %"
         ratio = f"{r['ratio']:.2f} ({r['ratio_min']:.2f}–{r['ratio_max']:.2f})"
         if r["impl"] == "smoe":
             ratio = f"**{ratio}**"
         diff = "(another model)" if r["loss_rel_diff"] is None else f"{r['loss_rel_diff']:.1e}"
+        phase = " / ".join(f"{s * 1e3:.0f}" for s in r["phase_s"])
         lines.append(
-            f"{head} {r['step_s'] * 1e3:.0f} | {r['tokens_per_s']:,.0f} | {ratio} | {share} "
-            f"| {diff} |"
+            f"{head} {r['step_s'] * 1e3:.0f} | {phase} | {r['tokens_per_s']:,.0f} | {ratio} "
+            f"| {share} | {diff} |"
         )
     return "\n".join(lines) + "\n"
 

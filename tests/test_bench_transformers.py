@@ -45,6 +45,8 @@ def test_quick_has_a_row_per_model_dtype_and_implementation(quick):
         assert all(t > 0 for t in r["round_s"]) and r["step_s"] > 0
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["step_s"])
         assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+        assert len(r["phase_s"]) == 3 and all(s > 0 for s in r["phase_s"])
+        assert sum(r["phase_s"]) <= 1.5 * max(r["round_s"])  # parts of the timed steps
         assert math.isfinite(r["load_start"]) and math.isfinite(r["load_end"])
         if r["impl"] == "null":
             assert r["experts_share"] is None and r["loss_rel_diff"] is None
@@ -67,10 +69,11 @@ def test_quick_markdown_table(quick):
     assert len(body) == len(data["rows"])
     for ln, r in zip(body, data["rows"]):
         cols = [c.strip() for c in ln.strip("|").split("|")]
-        assert len(cols) == 8 and cols[:3] == [r["model"], r["dtype"], r["impl"]]
-        assert cols[4] == f"{r['tokens_per_s']:,.0f}"
-        assert cols[5].strip("*").startswith(f"{r['ratio']:.2f} (")
-        assert (cols[6] == "") == (r["impl"] == "null")
+        assert len(cols) == 9 and cols[:3] == [r["model"], r["dtype"], r["impl"]]
+        assert cols[4] == " / ".join(f"{s * 1e3:.0f}" for s in r["phase_s"])
+        assert cols[5] == f"{r['tokens_per_s']:,.0f}"
+        assert cols[6].strip("*").startswith(f"{r['ratio']:.2f} (")
+        assert (cols[7] == "") == (r["impl"] == "null")
     for m in MODELS:
         assert any(ln.startswith(f"- `{m}`: d 64,") for ln in lines)
 
@@ -94,7 +97,7 @@ def test_batched_mm_is_skipped_beyond_its_budget(tmp_path):
     assert [r["impl"] for r in skipped] == ["batched_mm"] and "GiB" in skipped[0]["skipped"]
     md = (tmp_path / "bench_transformers_cpu_quick.md").read_text()
     line = next(ln for ln in md.splitlines() if ln.startswith("| olmoe | fp32 | batched_mm |"))
-    assert "skipped: needs ~" in line and len(line.strip("|").split("|")) == 8
+    assert "skipped: needs ~" in line and len(line.strip("|").split("|")) == 9
 
 
 @pytest.mark.parametrize("zero", ["none", "zeros"])
@@ -102,9 +105,11 @@ def test_step_drops_or_zeroes_gradients_between_steps(zero):
     prefix, kw = bt.configs(True, "cpu")["mixtral"]
     model = bt.build(prefix, kw, torch.float32, "cpu")
     ids = torch.randint(3, 128, (1, 16), generator=torch.Generator().manual_seed(0))
-    step = bt.step_fn(model, torch.optim.AdamW(model.parameters(), lr=0.0), ids, zero)
+    phases = []
+    step = bt.step_fn(model, torch.optim.AdamW(model.parameters(), lr=0.0), ids, zero, phases)
     step()
     first = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     step()
     kept = [model.get_parameter(n).grad is g for n, g in first.items()]
     assert len(kept) > 10 and (all(kept) if zero == "zeros" else not any(kept))
+    assert len(phases) == 2 and all(len(p) == 3 and min(p) > 0 for p in phases)
