@@ -22,7 +22,7 @@ import os
 from dataclasses import asdict, dataclass
 
 import torch
-from common import machine, maybe_reexec_tuned_malloc, measure, measure_many
+from common import TUNED_MALLOC, machine, maybe_reexec_tuned_malloc, measure, measure_many
 from layer_metrics import dense_limit, fresh_grads, stage_times
 from torch import nn
 
@@ -35,7 +35,6 @@ SHAPES = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGETS = {"mixtral-like": 0.90, "fine-grained": 0.80}
 OVERHEAD_TARGET = 0.10
-TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(16 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
 
 
 def make_layers(shape: dict, dtype: torch.dtype):

@@ -27,6 +27,12 @@ faster), with the range over rounds. Each timed step is also split into forward 
 backward and ``AdamW.step`` (medians over all timed steps; on CUDA the device is synchronised at
 each boundary), which shows the part of a step no experts implementation moves.
 
+Allocator: with glibc's defaults, a large temporary (AdamW's ``sqrt`` and ``div`` outputs, 8-16 MB
+per expert weight) is page-faulted in afresh or not depending on the heap's state, which the
+implementations that ran before leave behind: AdamW's time then moves by up to ~35 ms between
+rounds of one process (measured at the OLMoE-like fp32 shape). ``--malloc tuned`` re-runs the
+process with glibc keeping every freed block (``common.TUNED_MALLOC``), which takes that out.
+
 Experts' share of step time: "null" is an experts forward of negligible cost
 (``hidden_states * sum(top_k_weights)``: no expert GEMMs, the router stays in the graph). The
 share of an implementation is ``(t - t_null) / t``: the marginal cost of its experts forward and
@@ -57,7 +63,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import log, machine, measure  # benchmarks/common.py
+from common import TUNED_MALLOC, log, machine, maybe_reexec_tuned_malloc, measure
 
 import smoe.integrations.transformers  # noqa: F401  (registers "smoe")
 
@@ -287,7 +293,9 @@ def render(rows: list[dict], meta: dict, args) -> str:
         f"Commit `{meta['commit']}`, torch {meta['torch']}, transformers {meta['transformers']}, "
         f"{meta.get('cpu', '?')} ({meta.get('isa', '?')}), threads {meta['threads']}{gpu}. "
         f"Load average {meta['load_start']:.1f} at the start, {min(loads):.1f}–{max(loads):.1f} "
-        f"around the timed rounds{meta['load_note']}.",
+        f"around the timed rounds{meta['load_note']}. Allocator: glibc, "
+        + ("tuned (`--malloc tuned`)" if meta["malloc"]["mode"] == "tuned" else "defaults")
+        + ".",
         f"Command: `{meta['command']}`.",
         "",
         "A step: forward, loss, backward, AdamW (lr 0: same weights and routing for every "
@@ -349,9 +357,16 @@ def main(argv: list[str] | None = None) -> dict:
         choices=("none", "zeros"),
         help="between steps: none (torch's default, what a Trainer does) or zeroed gradients",
     )
+    p.add_argument(
+        "--malloc",
+        choices=("default", "tuned"),
+        default="default",
+        help="tuned: re-run with glibc keeping freed blocks (no temporaries page-faulted afresh)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    maybe_reexec_tuned_malloc(args.malloc)
     args.rounds = args.rounds or (2 if args.quick else 5)
     args.steps = args.steps or (1 if args.quick else 10 if args.device == "cuda" else 3)
     if args.threads:
@@ -360,6 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ExpertsInterface.register(NULL, null_experts_forward)
     meta = machine(args.device)
+    meta["malloc"] = {"mode": args.malloc, "env": {k: os.environ.get(k) for k in TUNED_MALLOC}}
     cores = os.cpu_count() or 1
     meta["load_start"] = os.getloadavg()[0]
     meta["load_note"] = (

@@ -315,7 +315,12 @@ def machine(device: str = "cpu") -> dict:
     return info
 
 
-def maybe_reexec_tuned_malloc(malloc: str, env: dict[str, str]) -> None:
+# glibc keeps freed blocks of any size in its heap and never trims it: no large tensor page-faults
+# in again after its first use (smoe.tune_cpu_allocator's aim, PyTorch's CPU guide's jemalloc)
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(16 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
+
+
+def maybe_reexec_tuned_malloc(malloc: str, env: dict[str, str] = TUNED_MALLOC) -> None:
     """``--malloc tuned``: re-run this process with glibc's mmap threshold raised."""
     import os
     import sys

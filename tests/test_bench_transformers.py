@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,7 @@ def test_quick_has_a_row_per_model_dtype_and_implementation(quick):
     cells = [(r["model"], r["dtype"], r["impl"]) for r in rows]
     assert cells == [(m, d, i) for m in MODELS for d in ("fp32", "bf16") for i in IMPLS]
     assert data["machine"]["threads"] == 1 and "load_start" in data["machine"]
+    assert data["machine"]["malloc"]["mode"] == "default"
     for r in rows:
         assert r["skipped"] is None  # the quick models are small enough for batched_mm
         assert r["tokens"] == 64 and len(r["round_s"]) == 2
@@ -62,6 +64,7 @@ def test_quick_markdown_table(quick):
     assert (
         md.startswith("## transformers training steps by experts implementation") and md in stdout
     )
+    assert "Allocator: glibc, defaults." in md
     lines = md.splitlines()
     assert lines.count(bt.HEADER) == 1
     body = lines[lines.index(bt.HEADER) + 2 :]
@@ -85,19 +88,23 @@ def test_batched_mm_memory_estimate():
     assert bt.batched_mm_bytes(shape, 1024, torch.bfloat16) == need // 2
 
 
-def test_batched_mm_is_skipped_beyond_its_budget(tmp_path):
+def test_batched_mm_is_skipped_beyond_its_budget_and_malloc_tuned_reruns_tuned(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_transformers.py"), "--quick",
            "--threads", "1", "--models", "olmoe", "--dtype", "fp32", "--batched-mm-gib", "0",
-           "--out", str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+           "--malloc", "tuned", "--out", str(tmp_path)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads((tmp_path / "bench_transformers_cpu_quick.json").read_text())["rows"]
+    data = json.loads((tmp_path / "bench_transformers_cpu_quick.json").read_text())
+    assert data["machine"]["malloc"] == {"mode": "tuned", "env": bt.TUNED_MALLOC}  # re-executed
+    rows = data["rows"]
     assert [r["impl"] for r in rows] == list(IMPLS)
     skipped = [r for r in rows if r["skipped"]]
     assert [r["impl"] for r in skipped] == ["batched_mm"] and "GiB" in skipped[0]["skipped"]
     md = (tmp_path / "bench_transformers_cpu_quick.md").read_text()
     line = next(ln for ln in md.splitlines() if ln.startswith("| olmoe | fp32 | batched_mm |"))
     assert "skipped: needs ~" in line and len(line.strip("|").split("|")) == 9
+    assert "Allocator: glibc, tuned (`--malloc tuned`)." in md
 
 
 @pytest.mark.parametrize("zero", ["none", "zeros"])
