@@ -154,10 +154,14 @@ def bench_shape(
             syncs: dict[str, int | None] = {}
             peaks: dict[str, float] = {}
             errors = dict(skipped)
+            # timed interleaved, one block of each per round (common.measure_many), so that a
+            # drift of the GPU's clocks touches every contender alike; then syncs and peaks
+            stats = clock.many({c: run_layer(m, xin, backward) for c, m in contenders.items()})
             for cname, module in contenders.items():
-                fn = run_layer(module, xin, backward)
                 try:
-                    s = clock(fn)
+                    s = stats[cname]
+                    if isinstance(s, RuntimeError):
+                        raise s
                     times[cname] = {"median": s.median, "iqr": s.iqr, "n": s.n}
                     if not backward:
                         syncs[cname] = count_syncs(run_layer(module, xin, False), device)

@@ -270,6 +270,30 @@ def test_bench_gpu_logic_runs_on_cpu(tmp_path):
     assert "| shape | dtype | load | mode |" in proc.stdout
 
 
+def test_bench_gpu_times_the_contenders_and_names_the_one_that_fails(monkeypatch):
+    import bench_gpu
+    from common import Clock
+
+    class Broken(torch.nn.Module):  # a kernel this torch lacks, say
+        bias = None
+
+        def forward(self, x):
+            raise RuntimeError("no kernel for this dtype\nmore lines")
+
+    def with_broken(*args, **kwargs):
+        baselines, skipped = build_baselines(*args, **kwargs)
+        return {**baselines, "broken": Broken()}, skipped
+
+    monkeypatch.setattr(bench_gpu, "build_baselines", with_broken)
+    shape = bench_gpu.CPU_SHAPES["olmoe"]
+    rows, _ = bench_gpu.bench_shape("olmoe", shape, "fp32", ["natural"], "cpu", Clock(0.0, 2, 0.0))
+    assert [r["mode"] for r in rows] == ["fwd", "fwd+bwd"]
+    for r in rows:
+        assert r["times"]["broken"] is None
+        assert r["skipped"]["broken"] == "RuntimeError: no kernel for this dtype"
+        assert all(r["times"][b]["n"] >= 2 for b in ("smoe", *BASELINES))
+
+
 @pytest.mark.parametrize("T,fused", [(16, False), (3000, True)])
 def test_stage_times_count_no_permute_where_the_forward_fuses(T, fused):
     # A forward without gradients past the fusion rule runs one expert_mlp that gathers its own
