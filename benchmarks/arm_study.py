@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import same_setup  # benchmarks/common.py
+from common import ROOT, same_setup  # benchmarks/common.py
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRATCH = ROOT / "benchmarks" / "out"
 
 

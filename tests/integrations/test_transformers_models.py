@@ -119,6 +119,39 @@ def test_bf16_logits(name):
     assert err["smoe"] <= 2 * err["grouped_mm"] + 2e-3, (name, err)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("name", NAMES)
+def test_inference_matches_eager_as_transformers_own_model_test_checks(
+    name, dtype, tmp_path, make_plan_calls
+):
+    """The check transformers' common model test makes of every experts implementation against
+    "eager" (`_test_eager_matches_batched_and_grouped_inference`, transformers 5.24), made for
+    "smoe": norm epsilons 1 (its less-flaky setup, transformers.testing_utils), a save/load round
+    trip, inference in the dtype, logits equal within 1e-4 / 1e-3 / 5e-3 (rtol = atol)."""
+    from transformers.testing_utils import (
+        set_config_for_less_flaky_test,
+        set_model_for_less_flaky_test,
+    )
+
+    dt, tol = {"fp32": (torch.float32, 1e-4), "fp16": (torch.float16, 1e-3),
+               "bf16": (torch.bfloat16, 5e-3)}[dtype]  # fmt: skip
+    cls, config = type(build(name)), build(name).config
+    set_config_for_less_flaky_test(config)
+    torch.manual_seed(42)
+    model = cls(config).eval()
+    set_model_for_less_flaky_test(model)
+    model.save_pretrained(tmp_path)
+    model = cls.from_pretrained(tmp_path).eval().to(dt)
+    ids = torch.randint(3, 64, (13, 7), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    with torch.no_grad():
+        for impl in ("eager", "smoe"):
+            model.set_experts_implementation(impl)
+            logits[impl] = model(ids).logits
+    assert logits["smoe"].dtype == dt and make_plan_calls  # smoe ran
+    torch.testing.assert_close(logits["smoe"], logits["eager"], rtol=tol, atol=tol)
+
+
 # ---------------------------------------------------------------------------------------------
 # switching, generate, save/load
 # ---------------------------------------------------------------------------------------------
