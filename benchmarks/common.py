@@ -198,8 +198,8 @@ def peak_bytes(fn: Callable[[], object]) -> int:
     From the allocation and free events of ``torch.profiler`` (``profile_memory=True``),
     accumulated in time order. Counts tensors only (not the Python heap, not code), smoe's cached
     CPU outputs included (csrc/cpu/workspace.cpp reports them); allocations made by OpenMP worker
-    threads are not reported by the profiler (kernels here allocate their outputs before going
-    parallel; the per-thread scratch of expert_mlp and gather_mm is not counted).
+    threads are not reported by the profiler, so smoe's kernels allocate their outputs and the
+    per-thread scratch of expert_mlp and gather_mm on the calling thread, before going parallel.
     """
     from torch.profiler import ProfilerActivity, profile
 

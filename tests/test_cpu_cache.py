@@ -103,6 +103,34 @@ def test_cached_outputs_are_reported_to_the_memory_profiler():
     assert smoe.cpu_cache_info()["cached_bytes"] == 2 * size  # held, but no tensor's
 
 
+@pytest.mark.parametrize("op", ["expert_mlp", "gather_mm"])
+def test_every_threads_scratch_is_reported_to_the_memory_profiler(op):
+    """expert_mlp's and gather_mm's per-thread scratch (gathered rows; expert_mlp's hidden too) is
+    made on the calling thread, where the profiler sees it: each thread that runs adds one."""
+    g = torch.Generator().manual_seed(0)
+    T, d, f, E = 2048, 256, 512, 8
+    x = torch.randn(T, d, generator=g)
+    plan = ops.make_plan(torch.randint(0, E, (T, 2), generator=g, dtype=torch.int32), E)
+    w_in, w_out = torch.randn(E, d, 2 * f, generator=g), torch.randn(E, f, d, generator=g)
+    if op == "expert_mlp":
+        fn = lambda: ops.expert_mlp(x, plan.offsets, w_in, w_out, plan=plan, fused=True)  # noqa: E731
+    else:
+        fn = lambda: ops.gather_mm(x, plan, w_in)  # noqa: E731
+    threads = torch.get_num_threads()
+    peaks = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            fn()
+            _empty_cache()
+            peaks.append(_profiled_bytes(fn)[0])
+    finally:
+        torch.set_num_threads(threads)
+    out = 2 * T * (d if op == "expert_mlp" else 2 * f) * 4
+    assert peaks[0] > out  # the output and one thread's scratch
+    assert peaks[1] - peaks[0] == peaks[0] - out  # and one more
+
+
 def test_a_block_handed_out_before_profiling_is_not_reported_when_freed():
     """The profiler hears of a return only where it heard of the hand-out: an output made before
     profile_memory began, freed inside it, must not drive the count below zero (which would hide
