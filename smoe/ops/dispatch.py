@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from smoe.ops._common import check_devices, refuse_double_backward
+from smoe.ops._common import check_devices, check_fake_dtypes, refuse_double_backward
 
 __all__ = ["Plan", "combine", "make_plan", "permute"]
 
@@ -170,6 +170,7 @@ def permute(x: Tensor, plan: Plan) -> Tensor:
 @torch.library.register_fake("smoe::permute")
 def _permute_fake(x: Tensor, token: Tensor, row: Tensor) -> Tensor:
     check_devices("permute", x=x, token=token, row=row)
+    check_fake_dtypes("permute", {"x": x}, {"token": (token, 1), "row": (row, 2)})
     torch._check(x.dim() == 2, lambda: "smoe::permute: x must be 2-D [T, d]")
     torch._check(token.dim() == 1 and row.dim() == 2, lambda: "smoe::permute: bad plan tensors")
     torch._check(x.shape[0] == row.shape[0], lambda: "smoe::permute: x must have T rows")
@@ -194,6 +195,7 @@ torch.library.register_autograd(
 @torch.library.register_fake("smoe::permute_backward")
 def _permute_backward_fake(grad_out: Tensor, row: Tensor) -> Tensor:
     check_devices("permute_backward", grad_out=grad_out, row=row)
+    check_fake_dtypes("permute_backward", {"grad_out": grad_out}, {"row": (row, 2)})
     torch._check(grad_out.dim() == 2, lambda: "smoe::permute_backward: grad_out must be 2-D [M, d]")
     torch._check(row.dim() == 2, lambda: "smoe::permute_backward: row must be 2-D [T, k]")
     return grad_out.new_empty((row.shape[0], grad_out.shape[1]))
@@ -221,9 +223,14 @@ def combine(y_sorted: Tensor, weight: Tensor, plan: Plan) -> Tensor:
     return torch.ops.smoe.combine.default(y_sorted, weight, plan.token, plan.slot, plan.row)
 
 
+def _plan_index(token: Tensor, slot: Tensor, row: Tensor) -> dict[str, tuple]:
+    return {"token": (token, 1), "slot": (slot, 1), "row": (row, 2)}
+
+
 @torch.library.register_fake("smoe::combine")
 def _combine_fake(y_sorted, weight, token, slot, row) -> Tensor:
     check_devices("combine", y_sorted=y_sorted, weight=weight, token=token, slot=slot, row=row)
+    check_fake_dtypes("combine", {"y_sorted": y_sorted}, _plan_index(token, slot, row))
     torch._check(y_sorted.dim() == 2, lambda: "smoe::combine: y_sorted must be 2-D [M, d]")
     torch._check(weight.shape == row.shape, lambda: "smoe::combine: weight must be [T, k]")
     torch._check(weight.dtype == y_sorted.dtype, lambda: "smoe::combine: weight dtype mismatch")
@@ -255,6 +262,8 @@ torch.library.register_autograd(
 def _combine_backward_fake(grad_out, y_sorted, weight, token, slot, row):
     tensors = dict(y_sorted=y_sorted, grad_out=grad_out, weight=weight, token=token, slot=slot)
     check_devices("combine_backward", **tensors, row=row)
+    floats = {"y_sorted": y_sorted, "grad_out": grad_out}
+    check_fake_dtypes("combine_backward", floats, _plan_index(token, slot, row))
     torch._check(grad_out.dim() == 2, lambda: "smoe::combine_backward: grad_out must be 2-D [T, d]")
     return y_sorted.new_empty(y_sorted.shape), weight.new_empty(weight.shape)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from smoe.ops._common import check_devices, refuse_double_backward
+from smoe.ops._common import check_devices, check_fake_dtypes, refuse_double_backward
 from smoe.ops.dispatch import Plan
 from smoe.ops.experts import weight_grad_like
 
@@ -44,9 +44,14 @@ def gather_mm(x: Tensor, plan: Plan, w: Tensor, bias: Tensor | None = None) -> T
     return torch.ops.smoe.gather_mm.default(x, plan.token, plan.row, w, plan.offsets, bias)
 
 
+def _index(token: Tensor, row: Tensor, offsets: Tensor) -> dict[str, tuple]:
+    return {"token": (token, 1), "row": (row, 2), "offsets": (offsets, 1, torch.int64)}
+
+
 @torch.library.register_fake("smoe::gather_mm")
 def _gather_mm_fake(x, token, row, w, offsets, bias=None):
     check_devices("gather_mm", x=x, token=token, row=row, w=w, offsets=offsets, bias=bias)
+    check_fake_dtypes("gather_mm", {"x": x}, _index(token, row, offsets))
     torch._check(x.dim() == 2, lambda: "smoe::gather_mm: x must be 2-D [T, d_in]")
     torch._check(token.dim() == 1 and row.dim() == 2, lambda: "smoe::gather_mm: bad plan tensors")
     torch._check(x.shape[0] == row.shape[0], lambda: "smoe::gather_mm: x must have T rows")
@@ -92,6 +97,7 @@ def _gather_mm_backward_fake(grad_out, x, token, row, w, offsets, need_x: bool, 
     check_devices(
         "gather_mm_backward", x=x, grad_out=grad_out, token=token, row=row, w=w, offsets=offsets
     )
+    check_fake_dtypes("gather_mm_backward", {"x": x}, _index(token, row, offsets))
     torch._check(
         grad_out.dim() == 2, lambda: "smoe::gather_mm_backward: grad_out must be 2-D [M, d_out]"
     )
