@@ -103,19 +103,26 @@ def test_cached_outputs_are_reported_to_the_memory_profiler():
     assert smoe.cpu_cache_info()["cached_bytes"] == 2 * size  # held, but no tensor's
 
 
-@pytest.mark.parametrize("op", ["expert_mlp", "gather_mm"])
+@pytest.mark.parametrize("op", ["expert_mlp", "gather_mm", "gather_mm_weight_grad"])
 def test_every_threads_scratch_is_reported_to_the_memory_profiler(op):
-    """expert_mlp's and gather_mm's per-thread scratch (gathered rows; expert_mlp's hidden too) is
-    made on the calling thread, where the profiler sees it: each thread that runs adds one."""
+    """The per-worker scratch of expert_mlp, gather_mm and gather_mm's weight gradient (gathered
+    rows; expert_mlp's hidden too) is made on the calling thread (gemm_glue.h's
+    for_each_block_with), where the profiler sees it: each thread that runs adds one."""
     g = torch.Generator().manual_seed(0)
-    T, d, f, E = 2048, 256, 512, 8
+    T, d, f = 2048, 256, 512
+    E = 64 if op == "gather_mm_weight_grad" else 8  # many experts: the per-expert gather path
     x = torch.randn(T, d, generator=g)
     plan = ops.make_plan(torch.randint(0, E, (T, 2), generator=g, dtype=torch.int32), E)
     w_in, w_out = torch.randn(E, d, 2 * f, generator=g), torch.randn(E, f, d, generator=g)
     if op == "expert_mlp":
         fn = lambda: ops.expert_mlp(x, plan.offsets, w_in, w_out, plan=plan, fused=True)  # noqa: E731
-    else:
+    elif op == "gather_mm":
         fn = lambda: ops.gather_mm(x, plan, w_in)  # noqa: E731
+    else:  # one output column block (d_out = 128), so each expert is one item
+        w, grad = torch.randn(E, d, 128, generator=g), torch.randn(2 * T, 128, generator=g)
+        fn = lambda: torch.ops.smoe.gather_mm_backward(  # noqa: E731
+            grad, x, plan.token, plan.row, w, plan.offsets, False, True
+        )
     threads = torch.get_num_threads()
     peaks = []
     try:
@@ -126,7 +133,12 @@ def test_every_threads_scratch_is_reported_to_the_memory_profiler(op):
             peaks.append(_profiled_bytes(fn)[0])
     finally:
         torch.set_num_threads(threads)
-    out = 2 * T * (d if op == "expert_mlp" else 2 * f) * 4
+    elems = {
+        "expert_mlp": 2 * T * d,
+        "gather_mm": 2 * T * 2 * f,
+        "gather_mm_weight_grad": E * d * 128,
+    }
+    out = 4 * elems[op]
     assert peaks[0] > out  # the output and one thread's scratch
     assert peaks[1] - peaks[0] == peaks[0] - out  # and one more
 

@@ -3,9 +3,9 @@
 // plan, runs the first GEMM, the activation and the second GEMM, and writes only its output rows:
 // the grouped input x_sorted and the hidden h = x w_in of the unfused path are never materialised
 // (at the Mixtral-like inference shape h alone is 235 MB, and glibc maps and page-faults every
-// allocation that large afresh on each call). The scratch is allocated once per thread per call
-// (on the calling thread, so that torch's memory profiler counts it), small enough for glibc to
-// recycle. Items go to threads one at a time (csrc/cpu/gemm_glue.h).
+// allocation that large afresh on each call). The scratch is allocated once per worker per call
+// (for_each_block_with, on the calling thread, so that torch's memory profiler counts it), small
+// enough for glibc to recycle. Items go to threads one at a time (csrc/cpu/gemm_glue.h).
 // Item sizes follow from the shapes and the dtype only, and each item's GEMMs run single-threaded,
 // so results are bitwise equal for every torch.set_num_threads.
 #include <ATen/Dispatch.h>
@@ -118,24 +118,14 @@ at::Tensor expert_mlp_cpu(const at::Tensor& x_in, const std::optional<at::Tensor
   struct Scratch {
     at::Tensor xg, h, a;
   };
-  std::vector<Scratch> scratch(at::get_num_threads());  // one per thread that takes items
   const auto make = [&](Scratch& s) {
     if (gather) s.xg = at::empty({cap, d}, x.options());
     s.h = at::empty({cap, n_in}, x.options());
     s.a = gated ? at::empty({cap, d_ff}, x.options()) : s.h;
   };
-  // The slots of the threads for_each_block runs are made here, on the calling thread, where
-  // torch's memory profiler sees them (it does not see a pool thread's allocations); a thread
-  // past them (a nested call's) makes its own.
-  const int64_t workers = std::min<int64_t>(static_cast<int64_t>(blocks.size()), scratch.size());
-  for (int64_t t = 0; t < workers; ++t) make(scratch[t]);
-  const auto start = [&] {
-    Scratch& s = scratch.at(at::get_thread_num());
-    if (!s.h.defined()) make(s);
-  };
-  for_each_block(static_cast<int64_t>(blocks.size()), [&](int64_t i) {
+  const int64_t n_blocks = static_cast<int64_t>(blocks.size());
+  for_each_block_with<Scratch>(n_blocks, make, [&](int64_t i, Scratch& s) {
     const RowBlock& blk = blocks[i];
-    Scratch& s = scratch.at(at::get_thread_num());
     at::Tensor xs;
     if (gather) {
       const int32_t* idx = token.const_data_ptr<int32_t>() + blk.begin;
@@ -161,7 +151,7 @@ at::Tensor expert_mlp_cpu(const at::Tensor& x_in, const std::optional<at::Tensor
     activate(act, hs, as);
     at::Tensor os = out.narrow(0, blk.begin, blk.rows);
     mm_cols(os, as, w_out.select(0, blk.expert), b2);
-  }, start);
+  });
   return out;
 }
 

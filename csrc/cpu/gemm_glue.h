@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <vector>
 
 #if defined(__linux__)
 // MKL's per-thread thread count, exported by libtorch_cpu where torch uses MKL (x86-64 wheels);
@@ -84,34 +85,39 @@ class SequentialGemm {
   [[maybe_unused]] int omp_prev_ = 1;
 };
 
-// Runs fn(i) for i in [0, n) on torch's pool, each item's GEMM single-threaded. Items are handed
-// out one at a time from a shared counter (dynamic scheduling): items of uneven size (an expert's
-// last row block, uneven groups) then keep every thread busy, where a static split into equal
-// counts leaves one thread to finish alone. Which thread runs an item does not change its result.
-// start() runs once on each thread that takes part, before its first item (its scratch, say).
-template <typename F, typename S>
-void for_each_block(int64_t n, const F& fn, const S& start) {
+// Runs fn(i, scratch) for i in [0, n) on torch's pool, each item's GEMM single-threaded. Items are
+// handed out one at a time from a shared counter (dynamic scheduling): items of uneven size (an
+// expert's last row block, uneven groups) then keep every thread busy, where a static split into
+// equal counts leaves one thread to finish alone. Which thread runs an item does not change its
+// result. Each of the min(n, threads) workers owns one scratch T, all made here by make(T&) on the
+// calling thread before going parallel: torch's memory profiler (the benchmarks' peak memory) sees
+// only the calling thread's allocations.
+template <typename T, typename Make, typename F>
+void for_each_block_with(int64_t n, const Make& make, const F& fn) {
   if (n <= 0) return;
-  std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  std::vector<T> scratch(workers);
+  for (T& s : scratch) make(s);
+  std::atomic<int64_t> next{0}, slot{0};
+  // parallel_for splits [0, workers) into at most `workers` chunks (one, run inline, when nested),
+  // so a worker's slot, taken with its first item, is always in range
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     // Pool threads do not inherit the caller's dispatch state; we are below autograd here.
     at::AutoDispatchBelowADInplaceOrView guard;
     const SequentialGemm sequential;
-    bool started = false;
+    T* mine = nullptr;
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
-      if (!started) {
-        start();
-        started = true;
-      }
-      fn(i);
+      if (mine == nullptr) mine = &scratch[slot.fetch_add(1)];
+      fn(i, *mine);
     }
   });
 }
 
+// for_each_block_with without scratch.
 template <typename F>
 void for_each_block(int64_t n, const F& fn) {
-  for_each_block(n, fn, [] {});
+  struct None {};
+  for_each_block_with<None>(n, [](None&) {}, [&](int64_t i, None&) { fn(i); });
 }
 
 }  // namespace smoe::ops

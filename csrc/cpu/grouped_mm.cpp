@@ -163,24 +163,13 @@ at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w, const at::T
   }
   first.push_back(static_cast<int64_t>(blocks.size()));
   const int32_t* idx = token->const_data_ptr<int32_t>();
-  // one scratch per thread that takes tasks, made here where the memory profiler sees them (as
-  // expert_mlp's); a thread past them (a nested call's) makes its own
-  const int64_t tasks = static_cast<int64_t>(first.size()) - 1;
-  std::vector<at::Tensor> scratch(at::get_num_threads());
-  for (int64_t t = 0; t < std::min<int64_t>(tasks, scratch.size()); ++t) {
-    scratch[t] = gather_scratch(x, cap);
-  }
-  for_each_block(
-      tasks,
-      [&](int64_t j) {
+  for_each_block_with<at::Tensor>(
+      static_cast<int64_t>(first.size()) - 1,
+      [&](at::Tensor& scratch) { scratch = gather_scratch(x, cap); },
+      [&](int64_t j, at::Tensor& scratch) {
         const Block& b0 = blocks[first[j]];
-        const at::Tensor xs =
-            gather_rows(x, idx, b0.begin, b0.rows, scratch.at(at::get_thread_num()));
+        const at::Tensor xs = gather_rows(x, idx, b0.begin, b0.rows, scratch);
         for (int64_t i = first[j]; i < first[j + 1]; ++i) run_block(blocks[i], xs);
-      },
-      [&] {
-        at::Tensor& s = scratch.at(at::get_thread_num());
-        if (!s.defined()) s = gather_scratch(x, cap);
       });
   return out;
 }
@@ -261,11 +250,10 @@ at::Tensor grouped_mm_weight_grad(const at::Tensor& grad, const at::Tensor& x, c
                       : workspace::empty({E, d_in, d_out}, w.options());
   if (gw.numel() == 0) return gw;
   const int64_t col = kColBlock;
-  std::vector<at::Tensor> scratch(token ? at::get_num_threads() : 0);
-  const auto start = [&] {
-    if (token) scratch.at(at::get_thread_num()) = gather_scratch(x, cap);
+  const auto make = [&](at::Tensor& scratch) {
+    if (token) scratch = gather_scratch(x, cap);
   };
-  for_each_block(E * n_col, [&](int64_t i) {
+  for_each_block_with<at::Tensor>(E * n_col, make, [&](int64_t i, at::Tensor& scratch) {
     const int64_t e = i / n_col, c0 = (i % n_col) * col;
     const int64_t nc = std::min(col, d_out - c0);
     if (nc <= 0) return;
@@ -276,8 +264,7 @@ at::Tensor grouped_mm_weight_grad(const at::Tensor& grad, const at::Tensor& x, c
       return;
     }
     const at::Tensor xs =
-        token ? gather_rows(x, token->const_data_ptr<int32_t>(), off[e], rows,
-                            scratch.at(at::get_thread_num()))
+        token ? gather_rows(x, token->const_data_ptr<int32_t>(), off[e], rows, scratch)
               : x.narrow(0, off[e], rows);
     const at::Tensor gs = grad.narrow(0, off[e], rows).narrow(1, c0, nc);
     if (transposed) {
@@ -286,7 +273,7 @@ at::Tensor grouped_mm_weight_grad(const at::Tensor& grad, const at::Tensor& x, c
     } else {
       block_mm(o, xs.t(), gs);
     }
-  }, start);
+  });
   return gw;
 }
 
