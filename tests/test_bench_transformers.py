@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_transformers as bt  # noqa: E402
+from transformers_report import HEADER  # noqa: E402
 
 MODELS = ("mixtral", "olmoe", "deepseek_v3")
 IMPLS = ("eager", "grouped_mm", "batched_mm", "smoe", "null")
@@ -66,8 +67,8 @@ def test_quick_markdown_table(quick):
     )
     assert "Allocator: glibc, defaults." in md
     lines = md.splitlines()
-    assert lines.count(bt.HEADER) == 1
-    body = lines[lines.index(bt.HEADER) + 2 :]
+    assert lines.count(HEADER) == 1
+    body = lines[lines.index(HEADER) + 2 :]
     body = [ln for ln in body if ln.startswith("| ")]
     assert len(body) == len(data["rows"])
     for ln, r in zip(body, data["rows"]):
