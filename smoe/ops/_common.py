@@ -85,9 +85,14 @@ def check_fake_dtypes(
             t.dtype == want,
             lambda name=name, t=t, dim=dim, want=want: (
                 f"smoe::{op}: {name} must be a {dim}-D {_INDEX_NAMES[want]} tensor, got "
-                f"{_INDEX_NAMES.get(t.dtype) or _SCALAR_NAMES.get(t.dtype, str(t.dtype))}"
+                f"{index_dtype_name(t.dtype)}"
             ),
         )
+
+
+def index_dtype_name(dtype: torch.dtype) -> str:
+    """How the kernels' index checks (csrc/checks.h ``index_type_name``) name a dtype."""
+    return _INDEX_NAMES.get(dtype) or _SCALAR_NAMES.get(dtype, str(dtype))
 
 
 _SPARSE_KEYS = ("SparseCPU", "SparseCUDA", "SparseMeta", "SparseCsrCPU", "SparseCsrCUDA")

@@ -10,7 +10,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from smoe.ops._common import check_devices, check_fake_dtypes, refuse_double_backward
+from smoe.ops._common import (
+    check_devices,
+    check_fake_dtypes,
+    index_dtype_name,
+    refuse_double_backward,
+)
 
 __all__ = ["Plan", "combine", "make_plan", "permute"]
 
@@ -125,17 +130,43 @@ def _make_grouped_plan(
 
 @torch.library.register_fake("smoe::make_plan")
 def _make_plan_fake(expert, num_experts, *, capacity=None, priority=None):
-    check_devices("make_plan", expert=expert, priority=priority)
-    torch._check(expert.dim() == 2, lambda: "smoe::make_plan: expert must be 2-D [T, k]")
-    torch._check(expert.dtype == torch.int32, lambda: "smoe::make_plan: expert must be int32")
-    torch._check(num_experts >= 1, lambda: "smoe::make_plan: num_experts must be >= 1")
+    # the kernel's checks (csrc/checks.h check_make_plan), in its order and with its messages
+    want = "smoe::make_plan: expert must be a 2-D int32 [T, k] tensor, got "
     torch._check(
-        capacity is None or capacity >= 0, lambda: "smoe::make_plan: capacity must be >= 0"
+        expert.dtype == torch.int32,
+        lambda: want + index_dtype_name(expert.dtype),
+    )
+    torch._check(expert.dim() == 2, lambda: f"{want}{expert.dim()}-D")
+    torch._check(
+        num_experts >= 1, lambda: f"smoe::make_plan: num_experts must be >= 1, got {num_experts}"
     )
     torch._check(
-        priority is None or priority.shape[0] == expert.shape[0],
-        lambda: "smoe::make_plan: priority must be [T] or [T, k]",
+        num_experts < 2**31 - 1,
+        lambda: f"smoe::make_plan: num_experts must fit in int32, got {num_experts}",
     )
+    torch._check(
+        expert.numel() < 2**31 - 1,
+        lambda: (
+            "smoe::make_plan: expert must have fewer than 2^31 - 1 slots (T*k), got "
+            f"{expert.numel()}"
+        ),
+    )
+    torch._check(
+        capacity is None or capacity >= 0,
+        lambda: f"smoe::make_plan: capacity must be >= 0 (or None for no limit), got {capacity}",
+    )
+    if priority is not None:
+        check_devices("make_plan", expert=expert, priority=priority)
+        check_fake_dtypes("make_plan", {"priority": priority})
+        T = expert.shape[0]
+        torch._check(
+            tuple(priority.shape) in ((T,), tuple(expert.shape)),
+            lambda: (
+                f"smoe::make_plan: priority must be [T] = [{T}] (one score per token) or "
+                f"[T, k] = {list(expert.shape)} (one per choice rank), got "
+                f"{list(priority.shape)}"
+            ),
+        )
     T, k = expert.shape
     return (
         expert.new_empty((num_experts + 1,), dtype=torch.int64),

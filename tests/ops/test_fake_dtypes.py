@@ -1,7 +1,8 @@
-"""The fakes of the dispatch ops (permute, combine, gather_mm and their backwards) refuse a wrong
-dtype with the kernel's own message, so that `torch.compile` fails while tracing rather than when
-the compiled graph first runs: each case is called on CPU tensors (the kernel) and on meta tensors
-(the fake) and both must raise the same first line."""
+"""The fakes of the dispatch ops (make_plan, permute, combine, gather_mm and their backwards)
+refuse a wrong dtype (make_plan: any bad argument) with the kernel's own message, so that
+`torch.compile` fails while tracing rather than when the compiled graph first runs: each case is
+called on CPU tensors (the kernel) and on meta tensors (the fake) and both must raise the same
+first line."""
 
 from __future__ import annotations
 
@@ -98,3 +99,43 @@ def test_right_dtypes_pass_the_fakes():
         out = call(a)
         outs = out if isinstance(out, tuple) else (out,)
         assert all(t is None or t.device.type == "meta" for t in outs), op
+
+
+_EXPERT = torch.tensor([[0, 1], [2, 0], [1, 1], [0, 2]], dtype=torch.int32)
+# make_plan's fake makes every check of its kernel (csrc/checks.h check_make_plan), in its order:
+# each case is (expert, num_experts, capacity, priority) as built on one device
+PLAN_CASES = {
+    "expert int64": lambda dev: (_EXPERT.long().to(dev), E, None, None),
+    "expert float32": lambda dev: (_EXPERT.float().to(dev), E, None, None),
+    "expert 1-D": lambda dev: (_EXPERT[:, 0].to(dev), E, None, None),
+    "expert 3-D": lambda dev: (_EXPERT[None].to(dev), E, None, None),
+    "num_experts 0": lambda dev: (_EXPERT.to(dev), 0, None, None),
+    "num_experts 2^31": lambda dev: (_EXPERT.to(dev), 2**31, None, None),
+    "capacity -1": lambda dev: (_EXPERT.to(dev), E, -1, None),
+    "priority int32": lambda dev: (_EXPERT.to(dev), E, None, torch.ones(4, 2, device=dev).int()),
+    "priority [4, 1]": lambda dev: (_EXPERT.to(dev), E, None, torch.ones(4, 1, device=dev)),
+    "priority [3]": lambda dev: (_EXPERT.to(dev), E, None, torch.ones(3, device=dev)),
+    "priority []": lambda dev: (_EXPERT.to(dev), E, None, torch.ones((), device=dev)),
+}  # fmt: skip
+
+
+def _plan_message(case: str, device: str) -> str:
+    expert, num_experts, capacity, priority = PLAN_CASES[case](device)
+    with pytest.raises(RuntimeError) as err:
+        torch.ops.smoe.make_plan(expert, num_experts, capacity=capacity, priority=priority)
+    return str(err.value).splitlines()[0]
+
+
+@pytest.mark.parametrize("case", PLAN_CASES)
+def test_the_make_plan_fake_refuses_as_the_kernel_does(case):
+    want = _plan_message(case, "cpu")
+    assert want.startswith("smoe::make_plan: ") and " must " in want, want
+    assert _plan_message(case, "meta") == want
+
+
+def test_the_make_plan_fake_takes_both_priority_shapes():
+    for priority in (torch.ones(4, device="meta"), torch.ones(4, 2, device="meta")):
+        offsets, token, slot, row, kept = torch.ops.smoe.make_plan(
+            _EXPERT.to("meta"), E, capacity=1, priority=priority
+        )
+        assert offsets.shape == (E + 1,) and row.shape == kept.shape == (4, 2)
