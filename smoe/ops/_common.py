@@ -1,5 +1,5 @@
 """What every op module shares: the accepted float dtypes and the float32-or-float64 dtype of
-outputs computed at float32 precision, the fakes' device and dtype checks, the double-backward
+outputs computed at float32 precision, the fakes' device check, the double-backward
 guard and the refusal of sparse inputs."""
 
 from __future__ import annotations
@@ -52,47 +52,6 @@ def check_devices(op: str, **tensors: Tensor | None) -> None:
                 f"smoe::{op}: {name} must be on {first.device} like {first_name}, got {t.device}"
             ),
         )
-
-
-_INDEX_NAMES = {torch.int32: "int32", torch.int64: "int64"}
-# c10's ScalarType names, which the kernels' messages print
-_SCALAR_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
-                 torch.bfloat16: "BFloat16", torch.int32: "Int", torch.int64: "Long",
-                 torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
-                 torch.bool: "Bool"}  # fmt: skip
-
-
-def check_fake_dtypes(
-    op: str,
-    floats: dict[str, Tensor] | None = None,
-    index: dict[str, tuple] | None = None,
-) -> None:
-    """In a fake: the dtype checks the kernels make (csrc/checks.h ``check_float`` and
-    ``check_index``, the same messages), so that a wrong dtype fails when ``torch.compile``
-    traces the op rather than when the compiled graph first runs. ``index`` maps a name to
-    ``(tensor, dims)`` (an int32 tensor of that many dims) or ``(tensor, dims, dtype)``."""
-    for name, t in (floats or {}).items():
-        torch._check(
-            t.dtype in FLOATS,
-            lambda name=name, t=t: (
-                f"smoe::{op}: {name} must be float32, float64, float16 or bfloat16, got "
-                f"{_SCALAR_NAMES.get(t.dtype, str(t.dtype))}"
-            ),
-        )
-    for name, (t, dim, *dtype) in (index or {}).items():
-        want = dtype[0] if dtype else torch.int32
-        torch._check(
-            t.dtype == want,
-            lambda name=name, t=t, dim=dim, want=want: (
-                f"smoe::{op}: {name} must be a {dim}-D {_INDEX_NAMES[want]} tensor, got "
-                f"{index_dtype_name(t.dtype)}"
-            ),
-        )
-
-
-def index_dtype_name(dtype: torch.dtype) -> str:
-    """How the kernels' index checks (csrc/checks.h ``index_type_name``) name a dtype."""
-    return _INDEX_NAMES.get(dtype) or _SCALAR_NAMES.get(dtype, str(dtype))
 
 
 _SPARSE_KEYS = ("SparseCPU", "SparseCUDA", "SparseMeta", "SparseCsrCPU", "SparseCsrCUDA")

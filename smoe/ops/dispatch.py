@@ -10,12 +10,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from smoe.ops._common import (
-    check_devices,
-    check_fake_dtypes,
-    index_dtype_name,
-    refuse_double_backward,
-)
+from smoe.ops import _checks
+from smoe.ops._common import check_devices, refuse_double_backward
 
 __all__ = ["Plan", "combine", "make_plan", "permute"]
 
@@ -130,43 +126,7 @@ def _make_grouped_plan(
 
 @torch.library.register_fake("smoe::make_plan")
 def _make_plan_fake(expert, num_experts, *, capacity=None, priority=None):
-    # the kernel's checks (csrc/checks.h check_make_plan), in its order and with its messages
-    want = "smoe::make_plan: expert must be a 2-D int32 [T, k] tensor, got "
-    torch._check(
-        expert.dtype == torch.int32,
-        lambda: want + index_dtype_name(expert.dtype),
-    )
-    torch._check(expert.dim() == 2, lambda: f"{want}{expert.dim()}-D")
-    torch._check(
-        num_experts >= 1, lambda: f"smoe::make_plan: num_experts must be >= 1, got {num_experts}"
-    )
-    torch._check(
-        num_experts < 2**31 - 1,
-        lambda: f"smoe::make_plan: num_experts must fit in int32, got {num_experts}",
-    )
-    torch._check(
-        expert.numel() < 2**31 - 1,
-        lambda: (
-            "smoe::make_plan: expert must have fewer than 2^31 - 1 slots (T*k), got "
-            f"{expert.numel()}"
-        ),
-    )
-    torch._check(
-        capacity is None or capacity >= 0,
-        lambda: f"smoe::make_plan: capacity must be >= 0 (or None for no limit), got {capacity}",
-    )
-    if priority is not None:
-        check_devices("make_plan", expert=expert, priority=priority)
-        check_fake_dtypes("make_plan", {"priority": priority})
-        T = expert.shape[0]
-        torch._check(
-            tuple(priority.shape) in ((T,), tuple(expert.shape)),
-            lambda: (
-                f"smoe::make_plan: priority must be [T] = [{T}] (one score per token) or "
-                f"[T, k] = {list(expert.shape)} (one per choice rank), got "
-                f"{list(priority.shape)}"
-            ),
-        )
+    _checks.check_make_plan(expert, num_experts, capacity, priority)
     T, k = expert.shape
     return (
         expert.new_empty((num_experts + 1,), dtype=torch.int64),
@@ -201,10 +161,7 @@ def permute(x: Tensor, plan: Plan) -> Tensor:
 @torch.library.register_fake("smoe::permute")
 def _permute_fake(x: Tensor, token: Tensor, row: Tensor) -> Tensor:
     check_devices("permute", x=x, token=token, row=row)
-    check_fake_dtypes("permute", {"x": x}, {"token": (token, 1), "row": (row, 2)})
-    torch._check(x.dim() == 2, lambda: "smoe::permute: x must be 2-D [T, d]")
-    torch._check(token.dim() == 1 and row.dim() == 2, lambda: "smoe::permute: bad plan tensors")
-    torch._check(x.shape[0] == row.shape[0], lambda: "smoe::permute: x must have T rows")
+    _checks.check_permute(x, token, row)
     return x.new_empty((token.shape[0], x.shape[1]))
 
 
@@ -226,9 +183,7 @@ torch.library.register_autograd(
 @torch.library.register_fake("smoe::permute_backward")
 def _permute_backward_fake(grad_out: Tensor, row: Tensor) -> Tensor:
     check_devices("permute_backward", grad_out=grad_out, row=row)
-    check_fake_dtypes("permute_backward", {"grad_out": grad_out}, {"row": (row, 2)})
-    torch._check(grad_out.dim() == 2, lambda: "smoe::permute_backward: grad_out must be 2-D [M, d]")
-    torch._check(row.dim() == 2, lambda: "smoe::permute_backward: row must be 2-D [T, k]")
+    _checks.check_permute_backward(grad_out, row)
     return grad_out.new_empty((row.shape[0], grad_out.shape[1]))
 
 
@@ -254,20 +209,10 @@ def combine(y_sorted: Tensor, weight: Tensor, plan: Plan) -> Tensor:
     return torch.ops.smoe.combine.default(y_sorted, weight, plan.token, plan.slot, plan.row)
 
 
-def _plan_index(token: Tensor, slot: Tensor, row: Tensor) -> dict[str, tuple]:
-    return {"token": (token, 1), "slot": (slot, 1), "row": (row, 2)}
-
-
 @torch.library.register_fake("smoe::combine")
 def _combine_fake(y_sorted, weight, token, slot, row) -> Tensor:
     check_devices("combine", y_sorted=y_sorted, weight=weight, token=token, slot=slot, row=row)
-    check_fake_dtypes("combine", {"y_sorted": y_sorted}, _plan_index(token, slot, row))
-    torch._check(y_sorted.dim() == 2, lambda: "smoe::combine: y_sorted must be 2-D [M, d]")
-    torch._check(weight.shape == row.shape, lambda: "smoe::combine: weight must be [T, k]")
-    torch._check(weight.dtype == y_sorted.dtype, lambda: "smoe::combine: weight dtype mismatch")
-    torch._check(
-        y_sorted.shape[0] == token.shape[0], lambda: "smoe::combine: y_sorted needs M rows"
-    )
+    _checks.check_combine("combine", y_sorted, weight, token, slot, row)
     return y_sorted.new_empty((row.shape[0], y_sorted.shape[1]))
 
 
@@ -293,9 +238,7 @@ torch.library.register_autograd(
 def _combine_backward_fake(grad_out, y_sorted, weight, token, slot, row):
     tensors = dict(y_sorted=y_sorted, grad_out=grad_out, weight=weight, token=token, slot=slot)
     check_devices("combine_backward", **tensors, row=row)
-    floats = {"y_sorted": y_sorted, "grad_out": grad_out}
-    check_fake_dtypes("combine_backward", floats, _plan_index(token, slot, row))
-    torch._check(grad_out.dim() == 2, lambda: "smoe::combine_backward: grad_out must be 2-D [T, d]")
+    _checks.check_combine_backward(grad_out, y_sorted, weight, token, slot, row)
     return y_sorted.new_empty(y_sorted.shape), weight.new_empty(weight.shape)
 
 

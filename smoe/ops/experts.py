@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from smoe.ops import _checks
 from smoe.ops._common import check_devices, refuse_double_backward
 from smoe.ops.dispatch import permute
 
@@ -51,17 +52,9 @@ def _transposed_weight(w: Tensor) -> bool:
 @torch.library.register_fake("smoe::grouped_mm")
 def _grouped_mm_fake(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None = None) -> Tensor:
     check_devices("grouped_mm", x=x, w=w, offsets=offsets, bias=bias)
+    _checks.check_grouped_mm(x, w, offsets)
     if bias is not None:
-        torch._check(
-            bias.dim() == 2 and bias.shape[0] == w.shape[0] and bias.shape[1] == w.shape[2],
-            lambda: "smoe::grouped_mm: bias must be [E, d_out]",
-        )
-        torch._check(bias.dtype == w.dtype, lambda: "smoe::grouped_mm: bias must have w's dtype")
-    torch._check(x.dim() == 2, lambda: "smoe::grouped_mm: x must be 2-D [M, d_in]")
-    torch._check(w.dim() == 3, lambda: "smoe::grouped_mm: w must be 3-D [E, d_in, d_out]")
-    torch._check(w.shape[1] == x.shape[1], lambda: "smoe::grouped_mm: w must be [E, d_in, d_out]")
-    torch._check(offsets.shape[0] == w.shape[0] + 1, lambda: "smoe::grouped_mm: offsets needs E+1")
-    torch._check(w.dtype == x.dtype, lambda: "smoe::grouped_mm: w must have x's dtype")
+        _checks.check_expert_bias("grouped_mm", "bias", bias, "w", w, "d_out")
     return x.new_empty((x.shape[0], w.shape[2]))
 
 
@@ -90,9 +83,7 @@ torch.library.register_autograd(
 @torch.library.register_fake("smoe::grouped_mm_backward")
 def _grouped_mm_backward_fake(grad_out, x, w, offsets, need_x: bool, need_w: bool):
     check_devices("grouped_mm_backward", x=x, grad_out=grad_out, w=w, offsets=offsets)
-    torch._check(
-        grad_out.dim() == 2, lambda: "smoe::grouped_mm_backward: grad_out must be 2-D [M, d_out]"
-    )
+    _checks.check_grouped_mm_backward(grad_out, x, w, offsets)
     gx = x.new_empty(x.shape) if need_x else x.new_empty((0,))
     return gx, weight_grad_like(w, need_w)
 
@@ -111,14 +102,7 @@ def weight_grad_like(w: Tensor, need_w: bool) -> Tensor:
 @torch.library.register_fake("smoe::grouped_mm_bias_backward")
 def _grouped_mm_bias_backward_fake(grad_out: Tensor, offsets: Tensor) -> Tensor:
     check_devices("grouped_mm_bias_backward", grad_out=grad_out, offsets=offsets)
-    torch._check(
-        grad_out.dim() == 2,
-        lambda: "smoe::grouped_mm_bias_backward: grad_out must be 2-D [M, d_out]",
-    )
-    torch._check(
-        offsets.dim() == 1 and offsets.shape[0] >= 1,
-        lambda: "smoe::grouped_mm_bias_backward: offsets must be [E+1]",
-    )
+    _checks.check_grouped_mm_bias_backward(grad_out, offsets)
     return grad_out.new_empty((offsets.shape[0] - 1, grad_out.shape[1]))
 
 
@@ -147,8 +131,7 @@ def swiglu(h: Tensor) -> Tensor:
 
 @torch.library.register_fake("smoe::swiglu")
 def _swiglu_fake(h: Tensor) -> Tensor:
-    torch._check(h.dim() == 2, lambda: "smoe::swiglu: h must be 2-D [M, 2f]")
-    torch._check(h.shape[1] % 2 == 0, lambda: "smoe::swiglu: h must have 2f columns")
+    _checks.check_swiglu("swiglu", h)
     return h.new_empty((h.shape[0], h.shape[1] // 2))
 
 
@@ -170,14 +153,14 @@ torch.library.register_autograd(
 @torch.library.register_fake("smoe::swiglu_backward")
 def _swiglu_backward_fake(grad_out: Tensor, h: Tensor) -> Tensor:
     check_devices("swiglu_backward", h=h, grad_out=grad_out)
-    torch._check(grad_out.dim() == 2, lambda: "smoe::swiglu_backward: grad_out must be 2-D [M, f]")
+    _checks.check_swiglu_backward(grad_out, h)
     return h.new_empty(h.shape)
 
 
 # ---------------------------------------------------------------------------------------------
 # expert_mlp
 # ---------------------------------------------------------------------------------------------
-MLP_ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh", "relu")
+MLP_ACTIVATIONS = _checks.MLP_ACTIVATIONS
 FUSE_MIN_BYTES = 4 << 20  # expert_mlp(fused=None) fuses on CPU when the hidden passes this
 
 
@@ -278,24 +261,7 @@ def _expert_mlp_fake(x, token, row, offsets, w_in, b_in, w_out, b_out, activatio
         w_out=w_out,
         b_out=b_out,
     )
-    torch._check(
-        activation in MLP_ACTIVATIONS, lambda: f"smoe::expert_mlp: bad activation {activation!r}"
-    )
-    torch._check(x.dim() == 2, lambda: "smoe::expert_mlp: x must be 2-D")
-    torch._check(w_in.dim() == 3 and w_out.dim() == 3, lambda: "smoe::expert_mlp: weights are 3-D")
-    torch._check(w_in.shape[1] == x.shape[1], lambda: "smoe::expert_mlp: w_in must be [E, d, n_in]")
-    torch._check(w_out.shape[0] == w_in.shape[0], lambda: "smoe::expert_mlp: w_out needs E experts")
-    factor = 2 if activation == "swiglu" else 1
-    torch._check(
-        w_in.shape[2] == factor * w_out.shape[1],
-        lambda: "smoe::expert_mlp: w_in's columns must match w_out's d_ff",
-    )
-    torch._check(
-        offsets.shape[0] == w_in.shape[0] + 1, lambda: "smoe::expert_mlp: offsets needs E+1"
-    )
-    torch._check(
-        (token is None) == (row is None), lambda: "smoe::expert_mlp: token and row together"
-    )
+    _checks.check_expert_mlp(x, token, row, offsets, w_in, b_in, w_out, b_out, activation)
     M = x.shape[0] if token is None else token.shape[0]
     return x.new_empty((M, w_out.shape[2]))
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from smoe.ops._common import check_devices, check_fake_dtypes, refuse_double_backward
+from smoe.ops import _checks
+from smoe.ops._common import check_devices, refuse_double_backward
 from smoe.ops.dispatch import Plan
 from smoe.ops.experts import weight_grad_like
 
@@ -44,27 +45,12 @@ def gather_mm(x: Tensor, plan: Plan, w: Tensor, bias: Tensor | None = None) -> T
     return torch.ops.smoe.gather_mm.default(x, plan.token, plan.row, w, plan.offsets, bias)
 
 
-def _index(token: Tensor, row: Tensor, offsets: Tensor) -> dict[str, tuple]:
-    return {"token": (token, 1), "row": (row, 2), "offsets": (offsets, 1, torch.int64)}
-
-
 @torch.library.register_fake("smoe::gather_mm")
 def _gather_mm_fake(x, token, row, w, offsets, bias=None):
     check_devices("gather_mm", x=x, token=token, row=row, w=w, offsets=offsets, bias=bias)
-    check_fake_dtypes("gather_mm", {"x": x}, _index(token, row, offsets))
-    torch._check(x.dim() == 2, lambda: "smoe::gather_mm: x must be 2-D [T, d_in]")
-    torch._check(token.dim() == 1 and row.dim() == 2, lambda: "smoe::gather_mm: bad plan tensors")
-    torch._check(x.shape[0] == row.shape[0], lambda: "smoe::gather_mm: x must have T rows")
-    torch._check(w.dim() == 3, lambda: "smoe::gather_mm: w must be 3-D [E, d_in, d_out]")
-    torch._check(w.shape[1] == x.shape[1], lambda: "smoe::gather_mm: w must be [E, d_in, d_out]")
-    torch._check(w.dtype == x.dtype, lambda: "smoe::gather_mm: w must have x's dtype")
-    torch._check(offsets.shape[0] == w.shape[0] + 1, lambda: "smoe::gather_mm: offsets needs E+1")
+    _checks.check_gather_mm("gather_mm", x, token, row, w, offsets)
     if bias is not None:
-        torch._check(
-            bias.dim() == 2 and bias.shape[0] == w.shape[0] and bias.shape[1] == w.shape[2],
-            lambda: "smoe::gather_mm: bias must be [E, d_out]",
-        )
-        torch._check(bias.dtype == w.dtype, lambda: "smoe::gather_mm: bias must have w's dtype")
+        _checks.check_expert_bias("gather_mm", "bias", bias, "w", w, "d_out")
     return x.new_empty((token.shape[0], w.shape[2]))
 
 
@@ -97,10 +83,7 @@ def _gather_mm_backward_fake(grad_out, x, token, row, w, offsets, need_x: bool, 
     check_devices(
         "gather_mm_backward", x=x, grad_out=grad_out, token=token, row=row, w=w, offsets=offsets
     )
-    check_fake_dtypes("gather_mm_backward", {"x": x}, _index(token, row, offsets))
-    torch._check(
-        grad_out.dim() == 2, lambda: "smoe::gather_mm_backward: grad_out must be 2-D [M, d_out]"
-    )
+    _checks.check_gather_mm_backward(grad_out, x, token, row, w, offsets)
     gx = x.new_empty(x.shape) if need_x else x.new_empty((0,))
     return gx, weight_grad_like(w, need_w)
 

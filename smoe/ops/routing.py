@@ -5,39 +5,16 @@ One section per op, in schema order (csrc/registration.cpp): wrapper, fake, auto
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from smoe.ops._common import FLOATS, check_devices, refuse_double_backward
+from smoe.ops import _checks_routing
+from smoe.ops._common import check_devices, refuse_double_backward
 from smoe.ops.dispatch import Plan
 
 __all__ = ["ExpertChoice", "TopK", "expert_choice", "topk_sigmoid", "topk_softmax"]
-
-
-def _check_selection_bias_fake(op: str, logits: Tensor, selection_bias: Tensor | None) -> None:
-    """The metadata checks of a token-choice op's selection_bias (csrc/checks.h)."""
-    if selection_bias is None:
-        return
-    check_devices(op, logits=logits, selection_bias=selection_bias)
-    torch._check(
-        selection_bias.dtype == torch.float32 and selection_bias.dim() == 1,
-        lambda: f"smoe::{op}: selection_bias must be float32 [E]",
-    )
-    torch._check(
-        selection_bias.shape[0] == logits.shape[1],
-        lambda: f"smoe::{op}: selection_bias must be [E]",
-    )
-
-
-def _topk_backward_fake(op: str, grad_weight: Tensor, logits: Tensor, expert: Tensor) -> Tensor:
-    """The fake of topk_softmax_backward and topk_sigmoid_backward: d logits [T, E]."""
-    check_devices(op, logits=logits, grad_weight=grad_weight, expert=expert)
-    torch._check(logits.dim() == 2, lambda: f"smoe::{op}: logits must be 2-D [T, E]")
-    torch._check(grad_weight.dim() == 2, lambda: f"smoe::{op}: grad_weight must be 2-D [T, k]")
-    return logits.new_empty(logits.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,10 +71,8 @@ def topk_softmax(
 def _topk_softmax_fake(
     logits: Tensor, k: int, selection_bias: Tensor | None = None, *, renormalize: bool = True
 ) -> tuple[Tensor, Tensor]:
-    torch._check(logits.dim() == 2, lambda: "smoe::topk_softmax: logits must be 2-D [T, E]")
-    torch._check(logits.dtype in FLOATS, lambda: "smoe::topk_softmax: logits must be floating")
-    torch._check(1 <= k <= logits.shape[1], lambda: "smoe::topk_softmax: k must be in [1, E]")
-    _check_selection_bias_fake("topk_softmax", logits, selection_bias)
+    _checks_routing.check_topk_softmax(logits, k)
+    _checks_routing.check_selection_bias("topk_softmax", selection_bias, logits)
     T = logits.shape[0]
     return logits.new_empty((T, k)), logits.new_empty((T, k), dtype=torch.int32)
 
@@ -122,7 +97,9 @@ def _backward_topk_softmax(ctx, grad_weight: Tensor, _grad_expert: Tensor | None
 def _topk_softmax_backward_fake(
     grad_weight: Tensor, logits: Tensor, expert: Tensor, renormalize: bool
 ) -> Tensor:
-    return _topk_backward_fake("topk_softmax_backward", grad_weight, logits, expert)
+    check_devices("topk_softmax_backward", logits=logits, grad_weight=grad_weight, expert=expert)
+    _checks_routing.check_topk_backward("topk_softmax_backward", grad_weight, logits, expert)
+    return logits.new_empty(logits.shape)
 
 
 torch.library.register_autograd(
@@ -195,16 +172,9 @@ def _topk_sigmoid_fake(
     renormalize: bool = False,
     scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    op = "smoe::topk_sigmoid"
-    torch._check(logits.dim() == 2, lambda: f"{op}: logits must be 2-D [T, E]")
-    torch._check(logits.dtype in FLOATS, lambda: f"{op}: logits must be floating")
-    torch._check(math.isfinite(scale), lambda: f"{op}: scale must be finite")
     topk_group = n_group if topk_group is None else topk_group
-    E = logits.shape[1]
-    torch._check(n_group >= 1 and E % n_group == 0, lambda: f"{op}: n_group must divide E")
-    torch._check(1 <= topk_group <= n_group, lambda: f"{op}: topk_group must be in [1, n_group]")
-    torch._check(1 <= k <= topk_group * (E // n_group), lambda: f"{op}: k out of range")
-    _check_selection_bias_fake("topk_sigmoid", logits, selection_bias)
+    _checks_routing.check_topk_sigmoid(logits, k, n_group, topk_group, scale)
+    _checks_routing.check_selection_bias("topk_sigmoid", selection_bias, logits)
     T = logits.shape[0]
     return logits.new_empty((T, k)), logits.new_empty((T, k), dtype=torch.int32)
 
@@ -229,7 +199,9 @@ def _backward_topk_sigmoid(ctx, grad_weight: Tensor, _grad_expert: Tensor | None
 def _topk_sigmoid_backward_fake(
     grad_weight: Tensor, logits: Tensor, expert: Tensor, renormalize: bool, scale: float
 ) -> Tensor:
-    return _topk_backward_fake("topk_sigmoid_backward", grad_weight, logits, expert)
+    check_devices("topk_sigmoid_backward", logits=logits, grad_weight=grad_weight, expert=expert)
+    _checks_routing.check_topk_sigmoid_backward(grad_weight, logits, expert, scale)
+    return logits.new_empty(logits.shape)
 
 
 torch.library.register_autograd(
@@ -299,9 +271,7 @@ def expert_choice(logits: Tensor, capacity: int, *, group_size: int | None = Non
 
 @torch.library.register_fake("smoe::expert_choice")
 def _expert_choice_fake(logits: Tensor, capacity: int, *, group_size: int | None = None):
-    torch._check(logits.dim() == 2, lambda: "smoe::expert_choice: logits must be 2-D [T, E]")
-    torch._check(logits.dtype in FLOATS, lambda: "smoe::expert_choice: logits must be floating")
-    torch._check(capacity >= 0, lambda: "smoe::expert_choice: capacity must be >= 0")
+    _checks_routing.check_expert_choice(logits, capacity, group_size)
     T, E = logits.shape
     M = E * _expert_choice_total(T, capacity, group_size)
     return (
@@ -330,8 +300,7 @@ def _backward_expert_choice(ctx, grad_weight: Tensor, *_grad_plan):
 def _expert_choice_backward_fake(grad_weight: Tensor, logits: Tensor, row: Tensor) -> Tensor:
     op = "expert_choice_backward"
     check_devices(op, logits=logits, grad_weight=grad_weight, row=row)
-    torch._check(logits.dim() == 2, lambda: f"smoe::{op}: logits must be 2-D [T, E]")
-    torch._check(grad_weight.dim() == 2, lambda: f"smoe::{op}: grad_weight must be 2-D [T, E]")
+    _checks_routing.check_expert_choice_backward(grad_weight, logits, row)
     return logits.new_empty(logits.shape)
 
 

@@ -106,6 +106,13 @@ def _backward_s2moe_perturb(ctx, grad: Tensor):
 @torch.library.register_fake("smoe::s2moe_perturb_backward")
 def _s2moe_perturb_backward_fake(grad, x, n1, n2, mu, s_mul, s_add, output_mask):
     op = "s2moe_perturb_backward"
+    torch._check(  # the kernel's schema conversion (bool[4]) says this before the op runs
+        len(output_mask) == 4,
+        lambda: (
+            f"Tried to convert a List with {len(output_mask)} elements to a fixed-size array of "
+            "size 4"
+        ),
+    )
     _check_inputs(op, x, n1, n2, {"mu": mu, "s_mul": s_mul, "s_add": s_add})
     check_devices(op, x=x, grad=grad)
     torch._check(

@@ -11,7 +11,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from smoe.ops._common import FLOATS, acc_dtype, check_devices, refuse_double_backward
+from smoe.ops import _checks_routing
+from smoe.ops._common import acc_dtype, check_devices, refuse_double_backward
 
 __all__ = ["Sinkhorn", "sinkhorn"]
 
@@ -127,13 +128,7 @@ def _sinkhorn_fake(
     col_mass: float | None = None,
     check_every: int = 10,
 ) -> tuple[Tensor, ...]:
-    op = "sinkhorn"
-    torch._check(scores.dtype in FLOATS, lambda: f"smoe::{op}: scores must be floating")
-    torch._check(scores.dim() == 2, lambda: f"smoe::{op}: scores must be 2-D [T, E]")
-    torch._check(scores.shape[1] >= 1, lambda: f"smoe::{op}: scores needs >= 1 expert column")
-    torch._check(0.0 < eps < math.inf, lambda: f"smoe::{op}: eps must be finite and > 0")
-    torch._check(max_iter >= 1, lambda: f"smoe::{op}: max_iter must be >= 1, got {max_iter}")
-    torch._check(check_every >= 1, lambda: f"smoe::{op}: check_every must be >= 1")
+    _checks_routing.check_sinkhorn(scores, eps, max_iter, tol, row_mass, col_mass, check_every)
     T, E = scores.shape
     dt = acc_dtype(scores)
     new = scores.new_empty
@@ -200,26 +195,10 @@ def _sinkhorn_backward_fake(
         g_hist=g_hist,
         iters_done=iters_done,
     )
-    torch._check(scores.dim() == 2, lambda: f"smoe::{op}: scores must be 2-D [T, E]")
-    T, E = scores.shape
-    dt = acc_dtype(scores)
-    for name, t, shape in (
-        ("grad_log_plan", grad_log_plan, (T, E)),
-        ("grad_f", grad_f, (T,)),
-        ("grad_g", grad_g, (E,)),
-        ("f_hist", f_hist, (f_hist.shape[0], T)),
-        ("g_hist", g_hist, (f_hist.shape[0], E)),
-    ):
-        torch._check(
-            t.device == scores.device and t.dtype == dt and tuple(t.shape) == shape,
-            lambda name=name, shape=shape: (
-                f"smoe::{op}: {name} must be {list(shape)} {dt} on scores' device"
-            ),
-        )
-    torch._check(
-        iters_done.dim() == 0 and iters_done.dtype == torch.int64,
-        lambda: f"smoe::{op}: iters_done must be a 0-dim int64 tensor",
+    _checks_routing.check_sinkhorn_backward(
+        grad_log_plan, grad_f, grad_g, scores, f_hist, g_hist, iters_done, eps
     )
+    T, E = scores.shape
     return scores.new_empty((T, E))
 
 

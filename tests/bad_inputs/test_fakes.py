@@ -1,0 +1,78 @@
+"""The fakes refuse what the kernels refuse, so that `torch.compile` fails while tracing a bad call,
+with the kernel's error, instead of tracing it and failing when the compiled graph first runs (or
+failing inside a fake with an IndexError).
+
+Every op row of the bad-input matrix whose bad input is metadata (a dtype, a rank, a size, a
+configuration value, a T*k past int32, ...) is called on CPU tensors (the kernel) and on meta
+tensors (the fake), in this process. On meta it must meet the row's expectation, as on the CPU.
+The fakes that mirror their kernels' checks (smoe/ops/_checks.py, _checks_routing.py) must raise
+the kernel's own first line, devices aside. Rows whose bad input is a value (expert ids, NaN,
+offsets' entries) are the kernels' alone: a fake has no values.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import pytest
+
+from tests.bad_inputs.cases import Case, Dev, all_cases
+
+VALUE_KINDS = {"ids", "nan", "offsets"}
+NOT_META = {"device", "meta", "sparse"}  # rows about devices: on meta they test nothing new
+MIRRORED = {
+    f"smoe::{op}"
+    for op in (
+        "make_plan", "permute", "permute_backward", "combine", "combine_backward",
+        "grouped_mm", "grouped_mm_backward", "grouped_mm_bias_backward", "swiglu",
+        "swiglu_backward", "gather_mm", "gather_mm_backward", "expert_mlp",
+        "topk_softmax", "topk_softmax_backward", "topk_sigmoid", "topk_sigmoid_backward",
+        "expert_choice", "expert_choice_backward", "sinkhorn", "sinkhorn_backward",
+    )
+}  # fmt: skip
+
+
+def _rows() -> dict[str, list[Case]]:
+    by_op = defaultdict(list)
+    for c in all_cases():
+        if (
+            c.target.startswith("smoe::")
+            and "cpu" in c.devices
+            and c.expect.exc is not None
+            and c.kind not in VALUE_KINDS | NOT_META
+        ):
+            by_op[c.target].append(c)
+    return dict(by_op)
+
+
+ROWS = _rows()
+
+
+def _first_line(case: Case, device: str) -> tuple[BaseException | None, str]:
+    try:
+        case.fn(Dev(device))
+    except Exception as e:  # noqa: BLE001 - the row says which exception is right
+        return e, (str(e).splitlines() or [""])[0]
+    return None, ""
+
+
+def test_the_table_reaches_every_mirrored_op():
+    assert MIRRORED <= set(ROWS), sorted(MIRRORED - set(ROWS))
+    assert sum(map(len, ROWS.values())) > 500
+
+
+@pytest.mark.parametrize("op", sorted(ROWS))
+def test_the_fake_refuses_what_the_kernel_refuses(op):
+    off = []
+    for case in ROWS[op]:
+        err, line = _first_line(case, "meta")
+        if err is None:
+            off.append(f"{case.name}: the fake accepted it")
+        elif not (isinstance(err, case.expect.exc) and re.search(case.expect.pattern, str(err))):
+            off.append(f"{case.name}: {type(err).__name__}: {line}")
+        elif op in MIRRORED:
+            _, want = _first_line(case, "cpu")
+            if re.sub(r"\bmeta\b", "cpu", line) != want:
+                off.append(f"{case.name}:\n  kernel: {want}\n  fake:   {line}")
+    assert not off, f"{len(off)} of {len(ROWS[op])} rows:\n" + "\n".join(off)
