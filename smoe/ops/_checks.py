@@ -220,19 +220,24 @@ def check_expert_bias(op: str, name: str, b: Tensor, w_name: str, w: Tensor, col
           "], got shape ", sizes(b))  # fmt: skip
 
 
-def check_grouped_mm_backward(grad_out: Tensor, x: Tensor, w: Tensor, offsets: Tensor) -> None:
-    op = "grouped_mm_backward"
-    check_grouped_mm(x, w, offsets)
+def _check_grad_rows(op: str, grad_out: Tensor, x: Tensor, M, d_out) -> None:
+    """The output gradient of a grouped GEMM: [M, d_out] on x's device with x's dtype."""
     check(grad_out.device == x.device, op, "grad_out must be on ", x.device, " like x, got ",
           grad_out.device)  # fmt: skip
     ok = (
         grad_out.dtype == x.dtype
         and grad_out.dim() == 2
-        and grad_out.shape[0] == x.shape[0]
-        and grad_out.shape[1] == w.shape[2]
+        and grad_out.shape[0] == M
+        and grad_out.shape[1] == d_out
     )
-    check(ok, op, "grad_out must be [M, d_out] = [", x.shape[0], ", ", w.shape[2],
-          "] with x's dtype, got ", sizes(grad_out), " ", scalar_name(grad_out.dtype))  # fmt: skip
+    check(ok, op, "grad_out must be [M, d_out] = [", M, ", ", d_out, "] with x's dtype, got ",
+          sizes(grad_out), " ", scalar_name(grad_out.dtype))  # fmt: skip
+
+
+def check_grouped_mm_backward(grad_out: Tensor, x: Tensor, w: Tensor, offsets: Tensor) -> None:
+    op = "grouped_mm_backward"
+    check_grouped_mm(x, w, offsets)
+    _check_grad_rows(op, grad_out, x, x.shape[0], w.shape[2])
 
 
 def check_grouped_mm_bias_backward(grad_out: Tensor, offsets: Tensor) -> None:
@@ -263,16 +268,7 @@ def check_gather_mm_backward(
 ) -> None:
     op = "gather_mm_backward"
     check_gather_mm(op, x, token, row, w, offsets)
-    check(grad_out.device == x.device, op, "grad_out must be on ", x.device, " like x, got ",
-          grad_out.device)  # fmt: skip
-    ok = (
-        grad_out.dtype == x.dtype
-        and grad_out.dim() == 2
-        and grad_out.shape[0] == token.shape[0]
-        and grad_out.shape[1] == w.shape[2]
-    )
-    check(ok, op, "grad_out must be [M, d_out] = [", token.shape[0], ", ", w.shape[2],
-          "] with x's dtype, got ", sizes(grad_out), " ", scalar_name(grad_out.dtype))  # fmt: skip
+    _check_grad_rows(op, grad_out, x, token.shape[0], w.shape[2])
 
 
 MLP_ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh", "relu")
