@@ -1,8 +1,7 @@
 // Argument checks shared by the CPU and CUDA glue, one function per op, so that both devices
 // reject bad input with the same message. Order: device, dtype, rank, sizes (STYLE.md §4).
-// The fakes of the dispatch and routing ops run the same checks from a Python mirror
-// (smoe/ops/_checks.py, _checks_routing.py), which tests/bad_inputs/test_fakes.py holds to these
-// messages: change both.
+// The fakes run the same checks from a Python mirror (smoe/ops/_checks.py, _checks_routing.py,
+// _checks_methods.py), which tests/bad_inputs/test_fakes.py holds to these messages: change both.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,6 +1,8 @@
 // What the CPU and CUDA glue of gate_linear (the routers' gate GEMM) and its backward share: their
 // argument checks and the GEMMs on upcast inputs (CUDA's path, the CPU's outside the bf16
 // micro-kernel).
+// The fakes run the same checks from a Python mirror, smoe/ops/_checks_routing.py, which
+// tests/bad_inputs/test_fakes.py holds to these messages: change both.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,6 +1,8 @@
 // Argument checks of graph_mix and graph_mix_backward (specs/graph_routing.md §2, §5), shared by
 // the CPU and CUDA glue. Each error names the argument and what was expected. Order: device,
 // dtype, rank, sizes, options (STYLE.md §4).
+// The fakes run the same checks from a Python mirror, smoe/ops/_checks_methods.py, which
+// tests/bad_inputs/test_fakes.py holds to these messages: change both.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,5 +1,7 @@
 // Argument checks of s2moe_perturb and its backward (specs/s2moe.md §5), shared by the CPU and
 // CUDA glue, and the [A, S, C] view both kernels work on. Each error names the argument.
+// The fakes run the same checks from a Python mirror, smoe/ops/_checks_methods.py, which
+// tests/bad_inputs/test_fakes.py holds to these messages: change both.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,5 +1,7 @@
 // Argument checks of router_stats and router_stats_backward (the auxiliary losses' statistics),
 // shared by the CPU and CUDA glue. Each error names the argument and what was expected.
+// The fakes run the same checks from a Python mirror, smoe/ops/_checks_routing.py, which
+// tests/bad_inputs/test_fakes.py holds to these messages: change both.
 #pragma once
 
 #include <ATen/core/Tensor.h>

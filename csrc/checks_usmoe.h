@@ -1,5 +1,7 @@
 // Argument checks of unified_topk (USMoE, specs/usmoe.md §8), shared by the CPU and CUDA glue.
 // Each error names the argument and what was expected.
+// The fakes run the same checks from a Python mirror, smoe/ops/_checks_methods.py, which
+// tests/bad_inputs/test_fakes.py holds to these messages: change both.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -40,6 +40,11 @@ def sizes(t: Tensor) -> str:
     return str(list(t.shape))
 
 
+def num(v: float) -> str:
+    """A double as a kernel's message prints it (``std::ostream``'s default ``%g``)."""
+    return f"{v:g}"
+
+
 def check(ok, op: str, *msg) -> None:
     """``TORCH_CHECK(ok, "smoe::", op, ": ", msg...)``; the message is built only on failure."""
     torch._check(ok, lambda: f"smoe::{op}: " + "".join(str(m) for m in msg))

@@ -1,7 +1,7 @@
 """The argument checks of the routing kernels (csrc/checks.h: topk_softmax, expert_choice;
-checks_sigmoid.h; checks_sinkhorn.h), for their fakes: the same checks in the same order with the
-same messages (see :mod:`smoe.ops._checks`). Values (NaN logits, a non-finite selection bias)
-are the kernels' checks alone.
+checks_sigmoid.h; checks_sinkhorn.h; checks_gate.h; checks_stats.h), for their fakes: the same
+checks in the same order with the same messages (see :mod:`smoe.ops._checks`). Values (NaN
+logits, a non-finite selection bias) are the kernels' checks alone.
 """
 
 from __future__ import annotations
@@ -16,14 +16,11 @@ from smoe.ops._checks import (
     check_float,
     check_index,
     check_int32_count,
+    num,
     scalar_name,
     sizes,
 )
-
-
-def _num(v: float) -> str:
-    """A double as a kernel's message prints it (``std::ostream``'s default ``%g``)."""
-    return f"{v:g}"
+from smoe.ops._common import acc_dtype
 
 
 def _check_logits(op: str, logits: Tensor) -> None:
@@ -83,7 +80,7 @@ def check_topk_sigmoid(logits: Tensor, k: int, n_group: int, topk_group: int, sc
     reachable = topk_group * (E // n_group)
     check(1 <= k <= reachable, op, "k must be in [1, topk_group * E / n_group] = [1, ",
           reachable, "], got ", k)  # fmt: skip
-    check(math.isfinite(scale), op, "scale must be finite, got ", _num(scale))
+    check(math.isfinite(scale), op, "scale must be finite, got ", num(scale))
     check_int32_count(op, "logits", logits.shape[0] * k, "slots (T*k)")
 
 
@@ -92,7 +89,7 @@ def check_topk_sigmoid_backward(
 ) -> None:
     op = "topk_sigmoid_backward"
     check_topk_backward(op, grad_weight, logits, expert)
-    check(math.isfinite(scale), op, "scale must be finite, got ", _num(scale))
+    check(math.isfinite(scale), op, "scale must be finite, got ", num(scale))
 
 
 def check_expert_choice(logits: Tensor, capacity: int, group_size: int | None) -> None:
@@ -135,22 +132,22 @@ def check_sinkhorn(
     check_float(op, "scores", scores)
     check(scores.dim() == 2, op, "scores must be 2-D [T, E], got ", scores.dim(), "-D")
     check(scores.shape[1] >= 1, op, "scores must have at least one expert column")
-    check(0 < eps < math.inf, op, "eps must be finite and > 0, got ", _num(eps))
+    check(0 < eps < math.inf, op, "eps must be finite and > 0, got ", num(eps))
     check(max_iter >= 1, op, "max_iter must be >= 1, got ", max_iter)
-    check(0 <= tol < math.inf, op, "tol must be finite and >= 0, got ", _num(tol))
+    check(0 <= tol < math.inf, op, "tol must be finite and >= 0, got ", num(tol))
     check(check_every >= 1, op, "check_every must be >= 1, got ", check_every)
-    check(0 < row_mass < math.inf, op, "row_mass must be finite and > 0, got ", _num(row_mass))
+    check(0 < row_mass < math.inf, op, "row_mass must be finite and > 0, got ", num(row_mass))
     if col_mass is None:
         return
-    check(0 < col_mass < math.inf, op, "col_mass must be finite and > 0, got ", _num(col_mass))
+    check(0 < col_mass < math.inf, op, "col_mass must be finite and > 0, got ", num(col_mass))
     T, E = scores.shape
     if not (isinstance(T, int) and isinstance(E, int)):
         return  # symbolic sizes: the kernel checks the masses when the graph runs
     total, cols = T * row_mass, E * col_mass
     check(T == 0 or abs(total - cols) <= 1e-6 * max(total, cols), op,
-          "the marginals must carry the same mass: T * row_mass = ", T, " * ", _num(row_mass),
-          " = ", _num(total), " but E * col_mass = ", E, " * ", _num(col_mass), " = ",
-          _num(cols))  # fmt: skip
+          "the marginals must carry the same mass: T * row_mass = ", T, " * ", num(row_mass),
+          " = ", num(total), " but E * col_mass = ", E, " * ", num(col_mass), " = ",
+          num(cols))  # fmt: skip
 
 
 def check_sinkhorn_backward(
@@ -167,9 +164,9 @@ def check_sinkhorn_backward(
     check_float(op, "scores", scores)
     check(scores.dim() == 2 and scores.shape[-1] >= 1, op,
           "scores must be 2-D [T, E] with E >= 1, got shape ", sizes(scores))  # fmt: skip
-    check(0 < eps < math.inf, op, "eps must be finite and > 0, got ", _num(eps))
+    check(0 < eps < math.inf, op, "eps must be finite and > 0, got ", num(eps))
     T, E = scores.shape
-    acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(scores)
 
     def expect(name: str, t: Tensor, shape: tuple, dtype: torch.dtype) -> None:
         check(t.device == scores.device, op, name, " must be on ", scores.device,
@@ -185,3 +182,64 @@ def check_sinkhorn_backward(
     expect("f_hist", f_hist, (f_hist.shape[0], T), acc)
     expect("g_hist", g_hist, (f_hist.shape[0], E), acc)
     expect("iters_done", iters_done, (), torch.int64)
+
+
+# ---- the gate and the losses' statistics (checks_gate.h, checks_stats.h) ------------------
+def check_gate_linear(x: Tensor, weight: Tensor, bias: Tensor | None, op: str = "gate_linear"):
+    """Returns the logits' dtype (float64 for float64 x, else float32)."""
+    check(weight.device == x.device, op, "weight must be on ", x.device, " like x, got ",
+          weight.device)  # fmt: skip
+    if bias is not None:
+        check(bias.device == x.device, op, "bias must be on ", x.device, " like x, got ",
+              bias.device)  # fmt: skip
+    check_float(op, "x", x)
+    check_float(op, "weight", weight)
+    if bias is not None:
+        check_float(op, "bias", bias)
+    check(x.dim() == 2, op, "x must be 2-D [T, d], got ", x.dim(), "-D")
+    check(weight.dim() == 2, op, "weight must be 2-D [E, d], got ", weight.dim(), "-D")
+    check(weight.shape[1] == x.shape[1], op, "weight must be [E, d] with d = ", x.shape[1],
+          " (x's columns), got ", sizes(weight))  # fmt: skip
+    if bias is not None:
+        ok = bias.dim() == 1 and bias.shape[0] == weight.shape[0]
+        check(ok, op, "bias must be [E] with E = ", weight.shape[0], " (weight's rows), got ",
+              sizes(bias))  # fmt: skip
+    return acc_dtype(x)
+
+
+def check_gate_linear_backward(grad: Tensor, x: Tensor, weight: Tensor) -> torch.dtype:
+    op = "gate_linear_backward"
+    dt = check_gate_linear(x, weight, None, op)
+    check(grad.device == x.device, op, "grad must be on ", x.device, " like x, got ", grad.device)
+    check(grad.dtype == dt, op, "grad must be ", scalar_name(dt), " (the logits' dtype for ",
+          scalar_name(x.dtype), " x), got ", scalar_name(grad.dtype))  # fmt: skip
+    ok = grad.dim() == 2 and grad.shape[0] == x.shape[0] and grad.shape[1] == weight.shape[0]
+    check(ok, op, "grad must be [T, E] = [", x.shape[0], ", ", weight.shape[0], "], got ",
+          sizes(grad))  # fmt: skip
+    return dt
+
+
+def check_router_stats(logits: Tensor, op: str = "router_stats") -> None:
+    _check_logits(op, logits)
+    check(logits.shape[1] >= 1, op, "logits must have at least one expert (E >= 1), got E = 0")
+
+
+def check_router_stats_backward(
+    grad_prob_sum: Tensor | None, grad_lse: Tensor | None, logits: Tensor
+) -> None:
+    op = "router_stats_backward"
+    check_router_stats(logits, op)
+    dt = acc_dtype(logits)
+    T, E = logits.shape
+    for name, t, n, what in (
+        ("grad_prob_sum", grad_prob_sum, E, "[E]"),
+        ("grad_lse", grad_lse, T, "one per row of logits"),
+    ):
+        if t is None:
+            continue
+        check(t.device == logits.device, op, name, " must be on ", logits.device,
+              " like logits, got ", t.device)  # fmt: skip
+        check(t.dtype == dt, op, name, " must be ", scalar_name(dt), " (", what, "), got ",
+              scalar_name(t.dtype))  # fmt: skip
+        check(t.dim() == 1 and t.shape[0] == n, op, name, " must be [", n, "] (", what, "), got ",
+              sizes(t))  # fmt: skip

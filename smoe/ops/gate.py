@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from smoe.ops._common import FLOATS, acc_dtype, check_devices
+from smoe.ops import _checks_routing
+from smoe.ops._common import check_devices
 
 __all__ = ["gate_linear"]
 
@@ -47,26 +48,10 @@ def gate_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     return torch.ops.smoe.gate_linear.default(x, weight, bias)
 
 
-def _check_gate_args(name: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> torch.dtype:
-    """The fakes' checks of x, weight and bias (csrc/checks_gate.h); returns the logits' dtype."""
-    op = f"smoe::{name}"
-    check_devices(name, x=x, weight=weight, bias=bias)
-    torch._check(x.dtype in FLOATS, lambda: f"{op}: x must be floating")
-    torch._check(weight.dtype in FLOATS, lambda: f"{op}: weight must be floating")
-    torch._check(x.dim() == 2, lambda: f"{op}: x must be 2-D [T, d]")
-    torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D [E, d]")
-    torch._check(weight.shape[1] == x.shape[1], lambda: f"{op}: weight must be [E, d]")
-    if bias is not None:
-        torch._check(bias.dtype in FLOATS, lambda: f"{op}: bias must be floating")
-        torch._check(
-            bias.dim() == 1 and bias.shape[0] == weight.shape[0], lambda: f"{op}: bias must be [E]"
-        )
-    return acc_dtype(x)
-
-
 @torch.library.register_fake("smoe::gate_linear")
 def _gate_linear_fake(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    dtype = _check_gate_args("gate_linear", x, weight, bias)
+    check_devices("gate_linear", x=x, weight=weight, bias=bias)
+    dtype = _checks_routing.check_gate_linear(x, weight, bias)
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=dtype)
 
 
@@ -109,14 +94,8 @@ torch.library.register_autograd(
 def _gate_linear_backward_fake(
     grad: Tensor, x: Tensor, weight: Tensor, need_x: bool, need_weight: bool
 ) -> tuple[Tensor, Tensor]:
-    op = "smoe::gate_linear_backward"
-    dtype = _check_gate_args("gate_linear_backward", x, weight, None)
-    torch._check(grad.device == x.device, lambda: f"{op}: grad must be on x's device")
-    torch._check(grad.dtype == dtype, lambda: f"{op}: grad must be {dtype}")
-    torch._check(
-        grad.dim() == 2 and grad.shape[0] == x.shape[0] and grad.shape[1] == weight.shape[0],
-        lambda: f"{op}: grad must be [T, E]",
-    )
+    check_devices("gate_linear_backward", x=x, weight=weight, grad=grad)
+    _checks_routing.check_gate_linear_backward(grad, x, weight)
     gx = x.new_empty(x.shape) if need_x else x.new_empty((0,))
     gw = weight.new_empty(weight.shape) if need_weight else weight.new_empty((0,))
     return gx, gw

@@ -10,7 +10,8 @@ import math
 import torch
 from torch import Tensor
 
-from smoe.ops._common import FLOATS, check_devices, refuse_double_backward
+from smoe.ops import _checks_methods
+from smoe.ops._common import check_devices, refuse_double_backward
 
 __all__ = ["graph_mix"]
 
@@ -79,40 +80,8 @@ def graph_mix(
 
 
 def _check_graph_inputs(op: str, x: Tensor, A: Tensor, cache: Tensor | None, kw: dict) -> None:
-    """The fakes' checks, in the C++ checks' order (messages name the argument)."""
     check_devices(op, x=x, A=A, cache=cache)
-    torch._check(
-        x.dtype in FLOATS,
-        lambda: f"smoe::{op}: x must be float32, float64, float16 or bfloat16, got {x.dtype}",
-    )
-    for name, t in (("A", A), ("cache", cache)):
-        if t is not None:
-            torch._check(
-                t.dtype == x.dtype,
-                lambda name=name, t=t: f"smoe::{op}: {name} must have x's dtype, got {t.dtype}",
-            )
-    torch._check(x.dim() == 3, lambda: f"smoe::{op}: x must be 3-D [B, S, E], got {x.dim()}-D")
-    torch._check(A.dim() == 3, lambda: f"smoe::{op}: A must be 3-D [B, S, S'], got {A.dim()}-D")
-    B, S, E = x.shape
-    C = 0
-    if cache is not None:
-        torch._check(
-            cache.dim() == 3 and cache.shape[0] == B and cache.shape[2] == E,
-            lambda: (
-                f"smoe::{op}: cache must be [B, C, E] with B = {B} and E = {E} (x's), got "
-                f"shape {tuple(cache.shape)}"
-            ),
-        )
-        C = cache.shape[1]
-    torch._check(
-        A.shape[0] == B and A.shape[1] == S and A.shape[2] == C + S,
-        lambda: (
-            f"smoe::{op}: A must be [B, S, S'] = [{B}, {S}, {C + S}] (S' = C + S), got shape "
-            f"{tuple(A.shape)}"
-        ),
-    )
-    problem = _option_error(kw["self_coef"], kw["lam"])
-    torch._check(problem is None, lambda: f"smoe::{op}: {problem}")
+    _checks_methods.check_graph_mix(op, x, A, cache, kw["self_coef"], kw["lam"])
 
 
 @torch.library.register_fake("smoe::graph_mix")
@@ -149,16 +118,9 @@ def _graph_mix_backward_fake(
     grad: Tensor, x: Tensor, A: Tensor, cache: Tensor | None, **kwargs
 ) -> tuple[Tensor, Tensor]:
     op = "graph_mix_backward"
-    check_devices(op, x=x, grad=grad)
+    check_devices(op, x=x, grad=grad, A=A, cache=cache)
     kw = dict(need_x=True, need_A=True) | _DEFAULTS | kwargs
-    _check_graph_inputs(op, x, A, cache, kw)
-    torch._check(
-        grad.dtype == x.dtype, lambda: f"smoe::{op}: grad must have x's dtype, got {grad.dtype}"
-    )
-    torch._check(
-        grad.shape == x.shape,
-        lambda: f"smoe::{op}: grad must have x's shape {tuple(x.shape)}, got {tuple(grad.shape)}",
-    )
+    _checks_methods.check_graph_mix_backward(grad, x, A, cache, kw["self_coef"], kw["lam"])
     grad_x = x.new_empty(x.shape) if kw["need_x"] else x.new_empty((0,))
     grad_A = A.new_empty(A.shape) if kw["need_A"] else A.new_empty((0,))
     return grad_x, grad_A

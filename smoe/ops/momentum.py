@@ -13,7 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from smoe.ops._common import FLOATS, check_devices, refuse_double_backward
+from smoe.ops import _checks_methods
+from smoe.ops._common import check_devices, refuse_double_backward
 
 __all__ = [
     "KINDS",
@@ -23,7 +24,7 @@ __all__ = [
     "robust_coefficients",
 ]
 
-KINDS = ("heavy_ball", "adam", "robust")
+KINDS = _checks_methods.MOMENTUM_KINDS
 _DEFAULTS = dict(
     kind="heavy_ball",
     mu=0.7,
@@ -172,33 +173,9 @@ def _state_dtype(u: Tensor) -> torch.dtype:
 
 
 def _check_momentum_inputs(op: str, u: Tensor, m: Tensor, p, v, kw: dict) -> bool:
-    """The fakes' checks (messages name the argument); True for the Adam kind."""
+    """The fakes' checks (csrc/checks_momentum.h); True for the Adam kind."""
     check_devices(op, u=u, m=m, p=p, v=v)
-    kind = kw["kind"]
-    options = {k: kw[k] for k in _DEFAULTS if k != "kind"}
-    problem = _option_errors(kind, **options)
-    torch._check(problem is None, lambda: f"smoe::{op}: {problem}")
-    torch._check(u.dtype in FLOATS, lambda: f"smoe::{op}: u must be floating, got {u.dtype}")
-    state = _state_dtype(u)
-    adam = kind == "adam"
-    for name, t in (("m", m), ("p", p), ("v", v)):
-        if name != "m":
-            torch._check(
-                (t is not None) == adam,
-                lambda name=name: (
-                    f"smoe::{op}: {name} must be given when kind='adam' and None otherwise"
-                ),
-            )
-        if t is not None:
-            _check_like(op, name, t, u, state)
-    return adam
-
-
-def _check_like(op: str, name: str, t: Tensor, u: Tensor, dtype: torch.dtype) -> None:
-    torch._check(t.dtype == dtype, lambda: f"smoe::{op}: {name} must be {dtype}, got {t.dtype}")
-    torch._check(
-        t.shape == u.shape, lambda: f"smoe::{op}: {name} must have u's shape {tuple(u.shape)}"
-    )
+    return _checks_methods.check_momentum_update(op, u, m, p, v, kw)
 
 
 def _outputs(u: Tensor, adam: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -267,20 +244,10 @@ def _momentum_update_backward_fake(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     op = "momentum_update_backward"
     check_devices(op, u=u, grad_delta=grad_delta, grad_m=grad_m, grad_p=grad_p, grad_v=grad_v)
-    adam = _check_momentum_inputs(op, u, m, p, v, _DEFAULTS | kwargs)
-    state = _state_dtype(u)
-    _check_like(op, "grad_delta", grad_delta, u, u.dtype)
-    _check_like(op, "grad_m", grad_m, u, state)
-    for name, g in (("grad_p", grad_p), ("grad_v", grad_v)):
-        if adam:
-            _check_like(op, name, g, u, state)
-        else:
-            torch._check(
-                g.dtype == state and g.dim() == 1 and g.shape[0] == 0,
-                lambda name=name: (
-                    f"smoe::{op}: {name} must be an empty [0] {state} tensor unless kind='adam'"
-                ),
-            )
+    check_devices(op, u=u, m=m, p=p, v=v)
+    adam = _checks_methods.check_momentum_update_backward(
+        grad_delta, grad_m, grad_p, grad_v, u, m, p, v, _DEFAULTS | kwargs
+    )
     return _outputs(u, adam)
 
 

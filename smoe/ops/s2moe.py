@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from smoe.ops._common import FLOATS, check_devices, refuse_double_backward
+from smoe.ops import _checks_methods
+from smoe.ops._common import check_devices, refuse_double_backward
 
 __all__ = ["s2moe_perturb"]
 
@@ -40,39 +41,15 @@ def s2moe_perturb(
     return torch.ops.smoe.s2moe_perturb.default(x, n1, n2, mu, s_mul, s_add)
 
 
-def _check_inputs(op: str, x: Tensor, n1: Tensor, n2: Tensor, stats: dict[str, Tensor]) -> None:
-    """The checks of csrc/checks_s2moe.h on metadata (the fakes' half of them)."""
+def _check_inputs(
+    op: str, x: Tensor, n1: Tensor, n2: Tensor, stats: dict[str, Tensor], grad: Tensor | None = None
+) -> None:
+    """The checks of csrc/checks_s2moe.h on metadata (the kernels' order and messages)."""
     check_devices(op, x=x, n1=n1, n2=n2, **stats)
-    torch._check(x.dtype in FLOATS, lambda: f"smoe::{op}: x must be floating")
-    for name, t in {"n1": n1, "n2": n2, **stats}.items():
-        torch._check(t.dtype == x.dtype, lambda n=name: f"smoe::{op}: {n} must have x's dtype")
-    torch._check(x.dim() >= 1, lambda: f"smoe::{op}: x must have at least one dim")
-    for name, t in (("n1", n1), ("n2", n2)):
-        torch._check(t.shape == x.shape, lambda n=name: f"smoe::{op}: {n} must have x's shape")
-    run = None  # the broadcast run [p, q) shared by the statistics that are not one value
-    for name, t in stats.items():
-        if t.numel() == 1:
-            continue
-        torch._check(t.dim() == x.dim(), lambda n=name: f"smoe::{op}: {n} must have x's rank")
-        dims = []
-        for d in range(x.dim()):
-            broadcast = t.shape[d] == 1 and x.shape[d] != 1
-            torch._check(
-                broadcast or t.shape[d] == x.shape[d],
-                lambda n=name: f"smoe::{op}: {n} must broadcast to x's shape",
-            )
-            if broadcast:
-                dims.append(d)
-        p, q = (dims[0], dims[-1] + 1) if dims else (x.dim(), x.dim())
-        torch._check(
-            all(t.shape[d] == 1 or x.shape[d] == 1 for d in range(p, q)),
-            lambda n=name: f"smoe::{op}: {n} must be broadcast over one run of consecutive dims",
-        )
-        run = (p, q) if run is None else run
-        torch._check(
-            run == (p, q),
-            lambda: f"smoe::{op}: mu, s_mul and s_add must be broadcast over the same dims of x",
-        )
+    _checks_methods.check_s2moe_perturb(op, x, n1, n2, stats)
+    if grad is not None:
+        _checks_methods.check_s2moe_perturb_backward(grad, x)
+    _checks_methods.check_perturb_view(op, x, stats)
 
 
 @torch.library.register_fake("smoe::s2moe_perturb")
@@ -113,12 +90,8 @@ def _s2moe_perturb_backward_fake(grad, x, n1, n2, mu, s_mul, s_add, output_mask)
             "size 4"
         ),
     )
-    _check_inputs(op, x, n1, n2, {"mu": mu, "s_mul": s_mul, "s_add": s_add})
     check_devices(op, x=x, grad=grad)
-    torch._check(
-        grad.shape == x.shape and grad.dtype == x.dtype,
-        lambda: f"smoe::{op}: grad must match x's shape, dtype and device",
-    )
+    _check_inputs(op, x, n1, n2, {"mu": mu, "s_mul": s_mul, "s_add": s_add}, grad)
     outs = [torch.empty_like(x, memory_format=torch.contiguous_format)]
     outs += [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (mu, s_mul, s_add)]
     return tuple(o if m else x.new_empty((0,)) for o, m in zip(outs, output_mask))

@@ -11,15 +11,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from smoe.ops._common import FLOATS, acc_dtype, check_devices
+from smoe.ops import _checks_routing
+from smoe.ops._common import acc_dtype, check_devices
 
 __all__ = ["RouterStats", "router_stats"]
-
-
-def _check_logits_fake(op: str, logits: Tensor) -> None:
-    torch._check(logits.dtype in FLOATS, lambda: f"smoe::{op}: logits must be floating")
-    torch._check(logits.dim() == 2, lambda: f"smoe::{op}: logits must be 2-D [T, E]")
-    torch._check(logits.shape[1] >= 1, lambda: f"smoe::{op}: logits must have E >= 1 experts")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +57,7 @@ def router_stats(logits: Tensor) -> RouterStats:
 
 @torch.library.register_fake("smoe::router_stats")
 def _router_stats_fake(logits: Tensor) -> tuple[Tensor, Tensor]:
-    _check_logits_fake("router_stats", logits)
+    _checks_routing.check_router_stats(logits)
     dt = acc_dtype(logits)
     T, E = logits.shape
     return logits.new_empty((E,), dtype=dt), logits.new_empty((T,), dtype=dt)
@@ -102,15 +97,7 @@ def _router_stats_backward_fake(
     grad_prob_sum: Tensor | None, grad_lse: Tensor | None, logits: Tensor
 ) -> Tensor:
     op = "router_stats_backward"
-    _check_logits_fake(op, logits)
     check_devices(op, logits=logits, grad_prob_sum=grad_prob_sum, grad_lse=grad_lse)
-    dt = acc_dtype(logits)
+    _checks_routing.check_router_stats_backward(grad_prob_sum, grad_lse, logits)
     T, E = logits.shape
-    for name, t, n in (("grad_prob_sum", grad_prob_sum, E), ("grad_lse", grad_lse, T)):
-        if t is None:
-            continue
-        torch._check(
-            t.dtype == dt and t.dim() == 1 and t.shape[0] == n,
-            lambda name=name, n=n: f"smoe::{op}: {name} must be {dt} [{n}]",
-        )
     return logits.new_empty((T, E))

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from smoe.ops._common import FLOATS, check_devices
+from smoe.ops import _checks_methods
+from smoe.ops._common import check_devices
 
 __all__ = ["unified_topk"]
 
@@ -43,15 +44,7 @@ def unified_topk(scores: Tensor, n: int, *, counts: Tensor | None = None) -> Ten
 
 @torch.library.register_fake("smoe::unified_topk")
 def _unified_topk_fake(scores: Tensor, n: int, counts: Tensor | None = None) -> Tensor:
-    op = "smoe::unified_topk"
-    torch._check(scores.dim() == 2, lambda: f"{op}: scores must be 2-D [G, L]")
-    torch._check(scores.dtype in FLOATS, lambda: f"{op}: scores must be floating")
-    torch._check(0 <= n <= scores.shape[1], lambda: f"{op}: n must be in [0, L]")
     if counts is not None:
         check_devices("unified_topk", scores=scores, counts=counts)
-        torch._check(
-            counts.dtype == torch.int64 and counts.dim() == 1,
-            lambda: f"{op}: counts must be int64 [G]",
-        )
-        torch._check(counts.shape[0] == scores.shape[0], lambda: f"{op}: counts must be [G]")
+    _checks_methods.check_unified_topk(scores, n, counts)
     return scores.new_empty((scores.shape[0], n), dtype=torch.int64)

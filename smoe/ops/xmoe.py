@@ -11,7 +11,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from smoe.ops._common import FLOATS, acc_dtype, check_devices, refuse_double_backward
+from smoe.ops import _checks_methods
+from smoe.ops._common import acc_dtype, check_devices, refuse_double_backward
 
 __all__ = ["CosineScores", "cosine_scores"]
 
@@ -83,21 +84,7 @@ def _check_cosine_inputs(
     op: str, h: Tensor, proj: Tensor, expert_emb: Tensor, temperature: Tensor, eps: float
 ) -> None:
     check_devices(op, h=h, proj=proj, expert_emb=expert_emb, temperature=temperature)
-    torch._check(h.dim() == 2, lambda: f"smoe::{op}: h must be 2-D [T, d]")
-    torch._check(h.dtype in FLOATS, lambda: f"smoe::{op}: h must be floating")
-    torch._check(proj.dtype == h.dtype, lambda: f"smoe::{op}: proj must have h's dtype")
-    torch._check(expert_emb.dtype == h.dtype, lambda: f"smoe::{op}: expert_emb must have h's dtype")
-    torch._check(
-        proj.dim() == 2 and proj.shape[1] == h.shape[1] and proj.shape[0] >= 1,
-        lambda: f"smoe::{op}: proj must be [d_e, d] with d = h.size(1)",
-    )
-    torch._check(
-        expert_emb.dim() == 2 and expert_emb.shape[1] == proj.shape[0] and expert_emb.shape[0] >= 1,
-        lambda: f"smoe::{op}: expert_emb must be [N, d_e] with d_e = proj.size(0)",
-    )
-    torch._check(temperature.dim() == 0, lambda: f"smoe::{op}: temperature must be 0-dim")
-    torch._check(temperature.dtype in FLOATS, lambda: f"smoe::{op}: temperature must be floating")
-    torch._check(0.0 < eps < math.inf, lambda: f"smoe::{op}: eps must be finite and > 0, got {eps}")
+    _checks_methods.check_cosine_scores(op, h, proj, expert_emb, temperature, eps)
 
 
 @torch.library.register_fake("smoe::cosine_scores")
@@ -147,15 +134,10 @@ def _cosine_scores_backward_fake(
     normalize_tokens: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     op = "cosine_scores_backward"
-    _check_cosine_inputs(op, h, proj, expert_emb, temperature, eps)
-    shape, dt = (h.shape[0], expert_emb.shape[0]), acc_dtype(h)
-    for name, g in (("grad_cos", grad_cos), ("grad_logits", grad_logits)):
-        torch._check(
-            g.device == h.device and g.dtype == dt and g.dim() == 2 and tuple(g.shape) == shape,
-            lambda name=name: (
-                f"smoe::{op}: {name} must be [T, N] = {list(shape)} {dt} on h's device"
-            ),
-        )
+    check_devices(op, h=h, proj=proj, expert_emb=expert_emb, temperature=temperature)
+    _checks_methods.check_cosine_scores_backward(
+        grad_cos, grad_logits, h, proj, expert_emb, temperature, eps
+    )
     return (
         h.new_empty(h.shape),
         proj.new_empty(proj.shape),
