@@ -7,7 +7,8 @@ configuration value, a T*k past int32, ...) is called on CPU tensors (the kernel
 tensors (the fake), in this process. On meta it must meet the row's expectation, as on the CPU,
 and since each fake runs its kernel's checks from a Python mirror (smoe/ops/_checks*.py), raise
 the kernel's own first line, devices aside. Rows whose bad input is a value (expert ids, NaN,
-offsets' entries) are the kernels' alone: a fake has no values.
+offsets' entries) are the kernels' alone: a fake has no values. And end to end: one bad call per
+op under ``torch.compile(fullgraph=True)`` fails while dynamo traces it, with the kernel's message.
 """
 
 from __future__ import annotations
@@ -72,3 +73,16 @@ def test_the_fake_refuses_what_the_kernel_refuses(op):
             if re.sub(r"\bmeta\b", "cpu", line) != want:
                 off.append(f"{case.name}:\n  kernel: {want}\n  fake:   {line}")
     assert not off, f"{len(off)} of {len(ROWS[op])} rows:\n" + "\n".join(off)
+
+
+@pytest.mark.parametrize("op", sorted(ROWS))
+def test_torch_compile_refuses_a_bad_call_while_tracing(op):
+    # one row per op (a wrong dtype where it has one): under torch.compile the call fails while
+    # dynamo runs the fake (TorchRuntimeError, before any kernel), with the kernel's message
+    case = next((c for c in ROWS[op] if c.kind == "dtype"), ROWS[op][0])
+    _, want = _first_line(case, "cpu")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda: case.fn(Dev("cpu")), fullgraph=True, backend="eager")
+    with pytest.raises(torch._dynamo.exc.TorchRuntimeError) as err:
+        compiled()
+    assert want in str(err.value)
