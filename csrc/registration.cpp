@@ -71,7 +71,7 @@ TORCH_LIBRARY(smoe, m) {
   // clamped capacity): weight [T, E] (the probability where chosen, else 0), offsets [E+1] int64,
   // token [M] int32, slot [M] int32 (t * E + e), row [T, E] int32 (-1 where not chosen).
   m.def(
-      "expert_choice(Tensor logits, int capacity, *, int? group_size=None) -> (Tensor weight, "
+      "expert_choice(Tensor logits, SymInt capacity, *, SymInt? group_size=None) -> (Tensor weight, "
       "Tensor offsets, Tensor token, Tensor slot, Tensor row)");
 
   m.set_python_module("smoe.ops.xmoe");
@@ -112,7 +112,7 @@ TORCH_LIBRARY(smoe, m) {
   // counts [G] int64 (None: n everywhere) takes only counts[g] <= n in group g. Returns indices
   // [G, n] int64, the chosen flat indices in ascending order, -1 past the group's count. NaN
   // scores are an error; -inf scores (padding) rank last.
-  m.def("unified_topk(Tensor scores, int n, Tensor? counts=None) -> Tensor");
+  m.def("unified_topk(Tensor scores, SymInt n, Tensor? counts=None) -> Tensor");
 
   m.set_python_module("smoe.ops.s2moe");
   // S2MoE's Gaussian perturbation (specs/s2moe.md §2.2, §5): out = (1 + s_mul n1) x + (mu + s_add
@@ -137,7 +137,7 @@ TORCH_LIBRARY(smoe, m) {
   // returns offsets [E+1] int64, token [T*k] int32, slot [T*k] int32 (both -1 past offsets[E]),
   // row [T, k] int32 (sorted position of each slot, -1 if dropped) and kept [T, k] bool.
   m.def(
-      "make_plan(Tensor expert, int num_experts, *, int? capacity=None, Tensor? priority=None) -> "
+      "make_plan(Tensor expert, int num_experts, *, SymInt? capacity=None, Tensor? priority=None) -> "
       "(Tensor offsets, Tensor token, Tensor slot, Tensor row, Tensor kept)");
   // gather rows of x [T, d] into expert order: out[i] = x[token[i]] (0 where token[i] < 0);
   // returns [M, d] (M = token.size(0)). `row` is the plan's inverse map, used only by the backward.

@@ -55,7 +55,7 @@ def gathers(x: Tensor, plan: ops.Plan) -> bool:
     gather_mm's one task per row block. On CUDA gather_mm is the unfused chain, so permute
     runs as itself. The size is in the dtype the op runs in (autocast's under torch.autocast)."""
     nbytes = plan.token.shape[0] * x.shape[1] * ops.experts.run_itemsize(x)
-    return x.device.type == "cpu" and nbytes > ops.experts.FUSE_MIN_BYTES
+    return x.device.type == "cpu" and ops.experts.past_fuse_bytes(nbytes)
 
 
 def experts_on_tokens(experts: nn.Module, tokens: Tensor, plan: ops.Plan) -> Tensor:

@@ -20,24 +20,23 @@ from smoe.routing import (
     register_router,
     router_info,
 )
-from tests.router_helpers import CUSTOM, D_FF, D, E, K, _PlainRouter, _RecordingRouter, _x
+from tests.router_helpers import (
+    CUSTOM,
+    D_FF,
+    D,
+    E,
+    K,
+    _PlainRouter,
+    _RecordingRouter,
+    _x,
+    attention_context,
+)
 
 # Collected at import, so a router registered later in the package is tested automatically.
 ROUTERS = list(available_routers())
 
 
 # --- every registered router -----------------------------------------------------------------
-
-
-def _ctx(name: str, x: torch.Tensor) -> RoutingContext | None:
-    """What the router's registry entry says it needs: the block's attention probabilities
-    ``[B, H, S, S]`` (a causal softmax, one head) for an attention-aware router; x is [B, S, d]."""
-    if not router_info(name).needs_attention:
-        return None
-    B, S = x.shape[:2]
-    scores = torch.randn(B, 1, S, S, generator=torch.Generator().manual_seed(0))
-    future = torch.ones(S, S, dtype=torch.bool).triu(1)
-    return RoutingContext(attention=scores.masked_fill(future, float("-inf")).softmax(-1))
 
 
 def test_available_routers_are_sorted_and_described():
@@ -70,7 +69,7 @@ def test_registered_router_builds_by_name(name):
 def test_registered_router_forward_backward_through_layer(name):
     layer = MoELayer(D, D_FF, E, K, router=name).train()
     x = _x(requires_grad=True)
-    y, aux = layer(x, _ctx(name, x))
+    y, aux = layer(x, attention_context(name, x))
     assert y.shape == x.shape and torch.isfinite(y).all()
     assert set(aux.losses) <= set(router_info(name).aux_losses)
     (y.square().sum() + aux.loss()).backward()
@@ -95,7 +94,7 @@ def test_registered_router_gate_runs_gate_linear_with_float32_logits(name):
     layer = MoELayer(D, D_FF, E, K, router=name).to(torch.bfloat16)
     x = _x().to(torch.bfloat16)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        layer(x, _ctx(name, x))
+        layer(x, attention_context(name, x))
     ran = {e.name for e in prof.events()}
     want = "smoe::cosine_scores" if name in COSINE_GATES else "smoe::gate_linear"
     assert want in ran, f"{name}: its gate did not run {want}"
@@ -108,7 +107,7 @@ def test_registered_router_state_dict_round_trips(name):
     torch.manual_seed(2)
     dst = MoELayer(D, D_FF, E, K, router=name).eval()
     x = _x()
-    ctx = _ctx(name, x)
+    ctx = attention_context(name, x)
     with torch.no_grad():
         assert not torch.equal(src(x, ctx)[0], dst(x, ctx)[0])
         dst.load_state_dict(src.state_dict())
@@ -125,7 +124,7 @@ def test_registered_router_compiles_fullgraph(name):
     layer = MoELayer(D, D_FF, E, K, router=name).eval()
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     x = _x()
-    ctx = _ctx(name, x)
+    ctx = attention_context(name, x)
     (y1, a1), (y2, a2) = layer(x, ctx), compiled(x, ctx)
     torch.testing.assert_close(y2, y1)
     assert torch.equal(a1.tokens_per_expert, a2.tokens_per_expert)

@@ -46,7 +46,18 @@ def num(v: float) -> str:
 
 
 def check(ok, op: str, *msg) -> None:
-    """``TORCH_CHECK(ok, "smoe::", op, ": ", msg...)``; the message is built only on failure."""
+    """``TORCH_CHECK(ok, "smoe::", op, ": ", msg...)``; the message is built only on failure.
+
+    On symbolic sizes (``torch.compile(dynamic=True)``, ``torch.export``) ``ok`` is a SymBool:
+    the call is refused when it fails for the sizes being traced, and otherwise adds no guard
+    (``torch._check`` would guard on it, tying the graph to conditions sympy may not prove for
+    every size, such as ``min(L, round(c * S)) <= L``); the kernel checks it again at run time.
+    """
+    if isinstance(ok, torch.SymBool):
+        hint = ok.node.hint  # the traced sizes' value, read without a guard; None if unbacked
+        if hint is None or hint:
+            return
+        ok = False
     torch._check(ok, lambda: f"smoe::{op}: " + "".join(str(m) for m in msg))
 
 

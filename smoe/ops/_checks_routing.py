@@ -98,7 +98,8 @@ def check_expert_choice(logits: Tensor, capacity: int, group_size: int | None) -
     check(logits.shape[1] >= 1, op, "logits must have at least one expert (E >= 1), got E = 0")
     check(capacity >= 0, op, "capacity must be >= 0, got ", capacity)
     check(group_size is None or group_size >= 1, op,
-          "group_size must be >= 1 (or None for one group), got ", group_size or 0)  # fmt: skip
+          "group_size must be >= 1 (or None for one group), got ",
+          0 if group_size is None else group_size)  # fmt: skip
     check(logits.numel() < 2**31 - 1, op,
           "logits must have fewer than 2^31 - 1 entries (T*E), got ", logits.numel())  # fmt: skip
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from smoe.ops import _checks
 from smoe.ops._common import check_devices, refuse_double_backward
@@ -164,6 +165,14 @@ MLP_ACTIVATIONS = _checks.MLP_ACTIVATIONS
 FUSE_MIN_BYTES = 4 << 20  # expert_mlp(fused=None) fuses on CPU when the hidden passes this
 
 
+def past_fuse_bytes(nbytes) -> bool:
+    """``nbytes > FUSE_MIN_BYTES``, the fused or gathering paths' size rule. On symbolic sizes
+    (``torch.compile(dynamic=True)``, ``torch.export``) it is decided without a guard: False
+    unless provable for every size, so one traced graph (the unfused chain, the small-input
+    path) serves every token count instead of being tied to the traced one's side of 4 MiB."""
+    return statically_known_true(nbytes > FUSE_MIN_BYTES)
+
+
 def run_itemsize(x: Tensor) -> int:
     """Bytes per element that the GEMM ops (grouped_mm, gather_mm, expert_mlp) run ``x`` in: the
     autocast dtype's under ``torch.autocast`` for x's device (their autocast rules,
@@ -181,7 +190,7 @@ def fuses(x: Tensor, w_in: Tensor, plan=None) -> bool:
     """Whether :func:`expert_mlp` with ``fused=None`` runs the fused op: on CPU, when the hidden
     ``[M, n_in]`` in the dtype the op runs in (x's, or autocast's) would pass ``FUSE_MIN_BYTES``."""
     rows = x.shape[0] if plan is None else plan.token.shape[0]
-    return x.device.type == "cpu" and rows * w_in.shape[-1] * run_itemsize(x) > FUSE_MIN_BYTES
+    return x.device.type == "cpu" and past_fuse_bytes(rows * w_in.shape[-1] * run_itemsize(x))
 
 
 def expert_mlp(
@@ -215,6 +224,8 @@ def expert_mlp(
             ``[M, n_in]`` would pass ``FUSE_MIN_BYTES`` (4 MiB) on CPU, else the chain: a small
             hidden is neither page-faulted nor worth the fusion, and the unfused ops' (expert,
             column block) items keep more threads busy than a few (expert, row block) items.
+            With symbolic sizes (``torch.compile(dynamic=True)``, ``torch.export``): the chain
+            (:func:`past_fuse_bytes`).
 
     Returns:
         ``[M, d_out]`` grouped rows (what :func:`grouped_mm` of the activation gives); rows past

@@ -223,7 +223,8 @@ def _expert_choice_total(T, capacity: int, group_size: int | None):
     # Plan rows per expert: T // S full groups take min(C, S), a short last one min(C, T % S).
     if group_size is None:
         return torch.sym_min(capacity, T)
-    return (T // group_size) * min(capacity, group_size) + torch.sym_min(capacity, T % group_size)
+    full = torch.sym_min(capacity, group_size)
+    return (T // group_size) * full + torch.sym_min(capacity, T % group_size)
 
 
 def expert_choice(logits: Tensor, capacity: int, *, group_size: int | None = None) -> ExpertChoice:

@@ -37,7 +37,7 @@ def unified_topk(scores: Tensor, n: int, *, counts: Tensor | None = None) -> Ten
         CPU: nth_element per group; CUDA: a radix select per group (one block each), no host sync,
         the same indices as the CPU. On CUDA a NaN or a bad count is an asynchronous device assert.
     """
-    if not isinstance(n, int) or isinstance(n, bool):
+    if not isinstance(n, (int, torch.SymInt)) or isinstance(n, bool):
         raise TypeError(f"unified_topk: n must be an int, got {type(n).__name__}")
     return torch.ops.smoe.unified_topk.default(scores, n, counts)
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from smoe.routing.context import RoutingContext
+from smoe.routing.context import RoutingContext, size_of
 
 MIXES = ("poe", "logits", "probs")
 MEMORIES = ("drop", "cache")
@@ -67,9 +67,9 @@ def groups(who: str, T: int, context: RoutingContext | None) -> tuple[int, int]:
     shape = None if context is None else context.batch_shape
     if shape is None or len(shape) < 2:
         return 1, T
-    S, B = int(shape[-1]), 1
+    S, B = size_of(shape[-1]), 1
     for n in shape[:-1]:  # (no generator: dynamo traces a loop)
-        B *= int(n)
+        B *= size_of(n)
     if B * S != T:
         raise ValueError(
             f"{who}: context.batch_shape {tuple(shape)} does not hold the {T} tokens of x"
@@ -236,7 +236,7 @@ def attention_graph(
         )
     B, H, S = a.shape[0], a.shape[1], a.shape[-2]
     batch = None if context is None else context.batch_shape
-    if batch is not None and len(batch) == 2 and (int(batch[0]), int(batch[1])) != (B, S):
+    if batch is not None and len(batch) == 2 and (size_of(batch[0]), size_of(batch[1])) != (B, S):
         raise ValueError(
             f"{who}: context.attention of shape {shape} does not match context.batch_shape "
             f"{tuple(batch)}"

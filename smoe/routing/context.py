@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 
@@ -40,3 +41,10 @@ class RoutingContext(NamedTuple):
     layer_index: int | None = None
     step: int | None = None
     padding_mask: Tensor | None = None
+
+
+def size_of(n) -> int:
+    """One entry of ``batch_shape`` as a size: ``int(n)``, except a symbolic size (a
+    ``torch.SymInt`` under ``torch.compile(dynamic=True)`` or ``torch.export``), which stays
+    symbolic: ``int()`` would specialise the traced graph to this one token count."""
+    return n if isinstance(n, torch.SymInt) else int(n)

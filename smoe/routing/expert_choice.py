@@ -46,7 +46,8 @@ def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: f
         raise ValueError(
             f"expert_choice_capacity: capacity_factor must be > 0, got {capacity_factor}"
         )
-    return min(num_tokens, math.ceil(num_tokens * capacity_factor / num_experts))
+    # sym_min: a symbolic token count (torch.compile(dynamic=True), torch.export) stays symbolic
+    return torch.sym_min(num_tokens, math.ceil(num_tokens * capacity_factor / num_experts))
 
 
 class ExpertChoiceRouter(nn.Module):
@@ -125,7 +126,7 @@ class ExpertChoiceRouter(nn.Module):
         if self.group_size is None or self.group_size == "position":
             S = num_tokens
         else:
-            S = min(self.group_size, num_tokens)
+            S = torch.sym_min(self.group_size, num_tokens)
         return expert_choice_capacity(S, self.num_experts, self.capacity_factor)
 
     def forward(self, x: Tensor, context: RoutingContext | None = None) -> Routing:
@@ -152,7 +153,7 @@ class ExpertChoiceRouter(nn.Module):
         T, E = logits.shape
         B, S = position_shape(context, T, "ExpertChoiceRouter")
         weight, plan = ops.expert_choice(
-            to_positions(logits, B, S), self.capacity(B), group_size=max(B, 1)
+            to_positions(logits, B, S), self.capacity(B), group_size=torch.sym_max(B, 1)
         )
         rows = torch.arange(plan.token.shape[0], device=logits.device, dtype=plan.offsets.dtype)
         expert = torch.searchsorted(plan.offsets[1:], rows, right=True)  # the row's expert

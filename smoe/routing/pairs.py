@@ -18,7 +18,7 @@ from torch import Tensor
 
 from smoe import ops
 from smoe.ops.dispatch import Plan
-from smoe.routing.context import RoutingContext
+from smoe.routing.context import RoutingContext, size_of
 
 __all__ = [
     "from_positions",
@@ -58,7 +58,7 @@ def position_shape(context: RoutingContext | None, T: int, who: str) -> tuple[in
         raise ValueError(
             f"{who}: grouping by 'position' needs context.batch_shape = (B, S), got {shape}"
         )
-    B, S = int(shape[0]), int(shape[1])
+    B, S = size_of(shape[0]), size_of(shape[1])
     if B * S != T:
         raise ValueError(f"{who}: context.batch_shape {tuple(shape)} does not hold the {T} tokens")
     return B, S

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from smoe import ops
 from smoe.routing.base import Routing
-from smoe.routing.context import RoutingContext
+from smoe.routing.context import RoutingContext, size_of
 from smoe.routing.pairs import (
     from_positions,
     pairs_from_positions,
@@ -149,12 +149,13 @@ class USMoERouter(nn.Module):
                     "USMoERouter: group='sequence' needs context.batch_shape = (B, S), got "
                     f"{shape}; use group='batch' or an int group size for flat tokens"
                 )
-            if int(shape[0]) * int(shape[1]) != T:
+            B, S = size_of(shape[0]), size_of(shape[1])
+            if B * S != T:
                 raise ValueError(
                     f"USMoERouter: context.batch_shape {tuple(shape)} does not hold the {T} "
                     "tokens of x"
                 )
-            return int(shape[0]), int(shape[1])
+            return B, S
         S = min(self.group, T) if T else self.group
         return (T + S - 1) // S if T else 0, S
 
