@@ -1,8 +1,8 @@
 """experts_implementation="smoe" in whole transformers models (issue 26): Mixtral, Qwen2-MoE,
 Qwen3-MoE, OLMoE, DeepSeek-V3 and GPT-OSS, built from their config classes at tiny random sizes
 (2 layers, 4 experts, top-2), never downloaded. Also the three switching routes, generate with a
-cache, a save/load round trip into plain transformers, torch.compile of one experts module, the
-errors of bad inputs and autocast."""
+cache, torch.export with a dynamic sequence length, a save/load round trip into plain
+transformers, torch.compile of one experts module, the errors of bad inputs and autocast."""
 
 from __future__ import annotations
 
@@ -190,6 +190,29 @@ def test_generate_with_cache_matches_eager(name, make_plan_calls):
     got = model.generate(prompt, **kw)
     assert len(make_plan_calls) == 2 * 4  # prefill + 3 cached decode steps, 2 MoE layers each
     assert torch.equal(got, want), (name, got.tolist(), want.tolist())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_export_with_a_dynamic_sequence_length_matches_eager(name):
+    """torch.export of the whole model (no cache; non-strict, as transformers exports), the
+    sequence length dynamic: the program runs smoe's ops and equals eager at another length."""
+    model = _build(name, "smoe").eval()
+    length = torch.export.Dim("S", max=64)
+    program = torch.export.export(
+        model,
+        (_ids(),),
+        {"use_cache": False},
+        dynamic_shapes={"input_ids": {1: length}, "use_cache": None},
+        strict=False,
+    )
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "smoe.make_plan.default" in targets, sorted(targets)
+    ids = torch.randint(3, 64, (2, 23), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = program.module()(ids, use_cache=False).logits
+        model.set_experts_implementation("eager")
+        want = model(ids, use_cache=False).logits
+    _close(got, want, name)
 
 
 def test_save_load_round_trip_into_plain_transformers(tmp_path):
