@@ -91,6 +91,17 @@ def _graph_dtype(op: str, name: str, t: Tensor, x: Tensor) -> None:
           scalar_name(t.dtype))  # fmt: skip
 
 
+def graph_option_error(self_coef: float, lam: float) -> str | None:
+    """The first bad option of graph_mix in the kernel's order and words, or None. Comparisons,
+    not math.isfinite (dynamo traces the wrapper's call); NaN fails each. The wrapper raises it as
+    a ValueError, the fakes as the kernel's RuntimeError."""
+    if not -math.inf < self_coef < math.inf:
+        return f"self_coef must be finite, got {num(self_coef)}"
+    if not 0 <= lam < math.inf:
+        return f"lam must be >= 0 and finite, got {num(lam)}"
+    return None
+
+
 def check_graph_mix(
     op: str, x: Tensor, A: Tensor, cache: Tensor | None, self_coef: float, lam: float
 ) -> None:
@@ -113,8 +124,8 @@ def check_graph_mix(
     ok = A.shape[0] == B and A.shape[1] == S and A.shape[2] == C + S
     check(ok, op, "A must be [B, S, S'] = [", B, ", ", S, ", ", C + S,
           "] (B, S from x; S' = C + S with C = ", C, " cached rows), got ", sizes(A))  # fmt: skip
-    check(-math.inf < self_coef < math.inf, op, "self_coef must be finite, got ", num(self_coef))
-    check(0 <= lam < math.inf, op, "lam must be >= 0 and finite, got ", num(lam))
+    problem = graph_option_error(self_coef, lam)
+    check(problem is None, op, problem)
 
 
 def check_graph_mix_backward(
@@ -132,25 +143,30 @@ def check_graph_mix_backward(
 MOMENTUM_KINDS = ("heavy_ball", "adam", "robust")
 
 
-def _momentum_options(op: str, o: dict) -> None:
-    def unit(name: str) -> None:
-        check(0 <= o[name] < 1, op, name, " must be in [0, 1), got ", num(o[name]))
+# (name, rule) in the kernel's order; each rule a range that NaN fails
+_MOMENTUM_RANGES = (
+    ("mu", "unit"), ("gamma", "nonneg"), ("sign", "sign"), ("beta1", "unit"), ("beta2", "unit"),
+    ("gamma1", "nonneg"), ("eps", "positive"), ("robust_a", "positive"), ("robust_b", "unit"),
+)  # fmt: skip
+_RULES = {
+    "unit": (lambda x: 0 <= x < 1, "must be in [0, 1)"),
+    "nonneg": (lambda x: 0 <= x < math.inf, "must be finite and >= 0"),
+    "positive": (lambda x: 0 < x < math.inf, "must be finite and > 0"),
+    "sign": (lambda x: x in (1.0, -1.0), "must be -1 or +1"),
+}
 
-    def nonneg(name: str) -> None:
-        check(0 <= o[name] < math.inf, op, name, " must be finite and >= 0, got ", num(o[name]))
 
-    def positive(name: str) -> None:
-        check(0 < o[name] < math.inf, op, name, " must be finite and > 0, got ", num(o[name]))
-
-    unit("mu")
-    nonneg("gamma")
-    check(o["sign"] in (1.0, -1.0), op, "sign must be -1 or +1, got ", num(o["sign"]))
-    unit("beta1")
-    unit("beta2")
-    nonneg("gamma1")
-    positive("eps")
-    positive("robust_a")
-    unit("robust_b")
+def momentum_option_error(o: dict) -> str | None:
+    """The first bad option of momentum_update (``o``: kind, mu, gamma, ...) in the kernel's order
+    and words, or None. Comparisons only (dynamo traces the wrapper's call): the wrapper raises
+    it as a ValueError, the fakes as the kernel's RuntimeError."""
+    if o["kind"] not in MOMENTUM_KINDS:
+        return f"kind must be 'heavy_ball', 'adam' or 'robust', got '{o['kind']}'"
+    for name, rule in _MOMENTUM_RANGES:
+        ok, says = _RULES[rule]
+        if not ok(o[name]):
+            return f"{name} {says}, got {num(o[name])}"
+    return None
 
 
 def _momentum_like(op: str, name: str, t: Tensor, u: Tensor, dtype, what: str) -> None:
@@ -165,14 +181,12 @@ def check_momentum_update(
     op: str, u: Tensor, m: Tensor, p: Tensor | None, v: Tensor | None, kw: dict
 ) -> bool:
     """``kw``: the op's keyword options (kind, mu, ...). Returns True for kind='adam'."""
-    kind = kw["kind"]
-    check(kind in MOMENTUM_KINDS, op, "kind must be 'heavy_ball', 'adam' or 'robust', got '",
-          kind, "'")  # fmt: skip
-    _momentum_options(op, kw)
+    problem = momentum_option_error(kw)
+    check(problem is None, op, problem)
     check_float(op, "u", u)
     state = acc_dtype(u)
     _momentum_like(op, "m", m, u, state, "the state dtype")
-    adam = kind == "adam"
+    adam = kw["kind"] == "adam"
     for name, t in (("p", p), ("v", v)):
         check(not adam or t is not None, op, name,
               " must be given when kind='adam' (the Adam state)")  # fmt: skip

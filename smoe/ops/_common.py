@@ -1,6 +1,6 @@
 """What every op module shares: the accepted float dtypes and the float32-or-float64 dtype of
-outputs computed at float32 precision, the fakes' device check, the double-backward
-guard and the refusal of sparse inputs."""
+outputs computed at float32 precision, the fakes' device check, the double-backward guard and
+the refusal of sparse inputs."""
 
 from __future__ import annotations
 

@@ -5,8 +5,6 @@ One section per op, in schema order (csrc/registration.cpp): wrapper, fake, auto
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -21,15 +19,6 @@ _DEFAULTS = dict(self_coef=1.0, lam=1.0)
 # ---------------------------------------------------------------------------------------------
 # graph_mix
 # ---------------------------------------------------------------------------------------------
-def _option_error(self_coef: float, lam: float) -> str | None:
-    """The first message on a bad option (the C++ checks' order), or None. NaN fails each."""
-    if not -math.inf < self_coef < math.inf:  # comparisons, not math.isfinite: dynamo traces them
-        return f"self_coef must be finite, got {self_coef}"
-    if not 0.0 <= lam < math.inf:
-        return f"lam must be >= 0 and finite, got {lam}"
-    return None
-
-
 def graph_mix(
     x: Tensor,
     A: Tensor,
@@ -73,20 +62,17 @@ def graph_mix(
         independent of the CPU thread count; no host sync on CUDA. The autograd saves A when x
         needs a gradient, x and the cache when A does.
     """
-    problem = _option_error(self_coef, lam)
+    problem = _checks_methods.graph_option_error(self_coef, lam)
     if problem is not None:
         raise ValueError(f"graph_mix: {problem}")
     return torch.ops.smoe.graph_mix.default(x, A, cache, self_coef=self_coef, lam=lam)
 
 
-def _check_graph_inputs(op: str, x: Tensor, A: Tensor, cache: Tensor | None, kw: dict) -> None:
-    check_devices(op, x=x, A=A, cache=cache)
-    _checks_methods.check_graph_mix(op, x, A, cache, kw["self_coef"], kw["lam"])
-
-
 @torch.library.register_fake("smoe::graph_mix")
 def _graph_mix_fake(x: Tensor, A: Tensor, cache: Tensor | None = None, **kwargs) -> Tensor:
-    _check_graph_inputs("graph_mix", x, A, cache, _DEFAULTS | kwargs)
+    kw = _DEFAULTS | kwargs
+    check_devices("graph_mix", x=x, A=A, cache=cache)
+    _checks_methods.check_graph_mix("graph_mix", x, A, cache, kw["self_coef"], kw["lam"])
     return x.new_empty(x.shape)
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from smoe.ops import _checks_methods
-from smoe.ops._common import check_devices, refuse_double_backward
+from smoe.ops._common import acc_dtype, check_devices, refuse_double_backward
 
 __all__ = [
     "KINDS",
@@ -50,36 +50,6 @@ class MomentumUpdate(NamedTuple):
     m: Tensor
     p: Tensor | None
     v: Tensor | None
-
-
-def _unit(name: str, x: float) -> str | None:
-    return None if 0.0 <= x < 1.0 else f"{name} must be in [0, 1), got {x}"
-
-
-def _nonneg(name: str, x: float) -> str | None:
-    return None if 0.0 <= x < math.inf else f"{name} must be finite and >= 0, got {x}"
-
-
-def _positive(name: str, x: float) -> str | None:
-    return None if 0.0 < x < math.inf else f"{name} must be finite and > 0, got {x}"
-
-
-def _option_errors(kind, mu, gamma, sign, beta1, beta2, gamma1, eps, robust_a, robust_b):
-    """The first message on a bad option (the C++ checks' order), or None. NaN fails each."""
-    if kind not in KINDS:
-        return f"kind must be 'heavy_ball', 'adam' or 'robust', got {kind!r}"
-    checks = (
-        _unit("mu", mu),
-        _nonneg("gamma", gamma),
-        None if sign in (1.0, -1.0) else f"sign must be -1 or +1, got {sign}",
-        _unit("beta1", beta1),
-        _unit("beta2", beta2),
-        _nonneg("gamma1", gamma1),
-        _positive("eps", eps),
-        _positive("robust_a", robust_a),
-        _unit("robust_b", robust_b),
-    )
-    return next((c for c in checks if c is not None), None)
 
 
 def momentum_update(
@@ -137,7 +107,10 @@ def momentum_update(
         Deterministic and independent of the CPU thread count; no host sync on CUDA. The linear
         kinds save nothing for the backward; Adam saves u, p and v.
     """
-    problem = _option_errors(kind, mu, gamma, sign, beta1, beta2, gamma1, eps, robust_a, robust_b)
+    problem = _checks_methods.momentum_option_error(
+        dict(kind=kind, mu=mu, gamma=gamma, sign=sign, beta1=beta1, beta2=beta2, gamma1=gamma1,
+             eps=eps, robust_a=robust_a, robust_b=robust_b)
+    )  # fmt: skip
     if problem is not None:
         raise ValueError(f"momentum_update: {problem}")
     adam = kind == "adam"
@@ -165,21 +138,8 @@ def momentum_update(
     return MomentumUpdate(delta, m_out, p_out if adam else None, v_out if adam else None)
 
 
-_STATE = {False: torch.float32, True: torch.float64}
-
-
-def _state_dtype(u: Tensor) -> torch.dtype:
-    return _STATE[u.dtype == torch.float64]
-
-
-def _check_momentum_inputs(op: str, u: Tensor, m: Tensor, p, v, kw: dict) -> bool:
-    """The fakes' checks (csrc/checks_momentum.h); True for the Adam kind."""
-    check_devices(op, u=u, m=m, p=p, v=v)
-    return _checks_methods.check_momentum_update(op, u, m, p, v, kw)
-
-
 def _outputs(u: Tensor, adam: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    state = _state_dtype(u)
+    state = acc_dtype(u)
     extra = u.shape if adam else (0,)
     return (
         u.new_empty(u.shape),
@@ -193,7 +153,8 @@ def _outputs(u: Tensor, adam: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 def _momentum_update_fake(
     u: Tensor, m: Tensor, p: Tensor | None = None, v: Tensor | None = None, **kwargs
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    adam = _check_momentum_inputs("momentum_update", u, m, p, v, _DEFAULTS | kwargs)
+    check_devices("momentum_update", u=u, m=m, p=p, v=v)
+    adam = _checks_methods.check_momentum_update("momentum_update", u, m, p, v, _DEFAULTS | kwargs)
     return _outputs(u, adam)
 
 
@@ -209,7 +170,8 @@ def _setup_context_momentum_update(ctx, inputs, keyword_only_inputs, output) -> 
 
 
 def _backward_momentum_update(ctx, grad_delta, grad_m, grad_p, grad_v):
-    shape, state = ctx.shape, _STATE[ctx.dtype == torch.float64]
+    shape = ctx.shape
+    state = torch.float64 if ctx.dtype == torch.float64 else torch.float32  # acc_dtype of u
     extra = shape if ctx.adam else (0,)
 
     def zeros(size, dtype):
@@ -243,8 +205,8 @@ def _momentum_update_backward_fake(
     **kwargs,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     op = "momentum_update_backward"
-    check_devices(op, u=u, grad_delta=grad_delta, grad_m=grad_m, grad_p=grad_p, grad_v=grad_v)
-    check_devices(op, u=u, m=m, p=p, v=v)
+    grads = dict(grad_delta=grad_delta, grad_m=grad_m, grad_p=grad_p, grad_v=grad_v)
+    check_devices(op, u=u, **grads, m=m, p=p, v=v)
     adam = _checks_methods.check_momentum_update_backward(
         grad_delta, grad_m, grad_p, grad_v, u, m, p, v, _DEFAULTS | kwargs
     )

@@ -80,13 +80,6 @@ def cosine_scores(
     return CosineScores(cos, logits)
 
 
-def _check_cosine_inputs(
-    op: str, h: Tensor, proj: Tensor, expert_emb: Tensor, temperature: Tensor, eps: float
-) -> None:
-    check_devices(op, h=h, proj=proj, expert_emb=expert_emb, temperature=temperature)
-    _checks_methods.check_cosine_scores(op, h, proj, expert_emb, temperature, eps)
-
-
 @torch.library.register_fake("smoe::cosine_scores")
 def _cosine_scores_fake(
     h: Tensor,
@@ -97,7 +90,8 @@ def _cosine_scores_fake(
     eps: float = 1e-4,
     normalize_tokens: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    _check_cosine_inputs("cosine_scores", h, proj, expert_emb, temperature, eps)
+    check_devices("cosine_scores", h=h, proj=proj, expert_emb=expert_emb, temperature=temperature)
+    _checks_methods.check_cosine_scores("cosine_scores", h, proj, expert_emb, temperature, eps)
     shape = (h.shape[0], expert_emb.shape[0])
     dt = acc_dtype(h)
     return h.new_empty(shape, dtype=dt), h.new_empty(shape, dtype=dt)

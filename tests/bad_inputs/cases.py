@@ -280,6 +280,15 @@ def op_cases(
     return cases
 
 
+def smoe_ops() -> list[str]:
+    """The registered smoe ops' names (without ``smoe::``), sorted."""
+    return sorted(
+        name.removeprefix("smoe::")
+        for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith("smoe::")
+    )
+
+
 def all_cases() -> list[Case]:
     """The whole table, in a fixed order; names are unique."""
     from tests.bad_inputs import (

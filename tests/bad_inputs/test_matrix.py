@@ -17,17 +17,9 @@ import pytest
 import torch
 
 from smoe.routing.registry import available_routers
-from tests.bad_inputs.cases import Dev, all_cases
+from tests.bad_inputs.cases import Dev, all_cases, smoe_ops
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _smoe_ops() -> list[str]:
-    return sorted(
-        name.removeprefix("smoe::")
-        for name in torch._C._dispatch_get_all_op_names()
-        if name.startswith("smoe::")
-    )
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +45,7 @@ def test_every_smoe_op_has_wrong_dtype_and_wrong_rank_rows(cases):
     kinds = defaultdict(set)
     for c in cases:
         kinds[c.target].add(c.kind)
-    ops = _smoe_ops()
+    ops = smoe_ops()
     assert "topk_softmax" in ops and "grouped_mm_backward" in ops  # the enumeration works
     missing = [
         f"smoe::{op} lacks {need} rows"
@@ -84,7 +76,7 @@ def test_mixed_device_rows_run_on_cuda_against_the_cpu(cases):
     mixed = {c.target for c in cases if c.kind == "device" and "cuda" in c.devices}
     multi_tensor_ops = {
         f"smoe::{op}"
-        for op in _smoe_ops()
+        for op in smoe_ops()
         if sum(
             isinstance(a.type, torch.TensorType)
             for a in getattr(torch.ops.smoe, op).default._schema.arguments
