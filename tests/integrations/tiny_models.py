@@ -57,6 +57,17 @@ def build(name: str, **overrides) -> torch.nn.Module:
     return model_cls(cfg_cls(**{**COMMON, **kw, **overrides})).eval()
 
 
+def token_ids(seed: int = 0) -> torch.Tensor:
+    """A [2, 9] batch of token ids past the special ones, seeded."""
+    return torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(seed))
+
+
+def close(got: torch.Tensor, want: torch.Tensor, what: str, rel: float = 1e-4) -> None:
+    """Within rel of the tensor's magnitude (and rel elementwise)."""
+    atol = rel * want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=rel, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
 # A script run in a fresh process without smoe: argv = root, names; loads root/<name> with plain
 # transformers and saves {name: (experts_implementation, logits of root/ids.pt)} to root/plain.pt.
 PLAIN_LOADER = """
