@@ -63,20 +63,20 @@ at::Tensor expert_mlp_autocast(const at::Tensor& x, const std::optional<at::Tens
                                const std::optional<at::Tensor>& row, const at::Tensor& offsets,
                                const at::Tensor& w_in, const std::optional<at::Tensor>& b_in,
                                const at::Tensor& w_out, const std::optional<at::Tensor>& b_out,
-                               c10::string_view activation) {
+                               c10::string_view activation, int64_t fuse_min_bytes) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("smoe::expert_mlp", "")
                        .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,
                                          const std::optional<at::Tensor>&, const at::Tensor&,
                                          const at::Tensor&, const std::optional<at::Tensor>&,
                                          const at::Tensor&, const std::optional<at::Tensor>&,
-                                         c10::string_view)>();
+                                         c10::string_view, int64_t)>();
   c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device);
   return op.call(at::autocast::cached_cast(dtype, x, device), token, row, offsets,
                  at::autocast::cached_cast(dtype, w_in, device), cast_optional<device>(dtype, b_in),
                  at::autocast::cached_cast(dtype, w_out, device),
-                 cast_optional<device>(dtype, b_out), activation);
+                 cast_optional<device>(dtype, b_out), activation, fuse_min_bytes);
 }
 
 }  // namespace

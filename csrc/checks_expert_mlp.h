@@ -36,13 +36,15 @@ inline void check_mlp_weight(const char* name, const at::Tensor& w, const at::Te
 
 // x [T, d] with token [M] / row [T, k] (rows gathered through the plan), or x [M, d] grouped rows
 // without them; w_in [E, d, n_in], w_out [E, d_ff, d_out] (n_in = 2 d_ff for swiglu, else d_ff);
-// offsets [E+1] int64. Returns the activation and M.
+// offsets [E+1] int64; fuse_min_bytes >= 0. Returns the activation and M.
 inline std::pair<MlpActivation, int64_t> check_expert_mlp(
     const at::Tensor& x, const std::optional<at::Tensor>& token,
     const std::optional<at::Tensor>& row, const at::Tensor& offsets, const at::Tensor& w_in,
     const std::optional<at::Tensor>& b_in, const at::Tensor& w_out,
-    const std::optional<at::Tensor>& b_out, std::string_view activation) {
+    const std::optional<at::Tensor>& b_out, std::string_view activation, int64_t fuse_min_bytes) {
   const MlpActivation act = parse_mlp_activation(activation);
+  TORCH_CHECK(fuse_min_bytes >= 0, "smoe::expert_mlp: fuse_min_bytes must be >= 0 (0: always ",
+              "fused), got ", fuse_min_bytes);
   check_float("expert_mlp", "x", x);
   TORCH_CHECK(x.dim() == 2, "smoe::expert_mlp: x must be 2-D ([T, d] with a plan, [M, d] without),",
               " got ", x.dim(), "-D");

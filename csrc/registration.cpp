@@ -168,11 +168,12 @@ TORCH_LIBRARY(smoe, m) {
   // offsets[e] <= r < offsets[e+1] (zero rows past offsets[E]), where in[r] = x[token[r]] (0 where
   // token[r] < 0) with a plan's token [M] / row [T, k], or x[r] without one; activation "swiglu"
   // (w_in [E, d, 2 d_ff], gate columns first), "gelu", "gelu_tanh" or "relu". CPU: per (expert,
-  // row block) in one thread's scratch, neither the gathered rows nor the hidden are materialised.
-  // Its backward (smoe.ops.experts) recomputes the hidden through the unfused ops.
+  // row block) in one thread's scratch, neither the gathered rows nor the hidden are materialised,
+  // unless the hidden [M, n_in] is at most fuse_min_bytes > 0 (then the unfused chain; CUDA
+  // always). Its backward (smoe.ops.experts) recomputes the hidden through the unfused ops.
   m.def(
       "expert_mlp(Tensor x, Tensor? token, Tensor? row, Tensor offsets, Tensor w_in, Tensor? b_in, "
-      "Tensor w_out, Tensor? b_out, str activation) -> Tensor");
+      "Tensor w_out, Tensor? b_out, str activation, int fuse_min_bytes=0) -> Tensor");
 
   // ---- momentum ----
   m.set_python_module("smoe.ops.momentum");

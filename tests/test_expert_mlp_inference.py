@@ -95,3 +95,24 @@ def test_compiled_inference_runs_the_fused_op_without_graph_breaks():
         want = layer(X)[0]
         assert _ran_expert_mlp(lambda: compiled(X))
         torch.testing.assert_close(compiled(X), want)
+
+
+def test_dynamic_compile_decides_the_size_rule_when_the_graph_runs():
+    """Under torch.compile(dynamic=True) the token count is symbolic: the graph holds the
+    expert_mlp op with the 4 MiB rule as its fuse_min_bytes, so one graph runs the fused items at
+    a large length and the unfused chain (inside the op) at a small one, with eager's bits."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    layer = _layer().eval()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda t: layer(t)[0], dynamic=True, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        for n, fused in ((20, False), (700, True), (33, False)):
+            x = X[:, :n].clone()  # not a view: a view of X would recompile on its own account
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                got = compiled(x)
+            names = [e.name for e in prof.events()]
+            assert "smoe::expert_mlp" in names
+            assert ("smoe::grouped_mm" not in names) == fused, x.shape
+            assert torch.equal(got, layer(x)[0])
+    assert counter.frame_count == 1

@@ -8,7 +8,8 @@ the token count into the graph; the graph-of-tokens and USMoE routers read the b
 ``int()``; the fakes' checks added guards sympy could not prove for every size; and the experts'
 4 MiB rule for their fused path guarded on the token count. The ops now take those sizes as
 SymInt, the routers keep them symbolic, the fakes' checks refuse a bad traced call without
-guarding a good one, and on symbolic sizes the experts take the unfused path.
+guarding a good one, and on symbolic sizes the experts in training take the unfused path, and in
+inference the expert_mlp op, which applies the size rule when it runs (its fuse_min_bytes).
 """
 
 from __future__ import annotations
@@ -76,14 +77,48 @@ def test_registered_router_compiles_once_for_several_sequence_lengths(name):
     assert frames[0] >= 1 and frames[-1] == frames[0], f"{name}: frames compiled {frames}"
 
 
-def test_export_serves_both_sides_of_the_fused_paths_size_rule():
-    # eager picks the fused expert_mlp above ops.experts.FUSE_MIN_BYTES of hidden; the exported
-    # program holds one path for every length (a guard on the rule would have tied it to the
-    # traced length's side), and both agree to float rounding
+def _past_rule(layer: MoELayer, row_width: int) -> int:
+    """A sequence length whose [B * S * K, row_width] fp32 rows pass ops.experts.FUSE_MIN_BYTES."""
+    return ops.experts.FUSE_MIN_BYTES // (B * K * row_width * 4) + 1
+
+
+def _calls(fn, op: str):
+    """fn's result and how many times it called smoe::<op>."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, sum(e.name == f"smoe::{op}" for e in prof.events())
+
+
+def test_export_serves_both_sides_of_the_gathering_paths_size_rule():
+    # traced with gradients (the training path): eager gathers the first GEMM's rows through the
+    # plan (gather_mm) once the grouped rows [B S K, d] pass 4 MiB; the program holds one path
+    # for every length (a guard on the rule would have tied it to the traced length's side), and
+    # both agree to rounding
     layer = _layer("topk")
-    big = -(-ops.experts.FUSE_MIN_BYTES // (B * K * 2 * D_FF * 4)) + 1  # hidden past 4 MiB
     program = export(layer, (_inputs("topk", SEQ[0])[0],), dynamic_shapes=({1: Dim("S")},))
-    for n in (SEQ[0], big):
+    for n, gathers in ((SEQ[0], 0), (_past_rule(layer, D), 1)):
+        x, _ = _inputs("topk", n)
+        want, calls = _calls(lambda x=x: layer(x), "gather_mm")
+        assert calls == gathers, (n, calls)
+        _same(program.module()(x), want)
+
+
+def test_exported_inference_fuses_the_expert_mlp_past_the_size_rule_only():
+    # traced without gradients (inference): the experts are one smoe::expert_mlp whose
+    # fuse_min_bytes carries the 4 MiB rule to run time, so the program runs the fused items at
+    # a large length and the unfused chain (inside the op) at a small one, as eager does, with
+    # eager's bits
+    layer = _layer("topk")
+    with torch.no_grad():
+        program = export(layer, (_inputs("topk", SEQ[0])[0],), dynamic_shapes=({1: Dim("S")},))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "smoe.expert_mlp.default" in targets, sorted(targets)
+    assert "smoe.grouped_mm.default" not in targets, sorted(targets)
+    hidden_width = layer.experts.w_in.shape[1]  # [E, n_in, d]
+    for n, chain in ((SEQ[0], True), (_past_rule(layer, hidden_width), False)):
         x, _ = _inputs("topk", n)
         with torch.no_grad():
-            _same(program.module()(x), layer(x))
+            (y, aux), calls = _calls(lambda x=x: program.module()(x), "grouped_mm")
+            y0, aux0 = layer(x)
+        assert calls == (2 if chain else 0), (n, calls)
+        assert torch.equal(y, y0) and torch.equal(aux.tokens_per_expert, aux0.tokens_per_expert)

@@ -7,7 +7,9 @@
 // (for_each_block_with, on the calling thread, so that torch's memory profiler counts it), small
 // enough for glibc to recycle. Items go to threads one at a time (csrc/cpu/gemm_glue.h).
 // Item sizes follow from the shapes and the dtype only, and each item's GEMMs run single-threaded,
-// so results are bitwise equal for every torch.set_num_threads.
+// so results are bitwise equal for every torch.set_num_threads. Where the hidden [M, n_in] is at
+// most the call's fuse_min_bytes (default 0: never), the op runs the unfused chain instead
+// (expert_mlp_chain.h): the size rule is then decided at run time, from the real token count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -29,6 +31,7 @@
 #include "cpu/permute_kernel.h"
 #include "cpu/swiglu_kernel.h"
 #include "cpu/workspace.h"
+#include "expert_mlp_chain.h"
 
 namespace smoe::ops {
 namespace {
@@ -89,15 +92,21 @@ at::Tensor expert_mlp_cpu(const at::Tensor& x_in, const std::optional<at::Tensor
                           const std::optional<at::Tensor>& row, const at::Tensor& offsets_in,
                           const at::Tensor& w_in,
                           const std::optional<at::Tensor>& b_in, const at::Tensor& w_out,
-                          const std::optional<at::Tensor>& b_out, c10::string_view activation) {
-  const auto [act, M] = check_expert_mlp(x_in, token_in, row, offsets_in, w_in, b_in, w_out, b_out,
-                                         std::string_view(activation.data(), activation.size()));
+                          const std::optional<at::Tensor>& b_out, c10::string_view activation,
+                          int64_t fuse_min_bytes) {
+  const auto [act, M] =
+      check_expert_mlp(x_in, token_in, row, offsets_in, w_in, b_in, w_out, b_out,
+                       std::string_view(activation.data(), activation.size()), fuse_min_bytes);
   const bool gather = token_in.has_value();
   const at::Tensor offsets = offsets_in.contiguous();  // read through a plain pointer
   check_offsets_cpu(offsets, M, "expert_mlp", gather ? "token" : "x");
   const at::Tensor x = rows_dense(x_in);
   const at::Tensor token = gather ? token_in->contiguous() : at::Tensor();
   if (gather) check_index_range("expert_mlp", "token", token, x.size(0), "T");
+  // a small hidden is neither page-faulted nor worth the fusion (smoe.ops.experts.FUSE_MIN_BYTES)
+  if (fuse_min_bytes > 0 && M * w_in.size(2) * x.element_size() <= fuse_min_bytes) {
+    return expert_mlp_chain(x_in, token_in, row, offsets_in, w_in, b_in, w_out, b_out, act);
+  }
   const int64_t E = w_in.size(0), d = x.size(1), n_in = w_in.size(2), d_ff = w_out.size(1),
                 d_out = w_out.size(2);
   const int64_t* off = offsets.const_data_ptr<int64_t>();

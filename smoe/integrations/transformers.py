@@ -110,8 +110,9 @@ def run_experts(module: nn.Module, hidden_states: Tensor, plan: ops.Plan, weight
     experts path of the blocks :func:`smoe.convert` builds (whose routers may make their own
     plans)."""
     if _fusable(module, hidden_states, plan):
-        # inference with transformers' default SwiGLU at a size where it pays: each expert's
-        # whole MLP in one op, which never materialises the grouped rows or the hidden
+        # inference with transformers' default SwiGLU at a size where it pays (or a symbolic
+        # size: the op then decides when it runs): each expert's whole MLP in one op, which
+        # never materialises the grouped rows or the hidden
         transposed, w_in, b_in, b_out = _parts(module)
         y = ops.expert_mlp(
             hidden_states,
@@ -121,7 +122,6 @@ def run_experts(module: nn.Module, hidden_states: Tensor, plan: ops.Plan, weight
             b_in=b_in,
             b_out=b_out,
             plan=plan,
-            fused=True,
         )
         if getattr(module, "has_post_expert_norm", False):
             y = module.post_expert_norm(y)
@@ -138,7 +138,7 @@ def run_experts(module: nn.Module, hidden_states: Tensor, plan: ops.Plan, weight
 
 def _fusable(module: nn.Module, x: Tensor, plan: ops.Plan) -> bool:
     """No gradient needed (inference, frozen experts), transformers' default SwiGLU gate, and a
-    hidden large enough for the fused op to pay (smoe.ops.experts.fuses)."""
+    hidden large enough for the fused op to pay, or a symbolic one (smoe.ops.experts.fuses)."""
     if needs_grad(x, module.parameters(recurse=False)):
         return False
     if not (getattr(module, "has_gate", True) and _fused_swiglu(module)):

@@ -300,10 +300,13 @@ def check_expert_mlp(
     w_out: Tensor,
     b_out: Tensor | None,
     activation: str,
+    fuse_min_bytes: int = 0,
 ) -> None:
     op = "expert_mlp"
     check(activation in MLP_ACTIVATIONS, op, "activation must be one of 'swiglu', 'gelu', ",
           "'gelu_tanh', 'relu', got '", activation, "'")  # fmt: skip
+    check(fuse_min_bytes >= 0, op, "fuse_min_bytes must be >= 0 (0: always fused), got ",
+          fuse_min_bytes)  # fmt: skip
     check_float(op, "x", x)
     check(x.dim() == 2, op, "x must be 2-D ([T, d] with a plan, [M, d] without), got ", x.dim(),
           "-D")  # fmt: skip

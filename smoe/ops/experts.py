@@ -186,11 +186,20 @@ def run_itemsize(x: Tensor) -> int:
     return x.element_size()
 
 
-def fuses(x: Tensor, w_in: Tensor, plan=None) -> bool:
-    """Whether :func:`expert_mlp` with ``fused=None`` runs the fused op: on CPU, when the hidden
-    ``[M, n_in]`` in the dtype the op runs in (x's, or autocast's) would pass ``FUSE_MIN_BYTES``."""
+def _hidden_bytes(x: Tensor, w_in: Tensor, plan) -> int:
+    """The bytes of the hidden ``[M, n_in]`` in the dtype the op runs in (x's, or autocast's)."""
     rows = x.shape[0] if plan is None else plan.token.shape[0]
-    return x.device.type == "cpu" and past_fuse_bytes(rows * w_in.shape[-1] * run_itemsize(x))
+    return rows * w_in.shape[-1] * run_itemsize(x)
+
+
+def fuses(x: Tensor, w_in: Tensor, plan=None) -> bool:
+    """Whether :func:`expert_mlp` with ``fused=None`` runs the ``smoe::expert_mlp`` op: on CPU,
+    unless the hidden ``[M, n_in]`` in the dtype the op runs in (x's, or autocast's) is at most
+    ``FUSE_MIN_BYTES``. On symbolic sizes, where that cannot be told for every size, it does:
+    the op then applies the rule to the real size at run time (its ``fuse_min_bytes``)."""
+    if x.device.type != "cpu":
+        return False
+    return not statically_known_true(_hidden_bytes(x, w_in, plan) <= FUSE_MIN_BYTES)
 
 
 def expert_mlp(
@@ -224,8 +233,10 @@ def expert_mlp(
             ``[M, n_in]`` would pass ``FUSE_MIN_BYTES`` (4 MiB) on CPU, else the chain: a small
             hidden is neither page-faulted nor worth the fusion, and the unfused ops' (expert,
             column block) items keep more threads busy than a few (expert, row block) items.
-            With symbolic sizes (``torch.compile(dynamic=True)``, ``torch.export``): the chain
-            (:func:`past_fuse_bytes`).
+            With symbolic sizes (``torch.compile(dynamic=True)``, ``torch.export``) on CPU: the
+            op with ``fuse_min_bytes=FUSE_MIN_BYTES``, which applies that rule to the real size
+            when it runs, so that one traced graph takes the fused path at large token counts
+            and the chain (run inside the op: the same kernels) at small ones.
 
     Returns:
         ``[M, d_out]`` grouped rows (what :func:`grouped_mm` of the activation gives); rows past
@@ -248,19 +259,24 @@ def expert_mlp(
         raise ValueError(
             f"expert_mlp: activation must be one of {MLP_ACTIVATIONS}, got {activation!r}"
         )
+    fuse_min_bytes = 0  # the op: always fused
     if fused is None:
         fused = fuses(x, w_in, plan)
+        if fused and not statically_known_true(_hidden_bytes(x, w_in, plan) > FUSE_MIN_BYTES):
+            fuse_min_bytes = FUSE_MIN_BYTES  # a symbolic size: the op applies the rule
     if not fused:
         h = grouped_mm(x if plan is None else permute(x, plan), w_in, offsets, b_in)
         return grouped_mm(_mlp_activation(activation, h), w_out, offsets, b_out)
     token, row = (None, None) if plan is None else (plan.token, plan.row)
     return torch.ops.smoe.expert_mlp.default(
-        x, token, row, offsets, w_in, b_in, w_out, b_out, activation
+        x, token, row, offsets, w_in, b_in, w_out, b_out, activation, fuse_min_bytes
     )
 
 
 @torch.library.register_fake("smoe::expert_mlp")
-def _expert_mlp_fake(x, token, row, offsets, w_in, b_in, w_out, b_out, activation):
+def _expert_mlp_fake(
+    x, token, row, offsets, w_in, b_in, w_out, b_out, activation, fuse_min_bytes=0
+):
     check_devices(
         "expert_mlp",
         x=x,
@@ -272,7 +288,9 @@ def _expert_mlp_fake(x, token, row, offsets, w_in, b_in, w_out, b_out, activatio
         w_out=w_out,
         b_out=b_out,
     )
-    _checks.check_expert_mlp(x, token, row, offsets, w_in, b_in, w_out, b_out, activation)
+    _checks.check_expert_mlp(
+        x, token, row, offsets, w_in, b_in, w_out, b_out, activation, fuse_min_bytes
+    )
     M = x.shape[0] if token is None else token.shape[0]
     return x.new_empty((M, w_out.shape[2]))
 
@@ -295,7 +313,7 @@ def _mlp_activation_backward(activation: str, grad: Tensor, h: Tensor) -> Tensor
 
 
 def _setup_context_expert_mlp(ctx, inputs, output) -> None:
-    x, token, row, offsets, w_in, b_in, w_out, b_out, activation = inputs
+    x, token, row, offsets, w_in, b_in, w_out, b_out, activation = inputs[:9]
     ctx.save_for_backward(x, token, row, offsets, w_in, b_in, w_out)
     ctx.activation = activation
     ctx.has_b_out = b_out is not None
@@ -338,6 +356,7 @@ def _backward_expert_mlp(ctx, grad: Tensor):
         gb_in,
         gw_out if need_w_out else None,
         gb_out,
+        None,
         None,
     )
 

@@ -56,6 +56,7 @@ _rows = [
     ),
     row("config", "activation unknown", arg("activation"), activation=lambda d, a: "silu"),
     row("config", "activation gelu on a swiglu w_in", arg("w_in"), activation=lambda d, a: "gelu"),
+    row("config", "fuse_min_bytes -1", arg("fuse_min_bytes"), fuse_min_bytes=lambda d, a: -1),
     row("size", "w_in d+1 rows", arg("w_in"), w_in=lambda d, a: d.f(E, D + 1, 2 * F)),
     row("size", "w_out E+1 experts", arg("w_out"), w_out=lambda d, a: d.f(E + 1, F, D)),
     row("size", "b_in 2F+1 columns", arg("b_in"), b_in=lambda d, a: d.f(E, 2 * F + 1)),

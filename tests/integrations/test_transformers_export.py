@@ -47,26 +47,32 @@ def _smoe_and_eager_logits(name: str, ids: torch.Tensor):
     return model, want
 
 
-def _runs_smoe(program: torch.export.ExportedProgram) -> None:
+def _runs_smoe(program: torch.export.ExportedProgram, *, fused: bool) -> None:
+    """The program routes with smoe's ops, and its experts are one expert_mlp or the chain."""
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert "smoe.make_plan.default" in targets, sorted(targets)
+    assert ("smoe.expert_mlp.default" in targets) == fused, sorted(targets)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_export_with_a_dynamic_sequence_length_matches_eager(name):
-    """The whole model (no cache; non-strict, as transformers exports), the sequence length
-    dynamic: the program equals eager at another length."""
+    """The whole model (no cache; non-strict, as transformers exports; no gradients), the
+    sequence length dynamic and unbounded: the program equals eager at another length. Its
+    experts are one expert_mlp, which applies the 4 MiB size rule to the real length when it
+    runs, except GPT-OSS's (its clamped SwiGLU is the module's own `_apply_gate`, between the
+    GEMMs)."""
     ids = torch.randint(3, 64, (2, 23), generator=torch.Generator().manual_seed(1))
     model, want = _smoe_and_eager_logits(name, ids)
-    length = torch.export.Dim("S", max=64)
-    program = torch.export.export(
-        model,
-        (token_ids(),),
-        {"use_cache": False},
-        dynamic_shapes={"input_ids": {1: length}, "use_cache": None},
-        strict=False,
-    )
-    _runs_smoe(program)
+    length = torch.export.Dim("S")
+    with torch.no_grad():
+        program = torch.export.export(
+            model,
+            (token_ids(),),
+            {"use_cache": False},
+            dynamic_shapes={"input_ids": {1: length}, "use_cache": None},
+            strict=False,
+        )
+    _runs_smoe(program, fused=name != "gpt_oss")
     with torch.no_grad():
         got = program.module()(ids, use_cache=False).logits
     close(got, want, name)
@@ -91,7 +97,8 @@ def test_executorch_recipe_prefills_and_decodes_like_eager(name):
     """transformers' ExecuTorch recipe, strict export, the cache in the program (static, or
     sliding-window where the config has layer types: Qwen2-MoE, GPT-OSS), the prompt length
     dynamic: one program prefills 5 tokens and decodes 7 more one at a time, each step's logits
-    equal to eager's on the whole sequence."""
+    equal to eager's on the whole sequence. (The length's bound keeps every hidden under the
+    fusion's 4 MiB: the experts are the unfused chain, decided when traced.)"""
     model, want = _smoe_and_eager_logits(name, SEQUENCE)
     model.generation_config = GenerationConfig(
         use_cache=True,
@@ -101,12 +108,13 @@ def test_executorch_recipe_prefills_and_decodes_like_eager(name):
     )
     recipe = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=MAX_CACHE)
     length = torch.export.Dim("S", max=MAX_CACHE - 1)
-    program = recipe.export(
-        SEQUENCE[:, :PROMPT],
-        cache_position=torch.arange(PROMPT),
-        dynamic_shapes={"input_ids": {1: length}, "cache_position": {0: length}},
-    )
-    _runs_smoe(program)
+    with torch.no_grad():  # as transformers' convert_and_export_with_cache exports
+        program = recipe.export(
+            SEQUENCE[:, :PROMPT],
+            cache_position=torch.arange(PROMPT),
+            dynamic_shapes={"input_ids": {1: length}, "cache_position": {0: length}},
+        )
+    _runs_smoe(program, fused=False)
     run = program.module()
     steps = [run(input_ids=SEQUENCE[:, :PROMPT], cache_position=torch.arange(PROMPT))]
     for i in range(PROMPT, SEQUENCE.shape[1]):
@@ -120,8 +128,8 @@ def test_export_with_dynamic_cache_matches_eager(name):
     prompt = SEQUENCE[:, :PROMPT]
     model, want = _smoe_and_eager_logits(name, prompt)
     mask = torch.ones_like(prompt)
-    program = export_with_dynamic_cache(model, prompt, mask)
-    _runs_smoe(program)
+    program = export_with_dynamic_cache(model, prompt, mask)  # static shapes, no gradients
+    _runs_smoe(program, fused=False)
     cache = DynamicCache(config=model.config)
     out = program.module()(input_ids=prompt, attention_mask=mask, cache=cache, use_cache=True)
     close(out.logits, want, name)

@@ -154,14 +154,71 @@ def test_expert_mlp_gradients_match_the_unfused_chain():
         torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)
 
 
+def _nested_grouped_mm_calls(fn) -> int:
+    """How many smoe::grouped_mm calls fn made (the chain inside the op makes two)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name == "smoe::grouped_mm" for e in prof.events())
+
+
+@pytest.mark.parametrize("act", ["swiglu", "gelu"])
+@pytest.mark.parametrize("gather", [True, False], ids=["plan", "grouped"])
+def test_fuse_min_bytes_runs_the_chain_inside_the_op_up_to_it(gather, act):
+    """fuse_min_bytes > 0: a hidden [M, n_in] of at most that many bytes runs the unfused chain
+    inside the op (bitwise the chain's result and gradients), one byte less the fused items."""
+    x, plan, w_in, w_out, b_in, b_out = make_case(40, 16, 12, 4, 2, 3, act, True, torch.float32)
+    rows = x if gather else ops.permute(x, plan)
+    token, row = (plan.token, plan.row) if gather else (None, None)
+    hidden = plan.token.shape[0] * w_in.shape[2] * 4
+    params = [t.detach().requires_grad_() for t in (rows, w_in, b_in, w_out, b_out)]
+
+    def op(limit):
+        r, wi, bi, wo, bo = params
+        return torch.ops.smoe.expert_mlp.default(r, token, row, plan.offsets, wi, bi, wo, bo, act,
+                                                 limit)  # fmt: skip
+
+    g = torch.randn(plan.token.shape[0], w_out.shape[2], generator=torch.Generator().manual_seed(3))
+    chain_p = [t.detach().requires_grad_() for t in params]
+    p = plan if gather else None
+    want = ops.expert_mlp(chain_p[0], plan.offsets, chain_p[1], chain_p[3], b_in=chain_p[2],
+                          b_out=chain_p[4], activation=act, plan=p, fused=False)  # fmt: skip
+    want_grads = torch.autograd.grad(want, chain_p, g)
+    fused = op(0).detach()
+    with torch.no_grad():
+        assert _nested_grouped_mm_calls(lambda: op(hidden)) == 2
+        assert _nested_grouped_mm_calls(lambda: op(hidden - 1)) == 0
+        assert _nested_grouped_mm_calls(lambda: op(0)) == 0  # 0: always fused
+        assert torch.equal(op(hidden - 1), fused)
+    got = op(hidden)
+    assert torch.equal(got, want)
+    for u, v in zip(torch.autograd.grad(got, params, g), want_grads):
+        assert torch.equal(u, v)
+
+
+def test_fuse_min_bytes_under_autocast_counts_the_autocast_dtype():
+    """Under torch.autocast the op runs in bf16: the rule counts 2 bytes per hidden entry."""
+    x, plan, w_in, w_out, _, _ = make_case(40, 16, 12, 4, 2, None, "swiglu", False, torch.float32)
+    hidden_bf16 = plan.token.shape[0] * w_in.shape[2] * 2
+
+    def op(limit):
+        return torch.ops.smoe.expert_mlp.default(x, plan.token, plan.row, plan.offsets, w_in, None,
+                                                 w_out, None, "swiglu", limit)  # fmt: skip
+
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert op(hidden_bf16).dtype == torch.bfloat16
+        assert _nested_grouped_mm_calls(lambda: op(hidden_bf16)) == 2
+        assert _nested_grouped_mm_calls(lambda: op(hidden_bf16 - 1)) == 0
+
+
+@pytest.mark.parametrize("fuse_min_bytes", [0, 1 << 30], ids=["fused", "chain"])
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("gather", [True, False], ids=["plan", "grouped"])
-def test_expert_mlp_opcheck(gather, requires_grad):
+def test_expert_mlp_opcheck(gather, requires_grad, fuse_min_bytes):
     x, plan, w_in, w_out, b_in, b_out = make_case(11, 6, 4, 3, 2, None, "swiglu", True)
     if not gather:
         x = ops.permute(x, plan)
     args = [x, plan.token if gather else None, plan.row if gather else None, plan.offsets]
-    args += [w_in, b_in, w_out, b_out, "swiglu"]
+    args += [w_in, b_in, w_out, b_out, "swiglu", fuse_min_bytes]
     if requires_grad:
         for i in (0, 4, 5, 6, 7):
             args[i] = args[i].detach().requires_grad_()
