@@ -1,7 +1,8 @@
 """Inference latency of one MoE block, forward only, from generation (T = 1) to prefill (T = 4096).
 
     python benchmarks/bench_inference.py [--quick] [--device cpu|cuda] [--dtype fp32 bf16]
-                                         [--tokens 1 8 64 512 4096] [--threads N] [--out DIR]
+                                         [--tokens 1 8 64 512 4096] [--threads N] [--exported]
+                                         [--out DIR]
 
 Two transformers blocks built from their config classes at real widths, random weights, no hub:
 
@@ -17,6 +18,9 @@ Implementations, all on the same weights, each called as ``block(x [1, T, d])`` 
   dispatch and GEMMs);
 - ``smoe``: the block converted by :func:`smoe.convert` (a ``MoELayer`` subclass that aliases the
   block's tensors: smoe's ``topk_softmax`` router op, plan, permute, grouped_mm, swiglu, combine).
+- ``smoe-exported`` (with ``--exported``): that converted block exported once per (block, dtype)
+  by ``torch.export`` without gradients, the token count a dynamic ``Dim``, and the program's
+  module called at every T (a deployment's one program for prefill and decoding).
 
 Outputs are checked against ``eager`` before timing (max abs difference relative to eager's
 largest value, printed in the table).
@@ -80,7 +84,7 @@ def build_block(prefix: str, kw: dict, dtype: torch.dtype, device: str) -> torch
     return block.to(device=device, dtype=dtype).eval()
 
 
-def implementations(block: torch.nn.Module) -> dict[str, callable]:
+def implementations(block: torch.nn.Module, exported: bool = False) -> dict[str, callable]:
     """impl -> fn(x) -> y; all on ``block``'s tensors."""
     experts = block.experts
     converted = smoe.convert(block)  # aliases the block's tensors; the block itself is unchanged
@@ -100,6 +104,19 @@ def implementations(block: torch.nn.Module) -> dict[str, callable]:
     fns = {impl: with_experts(impl) for impl in ("eager", "grouped_mm")}
     fns["smoe-experts"] = with_experts("smoe")
     fns["smoe"] = run_smoe
+    if exported:
+        example = torch.zeros(1, 16, experts.config.hidden_size, dtype=experts.gate_up_proj.dtype,
+                              device=experts.gate_up_proj.device)  # fmt: skip
+        with torch.no_grad():
+            program = torch.export.export(
+                converted, (example,), dynamic_shapes=({1: torch.export.Dim("T")},)
+            ).module()
+
+        def run_exported(x):
+            out = program(x)
+            return out[0] if isinstance(out, tuple) else out
+
+        fns["smoe-exported"] = run_exported
     return fns
 
 
@@ -167,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tokens", nargs="+", type=int, default=None, help=f"default {TOKENS}")
     p.add_argument("--quick", action="store_true", help="tiny blocks, T 1 and 8, 1 round (a test)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--exported", action="store_true", help="add the exported converted block")
     p.add_argument("--rounds", type=int, default=None, help="default 3 (1 with --quick)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
     a = p.parse_args(argv)
@@ -191,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
         prefix, kw = cfgs[name]
         for dt in a.dtype:
             block = build_block(prefix, kw, DTYPES[dt], a.device)
-            fns = implementations(block)
+            fns = implementations(block, a.exported)
             for T in tokens:
                 g = torch.Generator().manual_seed(T)
                 x = torch.randn(1, T, kw["hidden_size"], generator=g).to(a.device, DTYPES[dt])

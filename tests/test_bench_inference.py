@@ -47,6 +47,17 @@ def test_quick_has_a_row_per_block_dtype_tokens_and_implementation(quick):
     assert md.count("\n- ") == 4  # one target verdict per (block, dtype)
 
 
+def test_exported_row_runs_one_program_for_every_length(tmp_path):
+    data, md, _ = run_quick_benchmark("bench_inference.py", tmp_path, "--threads", "1", "--blocks",
+                                      "mixtral", "--dtype", "fp32", "--exported",
+                                      stem="bench_inference_cpu_quick")  # fmt: skip
+    assert [r["T"] for r in data["results"]] == [1, 8]
+    for r in data["results"]:
+        assert list(r["impls"]) == [*bi.IMPLS, "smoe-exported"]
+        assert r["impls"]["smoe-exported"]["max_rel_diff"] < 1e-5  # the block eager computes
+    assert md.count("| smoe-exported |") == 2
+
+
 def test_verdicts_name_each_miss():
     impls = {"smoe": {"vs_eager": 1.05, "vs_grouped_mm": 0.9}}
     results = [dict(block="b", dtype="fp32", T=T, impls=impls) for T in (1, 512)]
