@@ -38,18 +38,19 @@ at::Tensor grouped_mm_autocast(const at::Tensor& x, const at::Tensor& w, const a
 template <c10::DeviceType device, c10::DispatchKey key>
 at::Tensor gather_mm_autocast(const at::Tensor& x, const at::Tensor& token, const at::Tensor& row,
                               const at::Tensor& w, const at::Tensor& offsets,
-                              const std::optional<at::Tensor>& bias) {
+                              const std::optional<at::Tensor>& bias, int64_t gather_min_bytes) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("smoe::gather_mm", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, const at::Tensor&,
-                                         const std::optional<at::Tensor>&)>();
+                                         const std::optional<at::Tensor>&, int64_t)>();
   c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device);
   std::optional<at::Tensor> cast_bias;
   if (bias.has_value()) cast_bias = at::autocast::cached_cast(dtype, *bias, device);
   return op.call(at::autocast::cached_cast(dtype, x, device), token, row,
-                 at::autocast::cached_cast(dtype, w, device), offsets, cast_bias);
+                 at::autocast::cached_cast(dtype, w, device), offsets, cast_bias,
+                 gather_min_bytes);
 }
 
 template <c10::DeviceType device>

@@ -12,6 +12,7 @@
 
 #include "checks.h"
 #include "checks_grouped_mm.h"
+#include "checks_size_rule.h"
 
 namespace smoe::ops {
 
@@ -43,8 +44,7 @@ inline std::pair<MlpActivation, int64_t> check_expert_mlp(
     const std::optional<at::Tensor>& b_in, const at::Tensor& w_out,
     const std::optional<at::Tensor>& b_out, std::string_view activation, int64_t fuse_min_bytes) {
   const MlpActivation act = parse_mlp_activation(activation);
-  TORCH_CHECK(fuse_min_bytes >= 0, "smoe::expert_mlp: fuse_min_bytes must be >= 0 (0: always ",
-              "fused), got ", fuse_min_bytes);
+  check_min_bytes("expert_mlp", "fuse_min_bytes", fuse_min_bytes, "fused");
   check_float("expert_mlp", "x", x);
   TORCH_CHECK(x.dim() == 2, "smoe::expert_mlp: x must be 2-D ([T, d] with a plan, [M, d] without),",
               " got ", x.dim(), "-D");

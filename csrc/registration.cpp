@@ -156,10 +156,11 @@ TORCH_LIBRARY(smoe, m) {
   // grouped_mm over the rows a plan gathers: out[r] = x[token[r]] @ w[e] (+ bias[e]) for
   // offsets[e] <= r < offsets[e+1] (x[token[r]] = 0 where token[r] < 0), zero rows past
   // offsets[E]: permute -> grouped_mm without materialising x_sorted (CPU: each row block is
-  // gathered into a thread's scratch). x [T, d_in]; `row` is used only by the backward.
+  // gathered into a thread's scratch; grouped rows of at most gather_min_bytes > 0 are permuted
+  // instead). x [T, d_in]; `row` is used only by the backward.
   m.def(
-      "gather_mm(Tensor x, Tensor token, Tensor row, Tensor w, Tensor offsets, Tensor? bias=None) "
-      "-> Tensor");
+      "gather_mm(Tensor x, Tensor token, Tensor row, Tensor w, Tensor offsets, Tensor? bias=None, "
+      "int gather_min_bytes=0) -> Tensor");
   m.set_python_module("smoe.ops.experts");
   // SwiGLU on a fused gate/up projection h [M, 2f] (gate columns first, transformers' gate_up_proj
   // layout): silu(gate) * up in one pass; returns [M, f].

@@ -53,9 +53,21 @@ def gathers(x: Tensor, plan: ops.Plan) -> bool:
     ``ops.experts.FUSE_MIN_BYTES``. Below that, permute is cheap and
     grouped_mm's (expert, row block, column block) items keep more threads busy than
     gather_mm's one task per row block. On CUDA gather_mm is the unfused chain, so permute
-    runs as itself. The size is in the dtype the op runs in (autocast's under torch.autocast)."""
-    nbytes = plan.token.shape[0] * x.shape[1] * ops.experts.run_itemsize(x)
-    return x.device.type == "cpu" and ops.experts.past_fuse_bytes(nbytes)
+    runs as itself. The size is in the dtype the op runs in (autocast's under torch.autocast). On
+    a symbolic token count: yes, unless under 4 MiB for every count, and gather_mm applies the
+    rule when it runs (:func:`gather_min_bytes`)."""
+    return x.device.type == "cpu" and ops.experts.may_pass_fuse_bytes(_grouped_bytes(x, plan))
+
+
+def gather_min_bytes(x: Tensor, plan: ops.Plan) -> int:
+    """The ``gather_min_bytes`` of a :func:`smoe.ops.gather_mm` call where :func:`gathers`: 0 on
+    a size known to pass the rule, ``FUSE_MIN_BYTES`` on a symbolic one (see
+    :func:`smoe.ops.experts.min_bytes_rule`)."""
+    return ops.experts.min_bytes_rule(_grouped_bytes(x, plan))
+
+
+def _grouped_bytes(x: Tensor, plan: ops.Plan):
+    return plan.token.shape[0] * x.shape[1] * ops.experts.run_itemsize(x)
 
 
 def experts_on_tokens(experts: nn.Module, tokens: Tensor, plan: ops.Plan) -> Tensor:
@@ -168,7 +180,8 @@ class Experts(nn.Module):
                     plan=plan,
                 )
             if gathers(x_sorted, plan):
-                h = ops.gather_mm(x_sorted, plan, w_in, self.b_in)
+                limit = gather_min_bytes(x_sorted, plan)
+                h = ops.gather_mm(x_sorted, plan, w_in, self.b_in, gather_min_bytes=limit)
                 return self._second_half(h, offsets)
             x_sorted = ops.permute(x_sorted, plan)
         check_tokens("Experts", "x_sorted", x_sorted, self.d_model, self.w_in.device)

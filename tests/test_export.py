@@ -8,8 +8,9 @@ the token count into the graph; the graph-of-tokens and USMoE routers read the b
 ``int()``; the fakes' checks added guards sympy could not prove for every size; and the experts'
 4 MiB rule for their fused path guarded on the token count. The ops now take those sizes as
 SymInt, the routers keep them symbolic, the fakes' checks refuse a bad traced call without
-guarding a good one, and on symbolic sizes the experts in training take the unfused path, and in
-inference the expert_mlp op, which applies the size rule when it runs (its fuse_min_bytes).
+guarding a good one, and on symbolic sizes the experts call gather_mm (training) or expert_mlp
+(inference) with the size rule as an argument (gather_min_bytes, fuse_min_bytes), which the op
+applies to the real size when it runs.
 """
 
 from __future__ import annotations
@@ -91,16 +92,23 @@ def _calls(fn, op: str):
 
 def test_export_serves_both_sides_of_the_gathering_paths_size_rule():
     # traced with gradients (the training path): eager gathers the first GEMM's rows through the
-    # plan (gather_mm) once the grouped rows [B S K, d] pass 4 MiB; the program holds one path
-    # for every length (a guard on the rule would have tied it to the traced length's side), and
-    # both agree to rounding
+    # plan (gather_mm) once the grouped rows [B S K, d] pass 4 MiB, and permutes them below; the
+    # program holds one gather_mm whose gather_min_bytes carries the rule to run time (a guard
+    # would have tied the program to the traced length's side), so it permutes inside the op at
+    # the small length only, with eager's bits
     layer = _layer("topk")
     program = export(layer, (_inputs("topk", SEQ[0])[0],), dynamic_shapes=({1: Dim("S")},))
-    for n, gathers in ((SEQ[0], 0), (_past_rule(layer, D), 1)):
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "smoe.gather_mm.default" in targets, sorted(targets)
+    assert "smoe.permute.default" not in targets, sorted(targets)
+    for n, gathers in ((SEQ[0], False), (_past_rule(layer, D), True)):
         x, _ = _inputs("topk", n)
         want, calls = _calls(lambda x=x: layer(x), "gather_mm")
         assert calls == gathers, (n, calls)
-        _same(program.module()(x), want)
+        got, permutes = _calls(lambda x=x: program.module()(x), "permute")
+        assert permutes == (not gathers), (n, permutes)
+        assert torch.equal(got[0], want[0])
+        assert torch.equal(got[1].tokens_per_expert, want[1].tokens_per_expert)
 
 
 def test_exported_inference_fuses_the_expert_mlp_past_the_size_rule_only():

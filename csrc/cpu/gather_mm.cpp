@@ -4,6 +4,9 @@
 // autograd graph keeps x [T, d_in] instead of it. The input gradient is the unfused one: the
 // grouped rows' gradient [M, d_in] from the GEMM, then permute_backward's per-token sums in a
 // fixed order (a scatter from the GEMM's epilogue would need atomics or an order across experts).
+// Where the grouped rows are at most the call's gather_min_bytes (default 0: never), the forward
+// permutes them and runs grouped_mm instead (bitwise the same rows): the size rule is then decided
+// at run time, from the real token count; the backward is the same either way.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -14,6 +17,7 @@
 #include <tuple>
 
 #include "checks_grouped_mm.h"
+#include "checks_size_rule.h"
 #include "cpu/gemm_glue.h"
 #include "cpu/grouped_mm.h"
 #include "cpu/index_check.h"
@@ -37,10 +41,22 @@ Inputs prepare(const char* op, const at::Tensor& x_in, const at::Tensor& token_i
 
 at::Tensor gather_mm_cpu(const at::Tensor& x, const at::Tensor& token, const at::Tensor& row,
                          const at::Tensor& w, const at::Tensor& offsets,
-                         const std::optional<at::Tensor>& bias) {
+                         const std::optional<at::Tensor>& bias, int64_t gather_min_bytes) {
   check_gather_mm("gather_mm", x, token, row, w, offsets);
   if (bias.has_value()) check_expert_bias("gather_mm", "bias", *bias, "w", w, "d_out");
+  check_min_bytes("gather_mm", "gather_min_bytes", gather_min_bytes, "gathering");
   const Inputs in = prepare("gather_mm", x, token, offsets);
+  const int64_t M = in.token.size(0);
+  if (gather_min_bytes > 0 && M * in.x.size(1) * in.x.element_size() <= gather_min_bytes) {
+    // small grouped rows: permute them (cheap), then grouped_mm's (expert, row block, column
+    // block) items, which keep more threads busy than one gathering task per row block
+    static auto permute = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("smoe::permute", "")
+                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // a part of this op, not recorded
+    return grouped_mm_impl(permute.call(x, token, row), w, in.offsets, bias);
+  }
   return grouped_mm_impl(in.x, w, in.offsets, bias, &in.token);
 }
 

@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "checks_grouped_mm.h"
+#include "checks_size_rule.h"
 #include "cuda_glue.h"
 
 namespace smoe::ops {
@@ -30,13 +31,15 @@ at::Tensor call_permute(TensorRef x, TensorRef token, TensorRef row) {
 }
 
 at::Tensor gather_mm_cuda(TensorRef x, TensorRef token, TensorRef row, TensorRef w,
-                          TensorRef offsets, const std::optional<at::Tensor>& bias) {
+                          TensorRef offsets, const std::optional<at::Tensor>& bias,
+                          int64_t gather_min_bytes) {
   static auto grouped_mm =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("smoe::grouped_mm", "")
           .typed<at::Tensor(TensorRef, TensorRef, TensorRef, const std::optional<at::Tensor>&)>();
   check_gather_mm("gather_mm", x, token, row, w, offsets);
   if (bias.has_value()) check_expert_bias("gather_mm", "bias", *bias, "w", w, "d_out");
+  check_min_bytes("gather_mm", "gather_min_bytes", gather_min_bytes, "gathering");
   check_not_double("gather_mm", x);
   const c10::cuda::CUDAGuard guard(x.device());
   check_device_arch(x.device());

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from smoe import ops
-from smoe.experts import gathers, needs_grad
+from smoe.experts import gather_min_bytes, gathers, needs_grad
 
 __all__ = ["expert_rows", "register", "run_experts", "smoe_experts_forward"]
 
@@ -171,7 +171,8 @@ def expert_rows(
     if plan is None:
         h = ops.grouped_mm(x, _weight(w_in, transposed), offsets, b_in)
     else:
-        h = ops.gather_mm(x, plan, _weight(w_in, transposed), b_in)
+        limit = gather_min_bytes(x, plan)
+        h = ops.gather_mm(x, plan, _weight(w_in, transposed), b_in, gather_min_bytes=limit)
     if not has_gate:
         a = module.act_fn(h)
     elif _fused_swiglu(module):

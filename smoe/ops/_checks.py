@@ -290,6 +290,11 @@ def check_gather_mm_backward(
 MLP_ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh", "relu")
 
 
+def check_min_bytes(op: str, name: str, value: int, zero: str) -> None:
+    """csrc/checks_size_rule.h: the size-rule argument of expert_mlp and gather_mm."""
+    check(value >= 0, op, name, " must be >= 0 (0: always ", zero, "), got ", value)
+
+
 def check_expert_mlp(
     x: Tensor,
     token: Tensor | None,
@@ -305,8 +310,7 @@ def check_expert_mlp(
     op = "expert_mlp"
     check(activation in MLP_ACTIVATIONS, op, "activation must be one of 'swiglu', 'gelu', ",
           "'gelu_tanh', 'relu', got '", activation, "'")  # fmt: skip
-    check(fuse_min_bytes >= 0, op, "fuse_min_bytes must be >= 0 (0: always fused), got ",
-          fuse_min_bytes)  # fmt: skip
+    check_min_bytes(op, "fuse_min_bytes", fuse_min_bytes, "fused")
     check_float(op, "x", x)
     check(x.dim() == 2, op, "x must be 2-D ([T, d] with a plan, [M, d] without), got ", x.dim(),
           "-D")  # fmt: skip

@@ -165,12 +165,20 @@ MLP_ACTIVATIONS = _checks.MLP_ACTIVATIONS
 FUSE_MIN_BYTES = 4 << 20  # expert_mlp(fused=None) fuses on CPU when the hidden passes this
 
 
-def past_fuse_bytes(nbytes) -> bool:
-    """``nbytes > FUSE_MIN_BYTES``, the fused or gathering paths' size rule. On symbolic sizes
-    (``torch.compile(dynamic=True)``, ``torch.export``) it is decided without a guard: False
-    unless provable for every size, so one traced graph (the unfused chain, the small-input
-    path) serves every token count instead of being tied to the traced one's side of 4 MiB."""
-    return statically_known_true(nbytes > FUSE_MIN_BYTES)
+def may_pass_fuse_bytes(nbytes) -> bool:
+    """Whether ``nbytes`` may pass ``FUSE_MIN_BYTES``, the fused and gathering paths' size rule:
+    ``nbytes > FUSE_MIN_BYTES`` on concrete sizes; on symbolic ones (``torch.export``,
+    ``torch.compile(dynamic=True)``) True unless ``nbytes`` is under it for every size, decided
+    without a guard (a guard would tie the traced graph to the traced length's side of 4 MiB)."""
+    return not statically_known_true(nbytes <= FUSE_MIN_BYTES)
+
+
+def min_bytes_rule(nbytes) -> int:
+    """The ``fuse_min_bytes`` / ``gather_min_bytes`` argument of an op called where
+    :func:`may_pass_fuse_bytes`: 0 (always the fused or gathering path) where ``nbytes`` passes
+    ``FUSE_MIN_BYTES`` for every size, else ``FUSE_MIN_BYTES``, and the op applies the rule to the
+    real size when it runs, so that one traced graph serves both sides."""
+    return 0 if statically_known_true(nbytes > FUSE_MIN_BYTES) else FUSE_MIN_BYTES
 
 
 def run_itemsize(x: Tensor) -> int:
@@ -197,9 +205,7 @@ def fuses(x: Tensor, w_in: Tensor, plan=None) -> bool:
     unless the hidden ``[M, n_in]`` in the dtype the op runs in (x's, or autocast's) is at most
     ``FUSE_MIN_BYTES``. On symbolic sizes, where that cannot be told for every size, it does:
     the op then applies the rule to the real size at run time (its ``fuse_min_bytes``)."""
-    if x.device.type != "cpu":
-        return False
-    return not statically_known_true(_hidden_bytes(x, w_in, plan) <= FUSE_MIN_BYTES)
+    return x.device.type == "cpu" and may_pass_fuse_bytes(_hidden_bytes(x, w_in, plan))
 
 
 def expert_mlp(
@@ -262,8 +268,8 @@ def expert_mlp(
     fuse_min_bytes = 0  # the op: always fused
     if fused is None:
         fused = fuses(x, w_in, plan)
-        if fused and not statically_known_true(_hidden_bytes(x, w_in, plan) > FUSE_MIN_BYTES):
-            fuse_min_bytes = FUSE_MIN_BYTES  # a symbolic size: the op applies the rule
+        if fused:  # FUSE_MIN_BYTES on a symbolic size: the op applies the rule when it runs
+            fuse_min_bytes = min_bytes_rule(_hidden_bytes(x, w_in, plan))
     if not fused:
         h = grouped_mm(x if plan is None else permute(x, plan), w_in, offsets, b_in)
         return grouped_mm(_mlp_activation(activation, h), w_out, offsets, b_out)

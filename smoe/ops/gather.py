@@ -16,7 +16,9 @@ from smoe.ops.experts import weight_grad_like
 __all__ = ["gather_mm"]
 
 
-def gather_mm(x: Tensor, plan: Plan, w: Tensor, bias: Tensor | None = None) -> Tensor:
+def gather_mm(
+    x: Tensor, plan: Plan, w: Tensor, bias: Tensor | None = None, *, gather_min_bytes: int = 0
+) -> Tensor:
     """``grouped_mm(permute(x, plan), w, plan.offsets, bias)`` in one op: the grouped rows
     ``x[plan.token[r]]`` are read through the plan, never materialised.
 
@@ -26,6 +28,11 @@ def gather_mm(x: Tensor, plan: Plan, w: Tensor, bias: Tensor | None = None) -> T
         w: ``[E, d_in, d_out]``, x's dtype; a transposed view of ``[E, d_out, d_in]`` is used
             without a copy.
         bias: optional ``[E, d_out]`` per-expert bias, w's dtype.
+        gather_min_bytes: where the grouped rows ``[M, d_in]`` take at most this many bytes (in
+            x's dtype, or autocast's), the CPU op permutes them and runs grouped_mm's items
+            instead (the same bits; the backward is the same). 0 (default): always gathers.
+            :class:`smoe.Experts` passes ``ops.experts.FUSE_MIN_BYTES`` on a symbolic token
+            count, where the rule cannot be decided when traced.
 
     Returns:
         ``[M, d_out]`` (M = ``plan.token.shape[0]``) grouped by ``plan.offsets``: row r is
@@ -42,21 +49,25 @@ def gather_mm(x: Tensor, plan: Plan, w: Tensor, bias: Tensor | None = None) -> T
         unfused chain on the device (permute -> grouped_mm), no host sync; a bad plan or offsets
         value trips those ops' asynchronous device asserts, under their names. Deterministic.
     """
-    return torch.ops.smoe.gather_mm.default(x, plan.token, plan.row, w, plan.offsets, bias)
+    return torch.ops.smoe.gather_mm.default(
+        x, plan.token, plan.row, w, plan.offsets, bias, gather_min_bytes
+    )
 
 
 @torch.library.register_fake("smoe::gather_mm")
-def _gather_mm_fake(x, token, row, w, offsets, bias=None):
+def _gather_mm_fake(x, token, row, w, offsets, bias=None, gather_min_bytes=0):
     check_devices("gather_mm", x=x, token=token, row=row, w=w, offsets=offsets, bias=bias)
     _checks.check_gather_mm("gather_mm", x, token, row, w, offsets)
     if bias is not None:
         _checks.check_expert_bias("gather_mm", "bias", bias, "w", w, "d_out")
+    _checks.check_min_bytes("gather_mm", "gather_min_bytes", gather_min_bytes, "gathering")
     return x.new_empty((token.shape[0], w.shape[2]))
 
 
 def _setup_context_gather_mm(ctx, inputs, output) -> None:
     x, token, row, w, offsets = inputs[:5]
     ctx.save_for_backward(x, token, row, w, offsets)
+    ctx.n_inputs = len(inputs)  # the arguments given: one gradient (or None) for each
 
 
 def _backward_gather_mm(ctx, grad: Tensor):
@@ -70,7 +81,8 @@ def _backward_gather_mm(ctx, grad: Tensor):
     # needs_input_grad covers the arguments given: 5 entries when the call passed no bias
     if len(ctx.needs_input_grad) > 5 and ctx.needs_input_grad[5]:
         gb = torch.ops.smoe.grouped_mm_bias_backward.default(grad, offsets)
-    return (gx if need_x else None), None, None, (gw if need_w else None), None, gb
+    grads = (gx if need_x else None), None, None, (gw if need_w else None), None, gb, None
+    return grads[: ctx.n_inputs]
 
 
 torch.library.register_autograd(

@@ -63,6 +63,12 @@ _rows = [
     *_shared_rows,
     row("size", "bias d_out+1 columns", arg("bias"), bias=lambda d, a: d.f(E, D_OUT + 1)),
     row(
+        "config",
+        "gather_min_bytes -1",
+        arg("gather_min_bytes"),
+        gather_min_bytes=lambda d, a: -1,
+    ),
+    row(
         "meta",
         "meta w d_in+1 rows",
         arg("w"),

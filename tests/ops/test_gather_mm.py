@@ -120,11 +120,47 @@ def test_gather_mm_gradcheck(capacity):
     assert torch.autograd.gradcheck(lambda x, w, b: ops.gather_mm(x, plan, w, b), leaves)
 
 
+def _permute_calls(fn) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name == "smoe::permute" for e in prof.events())
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_gather_min_bytes_permutes_inside_the_op_up_to_it(bias):
+    """gather_min_bytes > 0: grouped rows [M, d_in] of at most that many bytes are permuted
+    inside the op, then grouped_mm's items run; one byte less, the gathering items. The same bits
+    and the same gradients either way (the backward does not depend on it)."""
+    x, plan, w, b = make_case(40, 16, 12, 4, 2, 3, bias=bias, dtype=torch.float32)
+    rows = plan.token.shape[0] * x.shape[1] * 4
+
+    def leaves():
+        return [t.detach().requires_grad_() for t in (x, w, b) if t is not None]
+
+    def op(limit, x, w, b=None):
+        return ops.gather_mm(x, plan, w, b, gather_min_bytes=limit)
+
+    with torch.no_grad():
+        assert _permute_calls(lambda: op(rows, x, w, b)) == 1
+        assert _permute_calls(lambda: op(rows - 1, x, w, b)) == 0
+        assert _permute_calls(lambda: op(0, x, w, b)) == 0  # 0: always gathers
+    g = torch.randn(plan.token.shape[0], w.shape[2], generator=torch.Generator().manual_seed(5))
+    a, c = leaves(), leaves()
+    want, got = op(0, *a), op(rows, *c)
+    assert torch.equal(got, want)
+    for u, v in zip(torch.autograd.grad(got, c, g), torch.autograd.grad(want, a, g)):
+        assert torch.equal(u, v)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):  # rows weigh 2 bytes as run
+        assert _permute_calls(lambda: op(rows // 2, x, w, b)) == 1
+        assert _permute_calls(lambda: op(rows // 2 - 1, x, w, b)) == 0
+
+
+@pytest.mark.parametrize("gather_min_bytes", [0, 1 << 30], ids=["gather", "permute"])
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_gather_mm_opcheck(bias, requires_grad):
+def test_gather_mm_opcheck(bias, requires_grad, gather_min_bytes):
     x, plan, w, b = make_case(11, 6, 5, 3, 2, 4, bias=bias)
-    args = [x, plan.token, plan.row, w, plan.offsets, b]
+    args = [x, plan.token, plan.row, w, plan.offsets, b, gather_min_bytes]
     if requires_grad:
         for i in (0, 3, 5):
             if args[i] is not None:
