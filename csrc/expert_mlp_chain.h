@@ -1,9 +1,9 @@
-// expert_mlp as its unfused chain, permute -> grouped_mm -> activation -> grouped_mm, called through
-// the dispatcher (smoe's own kernels for the tensors' device) below autograd. The CUDA glue always
-// runs it (no host sync: the offsets stay on the device); the CPU glue runs it where the hidden is
-// under the call's fuse_min_bytes, so that one traced op (torch.export, a dynamic compile) picks
-// its path from the token count at run time. Its results are those of the same ops called one by
-// one.
+// expert_mlp as its unfused chain, permute -> grouped_mm -> activation -> grouped_mm, called
+// through the dispatcher (smoe's own kernels for the tensors' device) below autograd. The CUDA glue
+// always runs it (no host sync: the offsets stay on the device); the CPU glue runs it where the
+// hidden is at most the call's fuse_min_bytes, so that one traced op (torch.export, a dynamic
+// compile) picks its path from the token count at run time. Its results are those of the same
+// ops called one by one.
 #pragma once
 
 #include <ATen/core/LegacyTypeDispatch.h>
