@@ -20,24 +20,18 @@ import smoe  # noqa: E402
 from smoe.integrations.convert import SUPPORTED_BLOCKS, ConvertedMoE  # noqa: E402
 from smoe.routing import available_routers, router_info  # noqa: E402
 from smoe.routing.registry import build_router, registered_info  # noqa: E402
-from tests.integrations.tiny_models import MODELS, PLAIN_LOADER, build  # noqa: E402
+from tests.integrations.tiny_models import (  # noqa: E402
+    MODELS,
+    PLAIN_LOADER,
+    build,
+    close,
+    token_ids,
+)
 
 NAMES = list(MODELS)
 # DeepSeek-V3 with what its default tiny config leaves off: 2 groups of 2 experts, one kept, a
 # renormalised and scaled weight, and (set in the tests) a nonzero e_score_correction_bias.
 DEEPSEEK_GROUPS = dict(n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _ids(seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(seed))
 
 
 def _model(name: str, **overrides):
@@ -55,16 +49,11 @@ def _blocks(model) -> list[torch.nn.Module]:
 def _run(model, labels: bool = True):
     """Logits, loss (with the router aux loss when the model has one) and every gradient."""
     model.zero_grad(set_to_none=True)
-    out = model(_ids(), labels=_ids(1), output_router_logits=True)
+    out = model(token_ids(), labels=token_ids(1), output_router_logits=True)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     aux = getattr(out, "aux_loss", None)
     return out.logits.detach(), out.loss.detach(), aux, grads
-
-
-def _close(got, want, what, rel=1e-4):
-    atol = rel * want.abs().max().item()
-    torch.testing.assert_close(got, want, rtol=rel, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -79,13 +68,13 @@ def test_converted_model_equals_the_original(name):
     assert not _blocks(model)
     assert list(model.state_dict()) == keys  # same keys, same order
     got = _run(model)
-    _close(got[0], want[0], f"{name} logits")
-    _close(got[1], want[1], f"{name} loss")
+    close(got[0], want[0], f"{name} logits")
+    close(got[1], want[1], f"{name} loss")
     if want[2] is not None:  # output_router_logits: the same aux loss from the same logits
-        _close(got[2], want[2], f"{name} router aux loss")
+        close(got[2], want[2], f"{name} router aux loss")
     assert set(got[3]) == set(want[3])
     for key in want[3]:
-        _close(got[3][key], want[3][key], f"{name} grad {key}")
+        close(got[3][key], want[3][key], f"{name} grad {key}")
 
 
 def test_converted_blocks_route_with_smoe_ops(monkeypatch):
@@ -98,7 +87,7 @@ def test_converted_blocks_route_with_smoe_ops(monkeypatch):
     for name in ("mixtral", "deepseek_v3"):
         model = smoe.convert(_model(name))
         with torch.no_grad():
-            model(_ids())
+            model(token_ids())
     assert calls.count("topk_softmax") == 2 and calls.count("topk_sigmoid") == 2
     assert calls.count("make_plan") == 4
 
@@ -110,17 +99,17 @@ def test_gpt_oss_block_returns_hidden_and_router_scores():
     converted = smoe.convert(block)
     assert isinstance(converted, ConvertedMoE)
     got_h, got_s = converted(x)
-    _close(got_h, want_h, "hidden")
-    _close(got_s, want_s, "router scores")
+    close(got_h, want_h, "hidden")
+    close(got_s, want_s, "router scores")
 
 
 def test_save_pretrained_loads_in_plain_transformers(tmp_path):
-    torch.save(_ids(), tmp_path / "ids.pt")
+    torch.save(token_ids(), tmp_path / "ids.pt")
     want = {}
     for name in NAMES:
         model = smoe.convert(_model(name))
         with torch.no_grad():
-            want[name] = model(_ids()).logits
+            want[name] = model(token_ids()).logits
         model.save_pretrained(tmp_path / name)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     cmd = [sys.executable, "-c", PLAIN_LOADER, str(tmp_path), *NAMES]
@@ -128,7 +117,7 @@ def test_save_pretrained_loads_in_plain_transformers(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     got = torch.load(tmp_path / "plain.pt")
     for name in NAMES:
-        _close(got[name][1], want[name], f"{name} reloaded in plain transformers")
+        close(got[name][1], want[name], f"{name} reloaded in plain transformers")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -163,7 +152,7 @@ def test_deepseek_bias_trains_with_expert_bias_updater_and_never_weighs():
     bias0 = gate.e_score_correction_bias.clone()
     _run(model)
     counts = gate.expert_counts.clone()
-    assert counts.sum().item() == _ids().numel() * 2  # T tokens x k
+    assert counts.sum().item() == token_ids().numel() * 2  # T tokens x k
     updater.step()
     want = bias0 + 0.1 * torch.sign(counts.mean() - counts)
     assert torch.equal(gate.e_score_correction_bias, want)
@@ -176,12 +165,12 @@ def test_deepseek_bias_trains_with_expert_bias_updater_and_never_weighs():
     scores = torch.sigmoid(torch.nn.functional.linear(x, gate.weight))
     for r in (routing, again):
         w = scores.gather(1, r.expert.long())
-        _close(r.weight, 2.5 * w / w.sum(dim=1, keepdim=True), "weights from unbiased scores")
+        close(r.weight, 2.5 * w / w.sum(dim=1, keepdim=True), "weights from unbiased scores")
 
 
 def test_generate_with_cache_after_conversion():
     model = _model("mixtral")
-    prompt = _ids()[:, :5]
+    prompt = token_ids()[:, :5]
     kw = dict(max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(prompt))
     want = model.generate(prompt, **kw)
     assert torch.equal(smoe.convert(model).generate(prompt, **kw), want)
@@ -276,8 +265,8 @@ def test_converted_block_compiles_without_graph_breaks(name):
         out = out[0] if isinstance(out, tuple) else out
         out.square().sum().backward()
         results.append((out.detach(), xr.grad))
-    _close(results[1][0], results[0][0], "compiled output")
-    _close(results[1][1], results[0][1], "compiled input gradient")
+    close(results[1][0], results[0][0], "compiled output")
+    close(results[1][1], results[0][1], "compiled input gradient")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,9 +278,9 @@ def test_momentum_with_mu_0_gamma_1_reproduces_the_model(name):
     want = _run(model)
     smoe.convert(model, momentum="heavy_ball", momentum_options=dict(mu=0.0, gamma=1.0))
     got = _run(model)
-    _close(got[0], want[0], f"{name} logits")
+    close(got[0], want[0], f"{name} logits")
     for key in want[3]:
-        _close(got[3][key], want[3][key], f"{name} grad {key}")
+        close(got[3][key], want[3][key], f"{name} grad {key}")
 
 
 def _momentum_logits(model, ids):
@@ -301,7 +290,7 @@ def _momentum_logits(model, ids):
 
 def test_momentum_state_runs_across_blocks_and_resets_every_forward(monkeypatch):
     model = _model("olmoe")
-    plain = _momentum_logits(model, _ids())
+    plain = _momentum_logits(model, token_ids())
     smoe.convert(model, momentum="heavy_ball", momentum_options=dict(mu=0.7))
     blocks = [m for m in model.modules() if isinstance(m, ConvertedMoE)]
     seen = []
@@ -312,13 +301,13 @@ def test_momentum_state_runs_across_blocks_and_resets_every_forward(monkeypatch)
         return real(h, state, context)
 
     monkeypatch.setattr(blocks[1].__dict__["_momentum"], "forward", spy)
-    first = _momentum_logits(model, _ids())
-    second = _momentum_logits(model, _ids())
+    first = _momentum_logits(model, token_ids())
+    second = _momentum_logits(model, token_ids())
     assert torch.equal(first, second)  # no state carried over from the first forward
     assert seen[0] > 0 and seen[0] == seen[1]  # block 1 reads block 0's momentum
     assert not torch.allclose(first, plain, atol=1e-4)  # mu = 0.7 changes the function
     smoe.unconvert(model)
-    torch.testing.assert_close(_momentum_logits(model, _ids()), plain)
+    torch.testing.assert_close(_momentum_logits(model, token_ids()), plain)
     assert not model._forward_pre_hooks  # the reset hook went with the conversion
 
 
@@ -353,7 +342,7 @@ def test_a_router_built_by_name_takes_the_block_router_weight():
     originals = [m.gate for m in _blocks(_model("mixtral"))]
     assert all(torch.equal(g.weight, o.weight) for g, o in zip(gates, originals))
     got = _run(model)
-    _close(got[0], want[0], "logits")
+    close(got[0], want[0], "logits")
     assert list(model.state_dict()) == list(_model("mixtral").state_dict())
     # a router with other parameters starts fresh (and GPT-OSS's biased router is not aliased)
     fresh = smoe.convert(_model("gpt_oss"), router="topk")

@@ -11,11 +11,7 @@ pytest.importorskip("transformers")
 
 import smoe  # noqa: E402
 from smoe.integrations.convert_s2moe import ConvertedS2MoE, s2moe_loss  # noqa: E402
-from tests.integrations.tiny_models import build  # noqa: E402
-
-
-def _ids(seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(seed))
+from tests.integrations.tiny_models import build, token_ids  # noqa: E402
 
 
 def _blocks(model) -> list[ConvertedS2MoE]:
@@ -27,18 +23,18 @@ def test_eval_equals_the_plain_conversion_and_training_runs_both_paths(name):
     torch.manual_seed(0)
     plain = smoe.convert(build(name)).eval()
     with torch.no_grad():
-        want = plain(_ids()).logits
+        want = plain(token_ids()).logits
     torch.manual_seed(0)
     model = smoe.convert(build(name), layer="s2moe").eval()
     blocks = _blocks(model)
     assert len(blocks) == 2 and all(hasattr(b, "s2moe_gate") for b in blocks)
     state = torch.get_rng_state()
     with torch.no_grad():
-        got = model(_ids()).logits
+        got = model(token_ids()).logits
     assert torch.equal(torch.get_rng_state(), state)  # eval draws no noise
     assert torch.equal(got, want)
     model.train()
-    out = model(_ids(), labels=_ids(1), output_router_logits=True)
+    out = model(token_ids(), labels=token_ids(1), output_router_logits=True)
     loss = out.loss + s2moe_loss(model)
     loss.backward()
     for b in blocks:
@@ -51,7 +47,7 @@ def test_eval_equals_the_plain_conversion_and_training_runs_both_paths(name):
 def test_the_router_logits_are_the_clean_paths_only():
     torch.manual_seed(0)
     model = smoe.convert(build("mixtral"), layer="s2moe").train()
-    out = model(_ids(), output_router_logits=True)
+    out = model(token_ids(), output_router_logits=True)
     # one [T, E] per layer, as without S2MoE (the noisy path's are not recorded)
     assert len(out.router_logits) == 2 and all(r.shape[0] == 18 for r in out.router_logits)
 
@@ -67,7 +63,7 @@ def test_gated_eval_output_and_options_reach_every_block():
     ).eval()
     assert all(b.eval_output == "gated" and hasattr(b, "s2moe_norm") for b in _blocks(model))
     with torch.no_grad():
-        assert not torch.equal(model(_ids()).logits, plain(_ids()).logits)
+        assert not torch.equal(model(token_ids()).logits, plain(token_ids()).logits)
 
 
 def test_unconvert_drops_the_s2moe_parameters():
@@ -97,6 +93,6 @@ def test_errors_name_what_is_wrong():
         s2moe_loss(smoe.convert(build("mixtral")))
     model = smoe.convert(build("mixtral"), layer="s2moe").eval()
     with torch.no_grad():
-        model(_ids())
+        model(token_ids())
     with pytest.raises(ValueError, match="no S2MoE block has run a training forward"):
         s2moe_loss(model)

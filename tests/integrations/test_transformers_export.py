@@ -30,14 +30,6 @@ PROMPT = 5
 MAX_CACHE = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _smoe_and_eager_logits(name: str, ids: torch.Tensor):
     """The model with "smoe" set, and eager's logits of ids without a cache."""
     model = build(name)

@@ -32,15 +32,6 @@ from tests.integrations.tiny_models import (  # noqa: E402
 NAMES = list(MODELS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny GEMMs gain nothing from threads, and lose much to a busy CI machine's other load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _build(name: str, impl: str = "eager"):
     model = build(name)
     model.set_experts_implementation(impl)

@@ -36,15 +36,6 @@ SKIP: dict[str, str] = {}
 XFAIL: dict[str, str] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny GEMMs gain nothing from threads, and lose much to a busy CI machine's other load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 _DECORATED = re.compile(r"^@use_experts_implementation(?:\([^)]*\))?\s*\nclass (\w+)\(", re.M)
 
 
