@@ -315,3 +315,18 @@ def test_expert_mlp_cuda_matches_cpu(act, dtype):
     got = call(cu[0], plan_cu, cu[1], cu[2], cu[3], cu[4], act)
     tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
     torch.testing.assert_close(got.cpu(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fuse_min_bytes", [0, 1 << 30], ids=["fused", "chain"])
+def test_expert_mlp_cuda_runs_its_chain_whatever_fuse_min_bytes_says(fuse_min_bytes):
+    x, plan, w_in, w_out, b_in, b_out = make_case(
+        300, 32, 24, 4, 2, None, "swiglu", True, torch.float32
+    )
+    p = ops.Plan(*(t.cuda() for t in plan))
+    xc, wi, wo, bi, bo = (t.cuda() for t in (x, w_in, w_out, b_in, b_out))
+    args = (xc, p.token, p.row, p.offsets, wi, bi, wo, bo, "swiglu")
+    got = torch.ops.smoe.expert_mlp.default(*args, fuse_min_bytes)
+    assert torch.equal(got, unfused(xc, p, wi, wo, bi, bo, "swiglu"))
+    with pytest.raises(RuntimeError, match="fuse_min_bytes must be >= 0"):
+        torch.ops.smoe.expert_mlp.default(*args, -1)

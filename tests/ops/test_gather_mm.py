@@ -341,3 +341,15 @@ def test_gather_mm_cuda_matches_cpu(T, d_in, d_out, E, k, capacity, dtype):
     tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
     for a, c in zip([got, *(t.grad for t in cu)], [want, *(t.grad for t in cpu)]):
         torch.testing.assert_close(a.cpu(), c, atol=tol, rtol=tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("gather_min_bytes", [0, 1 << 30], ids=["gather", "permute"])
+def test_gather_mm_cuda_runs_its_chain_whatever_gather_min_bytes_says(gather_min_bytes):
+    x, plan, w, b = make_case(300, 32, 24, 4, 2, None, dtype=torch.float32)
+    x, w, b = x.cuda(), w.cuda(), b.cuda()
+    plan_cu = ops.Plan(*(t.cuda() for t in plan))
+    got = ops.gather_mm(x, plan_cu, w, b, gather_min_bytes=gather_min_bytes)
+    assert torch.equal(got, unfused(x, plan_cu, w, b))
+    with pytest.raises(RuntimeError, match="gather_min_bytes must be >= 0"):
+        ops.gather_mm(x, plan_cu, w, b, gather_min_bytes=-1)
