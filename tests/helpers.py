@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -75,3 +77,16 @@ def run_quick_benchmark(script: str, out, *args: str, stem: str, timeout: int = 
     assert proc.returncode == 0, proc.stderr[-3000:]
     return (json.loads((out / f"{stem}.json").read_text()), (out / f"{stem}.md").read_text(),
             proc.stdout)  # fmt: skip
+
+
+def op_calls(fn):
+    """``fn()`` under torch's CPU profiler: its result, and a Counter of the ops it called by
+    name (``"smoe::grouped_mm"``), calls made inside other ops included."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, Counter(e.name for e in prof.events())
+
+
+def program_targets(program) -> set[str]:
+    """The ops an exported program's graph calls (``"smoe.make_plan.default"``)."""
+    return {str(n.target) for n in program.graph.nodes if n.op == "call_function"}

@@ -22,6 +22,7 @@ from torch.export import Dim, export
 
 from smoe import MoELayer, ops
 from smoe.routing import RoutingContext, available_routers, router_info
+from tests.helpers import op_calls, program_targets
 from tests.router_helpers import D_FF, D, E, K, attention_context
 
 ROUTERS = list(available_routers())
@@ -83,13 +84,6 @@ def _past_rule(layer: MoELayer, row_width: int) -> int:
     return ops.experts.FUSE_MIN_BYTES // (B * K * row_width * 4) + 1
 
 
-def _calls(fn, op: str):
-    """fn's result and how many times it called smoe::<op>."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        out = fn()
-    return out, sum(e.name == f"smoe::{op}" for e in prof.events())
-
-
 def test_export_serves_both_sides_of_the_gathering_paths_size_rule():
     # traced with gradients (the training path): eager gathers the first GEMM's rows through the
     # plan (gather_mm) once the grouped rows [B S K, d] pass 4 MiB, and permutes them below; the
@@ -98,15 +92,15 @@ def test_export_serves_both_sides_of_the_gathering_paths_size_rule():
     # the small length only, with eager's bits
     layer = _layer("topk")
     program = export(layer, (_inputs("topk", SEQ[0])[0],), dynamic_shapes=({1: Dim("S")},))
-    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    targets = program_targets(program)
     assert "smoe.gather_mm.default" in targets, sorted(targets)
     assert "smoe.permute.default" not in targets, sorted(targets)
     for n, gathers in ((SEQ[0], False), (_past_rule(layer, D), True)):
         x, _ = _inputs("topk", n)
-        want, calls = _calls(lambda x=x: layer(x), "gather_mm")
-        assert calls == gathers, (n, calls)
-        got, permutes = _calls(lambda x=x: program.module()(x), "permute")
-        assert permutes == (not gathers), (n, permutes)
+        want, calls = op_calls(lambda x=x: layer(x))
+        assert calls["smoe::gather_mm"] == gathers, (n, calls)
+        got, calls = op_calls(lambda x=x: program.module()(x))
+        assert calls["smoe::permute"] == (not gathers), (n, calls)
         assert torch.equal(got[0], want[0])
         assert torch.equal(got[1].tokens_per_expert, want[1].tokens_per_expert)
 
@@ -119,14 +113,14 @@ def test_exported_inference_fuses_the_expert_mlp_past_the_size_rule_only():
     layer = _layer("topk")
     with torch.no_grad():
         program = export(layer, (_inputs("topk", SEQ[0])[0],), dynamic_shapes=({1: Dim("S")},))
-    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    targets = program_targets(program)
     assert "smoe.expert_mlp.default" in targets, sorted(targets)
     assert "smoe.grouped_mm.default" not in targets, sorted(targets)
     hidden_width = layer.experts.w_in.shape[1]  # [E, n_in, d]
     for n, chain in ((SEQ[0], True), (_past_rule(layer, hidden_width), False)):
         x, _ = _inputs("topk", n)
         with torch.no_grad():
-            (y, aux), calls = _calls(lambda x=x: program.module()(x), "grouped_mm")
+            (y, aux), calls = op_calls(lambda x=x: program.module()(x))
             y0, aux0 = layer(x)
-        assert calls == (2 if chain else 0), (n, calls)
+        assert calls["smoe::grouped_mm"] == (2 if chain else 0), (n, calls)
         assert torch.equal(y, y0) and torch.equal(aux.tokens_per_expert, aux0.tokens_per_expert)

@@ -21,6 +21,7 @@ from transformers.integrations.executorch import (  # noqa: E402
 )
 
 import smoe.integrations.transformers  # noqa: E402, F401  (registers "smoe")
+from tests.helpers import program_targets  # noqa: E402
 from tests.integrations.tiny_models import MODELS, build, close, token_ids  # noqa: E402
 
 NAMES = list(MODELS)
@@ -41,7 +42,7 @@ def _smoe_and_eager_logits(name: str, ids: torch.Tensor):
 
 def _runs_smoe(program: torch.export.ExportedProgram, *, fused: bool) -> None:
     """The program routes with smoe's ops, and its experts are one expert_mlp or the chain."""
-    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    targets = program_targets(program)
     assert "smoe.make_plan.default" in targets, sorted(targets)
     assert ("smoe.expert_mlp.default" in targets) == fused, sorted(targets)
 

@@ -8,7 +8,14 @@ import torch
 
 from smoe import Experts, ops
 from smoe import reference as ref
-from tests.helpers import CUDA_DTYPES, DTYPES, assert_close, assert_low_precision_close, noncontig
+from tests.helpers import (
+    CUDA_DTYPES,
+    DTYPES,
+    assert_close,
+    assert_low_precision_close,
+    noncontig,
+    op_calls,
+)
 
 # (T, d_in, d_out, E, k, capacity): 0 tokens, 1 expert, k = E, empty experts (T*k < E), capacity
 # drops (token -1 rows inside groups and padding rows past offsets[E]), every slot dropped, and
@@ -121,9 +128,7 @@ def test_gather_mm_gradcheck(capacity):
 
 
 def _permute_calls(fn) -> int:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(e.name == "smoe::permute" for e in prof.events())
+    return op_calls(fn)[1]["smoe::permute"]
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
@@ -248,10 +253,8 @@ def test_experts_small_training_step_keeps_permute():
     experts = Experts(4, 8, 6)
     x = torch.randn(10, 8, requires_grad=True)
     plan = ops.make_plan(torch.rand(10, 4).topk(2, dim=-1).indices.int(), 4)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        experts(x, plan.offsets, plan=plan)
-    names = {e.name for e in prof.events()}
-    assert "smoe::permute" in names and "smoe::gather_mm" not in names
+    _, calls = op_calls(lambda: experts(x, plan.offsets, plan=plan))
+    assert calls["smoe::permute"] and not calls["smoe::gather_mm"]
 
 
 def test_size_rules_count_the_dtype_the_ops_run_in_under_autocast():
