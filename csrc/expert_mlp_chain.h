@@ -18,6 +18,25 @@
 
 namespace smoe::ops {
 
+// GELU (erf or tanh) or ReLU of h in place: the pointwise activations, the same calls in the CPU
+// fused op's items and in the chain. SwiGLU halves the columns, so each runs its own.
+inline void pointwise_activation_(MlpActivation act, at::Tensor& h) {
+  switch (act) {
+    case MlpActivation::kGelu:
+      at::gelu_(h, "none");
+      return;
+    case MlpActivation::kGeluTanh:
+      at::gelu_(h, "tanh");
+      return;
+    case MlpActivation::kRelu:
+      at::relu_(h);
+      return;
+    case MlpActivation::kSwiglu:
+      break;
+  }
+  TORCH_CHECK(false, "smoe::expert_mlp: internal: swiglu is not a pointwise activation");
+}
+
 inline at::Tensor expert_mlp_chain(const at::Tensor& x, const std::optional<at::Tensor>& token,
                                    const std::optional<at::Tensor>& row, const at::Tensor& offsets,
                                    const at::Tensor& w_in, const std::optional<at::Tensor>& b_in,
@@ -38,19 +57,10 @@ inline at::Tensor expert_mlp_chain(const at::Tensor& x, const std::optional<at::
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the parts are called, not recorded
   const at::Tensor xs = token.has_value() ? permute.call(x, *token, *row) : x;
   at::Tensor h = grouped_mm.call(xs, w_in, offsets, b_in);
-  switch (act) {
-    case MlpActivation::kSwiglu:
-      h = swiglu.call(h);
-      break;
-    case MlpActivation::kGelu:
-      at::gelu_(h, "none");
-      break;
-    case MlpActivation::kGeluTanh:
-      at::gelu_(h, "tanh");
-      break;
-    case MlpActivation::kRelu:
-      at::relu_(h);
-      break;
+  if (act == MlpActivation::kSwiglu) {
+    h = swiglu.call(h);
+  } else {
+    pointwise_activation_(act, h);
   }
   return grouped_mm.call(h, w_out, offsets, b_out);
 }

@@ -14,8 +14,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/gelu.h>
-#include <ATen/ops/relu.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -68,24 +66,15 @@ struct RowBlock {
 
 // The activation of h [rows, n_in] into a [rows, d_ff] (a aliases h unless swiglu).
 void activate(MlpActivation act, at::Tensor& h, at::Tensor& a) {
-  switch (act) {
-    case MlpActivation::kSwiglu:
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "expert_mlp", [&] {
-        using T = typename kernel_type<scalar_t>::type;
-        cpu::swiglu(reinterpret_cast<const T*>(h.const_data_ptr<scalar_t>()), h.stride(0),
-                    a.size(1), 0, h.size(0), reinterpret_cast<T*>(a.mutable_data_ptr<scalar_t>()));
-      });
-      return;
-    case MlpActivation::kGelu:
-      at::gelu_(h, "none");
-      return;
-    case MlpActivation::kGeluTanh:
-      at::gelu_(h, "tanh");
-      return;
-    case MlpActivation::kRelu:
-      at::relu_(h);
-      return;
+  if (act != MlpActivation::kSwiglu) {
+    pointwise_activation_(act, h);
+    return;
   }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "expert_mlp", [&] {
+    using T = typename kernel_type<scalar_t>::type;
+    cpu::swiglu(reinterpret_cast<const T*>(h.const_data_ptr<scalar_t>()), h.stride(0), a.size(1),
+                0, h.size(0), reinterpret_cast<T*>(a.mutable_data_ptr<scalar_t>()));
+  });
 }
 
 at::Tensor expert_mlp_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& token_in,
