@@ -198,6 +198,15 @@ def test_fuse_min_bytes_runs_the_chain_inside_the_op_up_to_it(gather, act):
         assert torch.equal(u, v)
 
 
+@pytest.mark.parametrize("T,d,d_ff,E,k,capacity", SHAPES)
+def test_fuse_min_bytes_chain_is_the_unfused_chain_over_the_shape_table(T, d, d_ff, E, k, capacity):
+    x, plan, w_in, w_out, b_in, b_out = make_case(T, d, d_ff, E, k, capacity, "swiglu", True)
+    x = noncontig(x) if T else x  # an empty x has no strides to vary
+    got = torch.ops.smoe.expert_mlp.default(x, plan.token, plan.row, plan.offsets, w_in, b_in,
+                                            w_out, b_out, "swiglu", 1 << 40)  # fmt: skip
+    assert torch.equal(got, unfused(x, plan, w_in, w_out, b_in, b_out, "swiglu"))
+
+
 def test_fuse_min_bytes_under_autocast_counts_the_autocast_dtype():
     """Under torch.autocast the op runs in bf16: the rule counts 2 bytes per hidden entry."""
     x, plan, w_in, w_out, _, _ = make_case(40, 16, 12, 4, 2, None, "swiglu", False, torch.float32)

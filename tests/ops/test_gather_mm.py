@@ -160,6 +160,14 @@ def test_gather_min_bytes_permutes_inside_the_op_up_to_it(bias):
         assert _permute_calls(lambda: op(rows // 2 - 1, x, w, b)) == 0
 
 
+@pytest.mark.parametrize("T,d_in,d_out,E,k,capacity", SHAPES)
+def test_gather_min_bytes_permute_path_over_the_shape_table(T, d_in, d_out, E, k, capacity):
+    x, plan, w, b = make_case(T, d_in, d_out, E, k, capacity)
+    x = noncontig(x) if T else x  # an empty x has no strides to vary
+    got = ops.gather_mm(x, plan, w, b, gather_min_bytes=1 << 40)
+    assert torch.equal(got, unfused(x, plan, w, b))
+
+
 @pytest.mark.parametrize("gather_min_bytes", [0, 1 << 30], ids=["gather", "permute"])
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
